@@ -1,0 +1,489 @@
+//! Client configuration: [`TransportConfig`], built and validated by [`TransportConfigBuilder`],
+//! also readable from `TETHER_*` environment variables.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::error::TransportError;
+use crate::heartbeat::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_IDLE_TIMEOUT};
+use crate::protocol::ClientId;
+use crate::reconnect::{OnExhausted, ReconnectPolicy, ReconnectStrategy};
+
+/// Default time allowed for TCP connect + WebSocket upgrade + hello/welcome: 10 s.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default maximum size of one frame, either direction: 1 MiB.
+pub const DEFAULT_MAX_FRAME_SIZE: usize = 1024 * 1024;
+
+/// A validated client configuration. Build it with [`TransportConfig::builder`].
+#[derive(Debug, Clone, Serialize)]
+pub struct TransportConfig {
+    /// Hub WebSocket URLs (`ws://` or `wss://`); attempts rotate through them on failure.
+    pub endpoints: Vec<String>,
+    /// This client's identity.
+    pub client_id: ClientId,
+    /// Credential sent in the hello. Never serialised.
+    #[serde(skip)]
+    pub token: Option<String>,
+    /// Reconnection behaviour.
+    pub reconnect: ReconnectPolicy,
+    /// Ping after this much silence. Default 10 s.
+    pub heartbeat_interval: Duration,
+    /// Declare the connection dead after this much silence. Default 25 s.
+    pub idle_timeout: Duration,
+    /// Budget for connect + upgrade + welcome. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Largest frame accepted or sent. Default 1 MiB.
+    pub max_frame_size: usize,
+    /// Seed for the jitter generator (reproducible runs); `None` seeds from the OS.
+    pub seed: Option<u64>,
+}
+
+impl TransportConfig {
+    /// A builder for a client of the hub at `endpoint` (more can be added).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tether_transport::TransportConfig;
+    ///
+    /// let config = TransportConfig::builder("ws://127.0.0.1:8080/ws")
+    ///     .endpoint("ws://127.0.0.1:8081/ws")
+    ///     .token("secret")
+    ///     .max_attempts(Some(5))
+    ///     .heartbeat(Duration::from_secs(5), Duration::from_secs(12))
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(config.endpoints.len(), 2);
+    /// ```
+    pub fn builder(endpoint: impl Into<String>) -> TransportConfigBuilder {
+        TransportConfigBuilder::new(vec![endpoint.into()])
+    }
+}
+
+/// Builder for [`TransportConfig`]; every method documents its default.
+#[derive(Debug, Clone)]
+pub struct TransportConfigBuilder {
+    endpoints: Vec<String>,
+    client_id: Option<ClientId>,
+    token: Option<String>,
+    reconnect: ReconnectPolicy,
+    heartbeat_interval: Duration,
+    idle_timeout: Duration,
+    handshake_timeout: Duration,
+    max_frame_size: usize,
+    seed: Option<u64>,
+}
+
+impl TransportConfigBuilder {
+    fn new(endpoints: Vec<String>) -> Self {
+        TransportConfigBuilder {
+            endpoints,
+            client_id: None,
+            token: None,
+            reconnect: ReconnectPolicy::default(),
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            seed: None,
+        }
+    }
+
+    /// A builder with no endpoint yet, filled from the process environment (see
+    /// [`TransportConfigBuilder::apply_env`]). `TETHER_ENDPOINTS` must then be set, or an endpoint
+    /// added, before `build`.
+    pub fn from_env() -> Result<Self, TransportError> {
+        Self::new(Vec::new()).apply_env(|key| std::env::var(key).ok())
+    }
+
+    /// Adds another endpoint. Attempts rotate through all of them.
+    pub fn endpoint(mut self, url: impl Into<String>) -> Self {
+        self.endpoints.push(url.into());
+        self
+    }
+
+    /// Sets the client id. Default: a random UUID per transport. Give a stable one to keep the
+    /// same identity (and publish ids) across process restarts.
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = Some(ClientId(id.into()));
+        self
+    }
+
+    /// Sets the token sent in the hello. Default: none.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Replaces the whole reconnection policy. Default: [`ReconnectPolicy::default`].
+    pub fn reconnect_policy(mut self, policy: ReconnectPolicy) -> Self {
+        self.reconnect = policy;
+        self
+    }
+
+    /// Reconnection strategy. Default: exponential.
+    pub fn strategy(mut self, strategy: ReconnectStrategy) -> Self {
+        self.reconnect.strategy = strategy;
+        self
+    }
+
+    /// First delay, cap, and growth factor of the backoff. Default: 1 s, 60 s, ×2.
+    pub fn backoff(mut self, initial: Duration, max: Duration, multiplier: f64) -> Self {
+        self.reconnect.initial_delay = initial;
+        self.reconnect.max_delay = max;
+        self.reconnect.multiplier = multiplier;
+        self
+    }
+
+    /// Relative jitter in `[0, 1)`. Default: 0.25 (±25 %).
+    pub fn jitter(mut self, jitter: f64) -> Self {
+        self.reconnect.jitter = jitter;
+        self
+    }
+
+    /// Consecutive failures before the circuit breaker opens; `None` never opens it. Default:
+    /// `Some(10)`.
+    pub fn max_attempts(mut self, max: Option<u32>) -> Self {
+        self.reconnect.max_attempts = max;
+        self
+    }
+
+    /// What happens when attempts are exhausted. Default: suspend and probe forever.
+    pub fn on_exhausted(mut self, action: OnExhausted) -> Self {
+        self.reconnect.on_exhausted = action;
+        self
+    }
+
+    /// Probe interval while suspended. Default: 60 s.
+    pub fn suspend_interval(mut self, interval: Duration) -> Self {
+        self.reconnect.suspend_interval = interval;
+        self
+    }
+
+    /// How long a connection must stay up to count as stable. Default: 5 s.
+    pub fn stability_window(mut self, window: Duration) -> Self {
+        self.reconnect.stability_window = window;
+        self
+    }
+
+    /// Spread of the immediate retry after a stable connection drops. Default: 250 ms.
+    pub fn fast_retry_spread(mut self, spread: Duration) -> Self {
+        self.reconnect.fast_retry_spread = spread;
+        self
+    }
+
+    /// Minimum interval between manual reconnects. Default: 1 s.
+    pub fn manual_reconnect_interval(mut self, interval: Duration) -> Self {
+        self.reconnect.manual_reconnect_interval = interval;
+        self
+    }
+
+    /// Ping interval and idle timeout. Default: 10 s and 25 s. The timeout must exceed the
+    /// interval; both may go down to ~1 s for tests.
+    pub fn heartbeat(mut self, interval: Duration, idle_timeout: Duration) -> Self {
+        self.heartbeat_interval = interval;
+        self.idle_timeout = idle_timeout;
+        self
+    }
+
+    /// Budget for connect + upgrade + welcome. Default: 10 s.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Largest frame accepted or sent. Default: 1 MiB.
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.max_frame_size = bytes;
+        self
+    }
+
+    /// Seed for the jitter generator. Default: seeded from the OS.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Overrides settings from `TETHER_*` variables looked up through `lookup`:
+    /// `TETHER_ENDPOINTS` (comma-separated, replaces the list), `TETHER_CLIENT_ID`,
+    /// `TETHER_TOKEN`, `TETHER_RECONNECT_STRATEGY`, `TETHER_MAX_RECONNECT_ATTEMPTS` (0 = never
+    /// suspend), `TETHER_RECONNECT_BASE_DELAY_MS`, `TETHER_RECONNECT_MAX_DELAY_MS`,
+    /// `TETHER_RECONNECT_MULTIPLIER`, `TETHER_RECONNECT_JITTER`, `TETHER_SUSPEND_INTERVAL_MS`,
+    /// `TETHER_STABILITY_WINDOW_MS`, `TETHER_HEARTBEAT_INTERVAL_MS`, `TETHER_IDLE_TIMEOUT_MS`,
+    /// `TETHER_HANDSHAKE_TIMEOUT_MS`, `TETHER_MAX_FRAME_BYTES`. An unparsable value is an
+    /// [`TransportError::InvalidConfig`] naming the variable.
+    pub fn apply_env(
+        mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, TransportError> {
+        fn parse<T: std::str::FromStr>(
+            field: &'static str,
+            raw: Option<String>,
+        ) -> Result<Option<T>, TransportError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            raw.map(|v| {
+                v.trim()
+                    .parse::<T>()
+                    .map_err(|e| TransportError::InvalidConfig {
+                        field,
+                        reason: format!("{v:?}: {e}"),
+                    })
+            })
+            .transpose()
+        }
+        let ms = |field: &'static str| -> Result<Option<Duration>, TransportError> {
+            Ok(parse::<u64>(field, lookup(field))?.map(Duration::from_millis))
+        };
+
+        if let Some(list) = lookup("TETHER_ENDPOINTS") {
+            self.endpoints = list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        if let Some(id) = lookup("TETHER_CLIENT_ID") {
+            self.client_id = Some(ClientId(id));
+        }
+        if let Some(token) = lookup("TETHER_TOKEN") {
+            self.token = Some(token);
+        }
+        if let Some(s) = parse::<ReconnectStrategy>(
+            "TETHER_RECONNECT_STRATEGY",
+            lookup("TETHER_RECONNECT_STRATEGY"),
+        )? {
+            self.reconnect.strategy = s;
+        }
+        if let Some(n) = parse::<u32>(
+            "TETHER_MAX_RECONNECT_ATTEMPTS",
+            lookup("TETHER_MAX_RECONNECT_ATTEMPTS"),
+        )? {
+            self.reconnect.max_attempts = (n > 0).then_some(n);
+        }
+        if let Some(d) = ms("TETHER_RECONNECT_BASE_DELAY_MS")? {
+            self.reconnect.initial_delay = d;
+        }
+        if let Some(d) = ms("TETHER_RECONNECT_MAX_DELAY_MS")? {
+            self.reconnect.max_delay = d;
+        }
+        if let Some(m) = parse::<f64>(
+            "TETHER_RECONNECT_MULTIPLIER",
+            lookup("TETHER_RECONNECT_MULTIPLIER"),
+        )? {
+            self.reconnect.multiplier = m;
+        }
+        if let Some(j) = parse::<f64>("TETHER_RECONNECT_JITTER", lookup("TETHER_RECONNECT_JITTER"))?
+        {
+            self.reconnect.jitter = j;
+        }
+        if let Some(d) = ms("TETHER_SUSPEND_INTERVAL_MS")? {
+            self.reconnect.suspend_interval = d;
+        }
+        if let Some(d) = ms("TETHER_STABILITY_WINDOW_MS")? {
+            self.reconnect.stability_window = d;
+        }
+        if let Some(d) = ms("TETHER_HEARTBEAT_INTERVAL_MS")? {
+            self.heartbeat_interval = d;
+        }
+        if let Some(d) = ms("TETHER_IDLE_TIMEOUT_MS")? {
+            self.idle_timeout = d;
+        }
+        if let Some(d) = ms("TETHER_HANDSHAKE_TIMEOUT_MS")? {
+            self.handshake_timeout = d;
+        }
+        if let Some(n) = parse::<usize>("TETHER_MAX_FRAME_BYTES", lookup("TETHER_MAX_FRAME_BYTES"))?
+        {
+            self.max_frame_size = n;
+        }
+        Ok(self)
+    }
+
+    /// Validates and builds.
+    pub fn build(self) -> Result<TransportConfig, TransportError> {
+        let invalid = |field: &'static str, reason: String| {
+            Err(TransportError::InvalidConfig { field, reason })
+        };
+        if self.endpoints.is_empty() {
+            return invalid("endpoints", "at least one endpoint is required".into());
+        }
+        for url in &self.endpoints {
+            if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                return invalid("endpoints", format!("{url:?} is not a ws:// or wss:// URL"));
+            }
+        }
+        let r = &self.reconnect;
+        if r.strategy != ReconnectStrategy::Immediate && r.initial_delay.is_zero() {
+            return invalid("initial_delay", "must be greater than zero".into());
+        }
+        if r.max_delay < r.initial_delay {
+            return invalid(
+                "max_delay",
+                format!(
+                    "{:?} is below the initial delay {:?}",
+                    r.max_delay, r.initial_delay
+                ),
+            );
+        }
+        if !(r.multiplier.is_finite() && r.multiplier >= 1.0) {
+            return invalid("multiplier", format!("{} must be ≥ 1", r.multiplier));
+        }
+        if !(0.0..1.0).contains(&r.jitter) {
+            return invalid("jitter", format!("{} must be in [0, 1)", r.jitter));
+        }
+        if r.max_attempts == Some(0) {
+            return invalid(
+                "max_attempts",
+                "must be at least 1 (use None for never)".into(),
+            );
+        }
+        if r.suspend_interval.is_zero() {
+            return invalid("suspend_interval", "must be greater than zero".into());
+        }
+        if r.breaker_success_threshold == 0 {
+            return invalid("breaker_success_threshold", "must be at least 1".into());
+        }
+        if self.heartbeat_interval < Duration::from_millis(10) {
+            return invalid("heartbeat_interval", "must be at least 10 ms".into());
+        }
+        if self.idle_timeout <= self.heartbeat_interval {
+            return invalid(
+                "idle_timeout",
+                format!(
+                    "{:?} must exceed the heartbeat interval {:?}",
+                    self.idle_timeout, self.heartbeat_interval
+                ),
+            );
+        }
+        if self.handshake_timeout.is_zero() {
+            return invalid("handshake_timeout", "must be greater than zero".into());
+        }
+        if self.max_frame_size < 1024 {
+            return invalid("max_frame_size", "must be at least 1024 bytes".into());
+        }
+        Ok(TransportConfig {
+            endpoints: self.endpoints,
+            client_id: self.client_id.unwrap_or_else(ClientId::random),
+            token: self.token,
+            reconnect: self.reconnect,
+            heartbeat_interval: self.heartbeat_interval,
+            idle_timeout: self.idle_timeout,
+            handshake_timeout: self.handshake_timeout,
+            max_frame_size: self.max_frame_size,
+            seed: self.seed,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const URL: &str = "ws://127.0.0.1:1/ws";
+
+    fn field_of(result: Result<TransportConfig, TransportError>) -> &'static str {
+        match result {
+            Err(TransportError::InvalidConfig { field, .. }) => field,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = TransportConfig::builder(URL).build().unwrap();
+        assert_eq!(c.reconnect.initial_delay, Duration::from_secs(1));
+        assert_eq!(c.reconnect.max_delay, Duration::from_secs(60));
+        assert_eq!(c.reconnect.multiplier, 2.0);
+        assert_eq!(c.reconnect.jitter, 0.25);
+        assert_eq!(c.reconnect.max_attempts, Some(10));
+        assert_eq!(c.reconnect.suspend_interval, Duration::from_secs(60));
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(c.idle_timeout, Duration::from_secs(25));
+        assert!(c.idle_timeout + c.heartbeat_interval / 2 <= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn invalid_values_are_refused_at_build_time() {
+        let b = || TransportConfig::builder(URL);
+        assert_eq!(
+            field_of(TransportConfigBuilder::new(vec![]).build()),
+            "endpoints"
+        );
+        assert_eq!(
+            field_of(TransportConfig::builder("http://x").build()),
+            "endpoints"
+        );
+        assert_eq!(
+            field_of(
+                b().backoff(Duration::from_secs(5), Duration::from_secs(1), 2.0)
+                    .build()
+            ),
+            "max_delay"
+        );
+        assert_eq!(field_of(b().jitter(1.0).build()), "jitter");
+        assert_eq!(field_of(b().jitter(-0.1).build()), "jitter");
+        assert_eq!(
+            field_of(
+                b().backoff(Duration::from_secs(1), Duration::from_secs(2), 0.5)
+                    .build()
+            ),
+            "multiplier"
+        );
+        assert_eq!(field_of(b().max_attempts(Some(0)).build()), "max_attempts");
+        assert_eq!(
+            field_of(
+                b().heartbeat(Duration::from_secs(5), Duration::from_secs(5))
+                    .build()
+            ),
+            "idle_timeout"
+        );
+        assert_eq!(field_of(b().max_frame_size(10).build()), "max_frame_size");
+    }
+
+    #[test]
+    fn environment_overrides_builder_values() {
+        let env: HashMap<&str, &str> = [
+            ("TETHER_ENDPOINTS", "ws://a:1/ws, ws://b:2/ws"),
+            ("TETHER_MAX_RECONNECT_ATTEMPTS", "0"),
+            ("TETHER_RECONNECT_BASE_DELAY_MS", "250"),
+            ("TETHER_RECONNECT_MAX_DELAY_MS", "30000"),
+            ("TETHER_RECONNECT_MULTIPLIER", "1.5"),
+            ("TETHER_RECONNECT_JITTER", "0.1"),
+            ("TETHER_RECONNECT_STRATEGY", "linear"),
+            ("TETHER_HEARTBEAT_INTERVAL_MS", "1000"),
+            ("TETHER_IDLE_TIMEOUT_MS", "3000"),
+        ]
+        .into_iter()
+        .collect();
+        let c = TransportConfig::builder(URL)
+            .apply_env(|k| env.get(k).map(|v| v.to_string()))
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(c.endpoints, ["ws://a:1/ws", "ws://b:2/ws"]);
+        assert_eq!(c.reconnect.max_attempts, None);
+        assert_eq!(c.reconnect.initial_delay, Duration::from_millis(250));
+        assert_eq!(c.reconnect.max_delay, Duration::from_secs(30));
+        assert_eq!(c.reconnect.multiplier, 1.5);
+        assert_eq!(c.reconnect.jitter, 0.1);
+        assert_eq!(c.reconnect.strategy, ReconnectStrategy::Linear);
+        assert_eq!(c.idle_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn unparsable_environment_values_name_the_variable() {
+        let err = TransportConfig::builder(URL)
+            .apply_env(|k| (k == "TETHER_RECONNECT_JITTER").then(|| "lots".to_string()))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            TransportError::InvalidConfig {
+                field: "TETHER_RECONNECT_JITTER",
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,325 @@
+//! The hub's per-connection session actor.
+//!
+//! This module is the only user of `actix-web-actors` (deprecated upstream; its successor is
+//! `actix-ws`): replacing it touches this file alone.
+//!
+//! Life of a connection: the client must send a valid hello within the hello timeout; the
+//! authenticator decides; the session table opens or resumes a session and the hub answers with
+//! a welcome. From then on the heartbeat keeps it honest. Anything malformed, oversized or out of
+//! order gets a typed error frame and a close — never a panic, and never another client's
+//! problem.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws;
+use tokio::time::Instant;
+
+use super::auth::AuthRejection;
+use super::HubState;
+use crate::error::TransportError;
+use crate::heartbeat::{Heartbeat, HeartbeatAction};
+use crate::protocol::{ClientId, ErrorCode, ErrorFrame, Frame, Hello, SessionId, Welcome};
+use crate::telemetry;
+
+/// WebSocket close code sent to a connection whose session was resumed by a newer connection.
+pub const CLOSE_SESSION_TAKEN_OVER: u16 = 4001;
+
+/// Tells a session actor that its session was resumed on another connection.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Evict;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitingHello,
+    Authenticating,
+    Open,
+    Closing,
+}
+
+/// One client connection on the hub.
+pub struct HubSession {
+    conn_id: u64,
+    state: Arc<HubState>,
+    phase: Phase,
+    client_id: Option<ClientId>,
+    session: Option<SessionId>,
+    heartbeat: Heartbeat,
+    heartbeat_timer: Option<SpawnHandle>,
+    span: tracing::Span,
+}
+
+/// Upgrades `req` to a WebSocket served by a new [`HubSession`].
+pub(crate) fn start(
+    state: Arc<HubState>,
+    req: &HttpRequest,
+    stream: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    let max = state.config.max_frame_size;
+    let conn_id = state.connection_opened();
+    let peer = req.peer_addr();
+    let span =
+        tracing::info_span!("hub_session", conn_id, peer = ?peer, session = tracing::field::Empty);
+    let session = HubSession {
+        conn_id,
+        heartbeat: Heartbeat::new(
+            state.config.heartbeat_interval,
+            state.config.idle_timeout,
+            Instant::now(),
+        ),
+        state: state.clone(),
+        phase: Phase::AwaitingHello,
+        client_id: None,
+        session: None,
+        heartbeat_timer: None,
+        span,
+    };
+    let result = ws::WsResponseBuilder::new(session, req, stream)
+        .frame_size(max)
+        .start();
+    if result.is_err() {
+        // The actor never started, so its `stopped` will not run.
+        state.connection_closed();
+    }
+    result
+}
+
+impl HubSession {
+    /// Sends `error` as a frame, then closes with `code` and stops.
+    fn fail(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        error: TransportError,
+        code: ws::CloseCode,
+    ) {
+        tracing::debug!(parent: &self.span, %error, "closing connection");
+        metrics::counter!(telemetry::HUB_FRAMES_REJECTED, "code" => error.code().to_string())
+            .increment(1);
+        ctx.text(Frame::Error(ErrorFrame::from_error(&error)).encode());
+        self.close(ctx, code, Some(error.to_string()));
+    }
+
+    fn close(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        code: ws::CloseCode,
+        description: Option<String>,
+    ) {
+        self.phase = Phase::Closing;
+        ctx.close(Some(ws::CloseReason { code, description }));
+        ctx.stop();
+    }
+
+    fn schedule_heartbeat(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        after: std::time::Duration,
+    ) {
+        if let Some(h) = self.heartbeat_timer.take() {
+            ctx.cancel_future(h);
+        }
+        self.heartbeat_timer = Some(ctx.run_later(after, |act, ctx| {
+            act.heartbeat_timer = None;
+            match act.heartbeat.poll(Instant::now()) {
+                HeartbeatAction::Continue { ping, next_check } => {
+                    if ping {
+                        ctx.ping(b"");
+                    }
+                    act.schedule_heartbeat(ctx, next_check);
+                }
+                HeartbeatAction::TimedOut { silent_for } => {
+                    metrics::counter!(telemetry::HUB_IDLE_TIMEOUTS).increment(1);
+                    tracing::info!(parent: &act.span, ?silent_for, "client silent; closing");
+                    act.close(ctx, ws::CloseCode::Away, Some("idle timeout".into()));
+                }
+            }
+        }));
+    }
+
+    fn on_text(&mut self, ctx: &mut ws::WebsocketContext<Self>, text: &str) {
+        let frame = match Frame::decode(text, self.state.config.max_frame_size) {
+            Ok(frame) => frame,
+            Err(error) => {
+                let code = match error {
+                    TransportError::FrameTooLarge { .. } => ws::CloseCode::Size,
+                    TransportError::UnsupportedVersion { .. } => ws::CloseCode::Policy,
+                    _ => ws::CloseCode::Protocol,
+                };
+                if matches!(error, TransportError::UnsupportedVersion { .. }) {
+                    metrics::counter!(telemetry::HUB_HANDSHAKES, "result" => "rejected")
+                        .increment(1);
+                }
+                self.fail(ctx, error, code);
+                return;
+            }
+        };
+        match (self.phase, frame) {
+            (Phase::AwaitingHello, Frame::Hello(hello)) => self.on_hello(ctx, hello),
+            (Phase::Open, Frame::Error(err)) => {
+                tracing::warn!(parent: &self.span, code = %err.code, message = %err.message, "client reported an error");
+            }
+            (phase, frame) => {
+                let expected = match phase {
+                    Phase::AwaitingHello => "hello",
+                    Phase::Authenticating => "nothing until the welcome",
+                    Phase::Open | Phase::Closing => "a channel frame",
+                };
+                let error = TransportError::UnexpectedFrame {
+                    expected,
+                    got: frame.kind().to_owned(),
+                };
+                self.fail(ctx, error, ws::CloseCode::Protocol);
+            }
+        }
+    }
+
+    fn on_hello(&mut self, ctx: &mut ws::WebsocketContext<Self>, hello: Hello) {
+        self.phase = Phase::Authenticating;
+        let auth = self
+            .state
+            .config
+            .authenticator
+            .authenticate(&hello.client_id, hello.token.as_deref());
+        ctx.spawn(auth.into_actor(self).map(move |result, act, ctx| {
+            if act.phase != Phase::Authenticating {
+                return;
+            }
+            match result {
+                Ok(()) => act.welcome(ctx, hello),
+                Err(rejection) => {
+                    metrics::counter!(telemetry::HUB_HANDSHAKES, "result" => "rejected")
+                        .increment(1);
+                    let error = match rejection {
+                        AuthRejection::Missing => TransportError::Remote {
+                            code: ErrorCode::AuthRequired,
+                            category: crate::error::ErrorCategory::Auth,
+                            permanent: true,
+                            message: "a token is required".into(),
+                        },
+                        AuthRejection::Invalid(message) => TransportError::AuthRejected { message },
+                    };
+                    act.fail(ctx, error, ws::CloseCode::Policy);
+                }
+            }
+        }));
+    }
+
+    fn welcome(&mut self, ctx: &mut ws::WebsocketContext<Self>, hello: Hello) {
+        let opened = self.state.sessions().open(
+            &hello.client_id,
+            hello.resume.as_ref(),
+            self.conn_id,
+            ctx.address().recipient(),
+            Instant::now(),
+        );
+        if let Some((old_conn, old)) = opened.evicted {
+            tracing::debug!(parent: &self.span, old_conn, "session resumed on a new connection; evicting the old one");
+            old.do_send(Evict);
+        }
+        self.span
+            .record("session", tracing::field::display(&opened.session));
+        let result = if opened.resumed {
+            "resumed"
+        } else {
+            "welcomed"
+        };
+        metrics::counter!(telemetry::HUB_HANDSHAKES, "result" => result).increment(1);
+        tracing::info!(parent: &self.span, client_id = %hello.client_id, resumed = opened.resumed, "session open");
+        let welcome = Frame::Welcome(Welcome {
+            v: hello.v,
+            session: opened.session.clone(),
+            resumed: opened.resumed,
+            heartbeat_ms: self.state.config.heartbeat_interval.as_millis() as u64,
+            idle_timeout_ms: self.state.config.idle_timeout.as_millis() as u64,
+        });
+        ctx.text(welcome.encode());
+        self.client_id = Some(hello.client_id);
+        self.session = Some(opened.session);
+        self.phase = Phase::Open;
+    }
+}
+
+impl Actor for HubSession {
+    type Context = ws::WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let timeout = self.state.config.hello_timeout;
+        ctx.run_later(timeout, move |act, ctx| {
+            if matches!(act.phase, Phase::AwaitingHello | Phase::Authenticating) {
+                metrics::counter!(telemetry::HUB_HANDSHAKES, "result" => "timeout").increment(1);
+                let error = TransportError::UnexpectedFrame {
+                    expected: "hello",
+                    got: format!("nothing within {timeout:?}"),
+                };
+                act.fail(ctx, error, ws::CloseCode::Policy);
+            }
+        });
+        let first = self.state.config.heartbeat_interval;
+        self.schedule_heartbeat(ctx, first);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        if let Some(session) = &self.session {
+            self.state
+                .sessions()
+                .detach(session, self.conn_id, Instant::now());
+        }
+        self.state.connection_closed();
+        tracing::debug!(parent: &self.span, "connection closed");
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for HubSession {
+    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        self.heartbeat.on_activity(Instant::now());
+        match item {
+            Ok(ws::Message::Text(text)) => self.on_text(ctx, &text),
+            Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
+            Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
+            Ok(ws::Message::Close(reason)) => {
+                tracing::debug!(parent: &self.span, ?reason, "client closed");
+                self.phase = Phase::Closing;
+                ctx.close(reason);
+                ctx.stop();
+            }
+            Ok(ws::Message::Binary(_)) | Ok(ws::Message::Continuation(_)) => {
+                let error = TransportError::UnexpectedFrame {
+                    expected: "a text frame (protocol v1 is JSON text)",
+                    got: "binary or fragmented frame".into(),
+                };
+                self.fail(ctx, error, ws::CloseCode::Unsupported);
+            }
+            Err(ws::ProtocolError::Overflow) => {
+                let max = self.state.config.max_frame_size;
+                let error = TransportError::FrameTooLarge { size: max + 1, max };
+                self.fail(ctx, error, ws::CloseCode::Size);
+            }
+            Err(e) => {
+                let error = TransportError::MalformedFrame {
+                    reason: e.to_string(),
+                };
+                self.fail(ctx, error, ws::CloseCode::Protocol);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+impl Handler<Evict> for HubSession {
+    type Result = ();
+
+    fn handle(&mut self, _: Evict, ctx: &mut Self::Context) {
+        // The session now belongs to the new connection: do not detach it on stop.
+        self.session = None;
+        self.close(
+            ctx,
+            ws::CloseCode::Other(CLOSE_SESSION_TAKEN_OVER),
+            Some("session resumed on another connection".into()),
+        );
+    }
+}

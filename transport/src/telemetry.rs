@@ -1,0 +1,82 @@
+//! Metric names (all `tether_*`) and the process-wide Prometheus recorder the hub renders.
+//!
+//! Names live here, once, so that dashboards and code cannot drift apart.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Counter: connection attempts started (first connects and reconnects).
+pub const RECONNECT_ATTEMPTS: &str = "tether_reconnect_attempts_total";
+/// Counter: successful reconnects (every handshake after the first one of a transport).
+pub const RECONNECTS: &str = "tether_reconnects_total";
+/// Counter, label `category`: failed attempts and lost connections by error category.
+pub const CONNECTION_FAILURES: &str = "tether_connection_failures_total";
+/// Gauge, label `state`: number of client transports in each connection state.
+pub const CONNECTION_STATE: &str = "tether_connection_state";
+/// Counter, labels `from`, `to`: state transitions.
+pub const STATE_TRANSITIONS: &str = "tether_state_transitions_total";
+/// Histogram: seconds from losing an established connection to being connected again.
+pub const RECOVERY_SECONDS: &str = "tether_recovery_seconds";
+/// Counter: state events a slow subscriber's bounded queue could not take.
+pub const EVENTS_OVERFLOWED: &str = "tether_events_overflowed_total";
+/// Gauge: WebSocket connections open on the hub.
+pub const HUB_CONNECTIONS: &str = "tether_hub_connections";
+/// Counter, label `result` (`welcomed`, `resumed`, `rejected`, `timeout`): hub handshakes.
+pub const HUB_HANDSHAKES: &str = "tether_hub_handshakes_total";
+/// Counter, label `code`: frames the hub refused (malformed, oversized, unexpected…).
+pub const HUB_FRAMES_REJECTED: &str = "tether_hub_frames_rejected_total";
+/// Counter: hub connections closed because the client went silent.
+pub const HUB_IDLE_TIMEOUTS: &str = "tether_hub_idle_timeouts_total";
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder as the global `metrics` recorder, once per process, and
+/// returns its handle. `None` when the application had already installed a recorder of its own
+/// (then `/metrics` on the hub says so instead of rendering).
+pub fn prometheus() -> Option<PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            match metrics::set_global_recorder(recorder) {
+                Ok(()) => {
+                    describe();
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "a metrics recorder is already installed; /metrics will not render");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(RECONNECT_ATTEMPTS, "Connection attempts started");
+    describe_counter!(RECONNECTS, "Successful reconnects");
+    describe_counter!(
+        CONNECTION_FAILURES,
+        "Failed attempts and lost connections by category"
+    );
+    describe_gauge!(
+        CONNECTION_STATE,
+        "Client transports in each connection state"
+    );
+    describe_counter!(STATE_TRANSITIONS, "Connection state transitions");
+    describe_histogram!(
+        RECOVERY_SECONDS,
+        Unit::Seconds,
+        "Connection lost to connected again"
+    );
+    describe_counter!(
+        EVENTS_OVERFLOWED,
+        "State events dropped by a full subscriber queue"
+    );
+    describe_gauge!(HUB_CONNECTIONS, "WebSocket connections open on the hub");
+    describe_counter!(HUB_HANDSHAKES, "Hub handshakes by result");
+    describe_counter!(HUB_FRAMES_REJECTED, "Frames refused by the hub, by code");
+    describe_counter!(HUB_IDLE_TIMEOUTS, "Hub connections closed for silence");
+}

@@ -1,0 +1,582 @@
+//! The TransportActor: one logical connection that survives many physical ones.
+//!
+//! It supervises one [`WebSocketActor`] at a time. When that actor ends, the typed reason goes to
+//! the [`ReconnectManager`], whose [`NextStep`] decides the next state and timer. Every state
+//! change goes through the [`ConnectionFsm`] table and is published as a
+//! [`ConnectionStateChanged`] to every subscriber. Every timer's `SpawnHandle` is kept and
+//! cancelled on state change and on stop, so a closed transport has nothing left that can fire.
+
+use std::time::{Duration, SystemTime};
+
+use actix::prelude::*;
+use tokio::time::Instant;
+use tracing::Instrument as _;
+
+use crate::config::TransportConfig;
+use crate::error::TransportError;
+use crate::events::{event_channel, EventReceiver, DEFAULT_EVENT_CAPACITY};
+use crate::protocol::{Frame, Hello, SessionId, PROTOCOL_VERSION};
+use crate::reconnect::{NextStep, ReconnectManager, Stability};
+use crate::state::{ConnectionFsm, ConnectionState, ConnectionStateChanged, TransitionReason};
+use crate::status::{unix_ms, ErrorSummary, TransportStatus};
+use crate::telemetry;
+use crate::ws_actor::{CloseConnection, WebSocketActor, WsEvent, WsSettings};
+
+/// Subscribes a recipient to every [`ConnectionStateChanged`] from now on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SubscribeState(pub Recipient<ConnectionStateChanged>);
+
+/// Asks for a [`TransportStatus`] snapshot.
+#[derive(Message)]
+#[rtype(result = "TransportStatus")]
+pub struct GetStatus;
+
+/// Connect now, skipping any scheduled wait (rate-limited).
+#[derive(Message)]
+#[rtype(result = "Result<ReconnectOutcome, TransportError>")]
+pub struct ReconnectNow;
+
+/// Closes the transport: the connection, every timer, and the actor.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Close;
+
+/// What `reconnect_now()` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReconnectOutcome {
+    /// An attempt started now.
+    Started,
+    /// An attempt was already under way; nothing changed.
+    AlreadyConnecting,
+    /// The connection is up; nothing changed.
+    AlreadyConnected,
+}
+
+struct Connection {
+    id: u64,
+    endpoint: String,
+    addr: Option<Addr<WebSocketActor>>,
+}
+
+/// The actor behind a [`Transport`]. Use the handle; the messages are public for applications
+/// that prefer to talk to the actor directly.
+pub struct TransportActor {
+    config: TransportConfig,
+    fsm: ConnectionFsm,
+    manager: ReconnectManager,
+    subscribers: Vec<Recipient<ConnectionStateChanged>>,
+    client: Option<awc::Client>,
+    conn: Option<Connection>,
+    next_conn_id: u64,
+    endpoint_index: usize,
+    session: Option<SessionId>,
+    retry_timer: Option<SpawnHandle>,
+    retry_at: Option<(Instant, SystemTime)>,
+    stability_timer: Option<SpawnHandle>,
+    reconnect_count: u64,
+    ever_connected: bool,
+    last_error: Option<TransportError>,
+    connected_since: Option<SystemTime>,
+    lost_at: Option<Instant>,
+    span: tracing::Span,
+}
+
+impl TransportActor {
+    /// A transport actor for `config` that will publish to `subscribers` from its very first
+    /// transition.
+    pub fn new(
+        config: TransportConfig,
+        subscribers: Vec<Recipient<ConnectionStateChanged>>,
+    ) -> Self {
+        let span = tracing::info_span!("transport", client_id = %config.client_id);
+        let manager = ReconnectManager::new(config.reconnect.clone(), config.seed);
+        metrics::gauge!(telemetry::CONNECTION_STATE, "state" => ConnectionState::Initialized.as_str())
+            .increment(1.0);
+        TransportActor {
+            fsm: ConnectionFsm::new(Instant::now()),
+            manager,
+            subscribers,
+            client: None,
+            conn: None,
+            next_conn_id: 0,
+            endpoint_index: 0,
+            session: None,
+            retry_timer: None,
+            retry_at: None,
+            stability_timer: None,
+            reconnect_count: 0,
+            ever_connected: false,
+            last_error: None,
+            connected_since: None,
+            lost_at: None,
+            span,
+            config,
+        }
+    }
+
+    /// Applies a transition through the table and publishes it. Refused transitions are logged
+    /// and change nothing.
+    fn transition(
+        &mut self,
+        to: ConnectionState,
+        reason: TransitionReason,
+        attempt: u32,
+        retry_in: Option<Duration>,
+    ) -> bool {
+        let _enter = self.span.enter();
+        match self
+            .fsm
+            .transition(to, reason, attempt, retry_in, Instant::now())
+        {
+            Ok(event) => {
+                tracing::info!(from = %event.from, to = %event.to, attempt, retry_in_ms = retry_in.map(|d| d.as_millis() as u64), reason = %event.reason, "connection state changed");
+                metrics::gauge!(telemetry::CONNECTION_STATE, "state" => event.from.as_str())
+                    .decrement(1.0);
+                metrics::gauge!(telemetry::CONNECTION_STATE, "state" => event.to.as_str())
+                    .increment(1.0);
+                metrics::counter!(telemetry::STATE_TRANSITIONS, "from" => event.from.as_str(), "to" => event.to.as_str())
+                    .increment(1);
+                self.subscribers.retain(|s| s.connected());
+                for s in &self.subscribers {
+                    s.do_send(event.clone());
+                }
+                true
+            }
+            Err(invalid) => {
+                tracing::error!(%invalid, "refused invalid state transition");
+                false
+            }
+        }
+    }
+
+    fn cancel_retry(&mut self, ctx: &mut Context<Self>) {
+        if let Some(handle) = self.retry_timer.take() {
+            ctx.cancel_future(handle);
+        }
+        self.retry_at = None;
+    }
+
+    fn cancel_stability(&mut self, ctx: &mut Context<Self>) {
+        if let Some(handle) = self.stability_timer.take() {
+            ctx.cancel_future(handle);
+        }
+    }
+
+    fn current_endpoint(&self) -> String {
+        self.config.endpoints[self.endpoint_index % self.config.endpoints.len()].clone()
+    }
+
+    /// Moves to `Connecting` for `reason` and opens a new physical connection.
+    fn start_attempt(&mut self, ctx: &mut Context<Self>, reason: TransitionReason) {
+        self.cancel_retry(ctx);
+        let attempt = self.manager.begin_attempt(Instant::now());
+        if !self.transition(ConnectionState::Connecting, reason, attempt, None) {
+            return;
+        }
+        metrics::counter!(telemetry::RECONNECT_ATTEMPTS).increment(1);
+        self.next_conn_id += 1;
+        let endpoint = self.current_endpoint();
+        let hello = Hello {
+            v: PROTOCOL_VERSION,
+            client_id: self.config.client_id.clone(),
+            token: self.config.token.clone(),
+            resume: self.session.clone(),
+        };
+        let settings = WsSettings {
+            heartbeat_interval: self.config.heartbeat_interval,
+            idle_timeout: self.config.idle_timeout,
+            handshake_timeout: self.config.handshake_timeout,
+            max_frame_size: self.config.max_frame_size,
+        };
+        let client = self
+            .client
+            .get_or_insert_with(|| {
+                awc::Client::builder()
+                    .max_http_version(awc::http::Version::HTTP_11)
+                    .finish()
+            })
+            .clone();
+        let id = self.next_conn_id;
+        tracing::debug!(parent: &self.span, conn_id = id, attempt, %endpoint, "opening connection");
+        let ws = WebSocketActor::new(
+            id,
+            endpoint.clone(),
+            hello,
+            settings,
+            client,
+            ctx.address().recipient(),
+        );
+        // Started on this actor's arbiter: the client (awc) is single-threaded.
+        let span = tracing::info_span!(parent: &self.span, "connection", conn_id = id, attempt);
+        let addr = {
+            let _enter = span.enter();
+            ws.start()
+        };
+        self.conn = Some(Connection {
+            id,
+            endpoint,
+            addr: Some(addr),
+        });
+    }
+
+    /// Carries out the ReconnectManager's decision after a failure or loss.
+    fn apply_step(&mut self, ctx: &mut Context<Self>, step: NextStep, reason: TransitionReason) {
+        match step {
+            NextStep::Retry { delay, attempt } => {
+                if self.transition(ConnectionState::Disconnected, reason, attempt, Some(delay)) {
+                    self.schedule(ctx, delay, TransitionReason::RetryDue);
+                }
+            }
+            NextStep::Suspend { probe_in, failures } => {
+                let attempt = self.manager.attempt();
+                tracing::warn!(parent: &self.span, failures, "circuit breaker open; suspending");
+                let reason = TransitionReason::BreakerOpened {
+                    failures,
+                    last_error: reason.error().cloned(),
+                };
+                if self.transition(ConnectionState::Suspended, reason, attempt, Some(probe_in)) {
+                    self.schedule(ctx, probe_in, TransitionReason::ProbeDue);
+                }
+            }
+            NextStep::WaitForManual => {
+                let attempt = self.manager.attempt();
+                self.transition(ConnectionState::Disconnected, reason, attempt, None);
+            }
+            NextStep::GiveUp { attempts } => {
+                self.transition(
+                    ConnectionState::Failed,
+                    TransitionReason::GaveUp { attempts },
+                    attempts,
+                    None,
+                );
+            }
+        }
+    }
+
+    fn schedule(&mut self, ctx: &mut Context<Self>, delay: Duration, reason: TransitionReason) {
+        self.cancel_retry(ctx);
+        self.retry_at = Some((Instant::now() + delay, SystemTime::now() + delay));
+        self.retry_timer = Some(ctx.run_later(delay, move |act, ctx| {
+            act.retry_timer = None;
+            act.retry_at = None;
+            act.start_attempt(ctx, reason);
+        }));
+    }
+
+    fn on_established(
+        &mut self,
+        ctx: &mut Context<Self>,
+        endpoint: String,
+        session: SessionId,
+        resumed: bool,
+    ) {
+        let attempt = self.manager.attempt();
+        self.session = Some(session.clone());
+        let reason = TransitionReason::HandshakeCompleted {
+            endpoint,
+            session,
+            resumed,
+        };
+        if !self.transition(ConnectionState::Connected, reason, attempt, None) {
+            return;
+        }
+        if self.ever_connected {
+            self.reconnect_count += 1;
+            metrics::counter!(telemetry::RECONNECTS).increment(1);
+        }
+        self.ever_connected = true;
+        if let Some(lost) = self.lost_at.take() {
+            metrics::histogram!(telemetry::RECOVERY_SECONDS).record(lost.elapsed().as_secs_f64());
+        }
+        self.connected_since = Some(SystemTime::now());
+        let window = self.manager.on_connected(Instant::now());
+        self.arm_stability(ctx, window);
+    }
+
+    fn arm_stability(&mut self, ctx: &mut Context<Self>, after: Duration) {
+        self.cancel_stability(ctx);
+        self.stability_timer = Some(ctx.run_later(after, |act, ctx| {
+            act.stability_timer = None;
+            if let Stability::CheckAgainIn(after) = act.manager.on_stable(Instant::now()) {
+                act.arm_stability(ctx, after);
+            }
+        }));
+    }
+
+    fn on_ended(&mut self, ctx: &mut Context<Self>, error: TransportError, established: bool) {
+        self.conn = None;
+        self.cancel_stability(ctx);
+        self.connected_since = None;
+        let state = self.fsm.state();
+        if state == ConnectionState::Closed {
+            return;
+        }
+        metrics::counter!(telemetry::CONNECTION_FAILURES, "category" => error.category().as_str())
+            .increment(1);
+        self.last_error = Some(error.clone());
+        let now = Instant::now();
+        if established && self.lost_at.is_none() {
+            self.lost_at = Some(now);
+        }
+        if error.is_permanent() {
+            let attempt = self.manager.attempt();
+            self.transition(
+                ConnectionState::Failed,
+                TransitionReason::PermanentError(error),
+                attempt,
+                None,
+            );
+            return;
+        }
+        let (step, reason) = if established {
+            (
+                self.manager.on_connection_lost(now),
+                TransitionReason::ConnectionLost(error),
+            )
+        } else {
+            // A failed attempt moves on to the next endpoint.
+            self.endpoint_index = self.endpoint_index.wrapping_add(1);
+            (
+                self.manager.on_attempt_failed(now),
+                TransitionReason::AttemptFailed(error),
+            )
+        };
+        self.apply_step(ctx, step, reason);
+    }
+
+    fn status(&self) -> TransportStatus {
+        let now = Instant::now();
+        TransportStatus {
+            client_id: self.config.client_id.clone(),
+            state: self.fsm.state(),
+            attempt: self.manager.attempt(),
+            next_retry_in_ms: self
+                .retry_at
+                .map(|(at, _)| at.saturating_duration_since(now).as_millis() as u64),
+            next_retry_at_unix_ms: self.retry_at.map(|(_, wall)| unix_ms(wall)),
+            reconnect_count: self.reconnect_count,
+            last_error: self.last_error.as_ref().map(ErrorSummary::from),
+            connected_since_unix_ms: self.connected_since.map(unix_ms),
+            endpoint: Some(
+                self.conn
+                    .as_ref()
+                    .map(|c| c.endpoint.clone())
+                    .unwrap_or_else(|| self.current_endpoint()),
+            ),
+            session: self.session.clone(),
+            breaker: self.manager.breaker_state(),
+        }
+    }
+}
+
+impl Actor for TransportActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.start_attempt(ctx, TransitionReason::Started);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        // Stopped without `close()` (system shutdown): still leave nothing behind.
+        if let Some(addr) = self.conn.take().and_then(|c| c.addr) {
+            addr.do_send(CloseConnection);
+        }
+        metrics::gauge!(telemetry::CONNECTION_STATE, "state" => self.fsm.state().as_str())
+            .decrement(1.0);
+    }
+}
+
+impl Handler<WsEvent> for TransportActor {
+    type Result = ();
+
+    fn handle(&mut self, event: WsEvent, ctx: &mut Context<Self>) {
+        let current = self.conn.as_ref().map(|c| c.id);
+        match event {
+            WsEvent::Established {
+                conn_id,
+                endpoint,
+                welcome,
+                addr,
+            } if Some(conn_id) == current => {
+                if let Some(conn) = self.conn.as_mut() {
+                    conn.addr = Some(addr);
+                }
+                self.on_established(ctx, endpoint, welcome.session, welcome.resumed);
+            }
+            WsEvent::Inbound { conn_id, frame } if Some(conn_id) == current => match frame {
+                Frame::Error(err) => {
+                    tracing::warn!(parent: &self.span, conn_id, code = %err.code, message = %err.message, "hub reported an error");
+                    self.last_error = Some(err.into_error());
+                }
+                other => {
+                    tracing::debug!(parent: &self.span, conn_id, kind = other.kind(), "frame with no handler");
+                }
+            },
+            WsEvent::Ended {
+                conn_id,
+                error,
+                established,
+            } if Some(conn_id) == current => self.on_ended(ctx, error, established),
+            // Events from a connection that was already replaced or closed.
+            stale => tracing::trace!(parent: &self.span, ?stale, "stale connection event"),
+        }
+    }
+}
+
+impl Handler<SubscribeState> for TransportActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SubscribeState, _ctx: &mut Context<Self>) {
+        self.subscribers.push(msg.0);
+    }
+}
+
+impl Handler<GetStatus> for TransportActor {
+    type Result = MessageResult<GetStatus>;
+
+    fn handle(&mut self, _: GetStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.status())
+    }
+}
+
+impl Handler<ReconnectNow> for TransportActor {
+    type Result = Result<ReconnectOutcome, TransportError>;
+
+    fn handle(&mut self, _: ReconnectNow, ctx: &mut Context<Self>) -> Self::Result {
+        match self.fsm.state() {
+            ConnectionState::Closed => Err(TransportError::Closed),
+            ConnectionState::Connected | ConnectionState::Syncing => {
+                Ok(ReconnectOutcome::AlreadyConnected)
+            }
+            ConnectionState::Connecting | ConnectionState::Initialized => {
+                Ok(ReconnectOutcome::AlreadyConnecting)
+            }
+            state @ (ConnectionState::Disconnected
+            | ConnectionState::Suspended
+            | ConnectionState::Failed) => {
+                self.manager
+                    .on_manual_reconnect(Instant::now())
+                    .map_err(|retry_after| TransportError::RateLimited { retry_after })?;
+                if state == ConnectionState::Failed {
+                    self.manager.reset();
+                }
+                self.start_attempt(ctx, TransitionReason::ManualReconnect);
+                Ok(ReconnectOutcome::Started)
+            }
+        }
+    }
+}
+
+impl Handler<Close> for TransportActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Close, ctx: &mut Context<Self>) {
+        self.cancel_retry(ctx);
+        self.cancel_stability(ctx);
+        if let Some(addr) = self.conn.take().and_then(|c| c.addr) {
+            addr.do_send(CloseConnection);
+        }
+        let attempt = self.manager.attempt();
+        self.transition(
+            ConnectionState::Closed,
+            TransitionReason::ClosedByApplication,
+            attempt,
+            None,
+        );
+        ctx.stop();
+    }
+}
+
+/// The application's handle on one logical connection. Cheap to clone.
+///
+/// Must be created inside an actix system (`#[actix::main]`, `actix_rt::System`, or an
+/// actix-web server), because the transport is an actor on the current arbiter.
+#[derive(Clone)]
+pub struct Transport {
+    addr: Addr<TransportActor>,
+    client_id: crate::protocol::ClientId,
+}
+
+impl Transport {
+    /// Starts the transport: it connects at once and keeps reconnecting per its policy.
+    pub fn start(config: TransportConfig) -> Transport {
+        Self::start_with_subscribers(config, Vec::new())
+    }
+
+    /// Starts the transport with subscribers that see every transition, the very first one
+    /// (`Initialized → Connecting`) included.
+    pub fn start_with_subscribers(
+        config: TransportConfig,
+        subscribers: Vec<Recipient<ConnectionStateChanged>>,
+    ) -> Transport {
+        let client_id = config.client_id.clone();
+        let addr = TransportActor::new(config, subscribers).start();
+        Transport { addr, client_id }
+    }
+
+    /// Starts the transport and returns a receiver of every state transition, the first one
+    /// included (bounded at [`DEFAULT_EVENT_CAPACITY`]).
+    pub fn start_with_events(
+        config: TransportConfig,
+    ) -> (Transport, EventReceiver<ConnectionStateChanged>) {
+        let (recipient, events) = event_channel(DEFAULT_EVENT_CAPACITY);
+        (
+            Self::start_with_subscribers(config, vec![recipient]),
+            events,
+        )
+    }
+
+    /// This transport's client id.
+    pub fn client_id(&self) -> &crate::protocol::ClientId {
+        &self.client_id
+    }
+
+    /// Subscribes `recipient` to every transition from now on.
+    pub fn subscribe(&self, recipient: Recipient<ConnectionStateChanged>) {
+        self.addr.do_send(SubscribeState(recipient));
+    }
+
+    /// A status snapshot. Fails only when the transport has been closed.
+    pub async fn status(&self) -> Result<TransportStatus, TransportError> {
+        self.addr
+            .send(GetStatus)
+            .await
+            .map_err(|_| TransportError::Closed)
+    }
+
+    /// Connects now instead of waiting for the scheduled attempt. Allowed from `Disconnected`,
+    /// `Suspended` and `Failed`; at most once per `manual_reconnect_interval`
+    /// ([`TransportError::RateLimited`] otherwise).
+    pub async fn reconnect_now(&self) -> Result<ReconnectOutcome, TransportError> {
+        self.addr
+            .send(ReconnectNow)
+            .await
+            .map_err(|_| TransportError::Closed)?
+    }
+
+    /// Closes the connection, cancels every timer and stops the transport. Idempotent.
+    pub async fn close(&self) {
+        let span = tracing::info_span!("close", client_id = %self.client_id);
+        // A mailbox error means the actor is already gone: closed is closed.
+        let _ = self.addr.send(Close).instrument(span).await;
+    }
+
+    /// Whether the transport actor is still running (false once closed).
+    pub fn is_running(&self) -> bool {
+        self.addr.connected()
+    }
+
+    /// The underlying actor address, for applications that talk to it directly.
+    pub fn addr(&self) -> &Addr<TransportActor> {
+        &self.addr
+    }
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,421 @@
+//! The WebSocketActor: one physical connection, from TCP connect to close.
+//!
+//! It opens the socket (awc), sends the hello, validates the welcome, keeps the heartbeat, and
+//! when it ends — for whatever reason — reports exactly one [`WsEvent::Ended`] with a typed
+//! error to its supervisor, the [`TransportActor`](crate::TransportActor). It never reconnects
+//! by itself: that decision belongs to the supervisor and its ReconnectManager.
+
+use std::time::Duration;
+
+use actix::io::{SinkWrite, WriteHandler};
+use actix::prelude::*;
+use awc::error::WsProtocolError;
+use awc::ws;
+use awc::BoxedSocket;
+use bytes::Bytes;
+use futures::stream::{SplitSink, StreamExt as _};
+use tokio::time::Instant;
+
+use crate::error::TransportError;
+use crate::heartbeat::{Heartbeat, HeartbeatAction};
+use crate::protocol::{Frame, Hello, Welcome};
+
+type WsSink = SplitSink<actix_codec::Framed<BoxedSocket, ws::Codec>, ws::Message>;
+
+/// What a WebSocketActor tells its supervisor.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub enum WsEvent {
+    /// The welcome arrived and was valid: the connection is usable.
+    Established {
+        /// Which physical connection.
+        conn_id: u64,
+        /// The endpoint it went to.
+        endpoint: String,
+        /// The hub's welcome.
+        welcome: Welcome,
+        /// Where to send frames.
+        addr: Addr<WebSocketActor>,
+    },
+    /// A frame other than the handshake arrived on the established connection.
+    Inbound {
+        /// Which physical connection.
+        conn_id: u64,
+        /// The decoded frame.
+        frame: Frame,
+    },
+    /// The connection is over. Sent exactly once, when the actor stops.
+    Ended {
+        /// Which physical connection.
+        conn_id: u64,
+        /// Why it ended.
+        error: TransportError,
+        /// Whether the welcome had been received (lost connection) or not (failed attempt).
+        established: bool,
+    },
+}
+
+/// Sends one frame on the connection. Fails when the connection is not established.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), TransportError>")]
+pub struct SendFrame(pub Frame);
+
+/// Sends one already-encoded text frame (encode once, send to many).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), TransportError>")]
+pub struct SendText(pub bytestring::ByteString);
+
+/// Closes the connection normally; the supervisor gets `Ended` with [`TransportError::Closed`].
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct CloseConnection;
+
+/// Settings of one physical connection, taken from the transport configuration.
+#[derive(Debug, Clone)]
+pub struct WsSettings {
+    /// Ping after this much silence.
+    pub heartbeat_interval: Duration,
+    /// Give up after this much silence.
+    pub idle_timeout: Duration,
+    /// Budget for connect + upgrade + welcome.
+    pub handshake_timeout: Duration,
+    /// Largest frame accepted or sent.
+    pub max_frame_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    AwaitingWelcome,
+    Open,
+    Closing,
+}
+
+/// One physical WebSocket connection to a hub. Created by the TransportActor, one per attempt.
+pub struct WebSocketActor {
+    conn_id: u64,
+    endpoint: String,
+    hello: Hello,
+    settings: WsSettings,
+    client: awc::Client,
+    supervisor: Recipient<WsEvent>,
+    sink: Option<SinkWrite<ws::Message, WsSink>>,
+    phase: Phase,
+    heartbeat: Heartbeat,
+    heartbeat_timer: Option<SpawnHandle>,
+    ending: Option<TransportError>,
+    established: bool,
+}
+
+impl WebSocketActor {
+    /// A connection attempt to `endpoint`, reporting to `supervisor`. Start it with
+    /// `Actor::start`; it connects at once.
+    pub fn new(
+        conn_id: u64,
+        endpoint: String,
+        hello: Hello,
+        settings: WsSettings,
+        client: awc::Client,
+        supervisor: Recipient<WsEvent>,
+    ) -> Self {
+        let heartbeat = Heartbeat::new(
+            settings.heartbeat_interval,
+            settings.idle_timeout,
+            Instant::now(),
+        );
+        WebSocketActor {
+            conn_id,
+            endpoint,
+            hello,
+            settings,
+            client,
+            supervisor,
+            sink: None,
+            phase: Phase::Connecting,
+            heartbeat,
+            heartbeat_timer: None,
+            ending: None,
+            established: false,
+        }
+    }
+
+    /// Ends the connection with `error` as the reason (the first reason wins).
+    fn end(
+        &mut self,
+        ctx: &mut Context<Self>,
+        error: TransportError,
+        close: Option<ws::CloseCode>,
+    ) {
+        if self.ending.is_none() {
+            tracing::debug!(conn_id = self.conn_id, %error, "connection ending");
+            self.ending = Some(error);
+        }
+        if let (Some(code), Some(sink)) = (close, self.sink.as_mut()) {
+            // Best effort: the peer may already be gone.
+            let _ = sink.write(ws::Message::Close(Some(code.into())));
+        }
+        self.phase = Phase::Closing;
+        ctx.stop();
+    }
+
+    fn write_text(&mut self, text: bytestring::ByteString) -> Result<(), TransportError> {
+        if text.len() > self.settings.max_frame_size {
+            return Err(TransportError::FrameTooLarge {
+                size: text.len(),
+                max: self.settings.max_frame_size,
+            });
+        }
+        match self.sink.as_mut() {
+            Some(sink) => {
+                sink.write(ws::Message::Text(text))
+                    .map_err(|_| TransportError::ConnectionClosed {
+                        code: None,
+                        reason: "sink closed".into(),
+                    })
+            }
+            None => Err(TransportError::ConnectionClosed {
+                code: None,
+                reason: "not connected".into(),
+            }),
+        }
+    }
+
+    fn schedule_heartbeat(&mut self, ctx: &mut Context<Self>, after: Duration) {
+        if let Some(handle) = self.heartbeat_timer.take() {
+            ctx.cancel_future(handle);
+        }
+        self.heartbeat_timer = Some(ctx.run_later(after, |act, ctx| act.check_heartbeat(ctx)));
+    }
+
+    fn check_heartbeat(&mut self, ctx: &mut Context<Self>) {
+        self.heartbeat_timer = None;
+        match self.heartbeat.poll(Instant::now()) {
+            HeartbeatAction::Continue { ping, next_check } => {
+                if ping {
+                    if let Some(sink) = self.sink.as_mut() {
+                        let _ = sink.write(ws::Message::Ping(Bytes::new()));
+                    }
+                }
+                self.schedule_heartbeat(ctx, next_check);
+            }
+            HeartbeatAction::TimedOut { silent_for } => {
+                self.end(
+                    ctx,
+                    TransportError::HeartbeatTimeout { silent_for },
+                    Some(ws::CloseCode::Away),
+                );
+            }
+        }
+    }
+
+    fn on_text(&mut self, ctx: &mut Context<Self>, bytes: &[u8]) {
+        let frame = std::str::from_utf8(bytes)
+            .map_err(|e| TransportError::MalformedFrame {
+                reason: format!("invalid UTF-8: {e}"),
+            })
+            .and_then(|text| Frame::decode(text, self.settings.max_frame_size));
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(error) => {
+                let code = match error {
+                    TransportError::FrameTooLarge { .. } => ws::CloseCode::Size,
+                    _ => ws::CloseCode::Protocol,
+                };
+                self.end(ctx, error, Some(code));
+                return;
+            }
+        };
+        match (self.phase, frame) {
+            (Phase::AwaitingWelcome, Frame::Welcome(welcome)) => {
+                self.phase = Phase::Open;
+                self.established = true;
+                tracing::debug!(conn_id = self.conn_id, session = %welcome.session, resumed = welcome.resumed, "welcome received");
+                self.supervisor.do_send(WsEvent::Established {
+                    conn_id: self.conn_id,
+                    endpoint: self.endpoint.clone(),
+                    welcome,
+                    addr: ctx.address(),
+                });
+            }
+            (_, Frame::Error(err)) if err.permanent || self.phase != Phase::Open => {
+                self.end(ctx, err.into_error(), Some(ws::CloseCode::Normal));
+            }
+            (Phase::Open, frame) => self.supervisor.do_send(WsEvent::Inbound {
+                conn_id: self.conn_id,
+                frame,
+            }),
+            (_, frame) => {
+                let error = TransportError::UnexpectedFrame {
+                    expected: "welcome",
+                    got: frame.kind().to_owned(),
+                };
+                self.end(ctx, error, Some(ws::CloseCode::Protocol));
+            }
+        }
+    }
+}
+
+impl Actor for WebSocketActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let timeout = self.settings.handshake_timeout;
+        ctx.run_later(timeout, move |act, ctx| {
+            if matches!(act.phase, Phase::Connecting | Phase::AwaitingWelcome) {
+                let error = TransportError::HandshakeTimeout {
+                    endpoint: act.endpoint.clone(),
+                    after: timeout,
+                };
+                act.end(ctx, error, Some(ws::CloseCode::Away));
+            }
+        });
+
+        let request = self
+            .client
+            .ws(self.endpoint.as_str())
+            .max_frame_size(self.settings.max_frame_size);
+        ctx.spawn(request.connect().into_actor(self).map(|result, act, ctx| {
+            if act.phase != Phase::Connecting {
+                return;
+            }
+            match result {
+                Ok((_response, framed)) => {
+                    let (sink, stream) = framed.split();
+                    ctx.add_stream(stream);
+                    act.sink = Some(SinkWrite::new(sink, ctx));
+                    act.phase = Phase::AwaitingWelcome;
+                    act.heartbeat.on_activity(Instant::now());
+                    let hello = Frame::Hello(act.hello.clone()).encode();
+                    if let Err(error) = act.write_text(hello.into()) {
+                        act.end(ctx, error, None);
+                        return;
+                    }
+                    let first_check = act.settings.heartbeat_interval;
+                    act.schedule_heartbeat(ctx, first_check);
+                }
+                Err(e) => {
+                    let error = TransportError::Connect {
+                        endpoint: act.endpoint.clone(),
+                        message: e.to_string(),
+                    };
+                    act.end(ctx, error, None);
+                }
+            }
+        }));
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        let error = self
+            .ending
+            .take()
+            .unwrap_or(TransportError::ConnectionClosed {
+                code: None,
+                reason: "connection actor stopped".into(),
+            });
+        self.supervisor.do_send(WsEvent::Ended {
+            conn_id: self.conn_id,
+            established: self.established,
+            error,
+        });
+    }
+}
+
+impl WriteHandler<WsProtocolError> for WebSocketActor {
+    fn error(&mut self, err: WsProtocolError, ctx: &mut Self::Context) -> Running {
+        let error = TransportError::ConnectionClosed {
+            code: None,
+            reason: format!("write failed: {err}"),
+        };
+        self.end(ctx, error, None);
+        Running::Stop
+    }
+}
+
+impl StreamHandler<Result<ws::Frame, WsProtocolError>> for WebSocketActor {
+    fn handle(&mut self, item: Result<ws::Frame, WsProtocolError>, ctx: &mut Context<Self>) {
+        self.heartbeat.on_activity(Instant::now());
+        match item {
+            Ok(ws::Frame::Text(bytes)) => self.on_text(ctx, &bytes),
+            Ok(ws::Frame::Ping(payload)) => {
+                if let Some(sink) = self.sink.as_mut() {
+                    let _ = sink.write(ws::Message::Pong(payload));
+                }
+            }
+            Ok(ws::Frame::Pong(_)) => {}
+            Ok(ws::Frame::Close(reason)) => {
+                let error = TransportError::ConnectionClosed {
+                    code: reason.as_ref().map(|r| u16::from(r.code)),
+                    reason: reason
+                        .and_then(|r| r.description)
+                        .unwrap_or_else(|| "closed by peer".into()),
+                };
+                self.end(ctx, error, None);
+            }
+            Ok(ws::Frame::Binary(_)) | Ok(ws::Frame::Continuation(_)) => {
+                let error = TransportError::UnexpectedFrame {
+                    expected: "a text frame",
+                    got: "binary or fragmented frame".into(),
+                };
+                self.end(ctx, error, Some(ws::CloseCode::Unsupported));
+            }
+            Err(WsProtocolError::Overflow) => {
+                let error = TransportError::FrameTooLarge {
+                    size: self.settings.max_frame_size + 1,
+                    max: self.settings.max_frame_size,
+                };
+                self.end(ctx, error, Some(ws::CloseCode::Size));
+            }
+            Err(e) => {
+                let error = TransportError::ConnectionClosed {
+                    code: None,
+                    reason: e.to_string(),
+                };
+                self.end(ctx, error, None);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        let error = TransportError::ConnectionClosed {
+            code: None,
+            reason: "connection reset or closed without a close frame".into(),
+        };
+        self.end(ctx, error, None);
+    }
+}
+
+impl Handler<SendFrame> for WebSocketActor {
+    type Result = Result<(), TransportError>;
+
+    fn handle(&mut self, msg: SendFrame, _ctx: &mut Context<Self>) -> Self::Result {
+        self.handle_text(msg.0.encode().into())
+    }
+}
+
+impl Handler<SendText> for WebSocketActor {
+    type Result = Result<(), TransportError>;
+
+    fn handle(&mut self, msg: SendText, _ctx: &mut Context<Self>) -> Self::Result {
+        self.handle_text(msg.0)
+    }
+}
+
+impl WebSocketActor {
+    fn handle_text(&mut self, text: bytestring::ByteString) -> Result<(), TransportError> {
+        if self.phase != Phase::Open {
+            return Err(TransportError::ConnectionClosed {
+                code: None,
+                reason: "connection not established".into(),
+            });
+        }
+        self.write_text(text)
+    }
+}
+
+impl Handler<CloseConnection> for WebSocketActor {
+    type Result = ();
+
+    fn handle(&mut self, _: CloseConnection, ctx: &mut Context<Self>) {
+        self.end(ctx, TransportError::Closed, Some(ws::CloseCode::Normal));
+    }
+}
