@@ -1,15 +1,15 @@
-//! Test support for Tether.
+//! Test support for Tether, and Tether's loopback integration tests (`tests/`).
 //!
-//! This crate holds shared helpers for Tether's integration tests, examples
-//! and soak tooling. It is not part of the public Tether API and is never
-//! published.
+//! * [`FaultProxy`]: a fault-injecting TCP proxy that sits between clients and a hub and can
+//!   cut, stall, refuse, delay or blackhole connections on demand.
+//! * [`harness`]: a real hub on loopback with test-speed timings, fast-retrying client
+//!   configurations, and an [`EventLog`](harness::EventLog) that waits for typed transitions
+//!   with a timeout.
 //!
-//! For now it provides [`FaultProxy`], a small fault-injecting TCP proxy that
-//! sits between a client and a hub and can cut, stall, refuse, delay or
-//! blackhole connections on demand, so tests can exercise Tether's
-//! connection-loss recovery deterministically. A helper for running a real
-//! hub in-process will be added later.
+//! Used by the integration tests, the examples and the soak tool. Not part of Tether's public
+//! API and never published.
 
+pub mod harness;
 pub mod proxy;
 
 pub use proxy::{FaultProxy, ProxyStats};

@@ -223,6 +223,23 @@ impl Frame {
     }
 }
 
+/// Largest close-reason text a WebSocket close frame can carry (125-byte control frame payload
+/// minus the 2-byte code).
+pub const MAX_CLOSE_REASON: usize = 123;
+
+/// Cuts `reason` to at most [`MAX_CLOSE_REASON`] bytes on a character boundary, so that a close
+/// frame is always valid (peers reject longer ones as a protocol error).
+pub fn close_reason_text(reason: &str) -> String {
+    if reason.len() <= MAX_CLOSE_REASON {
+        return reason.to_owned();
+    }
+    let mut end = MAX_CLOSE_REASON;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
 /// Turns a serde failure into the most useful typed error. Only runs on the error path, so the
 /// second parse costs nothing in the common case.
 fn diagnose(text: &str, err: serde_json::Error) -> TransportError {
@@ -367,6 +384,15 @@ mod tests {
                 max: 10
             }
         );
+    }
+
+    #[test]
+    fn close_reasons_fit_a_control_frame() {
+        assert_eq!(close_reason_text("short"), "short");
+        let long = "é".repeat(100);
+        let cut = close_reason_text(&long);
+        assert!(cut.len() <= MAX_CLOSE_REASON);
+        assert!(long.starts_with(&cut));
     }
 
     #[test]

@@ -187,6 +187,7 @@ pub struct HubState {
     pub config: HubConfig,
     started_at: Instant,
     connections: AtomicUsize,
+    connections_watch: tokio::sync::watch::Sender<usize>,
     next_conn_id: std::sync::atomic::AtomicU64,
     shutting_down: AtomicBool,
     /// Sessions, with the connection that owns each.
@@ -201,6 +202,7 @@ impl HubState {
             config,
             started_at: Instant::now(),
             connections: AtomicUsize::new(0),
+            connections_watch: tokio::sync::watch::Sender::new(0),
             next_conn_id: std::sync::atomic::AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
             prometheus: telemetry::prometheus(),
@@ -215,12 +217,14 @@ impl HubState {
     pub(crate) fn connection_opened(&self) -> u64 {
         let now = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
         metrics::gauge!(telemetry::HUB_CONNECTIONS).set(now as f64);
+        self.connections_watch.send_replace(now);
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
     pub(crate) fn connection_closed(&self) {
         let now = self.connections.fetch_sub(1, Ordering::Relaxed) - 1;
         metrics::gauge!(telemetry::HUB_CONNECTIONS).set(now as f64);
+        self.connections_watch.send_replace(now);
     }
 
     /// Locks the session table, recovering from a poisoned lock (a panicking session must not
@@ -310,6 +314,12 @@ impl HubHandle {
     /// Open WebSocket connections.
     pub fn connection_count(&self) -> usize {
         self.state.connection_count()
+    }
+
+    /// Watches the number of open WebSocket connections (for dashboards and tests that wait for
+    /// a count instead of polling).
+    pub fn watch_connections(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.state.connections_watch.subscribe()
     }
 
     /// The shared state (sessions, counters).

@@ -20,7 +20,9 @@ use super::auth::AuthRejection;
 use super::HubState;
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
-use crate::protocol::{ClientId, ErrorCode, ErrorFrame, Frame, Hello, SessionId, Welcome};
+use crate::protocol::{
+    close_reason_text, ClientId, ErrorCode, ErrorFrame, Frame, Hello, SessionId, Welcome,
+};
 use crate::telemetry;
 
 /// WebSocket close code sent to a connection whose session was resumed by a newer connection.
@@ -108,6 +110,7 @@ impl HubSession {
         description: Option<String>,
     ) {
         self.phase = Phase::Closing;
+        let description = description.map(|d| close_reason_text(&d));
         ctx.close(Some(ws::CloseReason { code, description }));
         ctx.stop();
     }

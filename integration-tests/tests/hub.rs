@@ -1,0 +1,242 @@
+//! The hub against bad input, over real sockets: every malformed, oversized, out-of-order or
+//! unknown-version frame gets a typed error frame and a close, and other clients never notice.
+
+use std::time::Duration;
+
+use actix_codec::Framed;
+use awc::ws::{self, CloseCode};
+use awc::BoxedSocket;
+use futures::{SinkExt as _, StreamExt as _};
+use tether_integration_tests::harness::{
+    fast_client, free_addr, init_tracing, start_hub, test_hub_config, wait_for_connections,
+    EventLog,
+};
+use tether_transport::hub::Hub;
+use tether_transport::protocol::{ErrorCode, Frame};
+use tether_transport::{ConnectionState, Transport};
+
+const T: Duration = Duration::from_secs(5);
+
+type Conn = Framed<BoxedSocket, ws::Codec>;
+
+async fn raw(url: &str) -> Conn {
+    let (_, conn) = awc::Client::new()
+        .ws(url)
+        .max_frame_size(4 * 1024 * 1024)
+        .connect()
+        .await
+        .expect("upgrade");
+    conn
+}
+
+async fn send(conn: &mut Conn, text: impl Into<String>) {
+    conn.send(ws::Message::Text(text.into().into()))
+        .await
+        .unwrap();
+}
+
+async fn hello(conn: &mut Conn) {
+    send(conn, r#"{"type":"hello","v":1,"client_id":"raw"}"#).await;
+    match next_frame(conn).await {
+        Some(Frame::Welcome(_)) => {}
+        other => panic!("expected welcome, got {other:?}"),
+    }
+}
+
+async fn next_frame(conn: &mut Conn) -> Option<Frame> {
+    loop {
+        match tokio::time::timeout(T, conn.next())
+            .await
+            .expect("frame in time")?
+        {
+            Ok(ws::Frame::Text(bytes)) => {
+                return Some(
+                    Frame::decode(std::str::from_utf8(&bytes).unwrap(), usize::MAX).unwrap(),
+                )
+            }
+            Ok(ws::Frame::Ping(_)) | Ok(ws::Frame::Pong(_)) => continue,
+            Ok(ws::Frame::Close(_)) | Err(_) => return None,
+            Ok(other) => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// Reads until the hub closes: the error frame it sent, and the close code.
+async fn error_and_close(conn: &mut Conn) -> (Option<ErrorCode>, Option<CloseCode>) {
+    let mut code = None;
+    loop {
+        match tokio::time::timeout(T, conn.next())
+            .await
+            .expect("close in time")
+        {
+            Some(Ok(ws::Frame::Text(bytes))) => {
+                if let Ok(Frame::Error(e)) =
+                    Frame::decode(std::str::from_utf8(&bytes).unwrap(), usize::MAX)
+                {
+                    code = Some(e.code);
+                }
+            }
+            Some(Ok(ws::Frame::Close(reason))) => return (code, reason.map(|r| r.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("read error {e:?} (error frame {code:?})"),
+            None => return (code, None),
+        }
+    }
+}
+
+/// A healthy client beside every bad one: it must not see a single transition.
+async fn bystander(url: String) -> (Transport, EventLog) {
+    let (transport, rx) = Transport::start_with_events(fast_client(url).build().unwrap());
+    let mut events = EventLog::new(rx);
+    events
+        .until_state(ConnectionState::Connected, T)
+        .await
+        .unwrap();
+    (transport, events)
+}
+
+#[actix_rt::test]
+async fn bad_input_gets_typed_errors_and_closes_without_touching_other_clients() {
+    init_tracing();
+    let config = test_hub_config(free_addr())
+        .max_frame_size(64 * 1024)
+        .build()
+        .unwrap();
+    let hub = Hub::start(config).unwrap();
+    let url = hub.ws_url();
+    let (good, mut good_events) = bystander(url.clone()).await;
+
+    let cases: Vec<(&str, bool, String, ErrorCode, CloseCode)> = vec![
+        ("not json", true, "{{{".into(), ErrorCode::MalformedFrame, CloseCode::Protocol),
+        ("unknown type", true, r#"{"type":"launch"}"#.into(), ErrorCode::MalformedFrame, CloseCode::Protocol),
+        (
+            "future version",
+            false,
+            r#"{"type":"hello","v":9,"client_id":"x"}"#.into(),
+            ErrorCode::UnsupportedVersion,
+            CloseCode::Policy,
+        ),
+        (
+            "frame before hello",
+            false,
+            r#"{"type":"welcome","v":1,"session":"s","resumed":false,"heartbeat_ms":1,"idle_timeout_ms":2}"#.into(),
+            ErrorCode::UnexpectedFrame,
+            CloseCode::Protocol,
+        ),
+        (
+            "second hello",
+            true,
+            r#"{"type":"hello","v":1,"client_id":"raw"}"#.into(),
+            ErrorCode::UnexpectedFrame,
+            CloseCode::Protocol,
+        ),
+        ("oversized", true, "x".repeat(100 * 1024), ErrorCode::FrameTooLarge, CloseCode::Size),
+    ];
+    for (name, after_hello, text, want_code, want_close) in cases {
+        let mut conn = raw(&url).await;
+        if after_hello {
+            hello(&mut conn).await;
+        }
+        send(&mut conn, text).await;
+        let (code, close) = error_and_close(&mut conn).await;
+        assert_eq!(code, Some(want_code), "{name}");
+        assert_eq!(close, Some(want_close), "{name}");
+    }
+
+    // Binary frames are not part of protocol v1.
+    let mut conn = raw(&url).await;
+    hello(&mut conn).await;
+    conn.send(ws::Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    let (code, close) = error_and_close(&mut conn).await;
+    assert_eq!(
+        (code, close),
+        (
+            Some(ErrorCode::UnexpectedFrame),
+            Some(CloseCode::Unsupported)
+        )
+    );
+
+    // Every bad connection is gone; the bystander never noticed.
+    wait_for_connections(&hub, 1, T).await.unwrap();
+    good_events
+        .expect_quiet(Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(
+        good.status().await.unwrap().state,
+        ConnectionState::Connected
+    );
+    good.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_connection_that_never_says_hello_is_closed() {
+    init_tracing();
+    let config = test_hub_config(free_addr())
+        .hello_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let hub = Hub::start(config).unwrap();
+    let mut conn = raw(&hub.ws_url()).await;
+    let (code, close) = error_and_close(&mut conn).await;
+    assert_eq!(code, Some(ErrorCode::UnexpectedFrame));
+    assert_eq!(close, Some(CloseCode::Policy));
+    wait_for_connections(&hub, 0, T).await.unwrap();
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_flood_of_garbage_connections_leaves_the_hub_serving() {
+    init_tracing();
+    let hub = start_hub(free_addr());
+    let url = hub.ws_url();
+    let floods = (0..50).map(|i| {
+        let url = url.clone();
+        async move {
+            let mut conn = raw(&url).await;
+            send(&mut conn, format!("garbage {i}")).await;
+            error_and_close(&mut conn).await
+        }
+    });
+    let results = futures::future::join_all(floods).await;
+    assert!(results
+        .iter()
+        .all(|(code, _)| *code == Some(ErrorCode::MalformedFrame)));
+    let (good, _events) = bystander(url).await;
+    good.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn health_and_metrics_endpoints() {
+    init_tracing();
+    let hub = start_hub(free_addr());
+    let (good, _events) = bystander(hub.ws_url()).await;
+    let base = format!("http://{}", hub.local_addr());
+    let client = awc::Client::new();
+
+    let mut resp = client.get(format!("{base}/health")).send().await.unwrap();
+    assert!(resp.status().is_success());
+    let health: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["connections"], 1);
+    assert_eq!(health["sessions"], 1);
+    assert!(health["uptime_s"].as_f64().unwrap() >= 0.0);
+
+    let mut resp = client.get(format!("{base}/metrics")).send().await.unwrap();
+    assert!(resp.status().is_success());
+    let body = String::from_utf8(resp.body().await.unwrap().to_vec()).unwrap();
+    for name in [
+        "tether_hub_connections",
+        "tether_hub_handshakes_total",
+        "tether_reconnect_attempts_total",
+        "tether_connection_state",
+    ] {
+        assert!(body.contains(name), "{name} missing from /metrics:\n{body}");
+    }
+    good.close().await;
+    hub.stop().await;
+}
