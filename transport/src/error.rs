@@ -160,6 +160,12 @@ pub enum TransportError {
     /// The transport was closed by the application; nothing more can be sent through it.
     #[error("transport closed")]
     Closed,
+    /// A channel of this name is already registered on the transport.
+    #[error("channel {channel:?} is already open on this transport")]
+    ChannelInUse {
+        /// The channel name.
+        channel: String,
+    },
     /// The hub could not start (bind failed, metrics recorder could not be installed…).
     #[error("hub could not start: {message}")]
     HubStart {
@@ -186,6 +192,7 @@ impl TransportError {
             | TransportError::RateLimited { .. }
             | TransportError::Closed
             | TransportError::HubStart { .. } => ErrorCategory::Service,
+            TransportError::ChannelInUse { .. } => ErrorCategory::Subscription,
         }
     }
 
@@ -205,6 +212,7 @@ impl TransportError {
             | TransportError::UnsupportedVersion { .. }
             | TransportError::InvalidConfig { .. }
             | TransportError::Closed
+            | TransportError::ChannelInUse { .. }
             | TransportError::HubStart { .. } => true,
             TransportError::Remote { permanent, .. } => *permanent,
         }
@@ -226,6 +234,7 @@ impl TransportError {
             TransportError::RateLimited { .. } => ErrorCode::RateLimited,
             TransportError::InvalidConfig { .. }
             | TransportError::Closed
+            | TransportError::ChannelInUse { .. }
             | TransportError::HubStart { .. } => ErrorCode::Internal,
         }
     }

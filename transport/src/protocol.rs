@@ -52,6 +52,132 @@ impl std::fmt::Display for SessionId {
     }
 }
 
+/// A client process instance: publish ids are `(client id, instance, channel, seq)`, so a client
+/// that restarts with the same stable client id never collides with its previous sequences.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct InstanceId(pub String);
+
+impl InstanceId {
+    /// A fresh random instance id (UUID v4).
+    pub fn random() -> Self {
+        InstanceId(uuid::Uuid::new_v4().to_string())
+    }
+}
+
+impl std::fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A message's number within a channel epoch: 1, 2, 3… with no gaps. Offset 0 means "before the
+/// first message".
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Offset(pub u64);
+
+impl Offset {
+    /// The offset after this one.
+    pub fn next(self) -> Offset {
+        Offset(self.0.saturating_add(1))
+    }
+}
+
+impl std::fmt::Display for Offset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Identifies one incarnation of a channel's log. A hub that loses its memory (restart with an
+/// in-memory store) starts a new epoch, so offsets from the old one mean nothing there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Epoch(pub String);
+
+impl Epoch {
+    /// A fresh random epoch.
+    pub fn random() -> Self {
+        Epoch(format!("{:016x}", rand::random::<u64>()))
+    }
+}
+
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A point in a channel's history: an epoch and an offset within it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Position {
+    /// The log incarnation.
+    pub epoch: Epoch,
+    /// The offset within it.
+    pub offset: Offset,
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.offset, self.epoch)
+    }
+}
+
+/// An application payload: any JSON value, carried as raw JSON text so that the hub forwards it
+/// without parsing it into a tree.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Payload(pub Box<serde_json::value::RawValue>);
+
+impl Payload {
+    /// Serialises `value` into a payload.
+    pub fn from_value<T: Serialize + ?Sized>(value: &T) -> Result<Self, TransportError> {
+        serde_json::value::to_raw_value(value)
+            .map(Payload)
+            .map_err(|e| TransportError::MalformedFrame {
+                reason: format!("payload does not serialise: {e}"),
+            })
+    }
+
+    /// A payload from JSON text, validated.
+    pub fn from_json(text: &str) -> Result<Self, TransportError> {
+        serde_json::value::RawValue::from_string(text.to_owned())
+            .map(Payload)
+            .map_err(|e| TransportError::MalformedFrame {
+                reason: format!("payload is not JSON: {e}"),
+            })
+    }
+
+    /// The raw JSON text.
+    pub fn json(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Deserialises the payload into `T`.
+    pub fn decode<'a, T: Deserialize<'a>>(&'a self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.0.get())
+    }
+
+    /// Size of the JSON text in bytes.
+    pub fn len(&self) -> usize {
+        self.0.get().len()
+    }
+
+    /// Whether the JSON text is empty (never, for a valid payload).
+    pub fn is_empty(&self) -> bool {
+        self.0.get().is_empty()
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
 /// Machine-readable error codes carried in [`ErrorFrame`]s. Unknown codes from a newer peer
 /// decode as [`ErrorCode::Unknown`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -76,6 +202,16 @@ pub enum ErrorCode {
     RateLimited,
     /// The hub is shutting down; reconnect (possibly to another node).
     ShuttingDown,
+    /// The client may not attach to (or publish on) this channel.
+    NotAuthorized,
+    /// The channel name is not valid.
+    InvalidChannel,
+    /// A publish or detach for a channel this connection has not attached.
+    NotAttached,
+    /// The client did not read fast enough; the hub closed the connection (resume to catch up).
+    SlowConsumer,
+    /// The hub is over a limit (channels, publishers); try again later.
+    Overloaded,
     /// The hub failed internally.
     Internal,
     /// A code this build does not know.
@@ -106,6 +242,9 @@ pub struct Hello {
     /// The session of the previous connection, to resume it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<SessionId>,
+    /// This client process instance (part of every publish id). Required to publish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceId>,
 }
 
 /// Hub → client, answer to a valid [`Hello`]: the connection is established.
@@ -135,6 +274,12 @@ pub struct ErrorFrame {
     pub permanent: bool,
     /// Human-readable explanation.
     pub message: String,
+    /// The channel the error concerns, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// The publish sequence number the error concerns, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 impl ErrorFrame {
@@ -145,7 +290,16 @@ impl ErrorFrame {
             category: err.category(),
             permanent: err.is_permanent(),
             message: err.to_string(),
+            channel: None,
+            seq: None,
         }
+    }
+
+    /// The same error, about `channel` (and publish `seq`).
+    pub fn about(mut self, channel: &str, seq: Option<u64>) -> Self {
+        self.channel = Some(channel.to_owned());
+        self.seq = seq;
+        self
     }
 
     /// The local error this frame stands for, with auth rejections mapped to their own variant.
@@ -164,8 +318,110 @@ impl ErrorFrame {
     }
 }
 
-/// One protocol frame.
+/// Client → hub: attach to a channel (subscribe and/or publish), resuming after `resume`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attach {
+    /// Channel name.
+    pub channel: String,
+    /// Whether to receive the channel's messages (false: publish only).
+    #[serde(default = "yes")]
+    pub subscribe: bool,
+    /// The last position the client delivered; the hub replays what follows. Absent: start at
+    /// the live head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Position>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A gap the hub cannot fill: positions `from..=to` may be missing for this subscriber.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gap {
+    /// First position that may be missing.
+    pub from: Position,
+    /// Last position that may be missing (in the new epoch when the epoch changed; offset 0
+    /// there means nothing of the new epoch is missing).
+    pub to: Position,
+}
+
+/// Hub → client: the attach succeeded. For a subscriber, exactly `replay` `message` frames of
+/// history follow (offsets `head - replay + 1 ..= head`), then live messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attached {
+    /// Channel name.
+    pub channel: String,
+    /// The channel's current epoch.
+    pub epoch: Epoch,
+    /// The last offset numbered at attach time.
+    pub head: Offset,
+    /// Whether the requested resume position was honoured without a gap.
+    pub resumed: bool,
+    /// How many history messages follow.
+    pub replay: u64,
+    /// Present when history could not cover the gap since the resume position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap: Option<Gap>,
+}
+
+/// Client → hub: stop receiving (and publishing on) a channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Detach {
+    /// Channel name.
+    pub channel: String,
+}
+
+/// Hub → client: the detach is done; no more messages for the channel follow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Detached {
+    /// Channel name.
+    pub channel: String,
+}
+
+/// Client → hub: publish one message. `(client id, instance, channel, seq)` identifies it; a
+/// replay with the same id is acknowledged again but stored and delivered once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Publish {
+    /// Channel name.
+    pub channel: String,
+    /// Per-channel, per-instance sequence number, starting at 1, increasing.
+    pub seq: u64,
+    /// The message.
+    pub payload: Payload,
+}
+
+/// Hub → client: the publish with `seq` is stored (at `offset`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    /// Channel name.
+    pub channel: String,
+    /// The publish's sequence number.
+    pub seq: u64,
+    /// Where it was stored. Absent for a duplicate whose original offset the hub no longer
+    /// remembers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<Offset>,
+    /// Whether this publish had already been stored (a replay).
+    #[serde(default)]
+    pub duplicate: bool,
+}
+
+/// Hub → client: one numbered message of a channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// Channel name.
+    pub channel: String,
+    /// The channel epoch.
+    pub epoch: Epoch,
+    /// The message's offset in that epoch.
+    pub offset: Offset,
+    /// The message.
+    pub payload: Payload,
+}
+
+/// One protocol frame.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Frame {
     /// See [`Hello`].
@@ -174,6 +430,20 @@ pub enum Frame {
     Welcome(Welcome),
     /// See [`ErrorFrame`].
     Error(ErrorFrame),
+    /// See [`Attach`].
+    Attach(Attach),
+    /// See [`Attached`].
+    Attached(Attached),
+    /// See [`Detach`].
+    Detach(Detach),
+    /// See [`Detached`].
+    Detached(Detached),
+    /// See [`Publish`].
+    Publish(Publish),
+    /// See [`Ack`].
+    Ack(Ack),
+    /// See [`Message`].
+    Message(Message),
 }
 
 impl Frame {
@@ -183,13 +453,34 @@ impl Frame {
             Frame::Hello(_) => "hello",
             Frame::Welcome(_) => "welcome",
             Frame::Error(_) => "error",
+            Frame::Attach(_) => "attach",
+            Frame::Attached(_) => "attached",
+            Frame::Detach(_) => "detach",
+            Frame::Detached(_) => "detached",
+            Frame::Publish(_) => "publish",
+            Frame::Ack(_) => "ack",
+            Frame::Message(_) => "message",
+        }
+    }
+
+    /// The channel a channel frame is about (error frames included, when they name one).
+    pub fn channel(&self) -> Option<&str> {
+        match self {
+            Frame::Hello(_) | Frame::Welcome(_) => None,
+            Frame::Error(e) => e.channel.as_deref(),
+            Frame::Attach(f) => Some(&f.channel),
+            Frame::Attached(f) => Some(&f.channel),
+            Frame::Detach(f) => Some(&f.channel),
+            Frame::Detached(f) => Some(&f.channel),
+            Frame::Publish(f) => Some(&f.channel),
+            Frame::Ack(f) => Some(&f.channel),
+            Frame::Message(f) => Some(&f.channel),
         }
     }
 
     /// Encodes the frame as the JSON text of one WebSocket text frame.
     pub fn encode(&self) -> String {
-        // Serialising these types cannot fail: no maps with non-string keys, no foreign
-        // `Serialize` impls that can error.
+        // Serialising these types cannot fail: string keys only, and payloads are already JSON.
         serde_json::to_string(self).expect("frames always serialise")
     }
 
@@ -198,6 +489,9 @@ impl Frame {
     /// Errors are typed: [`TransportError::FrameTooLarge`], [`TransportError::MalformedFrame`]
     /// (bad JSON, missing fields, unknown `type`) and [`TransportError::UnsupportedVersion`]
     /// (a hello or welcome with a version this build does not speak).
+    ///
+    /// The `type` tag is read first and the body is then decoded straight into its struct, so
+    /// payloads stay raw JSON text (no intermediate tree).
     pub fn decode(text: &str, max_size: usize) -> Result<Frame, TransportError> {
         if text.len() > max_size {
             return Err(TransportError::FrameTooLarge {
@@ -205,7 +499,32 @@ impl Frame {
                 max: max_size,
             });
         }
-        let frame: Frame = serde_json::from_str(text).map_err(|e| diagnose(text, e))?;
+        #[derive(Deserialize)]
+        struct Tag<'a> {
+            #[serde(rename = "type", borrow)]
+            kind: std::borrow::Cow<'a, str>,
+        }
+        let tag: Tag<'_> = serde_json::from_str(text).map_err(|e| diagnose(text, e))?;
+        fn body<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, TransportError> {
+            serde_json::from_str(text).map_err(|e| diagnose(text, e))
+        }
+        let frame = match tag.kind.as_ref() {
+            "hello" => Frame::Hello(body(text)?),
+            "welcome" => Frame::Welcome(body(text)?),
+            "error" => Frame::Error(body(text)?),
+            "attach" => Frame::Attach(body(text)?),
+            "attached" => Frame::Attached(body(text)?),
+            "detach" => Frame::Detach(body(text)?),
+            "detached" => Frame::Detached(body(text)?),
+            "publish" => Frame::Publish(body(text)?),
+            "ack" => Frame::Ack(body(text)?),
+            "message" => Frame::Message(body(text)?),
+            other => {
+                return Err(TransportError::MalformedFrame {
+                    reason: format!("unknown frame type {other:?}"),
+                })
+            }
+        };
         let version = match &frame {
             Frame::Hello(h) => Some(h.v),
             Frame::Welcome(w) => Some(w.v),
@@ -292,7 +611,19 @@ mod tests {
             client_id: ClientId("c-1".into()),
             token: Some("secret".into()),
             resume: Some(SessionId("s-1".into())),
+            instance: None,
         })
+    }
+
+    fn payload(json: &str) -> Payload {
+        Payload::from_json(json).unwrap()
+    }
+
+    fn position(offset: u64) -> Position {
+        Position {
+            epoch: Epoch("e1".into()),
+            offset: Offset(offset),
+        }
     }
 
     #[test]
@@ -311,11 +642,82 @@ mod tests {
                 category: ErrorCategory::Auth,
                 permanent: true,
                 message: "no".into(),
+                channel: Some("room".into()),
+                seq: Some(3),
+            }),
+            Frame::Attach(Attach {
+                channel: "room".into(),
+                subscribe: false,
+                resume: Some(position(7)),
+            }),
+            Frame::Attached(Attached {
+                channel: "room".into(),
+                epoch: Epoch("e2".into()),
+                head: Offset(40),
+                resumed: false,
+                replay: 10,
+                gap: Some(Gap {
+                    from: position(8),
+                    to: Position {
+                        epoch: Epoch("e2".into()),
+                        offset: Offset(30),
+                    },
+                }),
+            }),
+            Frame::Detach(Detach {
+                channel: "room".into(),
+            }),
+            Frame::Detached(Detached {
+                channel: "room".into(),
+            }),
+            Frame::Publish(Publish {
+                channel: "room".into(),
+                seq: 9,
+                payload: payload(r#"{"text":"hi","n":[1,2]}"#),
+            }),
+            Frame::Ack(Ack {
+                channel: "room".into(),
+                seq: 9,
+                offset: Some(Offset(41)),
+                duplicate: true,
+            }),
+            Frame::Message(Message {
+                channel: "room".into(),
+                epoch: Epoch("e2".into()),
+                offset: Offset(41),
+                payload: payload(r#""just a string""#),
             }),
         ];
         for frame in frames {
             let text = frame.encode();
             assert_eq!(Frame::decode(&text, MAX).unwrap(), frame, "{text}");
+        }
+    }
+
+    #[test]
+    fn payloads_pass_through_byte_for_byte() {
+        let raw = r#"{ "spaced" : [1, 2.50, "x"] }"#;
+        let frame = Frame::Publish(Publish {
+            channel: "c".into(),
+            seq: 1,
+            payload: payload(raw),
+        });
+        let text = frame.encode();
+        assert!(text.contains(raw), "{text}");
+        match Frame::decode(&text, MAX).unwrap() {
+            Frame::Publish(p) => assert_eq!(p.payload.json(), raw),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn attach_defaults_to_subscribing_from_the_head() {
+        match Frame::decode(r#"{"type":"attach","channel":"c"}"#, MAX).unwrap() {
+            Frame::Attach(a) => {
+                assert!(a.subscribe);
+                assert_eq!(a.resume, None);
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -35,6 +35,24 @@ pub struct TransportStatus {
     pub session: Option<SessionId>,
     /// The circuit breaker's position.
     pub breaker: BreakerState,
+    /// Every channel open on the transport, by name.
+    pub channels: Vec<ChannelSummary>,
+}
+
+/// One channel in a status snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChannelSummary {
+    /// Channel name.
+    pub name: String,
+    /// The channel's state (`detached`, `attaching`, `attached`, `suspended`, `failed`,
+    /// `detaching`).
+    pub state: String,
+    /// Published messages not yet acknowledged by the hub.
+    pub queue_depth: usize,
+    /// Bytes of those messages.
+    pub queue_bytes: usize,
+    /// The last delivered position, as `offset@epoch`, if any.
+    pub position: Option<String>,
 }
 
 impl TransportStatus {

@@ -6,6 +6,7 @@
 //! [`ConnectionStateChanged`] to every subscriber. Every timer's `SpawnHandle` is kept and
 //! cancelled on state change and on stop, so a closed transport has nothing left that can fire.
 
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
@@ -15,10 +16,10 @@ use tracing::Instrument as _;
 use crate::config::TransportConfig;
 use crate::error::TransportError;
 use crate::events::{event_channel, EventReceiver, DEFAULT_EVENT_CAPACITY};
-use crate::protocol::{Frame, Hello, SessionId, PROTOCOL_VERSION};
+use crate::protocol::{Frame, Hello, InstanceId, SessionId, PROTOCOL_VERSION};
 use crate::reconnect::{NextStep, ReconnectManager, Stability};
 use crate::state::{ConnectionFsm, ConnectionState, ConnectionStateChanged, TransitionReason};
-use crate::status::{unix_ms, ErrorSummary, TransportStatus};
+use crate::status::{unix_ms, ChannelSummary, ErrorSummary, TransportStatus};
 use crate::telemetry;
 use crate::ws_actor::{CloseConnection, WebSocketActor, WsEvent, WsSettings};
 
@@ -27,9 +28,10 @@ use crate::ws_actor::{CloseConnection, WebSocketActor, WsEvent, WsSettings};
 #[rtype(result = "()")]
 pub struct SubscribeState(pub Recipient<ConnectionStateChanged>);
 
-/// Asks for a [`TransportStatus`] snapshot.
+/// Asks for a [`TransportStatus`] snapshot (without the per-channel part, which
+/// [`Transport::status`] gathers from the channels themselves).
 #[derive(Message)]
-#[rtype(result = "TransportStatus")]
+#[rtype(result = "(TransportStatus, Vec<Recipient<QueryChannel>>)")]
 pub struct GetStatus;
 
 /// Connect now, skipping any scheduled wait (rate-limited).
@@ -41,6 +43,62 @@ pub struct ReconnectNow;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Close;
+
+/// What a transport tells each channel registered on it.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub enum ChannelLink {
+    /// A connection is up (welcome validated): attach and replay now, then answer with
+    /// [`ChannelSynced`].
+    Up {
+        /// Where to send frames.
+        conn: Addr<WebSocketActor>,
+        /// The hub session.
+        session: SessionId,
+        /// Whether the hub resumed the previous session.
+        resumed: bool,
+    },
+    /// The connection is gone; another will follow (or the transport fails).
+    Down(TransportError),
+    /// A frame for this channel arrived.
+    Inbound(Frame),
+    /// The transport was closed; nothing more will come.
+    Closed,
+}
+
+/// Asks a channel for its [`ChannelSummary`] (for [`Transport::status`]).
+#[derive(Debug, Message)]
+#[rtype(result = "ChannelSummary")]
+pub struct QueryChannel;
+
+/// Registers a channel under `name`: it receives its frames and the connection's ups and downs.
+#[derive(Message)]
+#[rtype(result = "Result<(), TransportError>")]
+pub struct RegisterChannel {
+    /// Channel name (unique per transport).
+    pub name: String,
+    /// Where the channel's frames and link events go.
+    pub link: Recipient<ChannelLink>,
+    /// Where to ask for the channel's status.
+    pub status: Recipient<QueryChannel>,
+}
+
+/// Removes a channel registration.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UnregisterChannel {
+    /// Channel name.
+    pub name: String,
+}
+
+/// A channel finished re-attaching after [`ChannelLink::Up`] (attached and replayed, or given
+/// up on this connection). When every channel has, the transport leaves `Syncing`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ChannelSynced {
+    /// Channel name.
+    pub name: String,
+}
 
 /// What `reconnect_now()` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +137,10 @@ pub struct TransportActor {
     last_error: Option<TransportError>,
     connected_since: Option<SystemTime>,
     lost_at: Option<Instant>,
+    instance: InstanceId,
+    channels: HashMap<String, Recipient<ChannelLink>>,
+    channel_status: HashMap<String, Recipient<QueryChannel>>,
+    syncing: HashSet<String>,
     span: tracing::Span,
 }
 
@@ -110,6 +172,10 @@ impl TransportActor {
             last_error: None,
             connected_since: None,
             lost_at: None,
+            instance: InstanceId::random(),
+            channels: HashMap::new(),
+            channel_status: HashMap::new(),
+            syncing: HashSet::new(),
             span,
             config,
         }
@@ -182,6 +248,7 @@ impl TransportActor {
             client_id: self.config.client_id.clone(),
             token: self.config.token.clone(),
             resume: self.session.clone(),
+            instance: Some(self.instance.clone()),
         };
         let settings = WsSettings {
             heartbeat_interval: self.config.heartbeat_interval,
@@ -286,12 +353,43 @@ impl TransportActor {
             metrics::counter!(telemetry::RECONNECTS).increment(1);
         }
         self.ever_connected = true;
-        if let Some(lost) = self.lost_at.take() {
-            metrics::histogram!(telemetry::RECOVERY_SECONDS).record(lost.elapsed().as_secs_f64());
-        }
         self.connected_since = Some(SystemTime::now());
         let window = self.manager.on_connected(Instant::now());
         self.arm_stability(ctx, window);
+        self.resync_channels(attempt, resumed);
+    }
+
+    /// After a (re)connect: every registered channel re-attaches and replays; the connection is
+    /// `Syncing` until all of them report back.
+    fn resync_channels(&mut self, attempt: u32, resumed: bool) {
+        let conn = self.conn.as_ref().and_then(|c| c.addr.clone());
+        let (Some(conn), Some(session)) = (conn, self.session.clone()) else {
+            return;
+        };
+        if self.channels.is_empty() {
+            self.finish_recovery();
+            return;
+        }
+        self.syncing = self.channels.keys().cloned().collect();
+        let reason = TransitionReason::Resyncing {
+            channels: self.syncing.len(),
+        };
+        if !self.transition(ConnectionState::Syncing, reason, attempt, None) {
+            return;
+        }
+        for link in self.channels.values() {
+            link.do_send(ChannelLink::Up {
+                conn: conn.clone(),
+                session: session.clone(),
+                resumed,
+            });
+        }
+    }
+
+    fn finish_recovery(&mut self) {
+        if let Some(lost) = self.lost_at.take() {
+            metrics::histogram!(telemetry::RECOVERY_SECONDS).record(lost.elapsed().as_secs_f64());
+        }
     }
 
     fn arm_stability(&mut self, ctx: &mut Context<Self>, after: Duration) {
@@ -306,6 +404,12 @@ impl TransportActor {
 
     fn on_ended(&mut self, ctx: &mut Context<Self>, error: TransportError, established: bool) {
         self.conn = None;
+        self.syncing.clear();
+        if established {
+            for link in self.channels.values() {
+                link.do_send(ChannelLink::Down(error.clone()));
+            }
+        }
         self.cancel_stability(ctx);
         self.connected_since = None;
         let state = self.fsm.state();
@@ -366,6 +470,7 @@ impl TransportActor {
             ),
             session: self.session.clone(),
             breaker: self.manager.breaker_state(),
+            channels: Vec::new(),
         }
     }
 }
@@ -405,6 +510,15 @@ impl Handler<WsEvent> for TransportActor {
                 self.on_established(ctx, endpoint, welcome.session, welcome.resumed);
             }
             WsEvent::Inbound { conn_id, frame } if Some(conn_id) == current => match frame {
+                frame if frame.channel().is_some() => {
+                    let name = frame.channel().unwrap_or_default();
+                    match self.channels.get(name) {
+                        Some(link) => link.do_send(ChannelLink::Inbound(frame)),
+                        None => {
+                            tracing::debug!(parent: &self.span, channel = name, kind = frame.kind(), "frame for a channel that is not open")
+                        }
+                    }
+                }
                 Frame::Error(err) => {
                     tracing::warn!(parent: &self.span, conn_id, code = %err.code, message = %err.message, "hub reported an error");
                     self.last_error = Some(err.into_error());
@@ -436,7 +550,10 @@ impl Handler<GetStatus> for TransportActor {
     type Result = MessageResult<GetStatus>;
 
     fn handle(&mut self, _: GetStatus, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.status())
+        MessageResult((
+            self.status(),
+            self.channel_status.values().cloned().collect(),
+        ))
     }
 }
 
@@ -477,6 +594,9 @@ impl Handler<Close> for TransportActor {
         if let Some(addr) = self.conn.take().and_then(|c| c.addr) {
             addr.do_send(CloseConnection);
         }
+        for (_, link) in self.channels.drain() {
+            link.do_send(ChannelLink::Closed);
+        }
         let attempt = self.manager.attempt();
         self.transition(
             ConnectionState::Closed,
@@ -485,6 +605,72 @@ impl Handler<Close> for TransportActor {
             None,
         );
         ctx.stop();
+    }
+}
+
+impl Handler<RegisterChannel> for TransportActor {
+    type Result = Result<(), TransportError>;
+
+    fn handle(&mut self, msg: RegisterChannel, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.fsm.state() == ConnectionState::Closed {
+            return Err(TransportError::Closed);
+        }
+        if self.channels.get(&msg.name).is_some_and(|l| l.connected()) {
+            return Err(TransportError::ChannelInUse { channel: msg.name });
+        }
+        // Already connected: the new channel attaches at once (it is not part of a resync).
+        if self.fsm.state().is_up() {
+            if let (Some(conn), Some(session)) = (
+                self.conn.as_ref().and_then(|c| c.addr.clone()),
+                self.session.clone(),
+            ) {
+                msg.link.do_send(ChannelLink::Up {
+                    conn,
+                    session,
+                    resumed: false,
+                });
+            }
+        }
+        self.channel_status.insert(msg.name.clone(), msg.status);
+        self.channels.insert(msg.name, msg.link);
+        Ok(())
+    }
+}
+
+impl Handler<UnregisterChannel> for TransportActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: UnregisterChannel, _ctx: &mut Context<Self>) {
+        self.channels.remove(&msg.name);
+        self.channel_status.remove(&msg.name);
+        self.channel_synced(&msg.name);
+    }
+}
+
+impl Handler<ChannelSynced> for TransportActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ChannelSynced, _ctx: &mut Context<Self>) {
+        self.channel_synced(&msg.name);
+    }
+}
+
+impl TransportActor {
+    fn channel_synced(&mut self, name: &str) {
+        if !self.syncing.remove(name) || !self.syncing.is_empty() {
+            return;
+        }
+        if self.fsm.state() == ConnectionState::Syncing {
+            let attempt = self.manager.attempt();
+            if self.transition(
+                ConnectionState::Connected,
+                TransitionReason::Resynced,
+                attempt,
+                None,
+            ) {
+                self.finish_recovery();
+            }
+        }
     }
 }
 
@@ -532,6 +718,29 @@ impl Transport {
         &self.client_id
     }
 
+    /// Registers a channel on this transport (used by the channels layer).
+    pub async fn register_channel(
+        &self,
+        name: String,
+        link: Recipient<ChannelLink>,
+        status: Recipient<QueryChannel>,
+    ) -> Result<(), TransportError> {
+        self.addr
+            .send(RegisterChannel { name, link, status })
+            .await
+            .map_err(|_| TransportError::Closed)?
+    }
+
+    /// Removes a channel registration.
+    pub fn unregister_channel(&self, name: String) {
+        self.addr.do_send(UnregisterChannel { name });
+    }
+
+    /// Tells the transport that a channel finished re-attaching.
+    pub fn channel_synced(&self, name: String) {
+        self.addr.do_send(ChannelSynced { name });
+    }
+
     /// Subscribes `recipient` to every transition from now on.
     pub fn subscribe(&self, recipient: Recipient<ConnectionStateChanged>) {
         self.addr.do_send(SubscribeState(recipient));
@@ -539,10 +748,16 @@ impl Transport {
 
     /// A status snapshot. Fails only when the transport has been closed.
     pub async fn status(&self) -> Result<TransportStatus, TransportError> {
-        self.addr
+        let (mut status, channels) = self
+            .addr
             .send(GetStatus)
             .await
-            .map_err(|_| TransportError::Closed)
+            .map_err(|_| TransportError::Closed)?;
+        let summaries =
+            futures::future::join_all(channels.iter().map(|c| c.send(QueryChannel))).await;
+        status.channels = summaries.into_iter().filter_map(Result::ok).collect();
+        status.channels.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(status)
     }
 
     /// Connects now instead of waiting for the scheduled attempt. Allowed from `Disconnected`,

@@ -2,6 +2,7 @@
 //! [`HubSession`](session::HubSession) actor per connection), `/health` and `/metrics`.
 
 pub mod auth;
+pub mod handler;
 pub mod session;
 pub mod sessions;
 
@@ -20,6 +21,10 @@ use crate::heartbeat::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_IDLE_TIMEOUT};
 use crate::telemetry;
 
 pub use auth::{AllowAll, AuthRejection, Authenticator, StaticTokens};
+pub use handler::{
+    ConnInfo, ConnectionHandler, FrameRejection, Kick, NoChannels, Outbound, OutboxFull,
+    SessionHandler, SessionOutbox,
+};
 pub use session::{Evict, HubSession};
 pub use sessions::{SessionTable, DEFAULT_SESSION_TTL};
 
@@ -31,6 +36,9 @@ pub const DEFAULT_WS_PATH: &str = "/ws";
 pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default largest frame accepted: 1 MiB.
 pub const DEFAULT_HUB_MAX_FRAME_SIZE: usize = 1024 * 1024;
+
+/// Default capacity of a connection's outbound mailbox: 16,384 frames.
+pub const DEFAULT_OUTBOUND_QUEUE: usize = 16_384;
 
 /// Hub configuration. Build it with [`HubConfig::builder`].
 #[derive(Clone)]
@@ -53,6 +61,11 @@ pub struct HubConfig {
     pub workers: usize,
     /// Decides who may connect.
     pub authenticator: Arc<dyn Authenticator>,
+    /// Serves frames after the handshake (the channels layer). Default [`NoChannels`].
+    pub handler: Arc<dyn SessionHandler>,
+    /// Capacity of each connection's outbound mailbox, in frames. A connection that falls this
+    /// far behind is closed as a slow consumer (it resumes from history when it returns).
+    pub outbound_queue: usize,
 }
 
 impl std::fmt::Debug for HubConfig {
@@ -66,6 +79,7 @@ impl std::fmt::Debug for HubConfig {
             .field("max_frame_size", &self.max_frame_size)
             .field("session_ttl", &self.session_ttl)
             .field("workers", &self.workers)
+            .field("outbound_queue", &self.outbound_queue)
             .finish_non_exhaustive()
     }
 }
@@ -86,6 +100,8 @@ impl HubConfig {
                     .map(usize::from)
                     .unwrap_or(1),
                 authenticator: Arc::new(AllowAll),
+                handler: Arc::new(NoChannels),
+                outbound_queue: DEFAULT_OUTBOUND_QUEUE,
             },
         }
     }
@@ -147,6 +163,19 @@ impl HubConfigBuilder {
         self
     }
 
+    /// The handler for frames after the handshake (the channels layer). Default
+    /// [`NoChannels`].
+    pub fn handler(mut self, handler: Arc<dyn SessionHandler>) -> Self {
+        self.config.handler = handler;
+        self
+    }
+
+    /// Capacity of each connection's outbound mailbox. Default 16,384 frames.
+    pub fn outbound_queue(mut self, frames: usize) -> Self {
+        self.config.outbound_queue = frames;
+        self
+    }
+
     /// Validates and builds.
     pub fn build(self) -> Result<HubConfig, TransportError> {
         let c = &self.config;
@@ -173,6 +202,9 @@ impl HubConfigBuilder {
         }
         if c.max_frame_size < 1024 {
             return invalid("max_frame_size", "must be at least 1024 bytes");
+        }
+        if c.outbound_queue == 0 {
+            return invalid("outbound_queue", "must be at least 1");
         }
         if c.workers == 0 {
             return invalid("workers", "must be at least 1");

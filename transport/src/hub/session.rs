@@ -17,6 +17,7 @@ use actix_web_actors::ws;
 use tokio::time::Instant;
 
 use super::auth::AuthRejection;
+use super::handler::{ConnInfo, ConnectionHandler, FrameRejection, Kick, Outbound, SessionOutbox};
 use super::HubState;
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
@@ -50,6 +51,7 @@ pub struct HubSession {
     session: Option<SessionId>,
     heartbeat: Heartbeat,
     heartbeat_timer: Option<SpawnHandle>,
+    handler: Option<Box<dyn ConnectionHandler>>,
     span: tracing::Span,
 }
 
@@ -76,6 +78,7 @@ pub(crate) fn start(
         client_id: None,
         session: None,
         heartbeat_timer: None,
+        handler: None,
         span,
     };
     let result = ws::WsResponseBuilder::new(session, req, stream)
@@ -97,10 +100,23 @@ impl HubSession {
         code: ws::CloseCode,
     ) {
         tracing::debug!(parent: &self.span, %error, "closing connection");
+        self.send_error(ctx, &error, None);
+        self.close(ctx, code, Some(error.to_string()));
+    }
+
+    fn send_error(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        error: &TransportError,
+        about: Option<(String, Option<u64>)>,
+    ) {
         metrics::counter!(telemetry::HUB_FRAMES_REJECTED, "code" => error.code().to_string())
             .increment(1);
-        ctx.text(Frame::Error(ErrorFrame::from_error(&error)).encode());
-        self.close(ctx, code, Some(error.to_string()));
+        let mut frame = ErrorFrame::from_error(error);
+        if let Some((channel, seq)) = about {
+            frame = frame.about(&channel, seq);
+        }
+        ctx.text(Frame::Error(frame).encode());
     }
 
     fn close(
@@ -162,6 +178,28 @@ impl HubSession {
             (Phase::AwaitingHello, Frame::Hello(hello)) => self.on_hello(ctx, hello),
             (Phase::Open, Frame::Error(err)) => {
                 tracing::warn!(parent: &self.span, code = %err.code, message = %err.message, "client reported an error");
+            }
+            (Phase::Open, frame) if !matches!(frame, Frame::Hello(_) | Frame::Welcome(_)) => {
+                let Some(handler) = self.handler.as_mut() else {
+                    return;
+                };
+                if let Err(FrameRejection {
+                    error,
+                    about,
+                    closes,
+                }) = handler.on_frame(frame)
+                {
+                    if closes {
+                        let code = match error.category() {
+                            crate::error::ErrorCategory::Service => ws::CloseCode::Again,
+                            _ => ws::CloseCode::Policy,
+                        };
+                        self.send_error(ctx, &error, about);
+                        self.close(ctx, code, Some(error.to_string()));
+                    } else {
+                        self.send_error(ctx, &error, about);
+                    }
+                }
             }
             (phase, frame) => {
                 let expected = match phase {
@@ -238,6 +276,18 @@ impl HubSession {
             idle_timeout_ms: self.state.config.idle_timeout.as_millis() as u64,
         });
         ctx.text(welcome.encode());
+        let info = ConnInfo {
+            conn_id: self.conn_id,
+            client_id: hello.client_id.clone(),
+            instance: hello.instance.clone(),
+            session: opened.session.clone(),
+        };
+        let outbox = SessionOutbox::new(
+            self.conn_id,
+            ctx.address().recipient(),
+            ctx.address().recipient(),
+        );
+        self.handler = Some(self.state.config.handler.open(info, outbox));
         self.client_id = Some(hello.client_id);
         self.session = Some(opened.session);
         self.phase = Phase::Open;
@@ -248,6 +298,7 @@ impl Actor for HubSession {
     type Context = ws::WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.state.config.outbound_queue);
         let timeout = self.state.config.hello_timeout;
         ctx.run_later(timeout, move |act, ctx| {
             if matches!(act.phase, Phase::AwaitingHello | Phase::Authenticating) {
@@ -264,6 +315,9 @@ impl Actor for HubSession {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
+        if let Some(mut handler) = self.handler.take() {
+            handler.on_close();
+        }
         if let Some(session) = &self.session {
             self.state
                 .sessions()
@@ -324,5 +378,31 @@ impl Handler<Evict> for HubSession {
             ws::CloseCode::Other(CLOSE_SESSION_TAKEN_OVER),
             Some("session resumed on another connection".into()),
         );
+    }
+}
+
+impl Handler<Outbound> for HubSession {
+    type Result = ();
+
+    fn handle(&mut self, out: Outbound, ctx: &mut Self::Context) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        if let Some(handler) = self.handler.as_mut() {
+            handler.on_outbound(&out);
+        }
+        ctx.text(out.text);
+    }
+}
+
+impl Handler<Kick> for HubSession {
+    type Result = ();
+
+    fn handle(&mut self, Kick(error): Kick, ctx: &mut Self::Context) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        tracing::info!(parent: &self.span, %error, "closing connection");
+        self.fail(ctx, error, ws::CloseCode::Again);
     }
 }

@@ -1,0 +1,152 @@
+//! The hub's extension point for frames beyond the handshake: the channels layer plugs in here.
+//!
+//! A [`SessionHandler`] is shared by the whole hub; for each connection that completes its
+//! handshake it opens one [`ConnectionHandler`], which lives inside that connection's session
+//! actor and sees every later frame in order. Frames go back through the connection's
+//! [`SessionOutbox`], whose mailbox is bounded: a connection that cannot keep up is closed
+//! (it resumes from history when it returns), never allowed to grow the hub's memory.
+
+use actix::{Message, Recipient};
+use bytestring::ByteString;
+
+use crate::error::TransportError;
+use crate::protocol::{ClientId, Frame, InstanceId, SessionId};
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// Hub-unique id of this physical connection.
+    pub conn_id: u64,
+    /// The client's id from its hello.
+    pub client_id: ClientId,
+    /// The client's instance id from its hello (required for publishing).
+    pub instance: Option<InstanceId>,
+    /// The session this connection owns.
+    pub session: SessionId,
+}
+
+/// An encoded frame for a connection (encoded once, possibly shared by many connections).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Outbound {
+    /// The frame's JSON text.
+    pub text: ByteString,
+    /// Whether this frame answers a publish (ack or publish error), for in-flight accounting.
+    pub completes_publish: bool,
+}
+
+/// Closes a connection with a typed error (slow consumer, overload).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Kick(pub TransportError);
+
+/// The sending side of one connection.
+#[derive(Clone)]
+pub struct SessionOutbox {
+    conn_id: u64,
+    frames: Recipient<Outbound>,
+    kick: Recipient<Kick>,
+}
+
+/// The connection's outbound mailbox is full: it is not reading fast enough.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxFull;
+
+impl SessionOutbox {
+    /// An outbox over a session actor's recipients.
+    pub fn new(conn_id: u64, frames: Recipient<Outbound>, kick: Recipient<Kick>) -> Self {
+        SessionOutbox {
+            conn_id,
+            frames,
+            kick,
+        }
+    }
+
+    /// The connection this outbox writes to.
+    pub fn conn_id(&self) -> u64 {
+        self.conn_id
+    }
+
+    /// Queues a frame. `Err(OutboxFull)` when the connection's bounded mailbox is full; the
+    /// caller should [`SessionOutbox::kick`] it. A closed connection is not an error: there is
+    /// nobody left to tell.
+    pub fn send(&self, out: Outbound) -> Result<(), OutboxFull> {
+        match self.frames.try_send(out) {
+            Ok(()) | Err(actix::dev::SendError::Closed(_)) => Ok(()),
+            Err(actix::dev::SendError::Full(_)) => Err(OutboxFull),
+        }
+    }
+
+    /// Closes the connection with `error` (sent as an error frame first).
+    pub fn kick(&self, error: TransportError) {
+        self.kick.do_send(Kick(error));
+    }
+
+    /// Whether the connection is still open.
+    pub fn is_open(&self) -> bool {
+        self.frames.connected()
+    }
+}
+
+impl std::fmt::Debug for SessionOutbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionOutbox")
+            .field("conn_id", &self.conn_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves the frames of every connection of a hub. Implemented by the channels layer.
+pub trait SessionHandler: Send + Sync + 'static {
+    /// A connection completed its handshake: returns the handler for its frames.
+    fn open(&self, conn: ConnInfo, outbox: SessionOutbox) -> Box<dyn ConnectionHandler>;
+}
+
+/// Serves one connection's frames, in order, on the connection's own actor.
+pub trait ConnectionHandler: 'static {
+    /// A frame other than the handshake arrived. An error is sent to the client as an error
+    /// frame and, when permanent for the connection (`closes` true), the connection is closed.
+    fn on_frame(&mut self, frame: Frame) -> Result<(), FrameRejection>;
+
+    /// A frame is about to be written to the client.
+    fn on_outbound(&mut self, _out: &Outbound) {}
+
+    /// The connection is gone.
+    fn on_close(&mut self);
+}
+
+/// Why a frame was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameRejection {
+    /// The error, sent as an error frame.
+    pub error: TransportError,
+    /// The channel and publish sequence it concerns, echoed in the error frame.
+    pub about: Option<(String, Option<u64>)>,
+    /// Whether the connection must be closed after it.
+    pub closes: bool,
+}
+
+/// The handler of a hub that serves no channels: every channel frame is refused.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoChannels;
+
+impl SessionHandler for NoChannels {
+    fn open(&self, _conn: ConnInfo, _outbox: SessionOutbox) -> Box<dyn ConnectionHandler> {
+        Box::new(NoChannels)
+    }
+}
+
+impl ConnectionHandler for NoChannels {
+    fn on_frame(&mut self, frame: Frame) -> Result<(), FrameRejection> {
+        Err(FrameRejection {
+            error: TransportError::UnexpectedFrame {
+                expected: "no channel frames (this hub serves no channels)",
+                got: frame.kind().to_owned(),
+            },
+            about: None,
+            closes: true,
+        })
+    }
+
+    fn on_close(&mut self) {}
+}
