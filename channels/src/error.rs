@@ -1,0 +1,156 @@
+//! The crate's one error type, [`ChannelError`].
+
+use tether_transport::{ErrorCategory, TransportError};
+
+/// Everything that can go wrong with a channel. Each variant says whether retrying can help
+/// ([`ChannelError::is_permanent`]) and what it is about ([`ChannelError::category`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChannelError {
+    /// The bounded publish buffer is full (count or bytes). Retryable once acks drain it.
+    #[error("channel {channel:?}: publish queue full ({messages} messages, {bytes} bytes queued)")]
+    QueueFull {
+        /// The channel.
+        channel: String,
+        /// Messages queued.
+        messages: usize,
+        /// Bytes queued.
+        bytes: usize,
+    },
+    /// One payload exceeds the channel's maximum message size. Permanent for that message.
+    #[error("channel {channel:?}: payload of {size} bytes exceeds the maximum of {max}")]
+    PayloadTooLarge {
+        /// The channel.
+        channel: String,
+        /// The payload's size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The channel failed permanently (for example, not authorized). Its pending publishes are
+    /// failed with this error too.
+    #[error("channel {channel:?} failed: {cause}")]
+    Failed {
+        /// The channel.
+        channel: String,
+        /// What the hub (or the transport) said.
+        cause: TransportError,
+    },
+    /// The hub refused this one publish permanently.
+    #[error("channel {channel:?}: publish {seq} rejected: {cause}")]
+    Rejected {
+        /// The channel.
+        channel: String,
+        /// The publish's sequence number.
+        seq: u64,
+        /// What the hub said.
+        cause: TransportError,
+    },
+    /// The channel was detached by the application before the publish was acknowledged.
+    #[error("channel {channel:?} was detached")]
+    Detached {
+        /// The channel.
+        channel: String,
+    },
+    /// The transport was closed.
+    #[error("transport closed")]
+    TransportClosed,
+    /// The channel name is invalid.
+    #[error("invalid channel name {channel:?}: {reason}")]
+    InvalidName {
+        /// The name given.
+        channel: String,
+        /// Why it is invalid.
+        reason: &'static str,
+    },
+    /// A transport-level error (registration, payload encoding).
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+impl ChannelError {
+    /// `true` when retrying the same operation cannot succeed.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ChannelError::QueueFull { .. } => false,
+            ChannelError::PayloadTooLarge { .. }
+            | ChannelError::Failed { .. }
+            | ChannelError::Rejected { .. }
+            | ChannelError::Detached { .. }
+            | ChannelError::TransportClosed
+            | ChannelError::InvalidName { .. } => true,
+            ChannelError::Transport(e) => e.is_permanent(),
+        }
+    }
+
+    /// The category this error belongs to.
+    pub fn category(&self) -> ErrorCategory {
+        match self {
+            ChannelError::QueueFull { .. } | ChannelError::TransportClosed => {
+                ErrorCategory::Service
+            }
+            ChannelError::PayloadTooLarge { .. } => ErrorCategory::Protocol,
+            ChannelError::Failed { cause, .. } | ChannelError::Rejected { cause, .. } => {
+                cause.category()
+            }
+            ChannelError::Detached { .. } | ChannelError::InvalidName { .. } => {
+                ErrorCategory::Subscription
+            }
+            ChannelError::Transport(e) => e.category(),
+        }
+    }
+}
+
+/// Checks a channel name: 1–256 bytes, no control characters.
+pub fn validate_name(name: &str) -> Result<(), ChannelError> {
+    let reason = if name.is_empty() {
+        Some("empty")
+    } else if name.len() > MAX_CHANNEL_NAME {
+        Some("longer than 256 bytes")
+    } else if name.chars().any(char::is_control) {
+        Some("contains control characters")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(ChannelError::InvalidName {
+            channel: name.chars().take(64).collect(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Longest channel name accepted, in bytes.
+pub const MAX_CHANNEL_NAME: usize = 256;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("room-1/α").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("a\nb").is_err());
+        assert!(validate_name(&"x".repeat(257)).is_err());
+    }
+
+    #[test]
+    fn queue_full_is_retryable_failed_is_not() {
+        let full = ChannelError::QueueFull {
+            channel: "c".into(),
+            messages: 1,
+            bytes: 1,
+        };
+        assert!(!full.is_permanent());
+        let failed = ChannelError::Failed {
+            channel: "c".into(),
+            cause: TransportError::AuthRejected {
+                message: "no".into(),
+            },
+        };
+        assert!(failed.is_permanent());
+        assert_eq!(failed.category(), ErrorCategory::Auth);
+    }
+}

@@ -1,0 +1,461 @@
+//! The hub's channel service: the [`SessionHandler`] that plugs channels into a hub, the
+//! registry of [`HubChannel`] actors, and per-channel authorization.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use tether_transport::hub::{
+    ConnInfo, ConnectionHandler, FrameRejection, Outbound, SessionHandler, SessionOutbox,
+};
+use tether_transport::protocol::{Detached, ErrorCode, Frame};
+use tether_transport::{ErrorCategory, TransportError};
+
+use super::history::{HistoryFactory, MemoryHistoryFactory, Retention};
+use super::hub_channel::{HubChannel, PublishCommand, Subscribe, Unsubscribe};
+use super::log::{
+    ChannelLog, DedupeTable, ProducerKey, DEFAULT_DEDUPE_WINDOW, DEFAULT_MAX_PRODUCERS,
+    DEFAULT_PRODUCER_TTL,
+};
+use crate::error::validate_name;
+
+/// Default most channels one hub holds: 100,000.
+pub const DEFAULT_MAX_CHANNELS: usize = 100_000;
+/// Default most publishes one connection may have awaiting their ack: 65,536.
+pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: usize = 65_536;
+/// Default capacity of a channel actor's mailbox: 65,536 commands.
+pub const DEFAULT_CHANNEL_MAILBOX: usize = 65_536;
+
+/// Decides whether a connection may attach to a channel (`subscribe` false: publish only).
+/// Runs on the connection's worker for every attach: keep it fast.
+pub trait ChannelAuthorizer: Send + Sync + 'static {
+    /// `Err(reason)` refuses with a permanent `not_authorized` error for that channel only.
+    fn authorize(&self, conn: &ConnInfo, channel: &str, subscribe: bool) -> Result<(), String>;
+}
+
+impl<F> ChannelAuthorizer for F
+where
+    F: Fn(&ConnInfo, &str, bool) -> Result<(), String> + Send + Sync + 'static,
+{
+    fn authorize(&self, conn: &ConnInfo, channel: &str, subscribe: bool) -> Result<(), String> {
+        self(conn, channel, subscribe)
+    }
+}
+
+/// Lets every connection attach to every channel. The default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllowAllChannels;
+
+impl ChannelAuthorizer for AllowAllChannels {
+    fn authorize(&self, _: &ConnInfo, _: &str, _: bool) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Builder for a [`ChannelService`].
+pub struct ChannelServiceBuilder {
+    retention: Retention,
+    history: Option<Arc<dyn HistoryFactory>>,
+    authorizer: Arc<dyn ChannelAuthorizer>,
+    max_channels: usize,
+    max_in_flight_per_connection: usize,
+    channel_mailbox: usize,
+    dedupe_window: usize,
+    max_producers: usize,
+    producer_ttl: Duration,
+    threads: usize,
+}
+
+impl ChannelServiceBuilder {
+    /// History retention of the default in-memory store. Default: 1000 messages, 24 h, 64 MiB.
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// A different history store. Default: in memory, with [`Self::retention`].
+    pub fn history(mut self, factory: Arc<dyn HistoryFactory>) -> Self {
+        self.history = Some(factory);
+        self
+    }
+
+    /// Per-channel authorization. Default [`AllowAllChannels`].
+    pub fn authorizer(mut self, authorizer: impl ChannelAuthorizer) -> Self {
+        self.authorizer = Arc::new(authorizer);
+        self
+    }
+
+    /// Most channels. Default 100,000.
+    pub fn max_channels(mut self, n: usize) -> Self {
+        self.max_channels = n;
+        self
+    }
+
+    /// Most unacknowledged publishes per connection before it is closed. Default 65,536.
+    pub fn max_in_flight_per_connection(mut self, n: usize) -> Self {
+        self.max_in_flight_per_connection = n;
+        self
+    }
+
+    /// Recent `(seq, offset)` pairs remembered per producer, to re-ack replays with their
+    /// original offset. Default 1024.
+    pub fn dedupe_window(mut self, n: usize) -> Self {
+        self.dedupe_window = n;
+        self
+    }
+
+    /// Threads that run channel actors. Default 1.
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = n;
+        self
+    }
+
+    /// Validates and starts the service's threads. Call inside an actix system.
+    pub fn build(self) -> Result<ChannelService, TransportError> {
+        let invalid = |field: &'static str| {
+            Err(TransportError::InvalidConfig {
+                field,
+                reason: "must be at least 1".into(),
+            })
+        };
+        if self.max_channels == 0 {
+            return invalid("max_channels");
+        }
+        if self.max_in_flight_per_connection == 0 {
+            return invalid("max_in_flight_per_connection");
+        }
+        if self.threads == 0 {
+            return invalid("threads");
+        }
+        if self.retention.max_messages == 0 {
+            return invalid("retention.max_messages");
+        }
+        let history = self.history.unwrap_or_else(|| {
+            Arc::new(MemoryHistoryFactory {
+                retention: self.retention,
+            })
+        });
+        let arbiters = (0..self.threads).map(|_| Arbiter::new()).collect();
+        Ok(ChannelService {
+            inner: Arc::new(Inner {
+                channels: Mutex::new(HashMap::new()),
+                arbiters,
+                history,
+                authorizer: self.authorizer,
+                max_channels: self.max_channels,
+                max_in_flight: self.max_in_flight_per_connection,
+                channel_mailbox: self.channel_mailbox,
+                dedupe_window: self.dedupe_window,
+                max_producers: self.max_producers,
+                producer_ttl: self.producer_ttl,
+            }),
+        })
+    }
+}
+
+struct Inner {
+    channels: Mutex<HashMap<String, Addr<HubChannel>>>,
+    arbiters: Vec<Arbiter>,
+    history: Arc<dyn HistoryFactory>,
+    authorizer: Arc<dyn ChannelAuthorizer>,
+    max_channels: usize,
+    max_in_flight: usize,
+    channel_mailbox: usize,
+    dedupe_window: usize,
+    max_producers: usize,
+    producer_ttl: Duration,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+    }
+}
+
+impl Inner {
+    fn channel(&self, name: &str) -> Result<Addr<HubChannel>, TransportError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(addr) = channels.get(name) {
+            if addr.connected() {
+                return Ok(addr.clone());
+            }
+        }
+        if channels.len() >= self.max_channels && !channels.contains_key(name) {
+            return Err(refusal(
+                ErrorCode::Overloaded,
+                ErrorCategory::Service,
+                false,
+                format!(
+                    "the hub holds its maximum of {} channels",
+                    self.max_channels
+                ),
+            ));
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut hasher);
+        let arbiter = &self.arbiters[(hasher.finish() as usize) % self.arbiters.len()];
+        let log = ChannelLog::new(
+            name,
+            self.history.create(name),
+            DedupeTable::new(self.dedupe_window, self.max_producers, self.producer_ttl),
+        );
+        let mailbox = self.channel_mailbox;
+        let addr = HubChannel::start_in_arbiter(&arbiter.handle(), move |ctx| {
+            ctx.set_mailbox_capacity(mailbox);
+            HubChannel::new(log)
+        });
+        channels.insert(name.to_owned(), addr.clone());
+        Ok(addr)
+    }
+}
+
+/// Serves channels on a hub: install it with
+/// `HubConfig::builder().handler(Arc::new(service))`.
+#[derive(Clone)]
+pub struct ChannelService {
+    inner: Arc<Inner>,
+}
+
+impl ChannelService {
+    /// A builder with the documented defaults.
+    pub fn builder() -> ChannelServiceBuilder {
+        ChannelServiceBuilder {
+            retention: Retention::default(),
+            history: None,
+            authorizer: Arc::new(AllowAllChannels),
+            max_channels: DEFAULT_MAX_CHANNELS,
+            max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
+            channel_mailbox: DEFAULT_CHANNEL_MAILBOX,
+            dedupe_window: DEFAULT_DEDUPE_WINDOW,
+            max_producers: DEFAULT_MAX_PRODUCERS,
+            producer_ttl: DEFAULT_PRODUCER_TTL,
+            threads: 1,
+        }
+    }
+
+    /// Number of channels that exist on the hub.
+    pub fn channel_count(&self) -> usize {
+        self.inner
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+impl std::fmt::Debug for ChannelService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelService")
+            .field("channels", &self.channel_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionHandler for ChannelService {
+    fn open(&self, conn: ConnInfo, outbox: SessionOutbox) -> Box<dyn ConnectionHandler> {
+        let producer = conn
+            .instance
+            .as_ref()
+            .map(|i| ProducerKey(format!("{}/{}", conn.client_id, i)));
+        Box::new(ConnHandler {
+            conn,
+            outbox,
+            inner: self.inner.clone(),
+            attached: HashMap::new(),
+            in_flight: 0,
+            producer,
+        })
+    }
+}
+
+fn refusal(
+    code: ErrorCode,
+    category: ErrorCategory,
+    permanent: bool,
+    message: String,
+) -> TransportError {
+    TransportError::Remote {
+        code,
+        category,
+        permanent,
+        message,
+    }
+}
+
+/// The channel side of one hub connection.
+struct ConnHandler {
+    conn: ConnInfo,
+    outbox: SessionOutbox,
+    inner: Arc<Inner>,
+    attached: HashMap<String, Addr<HubChannel>>,
+    in_flight: usize,
+    producer: Option<ProducerKey>,
+}
+
+impl ConnHandler {
+    fn reject(
+        error: TransportError,
+        channel: &str,
+        seq: Option<u64>,
+        closes: bool,
+    ) -> FrameRejection {
+        FrameRejection {
+            error,
+            about: Some((channel.to_owned(), seq)),
+            closes,
+        }
+    }
+
+    fn overloaded(channel: &str, seq: Option<u64>) -> FrameRejection {
+        Self::reject(
+            refusal(
+                ErrorCode::Overloaded,
+                ErrorCategory::Service,
+                false,
+                "channel is overloaded; reconnect and retry".into(),
+            ),
+            channel,
+            seq,
+            true,
+        )
+    }
+}
+
+impl ConnectionHandler for ConnHandler {
+    fn on_frame(&mut self, frame: Frame) -> Result<(), FrameRejection> {
+        match frame {
+            Frame::Attach(attach) => {
+                let name = attach.channel;
+                if let Err(e) = validate_name(&name) {
+                    let error = refusal(
+                        ErrorCode::InvalidChannel,
+                        ErrorCategory::Subscription,
+                        true,
+                        e.to_string(),
+                    );
+                    return Err(Self::reject(error, &name, None, false));
+                }
+                if let Err(reason) =
+                    self.inner
+                        .authorizer
+                        .authorize(&self.conn, &name, attach.subscribe)
+                {
+                    let error = refusal(
+                        ErrorCode::NotAuthorized,
+                        ErrorCategory::Subscription,
+                        true,
+                        reason,
+                    );
+                    return Err(Self::reject(error, &name, None, false));
+                }
+                let channel = self
+                    .inner
+                    .channel(&name)
+                    .map_err(|e| Self::reject(e, &name, None, false))?;
+                let subscribe = Subscribe {
+                    conn_id: self.conn.conn_id,
+                    outbox: self.outbox.clone(),
+                    resume: attach.resume,
+                    subscribe: attach.subscribe,
+                };
+                channel
+                    .try_send(subscribe)
+                    .map_err(|_| Self::overloaded(&name, None))?;
+                self.attached.insert(name, channel);
+                Ok(())
+            }
+            Frame::Detach(detach) => {
+                match self.attached.remove(&detach.channel) {
+                    Some(channel) => channel.do_send(Unsubscribe {
+                        conn_id: self.conn.conn_id,
+                        reply: Some(self.outbox.clone()),
+                    }),
+                    None => {
+                        // Detaching what is not attached is already done.
+                        let text = Frame::Detached(Detached {
+                            channel: detach.channel,
+                        })
+                        .encode();
+                        let _ = self.outbox.send(Outbound {
+                            text: text.into(),
+                            completes_publish: false,
+                        });
+                    }
+                }
+                Ok(())
+            }
+            Frame::Publish(publish) => {
+                let name = publish.channel;
+                let seq = publish.seq;
+                let Some(channel) = self.attached.get(&name) else {
+                    let error = refusal(
+                        ErrorCode::NotAttached,
+                        ErrorCategory::Subscription,
+                        true,
+                        "attach before publishing".into(),
+                    );
+                    return Err(Self::reject(error, &name, Some(seq), false));
+                };
+                let Some(producer) = self.producer.clone() else {
+                    let error = refusal(
+                        ErrorCode::UnexpectedFrame,
+                        ErrorCategory::Protocol,
+                        true,
+                        "publishing requires an instance id in the hello".into(),
+                    );
+                    return Err(Self::reject(error, &name, Some(seq), false));
+                };
+                if self.in_flight >= self.inner.max_in_flight {
+                    let error = refusal(
+                        ErrorCode::RateLimited,
+                        ErrorCategory::Service,
+                        false,
+                        format!(
+                            "more than {} publishes awaiting acks",
+                            self.inner.max_in_flight
+                        ),
+                    );
+                    return Err(Self::reject(error, &name, Some(seq), true));
+                }
+                let command = PublishCommand {
+                    producer,
+                    seq,
+                    payload: publish.payload,
+                    reply: self.outbox.clone(),
+                };
+                channel
+                    .try_send(command)
+                    .map_err(|_| Self::overloaded(&name, Some(seq)))?;
+                self.in_flight += 1;
+                Ok(())
+            }
+            other => Err(FrameRejection {
+                error: TransportError::UnexpectedFrame {
+                    expected: "attach, detach or publish",
+                    got: other.kind().to_owned(),
+                },
+                about: None,
+                closes: true,
+            }),
+        }
+    }
+
+    fn on_outbound(&mut self, out: &Outbound) {
+        if out.completes_publish {
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
+    }
+
+    fn on_close(&mut self) {
+        for (_, channel) in self.attached.drain() {
+            channel.do_send(Unsubscribe {
+                conn_id: self.conn.conn_id,
+                reply: None,
+            });
+        }
+    }
+}

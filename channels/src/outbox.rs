@@ -1,0 +1,358 @@
+//! A channel's outgoing buffer: every published message keeps its sequence number and stays
+//! here until the hub acknowledges it. Pure — the ChannelActor drives it.
+//!
+//! Invariants:
+//! * sequence numbers start at 1 and increase by one per accepted publish;
+//! * the queue is in sequence order, and entries `[0, first_unsent)` are in flight, the rest
+//!   unsent, so sends (and replays after a reconnect) always go out in original order, before
+//!   anything newer;
+//! * it is bounded by count and bytes; a publish beyond either is refused, never dropped;
+//! * at most `max_in_flight` entries are unacknowledged on the wire at once (flow control).
+
+use std::collections::VecDeque;
+
+use tether_transport::protocol::Payload;
+use tokio::time::Instant;
+
+/// Default bound on queued (unacknowledged) messages per channel: 10,000.
+pub const DEFAULT_MAX_QUEUED: usize = 10_000;
+/// Default bound on queued bytes per channel: 16 MiB.
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 16 * 1024 * 1024;
+/// Default bound on messages on the wire awaiting their ack, per channel: 256.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+
+/// The bounds of an [`OutgoingBuffer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferLimits {
+    /// Most messages queued. Default [`DEFAULT_MAX_QUEUED`].
+    pub max_messages: usize,
+    /// Most payload bytes queued. Default [`DEFAULT_MAX_QUEUED_BYTES`].
+    pub max_bytes: usize,
+    /// Most messages in flight. Default [`DEFAULT_MAX_IN_FLIGHT`].
+    pub max_in_flight: usize,
+}
+
+impl Default for BufferLimits {
+    fn default() -> Self {
+        BufferLimits {
+            max_messages: DEFAULT_MAX_QUEUED,
+            max_bytes: DEFAULT_MAX_QUEUED_BYTES,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+}
+
+/// One queued publish. `R` is whatever answers the publisher (a oneshot sender in the actor).
+#[derive(Debug)]
+pub struct Pending<R> {
+    /// Its sequence number.
+    pub seq: u64,
+    /// The message.
+    pub payload: Payload,
+    /// Who to tell when it is acknowledged or refused.
+    pub responder: R,
+    /// When it was accepted (for publish-to-ack latency).
+    pub accepted_at: Instant,
+    /// How many times it has been sent (more than once = replayed).
+    pub sends: u32,
+}
+
+/// The buffer refused a publish; the responder comes back so the caller can answer it.
+#[derive(Debug)]
+pub struct Refused<R> {
+    /// The responder of the refused publish.
+    pub responder: R,
+    /// Messages queued at the time.
+    pub messages: usize,
+    /// Bytes queued at the time.
+    pub bytes: usize,
+}
+
+/// A channel's outgoing buffer.
+#[derive(Debug)]
+pub struct OutgoingBuffer<R> {
+    limits: BufferLimits,
+    next_seq: u64,
+    queue: VecDeque<Pending<R>>,
+    first_unsent: usize,
+    bytes: usize,
+}
+
+impl<R> OutgoingBuffer<R> {
+    /// An empty buffer; the first publish gets sequence 1.
+    pub fn new(limits: BufferLimits) -> Self {
+        OutgoingBuffer {
+            limits,
+            next_seq: 1,
+            queue: VecDeque::new(),
+            first_unsent: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Queues a publish and returns its sequence number, or refuses it when full.
+    pub fn push(
+        &mut self,
+        payload: Payload,
+        responder: R,
+        now: Instant,
+    ) -> Result<u64, Refused<R>> {
+        let size = payload.len();
+        if self.queue.len() >= self.limits.max_messages
+            || self.bytes.saturating_add(size) > self.limits.max_bytes
+        {
+            return Err(Refused {
+                responder,
+                messages: self.queue.len(),
+                bytes: self.bytes,
+            });
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.bytes += size;
+        self.queue.push_back(Pending {
+            seq,
+            payload,
+            responder,
+            accepted_at: now,
+            sends: 0,
+        });
+        Ok(seq)
+    }
+
+    /// The next message to put on the wire, if the in-flight window allows one: always the
+    /// oldest unsent. Marks it in flight.
+    pub fn next_to_send(&mut self) -> Option<&Pending<R>> {
+        if self.first_unsent >= self.queue.len() || self.first_unsent >= self.limits.max_in_flight {
+            return None;
+        }
+        let entry = &mut self.queue[self.first_unsent];
+        entry.sends += 1;
+        self.first_unsent += 1;
+        Some(&self.queue[self.first_unsent - 1])
+    }
+
+    /// The hub acknowledged `seq`: removes and returns it (`None` for an unknown or repeated ack).
+    pub fn ack(&mut self, seq: u64) -> Option<Pending<R>> {
+        self.remove(seq)
+    }
+
+    /// The hub refused `seq` permanently: removes and returns it.
+    pub fn reject(&mut self, seq: u64) -> Option<Pending<R>> {
+        self.remove(seq)
+    }
+
+    /// The connection is gone: everything in flight becomes unsent again, in order.
+    pub fn on_disconnect(&mut self) {
+        self.first_unsent = 0;
+    }
+
+    /// Empties the buffer (the channel failed or closed) so every publisher can be answered.
+    pub fn drain(&mut self) -> Vec<Pending<R>> {
+        self.first_unsent = 0;
+        self.bytes = 0;
+        self.queue.drain(..).collect()
+    }
+
+    /// Messages queued (in flight + unsent).
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Payload bytes queued.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Messages on the wire awaiting their ack.
+    pub fn in_flight(&self) -> usize {
+        self.first_unsent
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<Pending<R>> {
+        let index = self.queue.binary_search_by_key(&seq, |p| p.seq).ok()?;
+        if index >= self.first_unsent {
+            // Not on the wire on this connection: an ack from an earlier connection arriving
+            // late is still a valid ack, so accept it.
+        } else {
+            self.first_unsent -= 1;
+        }
+        let entry = self.queue.remove(index)?;
+        self.bytes -= entry.payload.len();
+        Some(entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn p(n: u64) -> Payload {
+        Payload::from_json(&n.to_string()).unwrap()
+    }
+
+    fn buffer(max_messages: usize, max_in_flight: usize) -> OutgoingBuffer<u64> {
+        OutgoingBuffer::new(BufferLimits {
+            max_messages,
+            max_bytes: usize::MAX,
+            max_in_flight,
+        })
+    }
+
+    fn send_all(b: &mut OutgoingBuffer<u64>) -> Vec<u64> {
+        std::iter::from_fn(|| b.next_to_send().map(|p| p.seq)).collect()
+    }
+
+    #[test]
+    fn sequences_start_at_one_and_sends_go_in_order() {
+        let mut b = buffer(10, 10);
+        let now = Instant::now();
+        for i in 1..=3 {
+            assert_eq!(b.push(p(i), i, now).unwrap(), i);
+        }
+        assert_eq!(send_all(&mut b), [1, 2, 3]);
+        assert_eq!(b.in_flight(), 3);
+        assert_eq!(b.ack(1).unwrap().responder, 1);
+        assert!(b.ack(1).is_none());
+        assert_eq!(b.len(), 2);
+    }
+
+    #[test]
+    fn a_reconnect_replays_unacked_before_new_ones() {
+        let mut b = buffer(10, 10);
+        let now = Instant::now();
+        for i in 1..=3 {
+            b.push(p(i), i, now).unwrap();
+        }
+        send_all(&mut b);
+        b.ack(1);
+        b.on_disconnect();
+        b.push(p(4), 4, now).unwrap();
+        assert_eq!(send_all(&mut b), [2, 3, 4]);
+        let replayed: Vec<_> = b.queue.iter().map(|p| p.sends).collect();
+        assert_eq!(replayed, [2, 2, 1]);
+    }
+
+    #[test]
+    fn the_in_flight_window_holds_back_the_rest() {
+        let mut b = buffer(10, 2);
+        let now = Instant::now();
+        for i in 1..=5 {
+            b.push(p(i), i, now).unwrap();
+        }
+        assert_eq!(send_all(&mut b), [1, 2]);
+        b.ack(1);
+        assert_eq!(send_all(&mut b), [3]);
+    }
+
+    #[test]
+    fn bounded_by_count_and_bytes() {
+        let now = Instant::now();
+        let mut b = buffer(2, 10);
+        b.push(p(1), 1, now).unwrap();
+        b.push(p(2), 2, now).unwrap();
+        let refused = b.push(p(3), 3, now).unwrap_err();
+        assert_eq!((refused.responder, refused.messages), (3, 2));
+
+        let mut b = OutgoingBuffer::new(BufferLimits {
+            max_messages: 100,
+            max_bytes: 3,
+            max_in_flight: 10,
+        });
+        b.push(p(10), 1, now).unwrap(); // "10": 2 bytes
+        assert!(b.push(p(10), 2, now).is_err());
+        assert_eq!(b.bytes(), 2);
+        b.ack(1);
+        assert_eq!(b.bytes(), 0);
+        assert!(b.push(p(10), 2, now).is_ok());
+    }
+
+    #[test]
+    fn a_late_ack_from_an_old_connection_is_honoured() {
+        let mut b = buffer(10, 10);
+        let now = Instant::now();
+        b.push(p(1), 1, now).unwrap();
+        b.push(p(2), 2, now).unwrap();
+        send_all(&mut b);
+        b.on_disconnect();
+        assert!(b.ack(2).is_some());
+        assert_eq!(send_all(&mut b), [1]);
+    }
+
+    /// What the wire does to one frame.
+    #[derive(Debug, Clone, Copy)]
+    enum Fate {
+        Delivered,
+        LostBeforeHub,
+        AckLost,
+    }
+
+    proptest! {
+        /// Any interleaving of publishes, losses and reconnects ends with every message stored
+        /// exactly once, in publish order, and every publisher answered.
+        #[test]
+        fn exactly_once_in_order_under_any_losses(
+            publishes in 1usize..60,
+            fates in proptest::collection::vec(
+                prop_oneof![
+                    6 => Just(Fate::Delivered),
+                    1 => Just(Fate::LostBeforeHub),
+                    1 => Just(Fate::AckLost),
+                ],
+                1..400,
+            ),
+            window in 1usize..8,
+        ) {
+            use crate::hub::history::{MemoryHistory, Retention};
+            use crate::hub::log::{ChannelLog, DedupeTable, ProducerKey, PublishOutcome};
+
+            let now = Instant::now();
+            let mut hub = ChannelLog::new(
+                "c",
+                Box::new(MemoryHistory::new(Retention { max_messages: 10_000, ..Retention::default() })),
+                DedupeTable::new(1024, 10, std::time::Duration::from_secs(60)),
+            );
+            let producer = ProducerKey("client/instance".into());
+            let mut b = buffer(1000, window);
+            let mut answered = Vec::new();
+            for i in 1..=publishes as u64 {
+                b.push(p(i), i, now).unwrap();
+            }
+            let mut fates = fates.into_iter().cycle().take(20_000);
+            while !b.is_empty() {
+                let mut wire = Vec::new();
+                while let Some(entry) = b.next_to_send() {
+                    wire.push((entry.seq, entry.payload.clone()));
+                }
+                let mut cut = false;
+                for (seq, payload) in wire {
+                    match fates.next().unwrap_or(Fate::Delivered) {
+                        Fate::LostBeforeHub => { cut = true; break; }
+                        fate => {
+                            let outcome = hub.publish(&producer, seq, &payload, now);
+                            if let PublishOutcome::Stored { offset, .. } = outcome {
+                                prop_assert_eq!(offset.0, seq, "stored out of order");
+                            }
+                            if matches!(fate, Fate::AckLost) { cut = true; break; }
+                            if let Some(done) = b.ack(seq) {
+                                answered.push(done.responder);
+                            }
+                        }
+                    }
+                }
+                if cut {
+                    b.on_disconnect();
+                }
+            }
+            prop_assert_eq!(hub.head().0, publishes as u64);
+            let all: Vec<u64> = (1..=publishes as u64).collect();
+            prop_assert_eq!(answered, all);
+        }
+    }
+}

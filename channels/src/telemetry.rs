@@ -1,0 +1,26 @@
+//! Metric names of the channels layer (all `tether_*`), in one place.
+
+/// Gauge: published messages not yet acknowledged, over all channels of the process.
+pub const PUBLISH_QUEUE_DEPTH: &str = "tether_publish_queue_depth";
+/// Counter: publishes sent again after a reconnect.
+pub const PUBLISH_REPLAYED: &str = "tether_publish_replayed_total";
+/// Histogram: seconds from `publish()` to the hub's ack.
+pub const PUBLISH_ACK_SECONDS: &str = "tether_publish_ack_seconds";
+/// Counter, label `side` (`client`, `hub`): duplicates recognised and dropped.
+pub const DUPLICATES_DROPPED: &str = "tether_duplicates_dropped_total";
+/// Counter: discontinuities reported to subscribers.
+pub const DISCONTINUITIES: &str = "tether_discontinuities_total";
+/// Counter: messages delivered to subscribers (client side).
+pub const MESSAGES_DELIVERED: &str = "tether_messages_delivered_total";
+/// Counter: live messages skipped while a slow subscriber catches up from history.
+pub const LAG_SKIPPED: &str = "tether_lag_skipped_total";
+/// Counter: messages stored by the hub.
+pub const HUB_MESSAGES_STORED: &str = "tether_hub_messages_stored_total";
+/// Counter: message frames the hub fanned out (live and replayed).
+pub const HUB_DELIVERIES: &str = "tether_hub_deliveries_total";
+/// Counter: history messages replayed to resuming subscribers.
+pub const HUB_REPLAYED: &str = "tether_hub_replayed_total";
+/// Counter: connections closed because they could not keep up.
+pub const HUB_SLOW_CONSUMERS: &str = "tether_hub_slow_consumers_total";
+/// Gauge: channels on the hub.
+pub const HUB_CHANNELS: &str = "tether_hub_channels";
