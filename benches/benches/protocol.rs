@@ -1,7 +1,9 @@
 //! Frame encoding/decoding cost, the per-message work of both ends.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use tether_transport::protocol::{ClientId, Frame, Hello, SessionId};
+use tether_transport::protocol::{
+    ClientId, Epoch, Frame, Hello, InstanceId, Message, Offset, Payload, SessionId,
+};
 
 fn hello() -> Frame {
     Frame::Hello(Hello {
@@ -9,6 +11,7 @@ fn hello() -> Frame {
         client_id: ClientId::random(),
         token: Some("token".into()),
         resume: Some(SessionId::random()),
+        instance: Some(InstanceId::random()),
     })
 }
 
@@ -19,6 +22,23 @@ fn bench(c: &mut Criterion) {
     c.bench_function("decode hello", |b| {
         b.iter(|| Frame::decode(black_box(&text), 1 << 20).unwrap())
     });
+    for size in [64usize, 1024] {
+        let body = format!("\"{}\"", "x".repeat(size - 2));
+        let message = Frame::Message(Message {
+            channel: "room".into(),
+            epoch: Epoch::random(),
+            offset: Offset(12345),
+            payload: Payload::from_json(&body).unwrap(),
+        });
+        let text = message.encode();
+        c.bench_function(&format!("encode message {size} B"), |b| {
+            b.iter(|| black_box(&message).encode())
+        });
+        c.bench_function(
+            &format!("decode message {size} B (payload stays raw)"),
+            |b| b.iter(|| Frame::decode(black_box(&text), 1 << 20).unwrap()),
+        );
+    }
     c.bench_function("reject malformed", |b| {
         b.iter(|| Frame::decode(black_box(r#"{"type":"nope","x":1}"#), 1 << 20).unwrap_err())
     });

@@ -5,9 +5,14 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
+use tether_channels::hub::{ChannelService, Retention};
+use tether_channels::{
+    Channel, ChannelEvent, ChannelEvents, ChannelOptions, ChannelState, ChannelStateChanged,
+};
 use tether_transport::hub::{Hub, HubConfig, HubConfigBuilder, HubHandle};
 use tether_transport::{
-    ConnectionState, ConnectionStateChanged, EventReceiver, TransportConfig, TransportConfigBuilder,
+    event_channel, ConnectionState, ConnectionStateChanged, EventReceiver, Transport,
+    TransportConfig, TransportConfigBuilder,
 };
 
 /// Installs a `tracing` subscriber once (filter from `RUST_LOG`, default `warn`), writing
@@ -78,15 +83,15 @@ pub fn fast_client(url: impl Into<String>) -> TransportConfigBuilder {
         .seed(42)
 }
 
-/// Every transition a transport published, and a way to wait for the next ones.
-pub struct EventLog {
-    rx: EventReceiver<ConnectionStateChanged>,
-    seen: Vec<ConnectionStateChanged>,
+/// Every event a transport (or channel) published, and a way to wait for the next ones.
+pub struct EventLog<M = ConnectionStateChanged> {
+    rx: EventReceiver<M>,
+    seen: Vec<M>,
 }
 
-impl EventLog {
-    /// Wraps the receiver from `Transport::start_with_events`.
-    pub fn new(rx: EventReceiver<ConnectionStateChanged>) -> Self {
+impl<M: Clone + std::fmt::Debug> EventLog<M> {
+    /// Wraps the receiver from `Transport::start_with_events` or `event_channel`.
+    pub fn new(rx: EventReceiver<M>) -> Self {
         EventLog {
             rx,
             seen: Vec::new(),
@@ -98,8 +103,8 @@ impl EventLog {
     pub async fn until(
         &mut self,
         timeout: Duration,
-        pred: impl Fn(&ConnectionStateChanged) -> bool,
-    ) -> Result<ConnectionStateChanged, String> {
+        pred: impl Fn(&M) -> bool,
+    ) -> Result<M, String> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
@@ -120,6 +125,35 @@ impl EventLog {
         }
     }
 
+    /// Asserts that no transition arrives for `window` (for "nothing more happens" checks).
+    pub async fn expect_quiet(&mut self, window: Duration) -> Result<(), String> {
+        match tokio::time::timeout(window, self.rx.recv()).await {
+            Err(_) => Ok(()),
+            Ok(None) => Ok(()),
+            Ok(Some(ev)) => {
+                let msg = format!("unexpected event {ev:?}");
+                self.seen.push(ev);
+                Err(msg)
+            }
+        }
+    }
+
+    /// Every event recorded so far.
+    pub fn seen(&self) -> &[M] {
+        &self.seen
+    }
+
+    /// Forgets what was recorded.
+    pub fn clear(&mut self) {
+        self.seen.clear();
+    }
+
+    fn describe(&self) -> String {
+        format!("{:?}", self.seen)
+    }
+}
+
+impl EventLog<ConnectionStateChanged> {
     /// Waits up to `timeout` for a transition into `to`.
     pub async fn until_state(
         &mut self,
@@ -129,42 +163,83 @@ impl EventLog {
         self.until(timeout, |ev| ev.to == to).await
     }
 
-    /// Asserts that no transition arrives for `window` (for "nothing more happens" checks).
-    pub async fn expect_quiet(&mut self, window: Duration) -> Result<(), String> {
-        match tokio::time::timeout(window, self.rx.recv()).await {
-            Err(_) => Ok(()),
-            Ok(None) => Ok(()),
-            Ok(Some(ev)) => {
-                let msg = format!(
-                    "unexpected transition {} → {} ({})",
-                    ev.from, ev.to, ev.reason
-                );
-                self.seen.push(ev);
-                Err(msg)
-            }
-        }
-    }
-
-    /// Every transition recorded so far.
-    pub fn seen(&self) -> &[ConnectionStateChanged] {
-        &self.seen
-    }
-
     /// The recorded transitions as `(from, to)` pairs.
     pub fn path(&self) -> Vec<(ConnectionState, ConnectionState)> {
         self.seen.iter().map(|e| (e.from, e.to)).collect()
     }
+}
 
-    /// Forgets what was recorded.
-    pub fn clear(&mut self) {
-        self.seen.clear();
+impl EventLog<ChannelStateChanged> {
+    /// Waits up to `timeout` for a channel transition into `to`.
+    pub async fn until_channel_state(
+        &mut self,
+        to: ChannelState,
+        timeout: Duration,
+    ) -> Result<ChannelStateChanged, String> {
+        self.until(timeout, |ev| ev.to == to).await
     }
+}
 
-    fn describe(&self) -> String {
-        self.seen
-            .iter()
-            .map(|e| format!("{}→{} [{}]", e.from, e.to, e.reason))
-            .collect::<Vec<_>>()
-            .join(", ")
+/// Starts a test hub serving channels on `bind`, with `retention` for its in-memory history.
+/// Must run inside an actix system.
+pub fn start_channel_hub(bind: SocketAddr, retention: Retention) -> HubHandle {
+    let service = ChannelService::builder()
+        .retention(retention)
+        .build()
+        .expect("valid channel service");
+    start_hub_with(bind, service)
+}
+
+/// Starts a test hub on `bind` with the given channel service.
+pub fn start_hub_with(bind: SocketAddr, service: ChannelService) -> HubHandle {
+    let config = test_hub_config(bind)
+        .handler(std::sync::Arc::new(service))
+        .build()
+        .expect("valid hub config");
+    Hub::start(config).expect("hub starts")
+}
+
+/// Opens a channel on `transport` and waits until it is attached; returns the handle, its
+/// events and a log of its state transitions.
+pub async fn open_attached(
+    transport: &Transport,
+    name: &str,
+    options: ChannelOptions,
+    timeout: Duration,
+) -> Result<(Channel, ChannelEvents, EventLog<ChannelStateChanged>), String> {
+    let (recipient, rx) = event_channel(1024);
+    let (channel, events) = Channel::open_with_state(transport, name, options, vec![recipient])
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut states = EventLog::new(rx);
+    states
+        .until_channel_state(ChannelState::Attached, timeout)
+        .await?;
+    Ok((channel, events, states))
+}
+
+/// Reads channel events until `n` messages arrived (discontinuities are collected too).
+pub async fn collect_messages(
+    events: &mut ChannelEvents,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<ChannelEvent>, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut messages = 0;
+    while messages < n {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(ev)) => {
+                messages += usize::from(matches!(ev, ChannelEvent::Message(_)));
+                out.push(ev);
+            }
+            Ok(None) => return Err(format!("channel closed after {messages} messages")),
+            Err(_) => {
+                return Err(format!(
+                    "only {messages} of {n} messages within {timeout:?}"
+                ))
+            }
+        }
     }
+    Ok(out)
 }

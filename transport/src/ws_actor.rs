@@ -237,7 +237,11 @@ impl WebSocketActor {
                     addr: ctx.address(),
                 });
             }
-            (_, Frame::Error(err)) if err.permanent || self.phase != Phase::Open => {
+            // Connection-level errors end the connection; errors about one channel (or one
+            // publish) are that channel's business and travel on like any channel frame.
+            (_, Frame::Error(err))
+                if err.channel.is_none() && (err.permanent || self.phase != Phase::Open) =>
+            {
                 self.end(ctx, err.into_error(), Some(ws::CloseCode::Normal));
             }
             (Phase::Open, frame) => self.supervisor.do_send(WsEvent::Inbound {

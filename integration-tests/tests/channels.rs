@@ -1,0 +1,558 @@
+//! The delivery invariants over real sockets: a real hub, real clients, the fault proxy in
+//! between. No message lost, none duplicated, every gap reported.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use tether_channels::hub::{ChannelService, Retention};
+use tether_channels::{
+    BufferLimits, ChannelError, ChannelEvent, ChannelOptions, ChannelReason, ChannelState,
+};
+use tether_integration_tests::harness::{
+    collect_messages, fast_client, free_addr, init_tracing, open_attached, start_channel_hub,
+    start_hub_with, ws_url, EventLog,
+};
+use tether_integration_tests::FaultProxy;
+use tether_transport::protocol::Offset;
+use tether_transport::{ConnectionState, Transport, TransportConfig};
+
+const T: Duration = Duration::from_secs(10);
+
+fn retention(max_messages: usize) -> Retention {
+    Retention {
+        max_messages,
+        ..Retention::default()
+    }
+}
+
+/// A client that reconnects quickly and never suspends (the tests cut connections on purpose).
+fn client(url: String) -> TransportConfig {
+    fast_client(url)
+        .max_attempts(None)
+        .stability_window(Duration::from_millis(100))
+        .build()
+        .unwrap()
+}
+
+fn start(config: TransportConfig) -> (Transport, EventLog) {
+    let (transport, rx) = Transport::start_with_events(config);
+    (transport, EventLog::new(rx))
+}
+
+/// The payloads of the messages among `events`, asserting offsets are contiguous.
+fn payloads(events: &[ChannelEvent]) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut last: Option<Offset> = None;
+    for ev in events {
+        match ev {
+            ChannelEvent::Message(m) => {
+                if let Some(last) = last {
+                    assert_eq!(m.offset, last.next(), "offsets must be contiguous");
+                }
+                last = Some(m.offset);
+                out.push(m.payload.decode::<u64>().unwrap());
+            }
+            ChannelEvent::Discontinuity(d) => panic!("unexpected discontinuity {d:?}"),
+        }
+    }
+    out
+}
+
+#[actix_rt::test]
+async fn ten_thousand_messages_under_repeated_cuts_arrive_exactly_once_in_order() {
+    init_tracing();
+    let hub = start_channel_hub(free_addr(), retention(20_000));
+    let proxy = FaultProxy::start(hub.local_addr()).unwrap();
+    let url = ws_url(proxy.local_addr());
+    let (subscriber, _) = start(client(url.clone()));
+    let (publisher, _) = start(client(url));
+    let (_sub, mut events, _) = open_attached(&subscriber, "stream", ChannelOptions::default(), T)
+        .await
+        .unwrap();
+    let options = ChannelOptions {
+        subscribe: false,
+        limits: BufferLimits {
+            max_messages: 20_000,
+            ..BufferLimits::default()
+        },
+        ..ChannelOptions::default()
+    };
+    let (publishing, _, _) = open_attached(&publisher, "stream", options, T)
+        .await
+        .unwrap();
+
+    const N: u64 = 10_000;
+    let acks: Vec<_> = (1..=N).map(|i| publishing.publish(&i)).collect();
+
+    // Cut every connection every 250 ms until everything has arrived.
+    let proxy = Arc::new(proxy);
+    let done = Arc::new(AtomicBool::new(false));
+    let cutter = actix_rt::spawn({
+        let (proxy, done) = (proxy.clone(), done.clone());
+        async move {
+            let mut cuts = 0;
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            tick.tick().await;
+            while !done.load(Ordering::Relaxed) {
+                tick.tick().await;
+                cuts += usize::from(proxy.cut_all() > 0);
+            }
+            cuts
+        }
+    });
+
+    let received = collect_messages(&mut events, N as usize, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let results = join_all(acks).await;
+    done.store(true, Ordering::Relaxed);
+    let cuts = cutter.await.unwrap();
+
+    assert_eq!(payloads(&received), (1..=N).collect::<Vec<_>>());
+    let stored: Vec<u64> = results
+        .iter()
+        .map(|r| {
+            r.as_ref()
+                .expect("every publish acknowledged")
+                .offset
+                .unwrap()
+                .0
+        })
+        .collect();
+    let mut sorted = stored.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        N as usize,
+        "every publish stored exactly once"
+    );
+    assert!(
+        cuts >= 2,
+        "the proxy must actually have cut connections ({cuts})"
+    );
+    // Nothing more arrives: no duplicate trails behind.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), events.recv())
+            .await
+            .is_err(),
+        "no extra message after the last one"
+    );
+    subscriber.close().await;
+    publisher.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_subscriber_that_was_away_receives_everything_on_resume() {
+    init_tracing();
+    let hub = start_channel_hub(free_addr(), retention(1000));
+    let sub_proxy = FaultProxy::start(hub.local_addr()).unwrap();
+    let (subscriber, mut sub_events) = start(client(ws_url(sub_proxy.local_addr())));
+    let (publisher, _) = start(client(hub.ws_url()));
+    let (_sub, mut events, mut sub_states) =
+        open_attached(&subscriber, "news", ChannelOptions::default(), T)
+            .await
+            .unwrap();
+    let (news, _, _) = open_attached(&publisher, "news", ChannelOptions::publish_only(), T)
+        .await
+        .unwrap();
+
+    news.publish(&0u64).await.unwrap();
+    assert_eq!(
+        payloads(&collect_messages(&mut events, 1, T).await.unwrap()),
+        [0]
+    );
+
+    // The subscriber drops off and cannot come back for now.
+    sub_proxy.refuse_for(Duration::from_secs(60));
+    sub_proxy.cut_all();
+    sub_events
+        .until_state(ConnectionState::Disconnected, T)
+        .await
+        .unwrap();
+    sub_states
+        .until_channel_state(ChannelState::Suspended, T)
+        .await
+        .unwrap();
+    for r in join_all((1..=500u64).map(|i| news.publish(&i))).await {
+        r.unwrap();
+    }
+
+    sub_proxy.stop_refusing();
+    let attached = sub_states
+        .until_channel_state(ChannelState::Attached, T)
+        .await
+        .unwrap();
+    assert!(attached.resumed, "resumed exactly where it left off");
+    let got = collect_messages(&mut events, 500, T).await.unwrap();
+    assert_eq!(payloads(&got), (1..=500).collect::<Vec<_>>());
+    // The transport re-synced its channel before calling itself connected again.
+    sub_events
+        .until_state(ConnectionState::Connected, T)
+        .await
+        .unwrap();
+    assert!(sub_events
+        .path()
+        .contains(&(ConnectionState::Syncing, ConnectionState::Connected)));
+    subscriber.close().await;
+    publisher.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn publishes_made_while_disconnected_are_delivered_exactly_once_after_reconnect() {
+    init_tracing();
+    let hub = start_channel_hub(free_addr(), retention(1000));
+    let pub_proxy = FaultProxy::start(hub.local_addr()).unwrap();
+    let (publisher, mut pub_events) = start(client(ws_url(pub_proxy.local_addr())));
+    let (subscriber, _) = start(client(hub.ws_url()));
+    let (_sub, mut events, _) = open_attached(&subscriber, "orders", ChannelOptions::default(), T)
+        .await
+        .unwrap();
+    let (orders, _, mut pub_states) =
+        open_attached(&publisher, "orders", ChannelOptions::publish_only(), T)
+            .await
+            .unwrap();
+
+    pub_proxy.refuse_for(Duration::from_secs(60));
+    pub_proxy.cut_all();
+    pub_states
+        .until_channel_state(ChannelState::Suspended, T)
+        .await
+        .unwrap();
+    let pending: Vec<_> = (1..=100u64).map(|i| orders.publish(&i)).collect();
+    let status = publisher.status().await.unwrap();
+    assert_ne!(status.state, ConnectionState::Connected);
+    assert_eq!(status.channels[0].queue_depth, 100);
+    assert_eq!(status.channels[0].state, "suspended");
+
+    pub_proxy.stop_refusing();
+    pub_events
+        .until_state(ConnectionState::Connected, T)
+        .await
+        .unwrap();
+    for r in join_all(pending).await {
+        assert!(!r.unwrap().duplicate);
+    }
+    let got = collect_messages(&mut events, 100, T).await.unwrap();
+    assert_eq!(payloads(&got), (1..=100).collect::<Vec<_>>());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), events.recv())
+            .await
+            .is_err()
+    );
+    publisher.close().await;
+    subscriber.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_replay_whose_ack_was_lost_is_stored_once() {
+    init_tracing();
+    let hub = start_channel_hub(free_addr(), retention(1000));
+    let pub_proxy = FaultProxy::start(hub.local_addr()).unwrap();
+    let (publisher, _) = start(client(ws_url(pub_proxy.local_addr())));
+    let (subscriber, _) = start(client(hub.ws_url()));
+    let (_sub, mut events, _) = open_attached(&subscriber, "ledger", ChannelOptions::default(), T)
+        .await
+        .unwrap();
+    let (ledger, _, _) = open_attached(&publisher, "ledger", ChannelOptions::publish_only(), T)
+        .await
+        .unwrap();
+
+    // Slow the publisher's link so its ack is still in the proxy when the hub has stored the
+    // message; then cut: the ack is lost, the publish is replayed on the next connection.
+    pub_proxy.set_latency(Duration::from_millis(400));
+    let ack = ledger.publish(&42u64);
+    let first = collect_messages(&mut events, 1, T).await.unwrap();
+    assert_eq!(payloads(&first), [42]);
+    pub_proxy.set_latency(Duration::ZERO);
+    pub_proxy.cut_all();
+
+    let ack = ack.await.unwrap();
+    assert!(ack.duplicate, "acknowledged as a replay");
+    match &first[0] {
+        ChannelEvent::Message(m) => assert_eq!(ack.offset, Some(m.offset)),
+        other => panic!("{other:?}"),
+    }
+    // Stored once: the subscriber sees nothing more, the next publish gets the next offset.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), events.recv())
+            .await
+            .is_err()
+    );
+    let next = ledger.publish(&43u64).await.unwrap();
+    assert_eq!(next.offset, ack.offset.map(Offset::next));
+    publisher.close().await;
+    subscriber.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn history_exceeded_is_reported_as_a_discontinuity_with_the_right_range() {
+    init_tracing();
+    let hub = start_channel_hub(free_addr(), retention(10));
+    let sub_proxy = FaultProxy::start(hub.local_addr()).unwrap();
+    let (subscriber, _) = start(client(ws_url(sub_proxy.local_addr())));
+    let (publisher, _) = start(client(hub.ws_url()));
+    let (_sub, mut events, mut states) =
+        open_attached(&subscriber, "ticks", ChannelOptions::default(), T)
+            .await
+            .unwrap();
+    let (ticks, _, _) = open_attached(&publisher, "ticks", ChannelOptions::publish_only(), T)
+        .await
+        .unwrap();
+    for r in join_all((1..=3u64).map(|i| ticks.publish(&i))).await {
+        r.unwrap();
+    }
+    assert_eq!(
+        payloads(&collect_messages(&mut events, 3, T).await.unwrap()),
+        [1, 2, 3]
+    );
+
+    sub_proxy.refuse_for(Duration::from_secs(60));
+    sub_proxy.cut_all();
+    states
+        .until_channel_state(ChannelState::Suspended, T)
+        .await
+        .unwrap();
+    for r in join_all((4..=30u64).map(|i| ticks.publish(&i))).await {
+        r.unwrap();
+    }
+    sub_proxy.stop_refusing();
+
+    let attached = states
+        .until_channel_state(ChannelState::Attached, T)
+        .await
+        .unwrap();
+    assert!(!attached.resumed);
+    let got = collect_messages(&mut events, 10, T).await.unwrap();
+    match &got[0] {
+        ChannelEvent::Discontinuity(d) => {
+            assert_eq!(d.from.offset, Offset(4));
+            assert_eq!(d.to.offset, Offset(20));
+            assert_eq!(d.from.epoch, d.to.epoch);
+        }
+        other => panic!("expected a discontinuity first, got {other:?}"),
+    }
+    assert_eq!(payloads(&got[1..]), (21..=30).collect::<Vec<_>>());
+    subscriber.close().await;
+    publisher.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_hub_that_lost_its_memory_is_a_new_epoch_and_a_discontinuity_not_silence() {
+    init_tracing();
+    let addr = free_addr();
+    let hub = start_channel_hub(addr, retention(1000));
+    let (subscriber, mut sub_events) = start(client(ws_url(addr)));
+    let (publisher, _) = start(client(ws_url(addr)));
+    let (_sub, mut events, mut states) =
+        open_attached(&subscriber, "feed", ChannelOptions::default(), T)
+            .await
+            .unwrap();
+    let (feed, _, mut feed_states) =
+        open_attached(&publisher, "feed", ChannelOptions::publish_only(), T)
+            .await
+            .unwrap();
+    for r in join_all((1..=5u64).map(|i| feed.publish(&i))).await {
+        r.unwrap();
+    }
+    let before = collect_messages(&mut events, 5, T).await.unwrap();
+    let old_epoch = match &before[4] {
+        ChannelEvent::Message(m) => m.epoch.clone(),
+        other => panic!("{other:?}"),
+    };
+
+    hub.stop().await;
+    sub_events
+        .until_state(ConnectionState::Disconnected, T)
+        .await
+        .unwrap();
+    let hub = start_channel_hub(addr, retention(1000));
+    let attached = states
+        .until(T, |e| {
+            e.to == ChannelState::Attached
+                && e.reason == ChannelReason::AttachConfirmed
+                && e.from == ChannelState::Attaching
+        })
+        .await
+        .unwrap();
+    assert!(!attached.resumed);
+    feed_states
+        .until_channel_state(ChannelState::Attached, T)
+        .await
+        .unwrap();
+    feed.publish(&6u64).await.unwrap();
+
+    let after = collect_messages(&mut events, 1, T).await.unwrap();
+    match &after[..] {
+        [ChannelEvent::Discontinuity(d), ChannelEvent::Message(m)] => {
+            assert_eq!(d.from.epoch, old_epoch);
+            assert_eq!(d.from.offset, Offset(6));
+            assert_ne!(d.to.epoch, old_epoch);
+            assert_eq!(
+                d.to.offset,
+                Offset(0),
+                "nothing of the new epoch is missing"
+            );
+            assert_eq!(m.epoch, d.to.epoch);
+            assert_eq!(m.offset, Offset(1));
+            assert_eq!(m.payload.decode::<u64>().unwrap(), 6);
+        }
+        other => panic!("expected discontinuity then message, got {other:?}"),
+    }
+    subscriber.close().await;
+    publisher.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn one_denied_channel_fails_alone_while_the_others_work() {
+    init_tracing();
+    let service = ChannelService::builder()
+        .authorizer(
+            |_conn: &tether_transport::hub::ConnInfo, channel: &str, _subscribe: bool| {
+                if channel == "secret" {
+                    Err("not for you".to_string())
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .build()
+        .unwrap();
+    let hub = start_hub_with(free_addr(), service);
+    let proxy = FaultProxy::start(hub.local_addr()).unwrap();
+    let (transport, mut conn_events) = start(client(ws_url(proxy.local_addr())));
+    let (a, mut a_events, _) = open_attached(&transport, "a", ChannelOptions::default(), T)
+        .await
+        .unwrap();
+    let (b, mut b_events, _) = open_attached(&transport, "b", ChannelOptions::default(), T)
+        .await
+        .unwrap();
+    let (recipient, rx) = tether_transport::event_channel(64);
+    let (_secret, _) = tether_channels::Channel::open_with_state(
+        &transport,
+        "secret",
+        ChannelOptions::default(),
+        vec![recipient],
+    )
+    .await
+    .unwrap();
+    let mut secret_states = EventLog::new(rx);
+    secret_states
+        .until_channel_state(ChannelState::Failed, T)
+        .await
+        .unwrap();
+
+    // a and b work, over a cut and a resync too.
+    a.publish(&1u64).await.unwrap();
+    b.publish(&2u64).await.unwrap();
+    proxy.cut_all();
+    conn_events
+        .until(T, |e| {
+            e.from == ConnectionState::Syncing && e.to == ConnectionState::Connected
+        })
+        .await
+        .unwrap();
+    a.publish(&3u64).await.unwrap();
+    b.publish(&4u64).await.unwrap();
+    assert_eq!(
+        payloads(&collect_messages(&mut a_events, 2, T).await.unwrap()),
+        [1, 3]
+    );
+    assert_eq!(
+        payloads(&collect_messages(&mut b_events, 2, T).await.unwrap()),
+        [2, 4]
+    );
+
+    let status = transport.status().await.unwrap();
+    assert_eq!(status.state, ConnectionState::Connected);
+    let secret_status = status.channels.iter().find(|c| c.name == "secret").unwrap();
+    assert_eq!(secret_status.state, "failed");
+    transport.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_denied_channel_fails_its_publishes_with_a_typed_error() {
+    init_tracing();
+    let service = ChannelService::builder()
+        .authorizer(
+            |_: &tether_transport::hub::ConnInfo, channel: &str, _: bool| {
+                (channel != "secret")
+                    .then_some(())
+                    .ok_or_else(|| "no".to_string())
+            },
+        )
+        .build()
+        .unwrap();
+    let hub = start_hub_with(free_addr(), service);
+    let (transport, _) = start(client(hub.ws_url()));
+    let (recipient, rx) = tether_transport::event_channel(64);
+    let (secret, _) = tether_channels::Channel::open_with_state(
+        &transport,
+        "secret",
+        ChannelOptions::default(),
+        vec![recipient],
+    )
+    .await
+    .unwrap();
+    let pending = secret.publish(&1u64);
+    let mut states = EventLog::new(rx);
+    let failed = states
+        .until_channel_state(ChannelState::Failed, T)
+        .await
+        .unwrap();
+    assert!(matches!(failed.reason, ChannelReason::Refused(_)));
+    match pending.await {
+        Err(e @ ChannelError::Failed { .. }) => assert!(e.is_permanent()),
+        other => panic!("{other:?}"),
+    }
+    match secret.publish(&2u64).await {
+        Err(ChannelError::Failed { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    transport.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_full_buffer_refuses_with_queue_full_and_loses_nothing_it_accepted() {
+    init_tracing();
+    let addr = free_addr();
+    let (publisher, _) = start(client(ws_url(addr)));
+    let options = ChannelOptions {
+        subscribe: false,
+        limits: BufferLimits {
+            max_messages: 5,
+            ..BufferLimits::default()
+        },
+        ..ChannelOptions::default()
+    };
+    let (channel, _) = tether_channels::Channel::open(&publisher, "q", options)
+        .await
+        .unwrap();
+    let accepted: Vec<_> = (1..=5u64).map(|i| channel.publish(&i)).collect();
+    match channel.publish(&6u64).await {
+        Err(e @ ChannelError::QueueFull { .. }) => assert!(!e.is_permanent()),
+        other => panic!("expected QueueFull, got {other:?}"),
+    }
+
+    // The hub appears: the five accepted messages are stored, once each, in order.
+    let hub = start_channel_hub(addr, retention(1000));
+    let offsets: Vec<u64> = join_all(accepted)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().offset.unwrap().0)
+        .collect();
+    assert_eq!(offsets, [1, 2, 3, 4, 5]);
+    assert_eq!(publisher.status().await.unwrap().channels[0].queue_depth, 0);
+    publisher.close().await;
+    hub.stop().await;
+}
