@@ -162,6 +162,8 @@ pub struct ChannelActor {
     owes_sync: bool,
     replay_remaining: u64,
     lagging: bool,
+    pending_gap: Option<Gap>,
+    waiting_for_room: bool,
     failure: Option<TransportError>,
     attach_timer: Option<SpawnHandle>,
     retry_timer: Option<SpawnHandle>,
@@ -322,7 +324,11 @@ impl ChannelActor {
         }
     }
 
-    fn on_attached(&mut self, attached: tether_transport::protocol::Attached) {
+    fn on_attached(
+        &mut self,
+        ctx: &mut Context<Self>,
+        attached: tether_transport::protocol::Attached,
+    ) {
         if self.state != ChannelState::Attaching {
             return;
         }
@@ -330,7 +336,7 @@ impl ChannelActor {
         if self.options.subscribe {
             if let Some(gap) = self.cursor.on_attached(&attached) {
                 resumed = false;
-                self.report_gap(gap);
+                self.report_gap(ctx, gap);
             }
             self.replay_remaining = attached.replay;
         }
@@ -346,18 +352,66 @@ impl ChannelActor {
         }
     }
 
-    fn report_gap(&mut self, gap: Gap) {
+    /// Records a gap for the subscriber. It is delivered before the next message; a full
+    /// stream only delays it (merged with any later gap), never drops it.
+    fn report_gap(&mut self, ctx: &mut Context<Self>, gap: Gap) {
         metrics::counter!(telemetry::DISCONTINUITIES).increment(1);
         tracing::warn!(parent: &self.span, from = %gap.from, to = %gap.to, "discontinuity");
-        if let Some(events) = &self.events {
-            // Space for it was checked by the caller, or this is the attach (stream drained
-            // enough to have resynced).
-            let _ = events.try_send(ChannelEvent::Discontinuity(Discontinuity {
-                channel: self.name.clone(),
-                from: gap.from,
+        self.pending_gap = Some(match self.pending_gap.take() {
+            Some(earlier) => Gap {
+                from: earlier.from,
                 to: gap.to,
-            }));
+            },
+            None => gap,
+        });
+        if !self.flush_gap() {
+            self.wait_for_room(ctx);
         }
+    }
+
+    /// Delivers the pending gap if there is room; `true` when nothing is pending any more.
+    fn flush_gap(&mut self) -> bool {
+        let (Some(events), Some(gap)) = (&self.events, &self.pending_gap) else {
+            return true;
+        };
+        let event = ChannelEvent::Discontinuity(Discontinuity {
+            channel: self.name.clone(),
+            from: gap.from.clone(),
+            to: gap.to.clone(),
+        });
+        match events.try_send(event) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.pending_gap = None;
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => false,
+        }
+    }
+
+    /// Waits (without blocking the actor) until the subscriber's stream has room, then
+    /// delivers a pending gap and, if the subscriber had fallen behind, catches up.
+    fn wait_for_room(&mut self, ctx: &mut Context<Self>) {
+        let Some(events) = self.events.clone() else {
+            return;
+        };
+        if std::mem::replace(&mut self.waiting_for_room, true) {
+            return;
+        }
+        ctx.spawn(
+            async move {
+                // A permit proves there is room; dropping it gives the slot back.
+                let _ = events.reserve().await;
+            }
+            .into_actor(self)
+            .map(|_, act, ctx| {
+                act.waiting_for_room = false;
+                if !act.flush_gap() {
+                    act.wait_for_room(ctx);
+                    return;
+                }
+                act.catch_up(ctx);
+            }),
+        );
     }
 
     fn on_message(
@@ -396,22 +450,17 @@ impl ChannelActor {
             self.lagging = true;
             metrics::counter!(telemetry::LAG_SKIPPED).increment(1);
             tracing::warn!(parent: &self.span, "subscriber is behind; will catch up from history");
-            ctx.spawn(
-                async move {
-                    // A permit proves there is room; dropping it gives the slot back.
-                    let _ = events.reserve().await;
-                }
-                .into_actor(self)
-                .map(|_, act, ctx| act.catch_up(ctx)),
-            );
+            self.wait_for_room(ctx);
             return;
         }
+        // Room for two: a pending gap goes out first.
+        self.flush_gap();
         match self.cursor.accept(&message.epoch, message.offset) {
             Verdict::Duplicate => {
                 metrics::counter!(telemetry::DUPLICATES_DROPPED, "side" => "client").increment(1);
                 return;
             }
-            Verdict::GapThenDeliver(gap) => self.report_gap(gap),
+            Verdict::GapThenDeliver(gap) => self.report_gap(ctx, gap),
             Verdict::Deliver => {}
         }
         metrics::counter!(telemetry::MESSAGES_DELIVERED).increment(1);
@@ -554,7 +603,7 @@ impl Handler<ChannelLink> for ChannelActor {
                 }
             }
             ChannelLink::Inbound(frame) => match frame {
-                Frame::Attached(a) => self.on_attached(a),
+                Frame::Attached(a) => self.on_attached(ctx, a),
                 Frame::Message(m) => self.on_message(ctx, m),
                 Frame::Ack(a) => self.on_ack(a),
                 Frame::Error(e) => self.on_error(ctx, e),
@@ -736,6 +785,8 @@ impl Channel {
             owes_sync: false,
             replay_remaining: 0,
             lagging: false,
+            pending_gap: None,
+            waiting_for_room: false,
             failure: None,
             attach_timer: None,
             retry_timer: None,

@@ -146,29 +146,23 @@ impl Handler<Subscribe> for HubChannel {
             self.log.resume(None, now)
         };
         tracing::debug!(parent: &self.span, conn_id = msg.conn_id, resumed = plan.resumed, replay = plan.replay.len(), gap = ?plan.gap, "attach");
-        let attached = Self::frame(
-            Frame::Attached(Attached {
-                channel: self.log.name().to_owned(),
-                epoch: plan.epoch,
-                head: plan.head,
-                resumed: plan.resumed,
-                replay: plan.replay.len() as u64,
-                gap: plan.gap,
-            }),
-            false,
-        );
-        if !self.send(msg.conn_id, &msg.outbox, attached) {
-            return;
-        }
+        let attached = Frame::Attached(Attached {
+            channel: self.log.name().to_owned(),
+            epoch: plan.epoch,
+            head: plan.head,
+            resumed: plan.resumed,
+            replay: plan.replay.len() as u64,
+            gap: plan.gap,
+        })
+        .encode();
+        // The confirmation and the whole replay go as one batch, ahead of anything live.
         metrics::counter!(telemetry::HUB_REPLAYED).increment(plan.replay.len() as u64);
-        for text in plan.replay {
-            let out = Outbound {
-                text,
-                completes_publish: false,
-            };
-            if !self.send(msg.conn_id, &msg.outbox, out) {
-                return;
-            }
+        let mut batch = Vec::with_capacity(plan.replay.len() + 1);
+        batch.push(attached.into());
+        batch.extend(plan.replay);
+        if msg.outbox.send_batch(batch).is_err() {
+            self.kick_slow(msg.conn_id, &msg.outbox);
+            return;
         }
         if msg.subscribe {
             self.subscribers.insert(msg.conn_id, msg.outbox);

@@ -35,6 +35,16 @@ pub struct Outbound {
     pub completes_publish: bool,
 }
 
+/// Several encoded frames for a connection, written in order, taking one mailbox slot: a
+/// resume's history replay is one batch, so its size is bounded by the history retention, not
+/// by the connection's outbound queue.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct OutboundBatch {
+    /// The frames' JSON texts, in order.
+    pub texts: Vec<ByteString>,
+}
+
 /// Closes a connection with a typed error (slow consumer, overload).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
@@ -45,6 +55,7 @@ pub struct Kick(pub TransportError);
 pub struct SessionOutbox {
     conn_id: u64,
     frames: Recipient<Outbound>,
+    batches: Recipient<OutboundBatch>,
     kick: Recipient<Kick>,
 }
 
@@ -54,10 +65,16 @@ pub struct OutboxFull;
 
 impl SessionOutbox {
     /// An outbox over a session actor's recipients.
-    pub fn new(conn_id: u64, frames: Recipient<Outbound>, kick: Recipient<Kick>) -> Self {
+    pub fn new(
+        conn_id: u64,
+        frames: Recipient<Outbound>,
+        batches: Recipient<OutboundBatch>,
+        kick: Recipient<Kick>,
+    ) -> Self {
         SessionOutbox {
             conn_id,
             frames,
+            batches,
             kick,
         }
     }
@@ -72,6 +89,14 @@ impl SessionOutbox {
     /// nobody left to tell.
     pub fn send(&self, out: Outbound) -> Result<(), OutboxFull> {
         match self.frames.try_send(out) {
+            Ok(()) | Err(actix::dev::SendError::Closed(_)) => Ok(()),
+            Err(actix::dev::SendError::Full(_)) => Err(OutboxFull),
+        }
+    }
+
+    /// Queues several frames as one batch (same bound, one slot).
+    pub fn send_batch(&self, texts: Vec<ByteString>) -> Result<(), OutboxFull> {
+        match self.batches.try_send(OutboundBatch { texts }) {
             Ok(()) | Err(actix::dev::SendError::Closed(_)) => Ok(()),
             Err(actix::dev::SendError::Full(_)) => Err(OutboxFull),
         }

@@ -22,8 +22,8 @@ use crate::telemetry;
 
 pub use auth::{AllowAll, AuthRejection, Authenticator, StaticTokens};
 pub use handler::{
-    ConnInfo, ConnectionHandler, FrameRejection, Kick, NoChannels, Outbound, OutboxFull,
-    SessionHandler, SessionOutbox,
+    ConnInfo, ConnectionHandler, FrameRejection, Kick, NoChannels, Outbound, OutboundBatch,
+    OutboxFull, SessionHandler, SessionOutbox,
 };
 pub use session::{Evict, HubSession};
 pub use sessions::{SessionTable, DEFAULT_SESSION_TTL};

@@ -17,7 +17,9 @@ use actix_web_actors::ws;
 use tokio::time::Instant;
 
 use super::auth::AuthRejection;
-use super::handler::{ConnInfo, ConnectionHandler, FrameRejection, Kick, Outbound, SessionOutbox};
+use super::handler::{
+    ConnInfo, ConnectionHandler, FrameRejection, Kick, Outbound, OutboundBatch, SessionOutbox,
+};
 use super::HubState;
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
@@ -286,6 +288,7 @@ impl HubSession {
             self.conn_id,
             ctx.address().recipient(),
             ctx.address().recipient(),
+            ctx.address().recipient(),
         );
         self.handler = Some(self.state.config.handler.open(info, outbox));
         self.client_id = Some(hello.client_id);
@@ -392,6 +395,19 @@ impl Handler<Outbound> for HubSession {
             handler.on_outbound(&out);
         }
         ctx.text(out.text);
+    }
+}
+
+impl Handler<OutboundBatch> for HubSession {
+    type Result = ();
+
+    fn handle(&mut self, batch: OutboundBatch, ctx: &mut Self::Context) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        for text in batch.texts {
+            ctx.text(text);
+        }
     }
 }
 
