@@ -194,6 +194,7 @@ impl HubSession {
                     if closes {
                         let code = match error.category() {
                             crate::error::ErrorCategory::Service => ws::CloseCode::Again,
+                            crate::error::ErrorCategory::Protocol => ws::CloseCode::Protocol,
                             _ => ws::CloseCode::Policy,
                         };
                         self.send_error(ctx, &error, about);
