@@ -7,9 +7,11 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use tether_channels::hub::{ChannelService, Retention};
 use tether_transport::hub::{Hub, HubConfig, StaticTokens};
 
 /// Runs a Tether hub until Ctrl-C.
@@ -30,16 +32,32 @@ struct Args {
     /// Idle timeout in milliseconds.
     #[arg(long, default_value_t = 25_000)]
     idle_timeout_ms: u64,
+    /// Messages of history kept per channel.
+    #[arg(long, default_value_t = 1000)]
+    history: usize,
+    /// Seconds of history kept per channel.
+    #[arg(long, default_value_t = 86_400)]
+    history_secs: u64,
 }
 
 #[actix::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tether_examples::init_tracing();
     let args = Args::parse();
-    let mut builder = HubConfig::builder().bind(args.bind).heartbeat(
-        Duration::from_millis(args.heartbeat_ms),
-        Duration::from_millis(args.idle_timeout_ms),
-    );
+    let channels = ChannelService::builder()
+        .retention(Retention {
+            max_messages: args.history,
+            max_age: Duration::from_secs(args.history_secs),
+            ..Retention::default()
+        })
+        .build()?;
+    let mut builder = HubConfig::builder()
+        .bind(args.bind)
+        .handler(Arc::new(channels))
+        .heartbeat(
+            Duration::from_millis(args.heartbeat_ms),
+            Duration::from_millis(args.idle_timeout_ms),
+        );
     if let Some(workers) = args.workers {
         builder = builder.workers(workers);
     }

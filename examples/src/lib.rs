@@ -1,6 +1,7 @@
 //! Runnable Tether programs live in `examples/`:
 //!
 //! * `hub` — a standalone hub server: `cargo run --example hub -- --bind 127.0.0.1:8080`.
+//! * `chat` — a terminal chat client: `cargo run --example chat -- --room lobby`.
 //! * `demo` — an embedded hub that is stopped and restarted while a client reconnects, printing
 //!   every typed state transition with its timing: `cargo run --example demo`.
 //!
