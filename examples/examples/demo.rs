@@ -21,7 +21,7 @@ struct Args {
     /// How long the hub stays down each time, in seconds.
     #[arg(long, default_value_t = 3.0)]
     down_secs: f64,
-    /// How long the client stays connected before each stop, in seconds (past the 5 s
+    /// How long the client stays connected before each stop, in seconds (past the 2 s
     /// stability window, so the first retry after the drop goes out at once).
     #[arg(long, default_value_t = 6.0)]
     up_secs: f64,

@@ -306,6 +306,31 @@ impl FaultProxy {
         n
     }
 
+    /// Closes only the stalled connections (as [`cut_all`](Self::cut_all) does) and returns how
+    /// many. Long chaos runs use it to release half-open connections once both ends have
+    /// given up on them.
+    pub fn cut_stalled(&self) -> usize {
+        let mut conns = lock(&self.shared.conns);
+        let stalled: Vec<_> = conns
+            .iter()
+            .filter(|(_, ctrl)| *ctrl.borrow() == Ctrl::Stall)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &stalled {
+            if let Some(ctrl) = conns.remove(id) {
+                ctrl.send_replace(Ctrl::Cut);
+            }
+        }
+        drop(conns);
+        let n = stalled.len();
+        self.shared
+            .counters
+            .cut
+            .fetch_add(n as u64, Ordering::Relaxed);
+        debug!(proxy = %self.local_addr, connections = n, "cut stalled connections");
+        n
+    }
+
     /// For the next `d`, every new inbound connection is accepted and
     /// immediately reset, without connecting to the upstream. Existing
     /// connections are unaffected.
@@ -838,6 +863,22 @@ mod tests {
         assert_eq!(proxy.cut_all(), 2);
         assert_closed(&mut stalled).await;
         assert_closed(&mut fresh).await;
+    }
+
+    #[tokio::test]
+    async fn cut_stalled_releases_only_the_stalled_connections() {
+        let (echo, _) = echo_server().await;
+        let proxy = FaultProxy::start(echo).expect("start proxy");
+        let mut stalled = connect(&proxy).await;
+        round_trip(&mut stalled, b"before").await;
+        assert_eq!(proxy.stall_all(), 1);
+        let mut fresh = connect(&proxy).await;
+        round_trip(&mut fresh, b"fresh").await;
+
+        assert_eq!(proxy.cut_stalled(), 1);
+        assert_closed(&mut stalled).await;
+        round_trip(&mut fresh, b"still").await;
+        assert_eq!(proxy.connection_count(), 1);
     }
 
     #[tokio::test]

@@ -160,7 +160,7 @@ impl TransportConfigBuilder {
         self
     }
 
-    /// How long a connection must stay up to count as stable. Default: 5 s.
+    /// How long a connection must stay up to count as stable. Default: 2 s.
     pub fn stability_window(mut self, window: Duration) -> Self {
         self.reconnect.stability_window = window;
         self

@@ -76,8 +76,8 @@ pub const DEFAULT_JITTER: f64 = 0.25;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
 /// Default probe interval while suspended: 60 s.
 pub const DEFAULT_SUSPEND_INTERVAL: Duration = Duration::from_secs(60);
-/// Default stability window: a connection up this long counts as a success, 5 s.
-pub const DEFAULT_STABILITY_WINDOW: Duration = Duration::from_secs(5);
+/// Default stability window: a connection up this long counts as a success, 2 s.
+pub const DEFAULT_STABILITY_WINDOW: Duration = Duration::from_secs(2);
 /// Default spread of the immediate retry after a stable connection drops: 250 ms.
 pub const DEFAULT_FAST_RETRY_SPREAD: Duration = Duration::from_millis(250);
 /// Default successes needed to close a half-open breaker: 2 stability windows.
@@ -518,7 +518,7 @@ mod tests {
         assert_eq!(delays(&fail_n(&mut m, 2)), [1, 2]);
         m.begin_attempt(Instant::now());
         m.on_connected(Instant::now());
-        tokio::time::advance(Duration::from_secs(2)).await;
+        tokio::time::advance(DEFAULT_STABILITY_WINDOW / 2).await;
         // Flapping: no reset, no fast path — the sequence goes on.
         match m.on_connection_lost(Instant::now()) {
             NextStep::Retry { delay, attempt } => {
