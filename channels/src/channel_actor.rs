@@ -36,6 +36,9 @@ pub const DEFAULT_ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default largest payload: 512 KiB (the frame around it must fit the transport's frame limit).
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 512 * 1024;
 
+/// Bytes a `publish` frame adds around its payload and channel name (type, seq, quotes).
+const PUBLISH_ENVELOPE: usize = 128;
+
 /// Options of one channel.
 #[derive(Debug, Clone)]
 pub struct ChannelOptions {
@@ -162,6 +165,10 @@ pub struct ChannelActor {
     owes_sync: bool,
     replay_remaining: u64,
     lagging: bool,
+    producer: String,
+    generation: u64,
+    transport_failure: Option<TransportError>,
+    detach_timer: Option<SpawnHandle>,
     pending_gap: Option<Gap>,
     waiting_for_room: bool,
     failure: Option<TransportError>,
@@ -213,7 +220,8 @@ impl ChannelActor {
     /// Tells the transport this channel is done re-attaching on this connection.
     fn synced(&mut self) {
         if std::mem::take(&mut self.owes_sync) {
-            self.transport.channel_synced(self.name.clone());
+            self.transport
+                .channel_synced(self.name.clone(), self.generation);
         }
     }
 
@@ -234,6 +242,7 @@ impl ChannelActor {
             channel: self.name.clone(),
             subscribe: self.options.subscribe,
             resume,
+            producer: Some(self.producer.clone()),
         }));
         self.transition(ChannelState::Attaching, reason, false);
         let timeout = self.options.attach_timeout;
@@ -446,14 +455,15 @@ impl ChannelActor {
         }
         // Room for a discontinuity and the message, or the subscriber is lagging: stop
         // delivering (the cursor stays put) and catch up from history once there is room.
-        if events.capacity() < 2 {
+        // Room for a pending gap, a new gap and the message, or the subscriber is lagging.
+        if events.capacity() < 3 {
             self.lagging = true;
             metrics::counter!(telemetry::LAG_SKIPPED).increment(1);
             tracing::warn!(parent: &self.span, "subscriber is behind; will catch up from history");
             self.wait_for_room(ctx);
             return;
         }
-        // Room for two: a pending gap goes out first.
+        // A pending gap goes out first.
         self.flush_gap();
         match self.cursor.accept(&message.epoch, message.offset) {
             Verdict::Duplicate => {
@@ -568,9 +578,13 @@ impl Handler<ChannelLink> for ChannelActor {
 
     fn handle(&mut self, link: ChannelLink, ctx: &mut Context<Self>) {
         match link {
-            ChannelLink::Up { conn, .. } => {
+            ChannelLink::Up {
+                conn, generation, ..
+            } => {
                 self.conn = Some(conn);
+                self.generation = generation;
                 self.owes_sync = true;
+                self.transport_failure = None;
                 if self.want_attached && self.state != ChannelState::Failed {
                     self.attach(ctx, ChannelReason::AttachRequested);
                 } else {
@@ -617,6 +631,16 @@ impl Handler<ChannelLink> for ChannelActor {
                 }
                 other => tracing::debug!(parent: &self.span, kind = other.kind(), "ignored frame"),
             },
+            ChannelLink::Failed(error) => {
+                // Nothing will be sent until a manual reconnect: nobody waits on that.
+                let channel = self.name.clone();
+                let cause = error.clone();
+                self.answer_all(|| ChannelError::Failed {
+                    channel: channel.clone(),
+                    cause: cause.clone(),
+                });
+                self.transport_failure = Some(error);
+            }
             ChannelLink::Closed => {
                 self.cancel_timers(ctx);
                 self.conn = None;
@@ -650,7 +674,7 @@ impl Handler<PublishCommand> for ChannelActor {
     type Result = ();
 
     fn handle(&mut self, cmd: PublishCommand, _ctx: &mut Context<Self>) {
-        if let Some(cause) = &self.failure {
+        if let Some(cause) = self.failure.as_ref().or(self.transport_failure.as_ref()) {
             let _ = cmd.responder.send(Err(ChannelError::Failed {
                 channel: self.name.clone(),
                 cause: cause.clone(),
@@ -707,6 +731,19 @@ impl Handler<DetachCommand> for ChannelActor {
                     ChannelReason::DetachRequested,
                     false,
                 );
+                // The hub's confirmation is a courtesy: do not wait for it forever.
+                let timeout = self.options.attach_timeout;
+                self.detach_timer = Some(ctx.run_later(timeout, |act, ctx| {
+                    act.detach_timer = None;
+                    if act.state == ChannelState::Detaching {
+                        act.transition(
+                            ChannelState::Detached,
+                            ChannelReason::DetachConfirmed,
+                            false,
+                        );
+                        act.finish_detach(ctx);
+                    }
+                }));
             }
             ChannelState::Detached => self.finish_detach(ctx),
             _ => {
@@ -766,6 +803,12 @@ impl Channel {
     ) -> Result<(Channel, ChannelEvents), ChannelError> {
         let name = name.into();
         validate_name(&name)?;
+        let mut options = options;
+        // A publish frame is the payload plus a small envelope; it must fit the transport.
+        let fits = transport
+            .max_frame_size()
+            .saturating_sub(PUBLISH_ENVELOPE + name.len());
+        options.max_message_size = options.max_message_size.min(fits);
         let (tx, rx) = mpsc::channel(options.event_capacity.max(2));
         let mailbox = options.limits.max_messages.max(16);
         let span =
@@ -785,6 +828,10 @@ impl Channel {
             owes_sync: false,
             replay_remaining: 0,
             lagging: false,
+            producer: tether_transport::protocol::InstanceId::random().0,
+            generation: 0,
+            transport_failure: None,
+            detach_timer: None,
             pending_gap: None,
             waiting_for_room: false,
             failure: None,

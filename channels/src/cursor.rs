@@ -54,6 +54,15 @@ impl ResumeCursor {
                     offset: replay_start,
                 },
             }),
+            // The log is behind what we delivered (it lost its tail without a new epoch):
+            // its next numbers are not ones we have seen, so move back and say so.
+            (Some(mine), None) if attached.head < mine.offset => Some(Gap {
+                from: Position {
+                    epoch: attached.epoch.clone(),
+                    offset: attached.head.next(),
+                },
+                to: mine.clone(),
+            }),
             (Some(mine), None) if replay_start > mine.offset => Some(Gap {
                 from: Position {
                     epoch: mine.epoch.clone(),
@@ -183,6 +192,18 @@ mod tests {
             }
         );
         assert_eq!(c.accept(&e("b"), Offset(1)), Verdict::Deliver);
+    }
+
+    #[test]
+    fn a_log_behind_the_cursor_is_a_gap_and_moves_the_cursor_back() {
+        let mut c = ResumeCursor::new();
+        c.on_attached(&attached("a", 0, 0, None));
+        for i in 1..=5 {
+            c.accept(&e("a"), Offset(i));
+        }
+        let gap = c.on_attached(&attached("a", 3, 0, None)).unwrap();
+        assert_eq!((gap.from.offset, gap.to.offset), (Offset(4), Offset(5)));
+        assert_eq!(c.accept(&e("a"), Offset(4)), Verdict::Deliver);
     }
 
     #[test]

@@ -318,7 +318,11 @@ mod tests {
                 Box::new(MemoryHistory::new(Retention { max_messages: 10_000, ..Retention::default() })),
                 DedupeTable::new(1024, 10, std::time::Duration::from_secs(60)),
             );
-            let producer = ProducerKey("client/instance".into());
+            let producer = ProducerKey {
+                client: tether_transport::protocol::ClientId("client".into()),
+                instance: tether_transport::protocol::InstanceId("instance".into()),
+                producer: "handle".into(),
+            };
             let mut b = buffer(1000, window);
             let mut answered = Vec::new();
             for i in 1..=publishes as u64 {

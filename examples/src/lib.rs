@@ -37,3 +37,5 @@ pub fn describe_transition(start: Instant, ev: &ConnectionStateChanged) -> Strin
         ev.reason
     )
 }
+
+pub mod soak;

@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
 use tether_channels::hub::{ChannelService, Retention};
 use tether_channels::{
     BufferLimits, ChannelError, ChannelEvent, ChannelOptions, ChannelReason, ChannelState,
@@ -19,6 +18,21 @@ use tether_transport::protocol::Offset;
 use tether_transport::{ConnectionState, Transport, TransportConfig};
 
 const T: Duration = Duration::from_secs(10);
+
+/// Waits for every future, but never forever: an unanswered publish fails the test.
+async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(futures))
+        .await
+        .expect("every publish answered within 60 s")
+}
+
+/// The ack of one publish, within a timeout.
+async fn acked(publish: tether_channels::PublishFuture) -> tether_channels::PublishAck {
+    tokio::time::timeout(T, publish)
+        .await
+        .expect("publish answered in time")
+        .expect("publish acknowledged")
+}
 
 fn retention(max_messages: usize) -> Retention {
     Retention {
@@ -160,7 +174,7 @@ async fn a_subscriber_that_was_away_receives_everything_on_resume() {
         .await
         .unwrap();
 
-    news.publish(&0u64).await.unwrap();
+    acked(news.publish(&0u64)).await;
     assert_eq!(
         payloads(&collect_messages(&mut events, 1, T).await.unwrap()),
         [0]
@@ -284,7 +298,7 @@ async fn a_replay_whose_ack_was_lost_is_stored_once() {
             .await
             .is_err()
     );
-    let next = ledger.publish(&43u64).await.unwrap();
+    let next = acked(ledger.publish(&43u64)).await;
     assert_eq!(next.offset, ack.offset.map(Offset::next));
     publisher.close().await;
     subscriber.close().await;
@@ -387,7 +401,7 @@ async fn a_hub_that_lost_its_memory_is_a_new_epoch_and_a_discontinuity_not_silen
         .until_channel_state(ChannelState::Attached, T)
         .await
         .unwrap();
-    feed.publish(&6u64).await.unwrap();
+    acked(feed.publish(&6u64)).await;
 
     let after = collect_messages(&mut events, 1, T).await.unwrap();
     match &after[..] {
@@ -451,8 +465,8 @@ async fn one_denied_channel_fails_alone_while_the_others_work() {
         .unwrap();
 
     // a and b work, over a cut and a resync too.
-    a.publish(&1u64).await.unwrap();
-    b.publish(&2u64).await.unwrap();
+    acked(a.publish(&1u64)).await;
+    acked(b.publish(&2u64)).await;
     proxy.cut_all();
     conn_events
         .until(T, |e| {
@@ -460,8 +474,8 @@ async fn one_denied_channel_fails_alone_while_the_others_work() {
         })
         .await
         .unwrap();
-    a.publish(&3u64).await.unwrap();
-    b.publish(&4u64).await.unwrap();
+    acked(a.publish(&3u64)).await;
+    acked(b.publish(&4u64)).await;
     assert_eq!(
         payloads(&collect_messages(&mut a_events, 2, T).await.unwrap()),
         [1, 3]
@@ -592,5 +606,118 @@ async fn a_subscriber_that_stops_reading_catches_up_from_history_without_loss() 
     );
     subscriber.close().await;
     publisher.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_channel_reopened_on_the_same_transport_is_a_new_producer() {
+    init_tracing();
+    let hub = start_channel_hub(free_addr(), retention(1000));
+    let (transport, _) = start(client(hub.ws_url()));
+    let (subscriber, _) = start(client(hub.ws_url()));
+    let (_sub, mut events, _) = open_attached(&subscriber, "room", ChannelOptions::default(), T)
+        .await
+        .unwrap();
+    let (room, _, _) = open_attached(&transport, "room", ChannelOptions::publish_only(), T)
+        .await
+        .unwrap();
+    for r in join_all((1..=3u64).map(|i| room.publish(&i))).await {
+        r.unwrap();
+    }
+    room.detach().await;
+    let (again, _, _) = open_attached(&transport, "room", ChannelOptions::publish_only(), T)
+        .await
+        .unwrap();
+    // Sequence numbers restart at 1 on the new handle; they must not be taken for replays.
+    for r in join_all((4..=6u64).map(|i| again.publish(&i))).await {
+        assert!(!r.unwrap().duplicate);
+    }
+    let got = collect_messages(&mut events, 6, T).await.unwrap();
+    assert_eq!(payloads(&got), [1, 2, 3, 4, 5, 6]);
+    transport.close().await;
+    subscriber.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn oversized_payloads_are_refused_with_typed_errors_not_reconnect_loops() {
+    init_tracing();
+    let service = ChannelService::builder()
+        .max_message_size(2048)
+        .build()
+        .unwrap();
+    let hub = start_hub_with(free_addr(), service);
+    let (transport, mut conn_events) = start(
+        fast_client(hub.ws_url())
+            .max_frame_size(8 * 1024)
+            .build()
+            .unwrap(),
+    );
+    let (room, _, _) = open_attached(&transport, "big", ChannelOptions::default(), T)
+        .await
+        .unwrap();
+    // Larger than the transport's frame limit: refused at once by the client.
+    match tokio::time::timeout(T, room.publish(&"x".repeat(16 * 1024)))
+        .await
+        .expect("answered at once")
+    {
+        Err(ChannelError::PayloadTooLarge { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    // Within the frame limit but above the hub's message limit: refused by the hub, for that
+    // publish only.
+    match tokio::time::timeout(T, room.publish(&"x".repeat(4 * 1024)))
+        .await
+        .expect("answered by the hub")
+    {
+        Err(e @ ChannelError::Rejected { .. }) => assert!(e.is_permanent()),
+        other => panic!("{other:?}"),
+    }
+    let ok = acked(room.publish(&"small")).await;
+    assert_eq!(ok.offset, Some(Offset(1)));
+    conn_events
+        .until(T, |e| {
+            e.from == ConnectionState::Syncing && e.to == ConnectionState::Connected
+        })
+        .await
+        .unwrap();
+    conn_events
+        .expect_quiet(Duration::from_millis(200))
+        .await
+        .expect("the connection never dropped");
+    transport.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_failed_transport_answers_every_pending_publish() {
+    init_tracing();
+    let config = tether_integration_tests::harness::test_hub_config(free_addr())
+        .authenticator(tether_transport::hub::StaticTokens::new(["right"]))
+        .build()
+        .unwrap();
+    let hub = tether_transport::hub::Hub::start(config).unwrap();
+    let (transport, mut conn_events) =
+        start(fast_client(hub.ws_url()).token("wrong").build().unwrap());
+    let (room, _) = tether_channels::Channel::open(&transport, "room", ChannelOptions::default())
+        .await
+        .unwrap();
+    let pending = room.publish(&1u64);
+    conn_events
+        .until_state(ConnectionState::Failed, T)
+        .await
+        .unwrap();
+    match tokio::time::timeout(T, pending).await.expect("answered") {
+        Err(ChannelError::Failed { cause, .. }) => assert!(cause.is_permanent()),
+        other => panic!("{other:?}"),
+    }
+    match tokio::time::timeout(T, room.publish(&2u64))
+        .await
+        .expect("answered")
+    {
+        Err(ChannelError::Failed { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    transport.close().await;
     hub.stop().await;
 }

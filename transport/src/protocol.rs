@@ -330,6 +330,11 @@ pub struct Attach {
     /// the live head.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<Position>,
+    /// Identifies the publishing handle within the client instance (random per channel
+    /// handle). Publish ids are `(client id, instance, producer, channel, seq)`, so a channel
+    /// re-opened on the same transport never collides with its earlier sequence numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub producer: Option<String>,
 }
 
 fn yes() -> bool {
@@ -649,6 +654,7 @@ mod tests {
                 channel: "room".into(),
                 subscribe: false,
                 resume: Some(position(7)),
+                producer: Some("p-1".into()),
             }),
             Frame::Attached(Attached {
                 channel: "room".into(),

@@ -57,9 +57,14 @@ pub enum ChannelLink {
         session: SessionId,
         /// Whether the hub resumed the previous session.
         resumed: bool,
+        /// Identifies this resync; echo it in [`ChannelSynced`].
+        generation: u64,
     },
     /// The connection is gone; another will follow (or the transport fails).
     Down(TransportError),
+    /// The transport failed permanently (auth rejected, version mismatch, gave up): answer
+    /// every pending publish with this error. A manual reconnect may bring `Up` again.
+    Failed(TransportError),
     /// A frame for this channel arrived.
     Inbound(Frame),
     /// The transport was closed; nothing more will come.
@@ -98,6 +103,8 @@ pub struct UnregisterChannel {
 pub struct ChannelSynced {
     /// Channel name.
     pub name: String,
+    /// The generation of the [`ChannelLink::Up`] this answers (stale answers are ignored).
+    pub generation: u64,
 }
 
 /// What `reconnect_now()` did.
@@ -141,6 +148,7 @@ pub struct TransportActor {
     channels: HashMap<String, Recipient<ChannelLink>>,
     channel_status: HashMap<String, Recipient<QueryChannel>>,
     syncing: HashSet<String>,
+    sync_generation: u64,
     span: tracing::Span,
 }
 
@@ -176,6 +184,7 @@ impl TransportActor {
             channels: HashMap::new(),
             channel_status: HashMap::new(),
             syncing: HashSet::new(),
+            sync_generation: 0,
             span,
             config,
         }
@@ -204,6 +213,17 @@ impl TransportActor {
                 metrics::counter!(telemetry::STATE_TRANSITIONS, "from" => event.from.as_str(), "to" => event.to.as_str())
                     .increment(1);
                 self.subscribers.retain(|s| s.connected());
+                if event.to == ConnectionState::Failed {
+                    let error = event
+                        .reason
+                        .error()
+                        .cloned()
+                        .or_else(|| self.last_error.clone())
+                        .unwrap_or(TransportError::Closed);
+                    for link in self.channels.values() {
+                        link.do_send(ChannelLink::Failed(error.clone()));
+                    }
+                }
                 for s in &self.subscribers {
                     s.do_send(event.clone());
                 }
@@ -366,10 +386,15 @@ impl TransportActor {
         let (Some(conn), Some(session)) = (conn, self.session.clone()) else {
             return;
         };
+        // A channel whose actor is gone cannot answer: forget it rather than wait forever.
+        self.channels.retain(|_, link| link.connected());
+        self.channel_status
+            .retain(|name, _| self.channels.contains_key(name));
         if self.channels.is_empty() {
             self.finish_recovery();
             return;
         }
+        self.sync_generation += 1;
         self.syncing = self.channels.keys().cloned().collect();
         let reason = TransitionReason::Resyncing {
             channels: self.syncing.len(),
@@ -382,6 +407,7 @@ impl TransportActor {
                 conn: conn.clone(),
                 session: session.clone(),
                 resumed,
+                generation: self.sync_generation,
             });
         }
     }
@@ -628,6 +654,7 @@ impl Handler<RegisterChannel> for TransportActor {
                     conn,
                     session,
                     resumed: false,
+                    generation: self.sync_generation,
                 });
             }
         }
@@ -651,7 +678,9 @@ impl Handler<ChannelSynced> for TransportActor {
     type Result = ();
 
     fn handle(&mut self, msg: ChannelSynced, _ctx: &mut Context<Self>) {
-        self.channel_synced(&msg.name);
+        if msg.generation == self.sync_generation {
+            self.channel_synced(&msg.name);
+        }
     }
 }
 
@@ -682,6 +711,7 @@ impl TransportActor {
 pub struct Transport {
     addr: Addr<TransportActor>,
     client_id: crate::protocol::ClientId,
+    max_frame_size: usize,
 }
 
 impl Transport {
@@ -697,8 +727,13 @@ impl Transport {
         subscribers: Vec<Recipient<ConnectionStateChanged>>,
     ) -> Transport {
         let client_id = config.client_id.clone();
+        let max_frame_size = config.max_frame_size;
         let addr = TransportActor::new(config, subscribers).start();
-        Transport { addr, client_id }
+        Transport {
+            addr,
+            client_id,
+            max_frame_size,
+        }
     }
 
     /// Starts the transport and returns a receiver of every state transition, the first one
@@ -736,9 +771,15 @@ impl Transport {
         self.addr.do_send(UnregisterChannel { name });
     }
 
-    /// Tells the transport that a channel finished re-attaching.
-    pub fn channel_synced(&self, name: String) {
-        self.addr.do_send(ChannelSynced { name });
+    /// Tells the transport that a channel finished re-attaching after the `Up` of
+    /// `generation`.
+    pub fn channel_synced(&self, name: String, generation: u64) {
+        self.addr.do_send(ChannelSynced { name, generation });
+    }
+
+    /// The largest frame this transport sends or accepts.
+    pub fn max_frame_size(&self) -> usize {
+        self.max_frame_size
     }
 
     /// Subscribes `recipient` to every transition from now on.

@@ -204,7 +204,7 @@ impl Handler<PublishCommand> for HubChannel {
             }
             PublishOutcome::Duplicate { offset } => {
                 metrics::counter!(telemetry::DUPLICATES_DROPPED, "side" => "hub").increment(1);
-                tracing::debug!(parent: &self.span, producer = %msg.producer.0, seq = msg.seq, "duplicate publish acknowledged again");
+                tracing::debug!(parent: &self.span, producer = %msg.producer, seq = msg.seq, "duplicate publish acknowledged again");
                 (offset, true)
             }
         };

@@ -13,7 +13,9 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use bytestring::ByteString;
-use tether_transport::protocol::{Epoch, Frame, Gap, Message, Offset, Payload, Position};
+use tether_transport::protocol::{
+    ClientId, Epoch, Frame, Gap, InstanceId, Message, Offset, Payload, Position,
+};
 use tokio::time::Instant;
 
 use super::history::{HistoryStore, StoredMessage};
@@ -26,9 +28,22 @@ pub const DEFAULT_MAX_PRODUCERS: usize = 100_000;
 /// Default time a silent producer is remembered: 24 hours (the history retention).
 pub const DEFAULT_PRODUCER_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// Identifies one publishing client instance.
+/// Identifies one publisher: a channel handle of one client process instance.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ProducerKey(pub String);
+pub struct ProducerKey {
+    /// The client's id.
+    pub client: ClientId,
+    /// The client process instance.
+    pub instance: InstanceId,
+    /// The channel handle within that instance.
+    pub producer: String,
+}
+
+impl std::fmt::Display for ProducerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.client, self.instance, self.producer)
+    }
+}
 
 #[derive(Debug)]
 struct ProducerState {
@@ -115,7 +130,7 @@ impl DedupeTable {
                 .min_by_key(|(_, p)| p.last_seen)
                 .map(|(k, _)| k.clone())
             {
-                tracing::warn!(producer = %oldest.0, "dedupe table full; forgetting the least recent producer");
+                tracing::warn!(producer = %oldest, "dedupe table full; forgetting the least recent producer");
                 self.producers.remove(&oldest);
             }
         }
@@ -234,9 +249,20 @@ impl ChannelLog {
             };
         };
         let first = self.store.first_retained(now);
-        let (start_after, gap) = if from.epoch == epoch {
+        let (start_after, gap) = if from.epoch == epoch && from.offset > head {
+            // The subscriber saw offsets this log no longer has (a store that lost its tail
+            // without changing epoch): those numbers will be reused, so say so.
+            let gap = Gap {
+                from: Position {
+                    epoch: epoch.clone(),
+                    offset: head.next(),
+                },
+                to: from.clone(),
+            };
+            (head, Some(gap))
+        } else if from.epoch == epoch {
             if from.offset.next() >= first {
-                (from.offset.min(head), None)
+                (from.offset, None)
             } else {
                 let gap = Gap {
                     from: Position {
@@ -245,10 +271,10 @@ impl ChannelLog {
                     },
                     to: Position {
                         epoch: epoch.clone(),
-                        offset: Offset(first.0 - 1),
+                        offset: Offset(first.0.saturating_sub(1)),
                     },
                 };
-                (Offset(first.0 - 1), Some(gap))
+                (Offset(first.0.saturating_sub(1)), Some(gap))
             }
         } else {
             // Another incarnation of the log: the old tail may be lost; everything of this one
@@ -260,10 +286,10 @@ impl ChannelLog {
                 },
                 to: Position {
                     epoch: epoch.clone(),
-                    offset: Offset(first.0 - 1),
+                    offset: Offset(first.0.saturating_sub(1)),
                 },
             };
-            (Offset(first.0 - 1), Some(gap))
+            (Offset(first.0.saturating_sub(1)), Some(gap))
         };
         let replay = self
             .store
@@ -302,7 +328,11 @@ mod tests {
     }
 
     fn producer(name: &str) -> ProducerKey {
-        ProducerKey(name.into())
+        ProducerKey {
+            client: ClientId(name.into()),
+            instance: InstanceId("i".into()),
+            producer: String::new(),
+        }
     }
 
     fn offsets(frames: &[ByteString]) -> Vec<u64> {
@@ -399,6 +429,24 @@ mod tests {
         let live = l.resume(None, now);
         assert!(live.replay.is_empty());
         assert_eq!(live.head, Offset(5));
+    }
+
+    #[test]
+    fn resume_from_beyond_the_head_reports_the_renumbered_range() {
+        let mut l = log(100);
+        let now = Instant::now();
+        l.publish(&producer("a"), 1, &p(1), now);
+        let epoch = l.epoch().clone();
+        let ahead = Position {
+            epoch: epoch.clone(),
+            offset: Offset(5),
+        };
+        let plan = l.resume(Some(&ahead), now);
+        assert!(!plan.resumed);
+        assert!(plan.replay.is_empty());
+        let gap = plan.gap.unwrap();
+        assert_eq!(gap.from.offset, Offset(2));
+        assert_eq!(gap.to, ahead);
     }
 
     #[test]

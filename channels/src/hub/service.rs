@@ -25,6 +25,9 @@ use crate::error::validate_name;
 pub const DEFAULT_MAX_CHANNELS: usize = 100_000;
 /// Default most publishes one connection may have awaiting their ack: 65,536.
 pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: usize = 65_536;
+/// Default largest payload a publish may carry: 512 KiB. Larger ones are refused (permanently,
+/// for that publish) so that no stored message can exceed a client's frame limit.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 512 * 1024;
 /// Default capacity of a channel actor's mailbox: 65,536 commands.
 pub const DEFAULT_CHANNEL_MAILBOX: usize = 65_536;
 
@@ -66,6 +69,7 @@ pub struct ChannelServiceBuilder {
     max_producers: usize,
     producer_ttl: Duration,
     threads: usize,
+    max_message_size: usize,
 }
 
 impl ChannelServiceBuilder {
@@ -103,6 +107,13 @@ impl ChannelServiceBuilder {
     /// original offset. Default 1024.
     pub fn dedupe_window(mut self, n: usize) -> Self {
         self.dedupe_window = n;
+        self
+    }
+
+    /// Largest payload a publish may carry. Default 512 KiB; keep it well below the clients'
+    /// frame limit (1 MiB by default), since the hub adds the message envelope.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
         self
     }
 
@@ -150,6 +161,7 @@ impl ChannelServiceBuilder {
                 dedupe_window: self.dedupe_window,
                 max_producers: self.max_producers,
                 producer_ttl: self.producer_ttl,
+                max_message_size: self.max_message_size,
             }),
         })
     }
@@ -166,6 +178,7 @@ struct Inner {
     dedupe_window: usize,
     max_producers: usize,
     producer_ttl: Duration,
+    max_message_size: usize,
 }
 
 impl Drop for Inner {
@@ -234,6 +247,7 @@ impl ChannelService {
             max_producers: DEFAULT_MAX_PRODUCERS,
             producer_ttl: DEFAULT_PRODUCER_TTL,
             threads: 1,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 
@@ -257,17 +271,12 @@ impl std::fmt::Debug for ChannelService {
 
 impl SessionHandler for ChannelService {
     fn open(&self, conn: ConnInfo, outbox: SessionOutbox) -> Box<dyn ConnectionHandler> {
-        let producer = conn
-            .instance
-            .as_ref()
-            .map(|i| ProducerKey(format!("{}/{}", conn.client_id, i)));
         Box::new(ConnHandler {
             conn,
             outbox,
             inner: self.inner.clone(),
             attached: HashMap::new(),
             in_flight: 0,
-            producer,
         })
     }
 }
@@ -291,9 +300,10 @@ struct ConnHandler {
     conn: ConnInfo,
     outbox: SessionOutbox,
     inner: Arc<Inner>,
-    attached: HashMap<String, Addr<HubChannel>>,
+    /// Attached channels, with the producer identity publishes on them carry (none when the
+    /// hello had no instance id: such a connection may subscribe but not publish).
+    attached: HashMap<String, (Addr<HubChannel>, Option<ProducerKey>)>,
     in_flight: usize,
-    producer: Option<ProducerKey>,
 }
 
 impl ConnHandler {
@@ -365,12 +375,17 @@ impl ConnectionHandler for ConnHandler {
                 channel
                     .try_send(subscribe)
                     .map_err(|_| Self::overloaded(&name, None))?;
-                self.attached.insert(name, channel);
+                let producer = self.conn.instance.clone().map(|instance| ProducerKey {
+                    client: self.conn.client_id.clone(),
+                    instance,
+                    producer: attach.producer.unwrap_or_default(),
+                });
+                self.attached.insert(name, (channel, producer));
                 Ok(())
             }
             Frame::Detach(detach) => {
                 match self.attached.remove(&detach.channel) {
-                    Some(channel) => channel.do_send(Unsubscribe {
+                    Some((channel, _)) => channel.do_send(Unsubscribe {
                         conn_id: self.conn.conn_id,
                         reply: Some(self.outbox.clone()),
                     }),
@@ -391,7 +406,7 @@ impl ConnectionHandler for ConnHandler {
             Frame::Publish(publish) => {
                 let name = publish.channel;
                 let seq = publish.seq;
-                let Some(channel) = self.attached.get(&name) else {
+                let Some((channel, producer)) = self.attached.get(&name) else {
                     let error = refusal(
                         ErrorCode::NotAttached,
                         ErrorCategory::Subscription,
@@ -400,7 +415,7 @@ impl ConnectionHandler for ConnHandler {
                     );
                     return Err(Self::reject(error, &name, Some(seq), false));
                 };
-                let Some(producer) = self.producer.clone() else {
+                let Some(producer) = producer.clone() else {
                     let error = refusal(
                         ErrorCode::UnexpectedFrame,
                         ErrorCategory::Protocol,
@@ -409,6 +424,20 @@ impl ConnectionHandler for ConnHandler {
                     );
                     return Err(Self::reject(error, &name, Some(seq), false));
                 };
+                if publish.payload.len() > self.inner.max_message_size {
+                    // Permanent for this publish: resending the same bytes cannot succeed.
+                    let error = refusal(
+                        ErrorCode::FrameTooLarge,
+                        ErrorCategory::Protocol,
+                        true,
+                        format!(
+                            "payload of {} bytes exceeds the hub's maximum of {}",
+                            publish.payload.len(),
+                            self.inner.max_message_size
+                        ),
+                    );
+                    return Err(Self::reject(error, &name, Some(seq), false));
+                }
                 if self.in_flight >= self.inner.max_in_flight {
                     let error = refusal(
                         ErrorCode::RateLimited,
@@ -451,7 +480,7 @@ impl ConnectionHandler for ConnHandler {
     }
 
     fn on_close(&mut self) {
-        for (_, channel) in self.attached.drain() {
+        for (_, (channel, _)) in self.attached.drain() {
             channel.do_send(Unsubscribe {
                 conn_id: self.conn.conn_id,
                 reply: None,
