@@ -6,7 +6,9 @@
 //! [`ConnectionStateChanged`] to every subscriber. Every timer's `SpawnHandle` is kept and
 //! cancelled on state change and on stop, so a closed transport has nothing left that can fire.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
@@ -75,6 +77,10 @@ pub enum ChannelLink {
 #[derive(Debug, Message)]
 #[rtype(result = "ChannelSummary")]
 pub struct QueryChannel;
+
+/// The channels registered on a transport, shared with its connection actors (same thread) so
+/// that channel frames go straight from the socket to their channel.
+pub type ChannelRoutes = Rc<RefCell<HashMap<String, Recipient<ChannelLink>>>>;
 
 /// Registers a channel under `name`: it receives its frames and the connection's ups and downs.
 #[derive(Message)]
@@ -145,7 +151,7 @@ pub struct TransportActor {
     connected_since: Option<SystemTime>,
     lost_at: Option<Instant>,
     instance: InstanceId,
-    channels: HashMap<String, Recipient<ChannelLink>>,
+    channels: ChannelRoutes,
     channel_status: HashMap<String, Recipient<QueryChannel>>,
     syncing: HashSet<String>,
     sync_generation: u64,
@@ -181,7 +187,7 @@ impl TransportActor {
             connected_since: None,
             lost_at: None,
             instance: InstanceId::random(),
-            channels: HashMap::new(),
+            channels: ChannelRoutes::default(),
             channel_status: HashMap::new(),
             syncing: HashSet::new(),
             sync_generation: 0,
@@ -220,7 +226,7 @@ impl TransportActor {
                         .cloned()
                         .or_else(|| self.last_error.clone())
                         .unwrap_or(TransportError::Closed);
-                    for link in self.channels.values() {
+                    for link in self.channels.borrow().values() {
                         link.do_send(ChannelLink::Failed(error.clone()));
                     }
                 }
@@ -276,14 +282,7 @@ impl TransportActor {
             handshake_timeout: self.config.handshake_timeout,
             max_frame_size: self.config.max_frame_size,
         };
-        let client = self
-            .client
-            .get_or_insert_with(|| {
-                awc::Client::builder()
-                    .max_http_version(awc::http::Version::HTTP_11)
-                    .finish()
-            })
-            .clone();
+        let client = self.client.get_or_insert_with(websocket_client).clone();
         let id = self.next_conn_id;
         tracing::debug!(parent: &self.span, conn_id = id, attempt, %endpoint, "opening connection");
         let ws = WebSocketActor::new(
@@ -293,6 +292,7 @@ impl TransportActor {
             settings,
             client,
             ctx.address().recipient(),
+            self.channels.clone(),
         );
         // Started on this actor's arbiter: the client (awc) is single-threaded.
         let span = tracing::info_span!(parent: &self.span, "connection", conn_id = id, attempt);
@@ -387,22 +387,24 @@ impl TransportActor {
             return;
         };
         // A channel whose actor is gone cannot answer: forget it rather than wait forever.
-        self.channels.retain(|_, link| link.connected());
+        self.channels
+            .borrow_mut()
+            .retain(|_, link| link.connected());
         self.channel_status
-            .retain(|name, _| self.channels.contains_key(name));
-        if self.channels.is_empty() {
+            .retain(|name, _| self.channels.borrow().contains_key(name));
+        if self.channels.borrow().is_empty() {
             self.finish_recovery();
             return;
         }
         self.sync_generation += 1;
-        self.syncing = self.channels.keys().cloned().collect();
+        self.syncing = self.channels.borrow().keys().cloned().collect();
         let reason = TransitionReason::Resyncing {
             channels: self.syncing.len(),
         };
         if !self.transition(ConnectionState::Syncing, reason, attempt, None) {
             return;
         }
-        for link in self.channels.values() {
+        for link in self.channels.borrow().values() {
             link.do_send(ChannelLink::Up {
                 conn: conn.clone(),
                 session: session.clone(),
@@ -432,7 +434,7 @@ impl TransportActor {
         self.conn = None;
         self.syncing.clear();
         if established {
-            for link in self.channels.values() {
+            for link in self.channels.borrow().values() {
                 link.do_send(ChannelLink::Down(error.clone()));
             }
         }
@@ -501,6 +503,25 @@ impl TransportActor {
     }
 }
 
+/// The HTTP client for WebSocket upgrades: HTTP/1.1, and TCP_NODELAY on every socket so that
+/// small frames (publishes, acks) are not held back by Nagle's algorithm.
+fn websocket_client() -> awc::Client {
+    use actix_service::ServiceExt as _;
+    type Tcp = actix_tls::connect::Connection<awc::http::Uri, actix_rt::net::TcpStream>;
+    let tcp = actix_tls::connect::Connector::default()
+        .service()
+        .map(|conn: Tcp| {
+            if let Err(e) = conn.io_ref().set_nodelay(true) {
+                tracing::debug!(%e, "could not set TCP_NODELAY");
+            }
+            conn
+        });
+    awc::Client::builder()
+        .max_http_version(awc::http::Version::HTTP_11)
+        .connector(awc::Connector::new().connector(tcp))
+        .finish()
+}
+
 impl Actor for TransportActor {
     type Context = Context<Self>;
 
@@ -538,7 +559,7 @@ impl Handler<WsEvent> for TransportActor {
             WsEvent::Inbound { conn_id, frame } if Some(conn_id) == current => match frame {
                 frame if frame.channel().is_some() => {
                     let name = frame.channel().unwrap_or_default();
-                    match self.channels.get(name) {
+                    match self.channels.borrow().get(name) {
                         Some(link) => link.do_send(ChannelLink::Inbound(frame)),
                         None => {
                             tracing::debug!(parent: &self.span, channel = name, kind = frame.kind(), "frame for a channel that is not open")
@@ -620,7 +641,7 @@ impl Handler<Close> for TransportActor {
         if let Some(addr) = self.conn.take().and_then(|c| c.addr) {
             addr.do_send(CloseConnection);
         }
-        for (_, link) in self.channels.drain() {
+        for (_, link) in self.channels.borrow_mut().drain() {
             link.do_send(ChannelLink::Closed);
         }
         let attempt = self.manager.attempt();
@@ -641,7 +662,12 @@ impl Handler<RegisterChannel> for TransportActor {
         if self.fsm.state() == ConnectionState::Closed {
             return Err(TransportError::Closed);
         }
-        if self.channels.get(&msg.name).is_some_and(|l| l.connected()) {
+        if self
+            .channels
+            .borrow()
+            .get(&msg.name)
+            .is_some_and(|l| l.connected())
+        {
             return Err(TransportError::ChannelInUse { channel: msg.name });
         }
         // Already connected: the new channel attaches at once (it is not part of a resync).
@@ -659,7 +685,7 @@ impl Handler<RegisterChannel> for TransportActor {
             }
         }
         self.channel_status.insert(msg.name.clone(), msg.status);
-        self.channels.insert(msg.name, msg.link);
+        self.channels.borrow_mut().insert(msg.name, msg.link);
         Ok(())
     }
 }
@@ -668,7 +694,7 @@ impl Handler<UnregisterChannel> for TransportActor {
     type Result = ();
 
     fn handle(&mut self, msg: UnregisterChannel, _ctx: &mut Context<Self>) {
-        self.channels.remove(&msg.name);
+        self.channels.borrow_mut().remove(&msg.name);
         self.channel_status.remove(&msg.name);
         self.channel_synced(&msg.name);
     }

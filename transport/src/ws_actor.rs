@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
 use crate::protocol::{Frame, Hello, Welcome};
+use crate::transport_actor::{ChannelLink, ChannelRoutes};
 
 type WsSink = SplitSink<actix_codec::Framed<BoxedSocket, ws::Codec>, ws::Message>;
 
@@ -99,6 +100,7 @@ pub struct WebSocketActor {
     settings: WsSettings,
     client: awc::Client,
     supervisor: Recipient<WsEvent>,
+    routes: ChannelRoutes,
     sink: Option<SinkWrite<ws::Message, WsSink>>,
     phase: Phase,
     heartbeat: Heartbeat,
@@ -117,6 +119,7 @@ impl WebSocketActor {
         settings: WsSettings,
         client: awc::Client,
         supervisor: Recipient<WsEvent>,
+        routes: ChannelRoutes,
     ) -> Self {
         let heartbeat = Heartbeat::new(
             settings.heartbeat_interval,
@@ -130,6 +133,7 @@ impl WebSocketActor {
             settings,
             client,
             supervisor,
+            routes,
             sink: None,
             phase: Phase::Connecting,
             heartbeat,
@@ -244,10 +248,20 @@ impl WebSocketActor {
             {
                 self.end(ctx, err.into_error(), Some(ws::CloseCode::Normal));
             }
-            (Phase::Open, frame) => self.supervisor.do_send(WsEvent::Inbound {
-                conn_id: self.conn_id,
-                frame,
-            }),
+            (Phase::Open, frame) => {
+                // Channel frames go straight to their channel (one hop, in socket order); the
+                // rest to the supervisor.
+                let route = frame
+                    .channel()
+                    .and_then(|name| self.routes.borrow().get(name).cloned());
+                match route {
+                    Some(link) => link.do_send(ChannelLink::Inbound(frame)),
+                    None => self.supervisor.do_send(WsEvent::Inbound {
+                        conn_id: self.conn_id,
+                        frame,
+                    }),
+                }
+            }
             (_, frame) => {
                 let error = TransportError::UnexpectedFrame {
                     expected: "welcome",

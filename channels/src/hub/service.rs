@@ -117,7 +117,9 @@ impl ChannelServiceBuilder {
         self
     }
 
-    /// Threads that run channel actors. Default 1.
+    /// Dedicated threads that run channel actors. Default 1. 0 runs each channel on the hub
+    /// worker that first attached it (fewer thread hops), but then a channel — and its
+    /// in-memory history — ends with that worker when the server stops.
     pub fn threads(mut self, n: usize) -> Self {
         self.threads = n;
         self
@@ -136,9 +138,6 @@ impl ChannelServiceBuilder {
         }
         if self.max_in_flight_per_connection == 0 {
             return invalid("max_in_flight_per_connection");
-        }
-        if self.threads == 0 {
-            return invalid("threads");
         }
         if self.retention.max_messages == 0 {
             return invalid("retention.max_messages");
@@ -208,16 +207,22 @@ impl Inner {
                 ),
             ));
         }
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        name.hash(&mut hasher);
-        let arbiter = &self.arbiters[(hasher.finish() as usize) % self.arbiters.len()];
+        // With no dedicated threads, a channel lives on the worker of the connection that
+        // created it: for a single-worker hub every hop stays on one thread.
+        let arbiter = if self.arbiters.is_empty() {
+            Arbiter::current()
+        } else {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            name.hash(&mut hasher);
+            self.arbiters[(hasher.finish() as usize) % self.arbiters.len()].handle()
+        };
         let log = ChannelLog::new(
             name,
             self.history.create(name),
             DedupeTable::new(self.dedupe_window, self.max_producers, self.producer_ttl),
         );
         let mailbox = self.channel_mailbox;
-        let addr = HubChannel::start_in_arbiter(&arbiter.handle(), move |ctx| {
+        let addr = HubChannel::start_in_arbiter(&arbiter, move |ctx| {
             ctx.set_mailbox_capacity(mailbox);
             HubChannel::new(log)
         });

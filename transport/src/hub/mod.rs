@@ -300,6 +300,8 @@ impl Hub {
                 .route("/metrics", web::get().to(metrics_route))
         })
         .workers(config.workers)
+        // Small frames (acks, messages) must not wait for Nagle and delayed ACKs.
+        .tcp_nodelay(true)
         .shutdown_timeout(1)
         .disable_signals()
         .bind(config.bind)
