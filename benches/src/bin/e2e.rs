@@ -1,0 +1,546 @@
+//! End-to-end benchmark: one publisher → hub → one subscriber on one channel, over loopback.
+//!
+//! For each payload size, Tether (an embedded hub with a `ChannelService`, a publish-only
+//! channel and a subscribing channel on two `Transport`s) and a raw tokio-tungstenite relay are
+//! measured in the same run: throughput (messages/s until the subscriber has all of them) and
+//! latency (p50/p99 in µs from the publish call to receipt, from a timestamp in the payload).
+//! Both keep at most `--window` messages outstanding: Tether's unacknowledged publishes; the
+//! raw publisher (which has no acks) the messages its subscriber has not received yet. Both
+//! systems are set up side by side and warmed up, then measured in alternating rounds; the
+//! median round is reported.
+//!
+//! `cargo run --release -p tether-benches --bin e2e -- --help`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::stream::FuturesUnordered;
+use futures::{SinkExt, StreamExt};
+use serde::Serialize;
+use tether_benches::payload::{make_payload, sent_at, Clock};
+use tether_benches::raw::{self, RawClient, RelayHandle};
+use tether_benches::report::{bytes_text, ratio_text, thousands, write_json, Table};
+use tether_benches::stats::{per_second, ratio, Latencies, LatencySummary, RoundRates};
+use tether_benches::tether::{self as tether_side, CHANNEL};
+use tether_benches::{sys, within, BoxError};
+use tether_channels::{BufferLimits, Channel, ChannelEvent, ChannelEvents, ChannelOptions};
+use tether_transport::hub::HubHandle;
+use tether_transport::protocol::Payload;
+use tether_transport::Transport;
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Time a channel has to attach, and a raw socket to connect.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Parser)]
+#[command(
+    about = "End-to-end publish → hub → subscriber throughput and latency: Tether vs a raw WebSocket relay"
+)]
+struct Args {
+    /// Messages per measured round, per payload size.
+    #[arg(long, default_value_t = 20_000)]
+    messages: usize,
+    /// Measured rounds per payload size, Tether and raw alternating; the median round's
+    /// throughput is reported, latency percentiles are over every measured message.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Messages sent first and not measured, on the same connections.
+    #[arg(long, default_value_t = 2_000)]
+    warmup: usize,
+    /// Most messages outstanding at once.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Payload sizes in bytes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [64usize, 1024])]
+    payloads: Vec<usize>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Leave Nagle's algorithm on for the raw baseline's sockets (by default the raw relay and
+    /// clients set TCP_NODELAY, as low-latency WebSocket servers usually do).
+    #[arg(long)]
+    raw_nagle: bool,
+    /// Pause before every round (and warm-up) so the other system's leftover work has drained.
+    #[arg(long, default_value_t = 100)]
+    settle_ms: u64,
+    /// Give up on a round (or the warm-up) after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+}
+
+impl Args {
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+
+    fn settle(&self) -> Duration {
+        Duration::from_millis(self.settle_ms)
+    }
+}
+
+/// One round of one system.
+struct Round {
+    elapsed: Duration,
+    latencies: Latencies,
+}
+
+/// Every measured round of one system for one payload size.
+#[derive(Default)]
+struct Rounds {
+    rates: RoundRates,
+    latencies: Latencies,
+}
+
+impl Rounds {
+    fn add(&mut self, messages: usize, round: Round) {
+        self.rates.push(per_second(messages as u64, round.elapsed));
+        self.latencies.extend(&round.latencies);
+    }
+
+    fn figures(&self) -> Figures {
+        Figures {
+            msgs_per_sec: self.rates.median(),
+            min_msgs_per_sec: self.rates.min(),
+            max_msgs_per_sec: self.rates.max(),
+            rounds: self.rates.rounds.clone(),
+            latency: self.latencies.summary(),
+        }
+    }
+}
+
+/// One system's figures for one payload size.
+#[derive(Debug, Clone, Serialize)]
+struct Figures {
+    /// The median round's throughput (the reported figure).
+    msgs_per_sec: f64,
+    min_msgs_per_sec: f64,
+    max_msgs_per_sec: f64,
+    /// Every round's throughput, in order.
+    rounds: Vec<f64>,
+    /// Publish call → receipt, over every measured message.
+    latency: LatencySummary,
+}
+
+/// One row of the report.
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    payload_bytes: usize,
+    tether: Figures,
+    raw: Figures,
+    /// tether msgs/s ÷ raw msgs/s (medians).
+    throughput_ratio: f64,
+}
+
+/// The whole report (what `--json` writes).
+#[derive(Debug, Clone, Serialize)]
+struct Report {
+    benchmark: &'static str,
+    messages_per_round: usize,
+    rounds: usize,
+    warmup: usize,
+    window: usize,
+    rows: Vec<Row>,
+}
+
+#[actix::main]
+async fn main() -> ExitCode {
+    sys::init_tracing();
+    let args = Args::parse();
+    match run(&args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("e2e: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: &Args) -> Result<(), BoxError> {
+    if args.messages == 0 || args.window == 0 || args.rounds == 0 {
+        return Err("--messages, --rounds and --window must be at least 1".into());
+    }
+    println!(
+        "e2e: 1 publisher → hub → 1 subscriber on 127.0.0.1; {} rounds × {} messages per payload \
+         size (+{} warm-up), window {}",
+        args.rounds, args.messages, args.warmup, args.window
+    );
+    let clock = Clock::new();
+    let mut rows = Vec::new();
+    for &size in &args.payloads {
+        let (tether, raw) = measure_payload(args, size, clock).await?;
+        for (name, f) in [("tether", &tether), ("raw", &raw)] {
+            println!(
+                "  {:>7}  {name:<6} {:>9} msgs/s (rounds {}–{})  p50 {} µs  p99 {} µs  max {} µs",
+                bytes_text(size),
+                thousands(f.msgs_per_sec),
+                thousands(f.min_msgs_per_sec),
+                thousands(f.max_msgs_per_sec),
+                f.latency.p50_us,
+                f.latency.p99_us,
+                f.latency.max_us,
+            );
+        }
+        rows.push(Row {
+            payload_bytes: size,
+            throughput_ratio: ratio(tether.msgs_per_sec, raw.msgs_per_sec),
+            tether,
+            raw,
+        });
+    }
+
+    let mut table = Table::new([
+        "payload",
+        "tether msgs/s",
+        "raw msgs/s",
+        "ratio",
+        "tether p50/p99 µs",
+        "raw p50/p99 µs",
+    ]);
+    for row in &rows {
+        table.row([
+            bytes_text(row.payload_bytes),
+            thousands(row.tether.msgs_per_sec),
+            thousands(row.raw.msgs_per_sec),
+            ratio_text(row.throughput_ratio),
+            format!(
+                "{} / {}",
+                row.tether.latency.p50_us, row.tether.latency.p99_us
+            ),
+            format!("{} / {}", row.raw.latency.p50_us, row.raw.latency.p99_us),
+        ]);
+    }
+    println!();
+    println!("{table}");
+    println!("msgs/s: median of the rounds; ratio = tether msgs/s ÷ raw msgs/s (1.00x = as fast as the raw relay)");
+
+    if let Some(path) = &args.json {
+        let report = Report {
+            benchmark: "e2e",
+            messages_per_round: args.messages,
+            rounds: args.rounds,
+            warmup: args.warmup,
+            window: args.window,
+            rows,
+        };
+        write_json(path, &report)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Sets up both systems for one payload size, warms both up, then runs the rounds, alternating
+/// which system goes first.
+async fn measure_payload(
+    args: &Args,
+    size: usize,
+    clock: Clock,
+) -> Result<(Figures, Figures), BoxError> {
+    let retained = args.warmup + args.rounds * args.messages;
+    let mut tether = TetherPair::start(retained, size, args.window, args.settle()).await?;
+    let mut raw = match RawPair::start(!args.raw_nagle, args.settle()).await {
+        Ok(raw) => raw,
+        Err(e) => {
+            tether.stop().await;
+            return Err(e);
+        }
+    };
+    let measured = async {
+        let timeout = args.timeout();
+        let (window, warmup) = (args.window, args.warmup);
+        within(
+            timeout,
+            "tether warm-up",
+            tether.round(warmup, size, window, clock),
+        )
+        .await?;
+        within(
+            timeout,
+            "raw warm-up",
+            raw.round(warmup, size, window, clock),
+        )
+        .await?;
+        let (mut t, mut r) = (Rounds::default(), Rounds::default());
+        for i in 0..args.rounds {
+            let n = args.messages;
+            if i % 2 == 0 {
+                t.add(
+                    n,
+                    within(
+                        timeout,
+                        "tether round",
+                        tether.round(n, size, window, clock),
+                    )
+                    .await?,
+                );
+                r.add(
+                    n,
+                    within(timeout, "raw round", raw.round(n, size, window, clock)).await?,
+                );
+            } else {
+                r.add(
+                    n,
+                    within(timeout, "raw round", raw.round(n, size, window, clock)).await?,
+                );
+                t.add(
+                    n,
+                    within(
+                        timeout,
+                        "tether round",
+                        tether.round(n, size, window, clock),
+                    )
+                    .await?,
+                );
+            }
+        }
+        Ok::<_, BoxError>((t.figures(), r.figures()))
+    }
+    .await;
+    tether.stop().await;
+    raw.stop().await;
+    measured
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tether
+
+/// An embedded hub, a publisher and a subscriber, attached to the same channel.
+struct TetherPair {
+    hub: HubHandle,
+    publisher: Transport,
+    subscriber: Transport,
+    channel: Channel,
+    _subscription: Channel,
+    events: Option<ChannelEvents>,
+    settle: Duration,
+}
+
+impl TetherPair {
+    async fn start(
+        retained: usize,
+        size: usize,
+        window: usize,
+        settle: Duration,
+    ) -> Result<Self, BoxError> {
+        let hub = tether_side::start_hub(retained, size)?;
+        let url = hub.ws_url();
+        let subscriber =
+            tether_side::connect(&url, CHANNEL, ChannelOptions::default(), SETUP_TIMEOUT).await;
+        let (subscriber, subscription, events) = match subscriber {
+            Ok(s) => s,
+            Err(e) => {
+                hub.stop().await;
+                return Err(e);
+            }
+        };
+        let options = ChannelOptions {
+            limits: BufferLimits {
+                max_messages: BufferLimits::default().max_messages.max(window * 2),
+                ..BufferLimits::default()
+            },
+            ..ChannelOptions::publish_only()
+        };
+        match tether_side::connect(&url, CHANNEL, options, SETUP_TIMEOUT).await {
+            Ok((publisher, channel, _)) => Ok(TetherPair {
+                hub,
+                publisher,
+                subscriber,
+                channel,
+                _subscription: subscription,
+                events: Some(events),
+                settle,
+            }),
+            Err(e) => {
+                subscriber.close().await;
+                hub.stop().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Publishes `n` messages with at most `window` unacknowledged, until the subscriber has
+    /// received all of them.
+    async fn round(
+        &mut self,
+        n: usize,
+        size: usize,
+        window: usize,
+        clock: Clock,
+    ) -> Result<Round, BoxError> {
+        tokio::time::sleep(self.settle).await;
+        let events = self.events.take().ok_or("the subscriber failed earlier")?;
+        let receiver = actix_rt::spawn(tether_receive(events, n, clock));
+        let start = Instant::now();
+        let mut outstanding = FuturesUnordered::new();
+        for _ in 0..n {
+            if outstanding.len() >= window {
+                if let Some(ack) = outstanding.next().await {
+                    ack?;
+                }
+            }
+            let text = make_payload(size, clock.micros());
+            let payload = Payload(serde_json::value::RawValue::from_string(text)?);
+            outstanding.push(self.channel.publish_payload(payload));
+        }
+        while let Some(ack) = outstanding.next().await {
+            ack?;
+        }
+        let (events, latencies, end) = receiver.await??;
+        self.events = Some(events);
+        Ok(Round {
+            elapsed: end - start,
+            latencies,
+        })
+    }
+
+    async fn stop(self) {
+        self.publisher.close().await;
+        self.subscriber.close().await;
+        self.hub.stop().await;
+    }
+}
+
+async fn tether_receive(
+    mut events: ChannelEvents,
+    n: usize,
+    clock: Clock,
+) -> Result<(ChannelEvents, Latencies, Instant), BoxError> {
+    let mut latencies = Latencies::with_capacity(n);
+    while latencies.len() < n {
+        match events.recv().await {
+            Some(ChannelEvent::Message(m)) => {
+                let now = clock.micros();
+                let sent = sent_at(m.payload.json()).ok_or("payload without a timestamp")?;
+                latencies.record(now.saturating_sub(sent));
+            }
+            Some(ChannelEvent::Discontinuity(d)) => {
+                return Err(format!("tether subscriber saw a discontinuity: {d:?}").into())
+            }
+            None => return Err("tether subscriber's channel closed".into()),
+        }
+    }
+    Ok((events, latencies, Instant::now()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw baseline
+
+/// A raw relay with its subscriber and publisher sockets.
+struct RawPair {
+    relay: RelayHandle,
+    publisher: RawClient,
+    subscriber: Option<RawClient>,
+    settle: Duration,
+}
+
+impl RawPair {
+    async fn start(nodelay: bool, settle: Duration) -> Result<Self, BoxError> {
+        let relay = raw::spawn_pair_relay(nodelay)?;
+        let url = relay.url();
+        // Accept order decides the roles: the subscriber first.
+        let sockets = async {
+            let subscriber = within(
+                SETUP_TIMEOUT,
+                "raw subscriber connect",
+                raw::connect(&url, nodelay),
+            )
+            .await?;
+            let publisher = within(
+                SETUP_TIMEOUT,
+                "raw publisher connect",
+                raw::connect(&url, nodelay),
+            )
+            .await?;
+            Ok::<_, BoxError>((subscriber, publisher))
+        }
+        .await;
+        match sockets {
+            Ok((subscriber, publisher)) => Ok(RawPair {
+                relay,
+                publisher,
+                subscriber: Some(subscriber),
+                settle,
+            }),
+            Err(e) => {
+                relay.join(Duration::ZERO).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends `n` messages keeping at most `window` not yet received by the subscriber,
+    /// flushing whenever it has to wait, until the subscriber has received all of them.
+    async fn round(
+        &mut self,
+        n: usize,
+        size: usize,
+        window: usize,
+        clock: Clock,
+    ) -> Result<Round, BoxError> {
+        tokio::time::sleep(self.settle).await;
+        let subscriber = self
+            .subscriber
+            .take()
+            .ok_or("the subscriber failed earlier")?;
+        let permits = Arc::new(Semaphore::new(window));
+        let receiver = actix_rt::spawn(raw_receive(subscriber, n, clock, permits.clone()));
+        let start = Instant::now();
+        for _ in 0..n {
+            match permits.try_acquire() {
+                Ok(permit) => permit.forget(),
+                Err(_) => {
+                    self.publisher.flush().await?;
+                    permits.acquire().await?.forget();
+                }
+            }
+            self.publisher
+                .feed(Message::text(make_payload(size, clock.micros())))
+                .await?;
+        }
+        self.publisher.flush().await?;
+        let (subscriber, latencies, end) = receiver.await??;
+        self.subscriber = Some(subscriber);
+        Ok(Round {
+            elapsed: end - start,
+            latencies,
+        })
+    }
+
+    async fn stop(mut self) {
+        if let Err(e) = self.publisher.close(None).await {
+            tracing::debug!(error = %e, "raw publisher close");
+        }
+        drop(self.subscriber.take());
+        if !self.relay.join(Duration::from_secs(5)).await {
+            tracing::warn!("raw relay still running after the run");
+        }
+    }
+}
+
+async fn raw_receive(
+    mut subscriber: RawClient,
+    n: usize,
+    clock: Clock,
+    permits: Arc<Semaphore>,
+) -> Result<(RawClient, Latencies, Instant), BoxError> {
+    let mut latencies = Latencies::with_capacity(n);
+    while latencies.len() < n {
+        match subscriber.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let now = clock.micros();
+                let sent = sent_at(text.as_str()).ok_or("payload without a timestamp")?;
+                latencies.record(now.saturating_sub(sent));
+                permits.add_permits(1);
+            }
+            Some(Ok(Message::Close(_))) | None => {
+                return Err("raw subscriber's connection closed".into())
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+        }
+    }
+    Ok((subscriber, latencies, Instant::now()))
+}

@@ -1,0 +1,462 @@
+//! Reconnect storm: N clients (each a `Transport` with one attached `Channel`) connected to a
+//! hub process; the hub process is killed and restarted on the same port after `--down-secs`.
+//! Measured, from the moment the new hub process is bound: the time until each client is
+//! `Connected` again with its channel re-attached (`Syncing → Connected`, reason `Resynced`),
+//! and the peak connect rate the hub saw (its own connection count sampled every 10 ms, busiest
+//! 100 ms window).
+//!
+//! ```text
+//! cargo run --release -p tether-benches --bin storm -- --clients 1000,10000 --down-secs 3
+//! ```
+//!
+//! The clients live in this process (one actix system, one thread); the hub is this binary
+//! re-executed with `--role hub`. Every client uses the default reconnect policy and heartbeat.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime};
+
+use actix::{Actor, Context, Handler};
+use clap::Parser;
+use tether_benches::multiproc::{
+    self, clock_ticks_per_sec, free_loopback_addr, hub_handshakes, pace, percentile, pid_cpu_ticks,
+    raise_nofile_limit, self_rusage_cpu, spawn_hub, Result,
+};
+use tether_channels::{Channel, ChannelEvents, ChannelOptions, ChannelState, ChannelStateChanged};
+use tether_transport::{
+    ConnectionState, ConnectionStateChanged, TransitionReason, Transport, TransportConfig,
+};
+
+/// Reconnect storm after a hub restart.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Client counts to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1000usize, 10_000])]
+    clients: Vec<usize>,
+    /// Seconds between killing the hub process and starting the new one.
+    #[arg(long, default_value_t = 3.0)]
+    down_secs: f64,
+    /// Seconds every client stays connected before the kill (the stability window must pass).
+    #[arg(long, default_value_t = 6.0)]
+    hold_secs: f64,
+    /// Clients started per second during the initial ramp.
+    #[arg(long, default_value_t = 2000)]
+    ramp_per_sec: usize,
+    /// Distinct channel names; client i attaches to `storm-{i % channels}`.
+    #[arg(long, default_value_t = 100)]
+    channels: usize,
+    /// Give up waiting for the clients (to connect, or to recover) after this many seconds.
+    #[arg(long, default_value_t = 180)]
+    timeout_secs: u64,
+    /// Print every connection transition after the kill, counted in 250 ms bins.
+    #[arg(long)]
+    timeline: bool,
+    /// Internal: the role of a helper process (`hub`).
+    #[arg(long, hide = true)]
+    role: Option<String>,
+    /// Internal: the hub child's listening address.
+    #[arg(long, hide = true)]
+    bind: Option<SocketAddr>,
+}
+
+fn main() -> ExitCode {
+    raise_nofile_limit();
+    let args = Args::parse();
+    match (args.role.as_deref(), args.bind) {
+        (Some("hub"), Some(bind)) => multiproc::run_hub_role(bind),
+        (Some(role), _) => {
+            eprintln!("storm: unknown role {role:?} (or --bind missing)");
+            return ExitCode::FAILURE;
+        }
+        (None, _) => {}
+    }
+    let system = actix_rt::System::new();
+    match system.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("storm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One row of the result table.
+struct Row {
+    clients: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    peak_per_sec: f64,
+}
+
+async fn run(args: Args) -> Result<()> {
+    println!(
+        "storm: hub process killed and restarted after {:.1} s on the same port; default reconnect \
+         policy (1 s ×2 → 60 s, ±25 %, fast retry 0–250 ms after a stable drop) and heartbeat",
+        args.down_secs
+    );
+    println!(
+        "latency = new hub bound → client's Syncing → Connected (Resynced); peak = hub child's own \
+         connection count sampled every 10 ms, busiest 100 ms window"
+    );
+    let mut rows = Vec::new();
+    for &n in &args.clients {
+        rows.push(run_one(n, &args).await?);
+    }
+    println!();
+    println!(" clients |   p50 ms |   p99 ms |   max ms | peak connects/s | target (p99 ≤ 2 s after hub back)");
+    println!("---------|----------|----------|----------|-----------------|----------------------------------");
+    for r in &rows {
+        let verdict = if r.p99_ms <= 2000.0 { "met" } else { "MISSED" };
+        println!(
+            "{:>8} | {:>8.0} | {:>8.0} | {:>8.0} | {:>15.0} | {verdict}",
+            r.clients, r.p50_ms, r.p99_ms, r.max_ms, r.peak_per_sec
+        );
+    }
+    Ok(())
+}
+
+/// What one client went through, as its recorder saw it.
+#[derive(Debug, Default, Clone)]
+struct ClientTrace {
+    state: Option<ConnectionState>,
+    channel: Option<ChannelState>,
+    /// After the kill: the connection loss was seen.
+    lost: bool,
+    /// After the kill: when the latest attempt (→ Connecting) began.
+    attempt_started: Option<SystemTime>,
+    /// After the kill: the first handshake (Connecting → Connected), with the attempt number.
+    handshake: Option<(SystemTime, u32)>,
+    /// After the kill: the first `Syncing → Connected` (Resynced): connected with the channel
+    /// re-attached.
+    recovered: Option<SystemTime>,
+    /// After the kill: the channel was re-attached.
+    reattached: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    clients: Vec<ClientTrace>,
+    armed: bool,
+    /// After the kill: every connection transition, for `--timeline`.
+    log: Vec<(SystemTime, ConnectionState, ConnectionState)>,
+}
+
+impl Shared {
+    fn ready(&self) -> usize {
+        self.clients
+            .iter()
+            .filter(|c| {
+                c.state == Some(ConnectionState::Connected)
+                    && c.channel == Some(ChannelState::Attached)
+            })
+            .count()
+    }
+
+    fn recovered(&self) -> usize {
+        self.clients
+            .iter()
+            .filter(|c| c.recovered.is_some() && c.reattached)
+            .count()
+    }
+
+    fn lost(&self) -> usize {
+        self.clients.iter().filter(|c| c.lost).count()
+    }
+
+    fn describe(&self) -> String {
+        let mut states: BTreeMap<String, usize> = BTreeMap::new();
+        for c in &self.clients {
+            let key = format!("{:?}/{:?}", c.state, c.channel);
+            *states.entry(key).or_default() += 1;
+        }
+        format!("{states:?}")
+    }
+}
+
+/// Records one client's connection and channel transitions into the shared table.
+struct Recorder {
+    index: usize,
+    shared: Rc<RefCell<Shared>>,
+}
+
+impl Actor for Recorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<ConnectionStateChanged> for Recorder {
+    type Result = ();
+
+    fn handle(&mut self, ev: ConnectionStateChanged, _ctx: &mut Context<Self>) {
+        let now = SystemTime::now();
+        let mut shared = self.shared.borrow_mut();
+        let armed = shared.armed;
+        if armed {
+            shared.log.push((now, ev.from, ev.to));
+        }
+        let c = &mut shared.clients[self.index];
+        c.state = Some(ev.to);
+        if !armed {
+            return;
+        }
+        match (ev.from, ev.to) {
+            (from, ConnectionState::Disconnected) if from.is_up() => c.lost = true,
+            (_, ConnectionState::Connecting) if c.handshake.is_none() => {
+                c.attempt_started = Some(now)
+            }
+            (ConnectionState::Connecting, ConnectionState::Connected) if c.handshake.is_none() => {
+                c.handshake = Some((now, ev.attempt))
+            }
+            (ConnectionState::Syncing, ConnectionState::Connected)
+                if c.recovered.is_none() && ev.reason == TransitionReason::Resynced =>
+            {
+                c.recovered = Some(now)
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Handler<ChannelStateChanged> for Recorder {
+    type Result = ();
+
+    fn handle(&mut self, ev: ChannelStateChanged, _ctx: &mut Context<Self>) {
+        let mut shared = self.shared.borrow_mut();
+        let armed = shared.armed;
+        let c = &mut shared.clients[self.index];
+        c.channel = Some(ev.to);
+        if armed && ev.to == ChannelState::Attached {
+            c.reattached = true;
+        }
+    }
+}
+
+/// One client: the transport, its channel and the channel's (unread) message stream.
+struct Client {
+    transport: Transport,
+    _channel: Channel,
+    _events: ChannelEvents,
+}
+
+/// Polls `shared` every 50 ms until `done` holds, for at most `timeout`.
+async fn wait_for(
+    shared: &Rc<RefCell<Shared>>,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&Shared) -> bool,
+) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        if done(&shared.borrow()) {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "not all clients {what} within {timeout:?}: {}",
+                shared.borrow().describe()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn run_one(n: usize, args: &Args) -> Result<Row> {
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let bind = free_loopback_addr()?;
+    let url = format!("ws://{bind}/ws");
+    println!("\n== {n} clients, hub on {bind}");
+    let (hub, _) = spawn_hub(bind).await?;
+
+    let shared = Rc::new(RefCell::new(Shared {
+        clients: vec![ClientTrace::default(); n],
+        armed: false,
+        log: Vec::new(),
+    }));
+    let mut clients = Vec::with_capacity(n);
+    let ramp = Instant::now();
+    for index in 0..n {
+        pace(ramp, index, args.ramp_per_sec).await;
+        let recorder = Recorder {
+            index,
+            shared: shared.clone(),
+        }
+        .start();
+        let config = TransportConfig::builder(url.clone()).build()?;
+        let transport =
+            Transport::start_with_subscribers(config, vec![recorder.clone().recipient()]);
+        let (channel, events) = Channel::open_with_state(
+            &transport,
+            format!("storm-{}", index % args.channels.max(1)),
+            ChannelOptions::default(),
+            vec![recorder.recipient()],
+        )
+        .await?;
+        clients.push(Client {
+            transport,
+            _channel: channel,
+            _events: events,
+        });
+    }
+    wait_for(&shared, timeout, "connected and attached", |s| {
+        s.ready() == n
+    })
+    .await?;
+    println!(
+        "  {n} connected with their channel attached ({:.1} s after the ramp began); holding {:.1} s",
+        ramp.elapsed().as_secs_f64(),
+        args.hold_secs
+    );
+    tokio::time::sleep(Duration::from_secs_f64(args.hold_secs)).await;
+
+    // The crash: SIGKILL the hub process.
+    shared.borrow_mut().armed = true;
+    let killed_at = Instant::now();
+    let killed_wall = SystemTime::now();
+    let client_cpu_at_kill = self_rusage_cpu();
+    hub.kill().await?;
+    let down = Duration::from_secs_f64(args.down_secs);
+    tokio::time::sleep(down.saturating_sub(killed_at.elapsed())).await;
+    let lost = shared.borrow().lost();
+    let (mut hub, back_at) = spawn_hub(bind).await?;
+    let (client_cpu_at_back, back_instant) = (self_rusage_cpu(), Instant::now());
+    let hub_pid = hub.pid().ok_or("new hub already exited")?;
+    let hub_ticks_at_back = pid_cpu_ticks(hub_pid)?;
+    println!(
+        "  hub killed; {lost}/{n} clients saw the loss; new hub bound {:.2} s after the kill",
+        killed_at.elapsed().as_secs_f64()
+    );
+
+    let recovery = wait_for(&shared, timeout, "recovered", |s| s.recovered() == n).await;
+    let recovered = shared.borrow().recovered();
+    let (client_cpu_done, hub_ticks_done) = (self_rusage_cpu(), pid_cpu_ticks(hub_pid)?);
+    let recovery_wall = back_instant.elapsed().as_secs_f64();
+    let outage_wall = (back_instant - killed_at).as_secs_f64();
+    let hub_cpu = (hub_ticks_done - hub_ticks_at_back) as f64 / clock_ticks_per_sec() as f64;
+    println!(
+        "  CPU while the hub was down ({outage_wall:.1} s): client process {:.0} % of one core; \
+         while recovering ({recovery_wall:.1} s): client process {:.0} %, hub process {:.0} % \
+         (2 cores in all)",
+        100.0 * (client_cpu_at_back - client_cpu_at_kill).as_secs_f64() / outage_wall,
+        100.0 * (client_cpu_done - client_cpu_at_back).as_secs_f64() / recovery_wall,
+        100.0 * hub_cpu / recovery_wall
+    );
+    if let Err(e) = recovery {
+        println!("  {recovered}/{n} recovered; {e}");
+    }
+
+    report_timeline(&shared.borrow(), killed_wall, back_at, args.timeline);
+    hub.send("peak").await?;
+    let peak_line = hub.expect_line("PEAK ", Duration::from_secs(10)).await?;
+    let peak: Vec<f64> = peak_line
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    let peak_per_sec = peak.first().copied().unwrap_or(0.0);
+    let handshakes = hub_handshakes(bind).await?;
+
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let (mut latencies, mut connect_ms, mut resync_ms, mut attempts) =
+        (Vec::new(), Vec::new(), Vec::new(), BTreeMap::new());
+    for c in &shared.borrow().clients {
+        let Some(at) = c.recovered else { continue };
+        latencies.push(ms(at.duration_since(back_at).unwrap_or_default()));
+        if let Some((handshake, attempt)) = c.handshake {
+            resync_ms.push(ms(at.duration_since(handshake).unwrap_or_default()));
+            *attempts.entry(attempt).or_insert(0usize) += 1;
+            if let Some(started) = c.attempt_started {
+                connect_ms.push(ms(handshake.duration_since(started).unwrap_or_default()));
+            }
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    connect_ms.sort_by(f64::total_cmp);
+    resync_ms.sort_by(f64::total_cmp);
+    let row = Row {
+        clients: n,
+        p50_ms: percentile(&latencies, 50.0),
+        p99_ms: percentile(&latencies, 99.0),
+        max_ms: latencies.last().copied().unwrap_or(0.0),
+        peak_per_sec,
+    };
+    println!(
+        "  recovered {recovered}/{n}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms after the hub was back",
+        row.p50_ms, row.p99_ms, row.max_ms
+    );
+    println!("  reconnected on attempt #: {attempts:?} (1 = the fast retry right after the drop)");
+    for (what, v) in [
+        (
+            "successful attempt (→ Connecting to handshake done)",
+            &connect_ms,
+        ),
+        (
+            "re-attach (handshake done to Syncing → Connected)",
+            &resync_ms,
+        ),
+    ] {
+        println!(
+            "  {what}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            percentile(v, 50.0),
+            percentile(v, 99.0),
+            v.last().copied().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "  hub: peak {peak_per_sec:.0} connects/s (100 ms window from +{} ms), {} connections, all \
+         in by +{} ms; /metrics handshakes {handshakes:?}",
+        peak.get(1).copied().unwrap_or(0.0),
+        peak.get(2).copied().unwrap_or(0.0),
+        peak.get(3).copied().unwrap_or(0.0)
+    );
+
+    let closing = futures::future::join_all(clients.iter().map(|c| c.transport.close()));
+    if tokio::time::timeout(Duration::from_secs(60), closing)
+        .await
+        .is_err()
+    {
+        println!("  (closing the transports took over 60 s; killing the hub anyway)");
+    }
+    drop(clients);
+    hub.kill().await?;
+    Ok(row)
+}
+
+/// Prints when the clients saw the loss, relative to the kill, and with `full`, every
+/// connection transition after the kill counted in 250 ms bins.
+fn report_timeline(shared: &Shared, killed: SystemTime, back: SystemTime, full: bool) {
+    let since_kill = |t: &SystemTime| {
+        t.duration_since(killed)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    };
+    let losses: Vec<i64> = shared
+        .log
+        .iter()
+        .filter(|(_, from, to)| from.is_up() && *to == ConnectionState::Disconnected)
+        .map(|(t, _, _)| since_kill(t))
+        .collect();
+    let span = |v: &[i64]| (v.iter().min().copied(), v.iter().max().copied());
+    let (first, last) = span(&losses);
+    println!(
+        "  client side: {} losses seen from +{} to +{} ms after the kill; hub back at +{} ms",
+        losses.len(),
+        first.unwrap_or(0),
+        last.unwrap_or(0),
+        since_kill(&back)
+    );
+    if !full {
+        return;
+    }
+    let mut bins: BTreeMap<(i64, String), usize> = BTreeMap::new();
+    for (t, from, to) in &shared.log {
+        let bin = since_kill(t) / 250 * 250;
+        *bins.entry((bin, format!("{from} → {to}"))).or_default() += 1;
+    }
+    println!("  timeline (ms after the kill, transition, clients):");
+    for ((bin, what), count) in bins {
+        println!("    +{bin:>6}  {what:<26} {count}");
+    }
+}

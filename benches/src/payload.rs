@@ -1,0 +1,92 @@
+//! Timestamped payloads: the same JSON text is sent through Tether and through the raw
+//! baseline, so both carry identical bytes and both receivers pay the same parsing cost.
+
+use std::time::Instant;
+
+/// A monotonic clock shared by the publisher and the subscribers of one process: microseconds
+/// since the moment it was created. Cheap to copy.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    origin: Instant,
+}
+
+impl Clock {
+    /// A clock whose zero is now.
+    pub fn new() -> Self {
+        Clock {
+            origin: Instant::now(),
+        }
+    }
+
+    /// Microseconds since the clock's zero.
+    pub fn micros(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const PREFIX: &str = "{\"t\":";
+const MIDDLE: &str = ",\"p\":\"";
+const SUFFIX: &str = "\"}";
+
+/// The smallest payload [`make_payload`] can build (a one-digit timestamp, no padding).
+pub const MIN_PAYLOAD_SIZE: usize = PREFIX.len() + 1 + MIDDLE.len() + SUFFIX.len();
+
+/// A JSON object `{"t":<sent_at_micros>,"p":"xxxx…"}` padded to exactly `size` bytes (or as
+/// short as the timestamp allows, when `size` is smaller than that).
+pub fn make_payload(size: usize, sent_at_micros: u64) -> String {
+    let mut out = String::with_capacity(size.max(MIN_PAYLOAD_SIZE + 20));
+    out.push_str(PREFIX);
+    out.push_str(&sent_at_micros.to_string());
+    out.push_str(MIDDLE);
+    let pad = size.saturating_sub(out.len() + SUFFIX.len());
+    out.extend(std::iter::repeat_n('x', pad));
+    out.push_str(SUFFIX);
+    out
+}
+
+/// The send timestamp embedded by [`make_payload`], if `json` carries one.
+pub fn sent_at(json: &str) -> Option<u64> {
+    let start = json.find("\"t\":")? + 4;
+    let digits = json[start..]
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?;
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_have_the_requested_size_and_round_trip_their_timestamp() {
+        for size in [64, 1024] {
+            for ts in [0, 7, 1_234_567_890] {
+                let p = make_payload(size, ts);
+                assert_eq!(p.len(), size);
+                assert_eq!(sent_at(&p), Some(ts));
+                let v: serde_json::Value = serde_json::from_str(&p).unwrap();
+                assert_eq!(v["t"], ts);
+            }
+        }
+    }
+
+    #[test]
+    fn tiny_sizes_still_make_valid_json() {
+        let p = make_payload(1, 42);
+        assert_eq!(sent_at(&p), Some(42));
+        assert!(serde_json::from_str::<serde_json::Value>(&p).is_ok());
+    }
+
+    #[test]
+    fn text_without_a_timestamp_has_none() {
+        assert_eq!(sent_at("{\"x\":1}"), None);
+        assert_eq!(sent_at("{\"t\":\"no\"}"), None);
+    }
+}

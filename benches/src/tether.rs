@@ -1,0 +1,95 @@
+//! The Tether side of the whole-system benchmarks: an embedded hub serving channels on
+//! loopback, and clients whose channels are attached before measuring starts.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_channels::hub::{ChannelService, Retention};
+use tether_channels::{Channel, ChannelEvents, ChannelOptions, ChannelState};
+use tether_transport::hub::{Hub, HubConfig, HubHandle};
+use tether_transport::{event_channel, Transport, TransportConfig};
+
+use crate::BoxError;
+
+/// The channel every benchmark publishes on.
+pub const CHANNEL: &str = "bench";
+
+/// Per-message overhead assumed when sizing the hub's history: the `message` frame around a
+/// payload (type, channel, epoch, offset).
+pub const FRAME_OVERHEAD: usize = 256;
+
+/// Starts a hub on `127.0.0.1:0` with one HTTP worker and a [`ChannelService`] on one thread
+/// whose history keeps at least `messages` messages of `payload_size` bytes each (so nothing a
+/// run publishes is evicted while it runs). Must run inside an actix system.
+pub fn start_hub(messages: usize, payload_size: usize) -> Result<HubHandle, BoxError> {
+    let retention = Retention {
+        max_messages: messages.max(1),
+        max_bytes: messages
+            .max(1)
+            .saturating_mul(payload_size + FRAME_OVERHEAD)
+            .max(Retention::default().max_bytes),
+        ..Retention::default()
+    };
+    let service = ChannelService::builder()
+        .retention(retention)
+        .threads(1)
+        .build()?;
+    let bind: SocketAddr = "127.0.0.1:0".parse()?;
+    let config = HubConfig::builder()
+        .bind(bind)
+        .workers(1)
+        .handler(Arc::new(service))
+        .build()?;
+    Ok(Hub::start(config)?)
+}
+
+/// A client configuration with Tether's documented defaults, for the hub at `url`.
+pub fn client_config(url: &str) -> Result<TransportConfig, BoxError> {
+    Ok(TransportConfig::builder(url).build()?)
+}
+
+/// Opens `name` on `transport` and waits up to `timeout` until the hub confirmed the attach.
+pub async fn open_attached(
+    transport: &Transport,
+    name: &str,
+    options: ChannelOptions,
+    timeout: Duration,
+) -> Result<(Channel, ChannelEvents), BoxError> {
+    let (recipient, mut states) = event_channel(64);
+    let (channel, events) =
+        Channel::open_with_state(transport, name, options, vec![recipient]).await?;
+    let attached = tokio::time::timeout(timeout, async {
+        while let Some(change) = states.recv().await {
+            match change.to {
+                ChannelState::Attached => return Ok(()),
+                ChannelState::Failed => {
+                    return Err(format!("channel {name} failed: {:?}", change.reason))
+                }
+                _ => {}
+            }
+        }
+        Err(format!("channel {name} closed before attaching"))
+    })
+    .await
+    .map_err(|_| format!("channel {name} not attached within {timeout:?}"))?;
+    attached?;
+    Ok((channel, events))
+}
+
+/// Starts a transport to `url` and opens channel `name` on it, attached.
+pub async fn connect(
+    url: &str,
+    name: &str,
+    options: ChannelOptions,
+    timeout: Duration,
+) -> Result<(Transport, Channel, ChannelEvents), BoxError> {
+    let transport = Transport::start(client_config(url)?);
+    match open_attached(&transport, name, options, timeout).await {
+        Ok((channel, events)) => Ok((transport, channel, events)),
+        Err(e) => {
+            transport.close().await;
+            Err(e)
+        }
+    }
+}
