@@ -347,15 +347,7 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
             channels: args.channels,
             duration_s: run.as_secs_f64(),
             faults: fault_counts,
-            published: 0,
-            acked: 0,
-            failed: 0,
-            delivered: 0,
-            expected_deliveries: 0,
-            lost: 0,
-            duplicated: 0,
-            reordered: 0,
-            discontinuities: 0,
+            totals: ledger.borrow().totals(),
             reconnects: tl.reconnects(args.clients),
             attempts: tl.attempts(),
             uptime_ratio: tl.uptime_ratio(args.clients, run_start, run_end),
@@ -367,8 +359,7 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
             drained,
             fault_spec: args.faults.clone(),
             seed: args.seed,
-        }
-        .with_totals(ledger.borrow().totals());
+        };
         print!("{}", report.text());
         if let Some(path) = &args.json {
             std::fs::write(path, serde_json::to_string_pretty(&report)?)?;

@@ -26,6 +26,32 @@ async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) 
         .expect("every publish answered within 60 s")
 }
 
+/// Publishes `range` on `channel` and waits until every one is acknowledged.
+async fn publish_all(
+    channel: &tether_channels::Channel,
+    range: std::ops::RangeInclusive<u64>,
+) -> Vec<tether_channels::PublishAck> {
+    join_all(range.map(|i| channel.publish(&i)))
+        .await
+        .into_iter()
+        .map(|r| r.expect("publish acknowledged"))
+        .collect()
+}
+
+/// Cuts a client off (its proxy refuses new connections and cuts the current ones) and waits
+/// until its channel is suspended.
+async fn take_offline(
+    proxy: &FaultProxy,
+    states: &mut EventLog<tether_channels::ChannelStateChanged>,
+) {
+    proxy.refuse_for(Duration::from_secs(60));
+    proxy.cut_all();
+    states
+        .until_channel_state(ChannelState::Suspended, T)
+        .await
+        .unwrap();
+}
+
 /// The ack of one publish, within a timeout.
 async fn acked(publish: tether_channels::PublishFuture) -> tether_channels::PublishAck {
     tokio::time::timeout(T, publish)
@@ -191,9 +217,7 @@ async fn a_subscriber_that_was_away_receives_everything_on_resume() {
         .until_channel_state(ChannelState::Suspended, T)
         .await
         .unwrap();
-    for r in join_all((1..=500u64).map(|i| news.publish(&i))).await {
-        r.unwrap();
-    }
+    publish_all(&news, 1..=500).await;
 
     sub_proxy.stop_refusing();
     let attached = sub_states
@@ -231,12 +255,7 @@ async fn publishes_made_while_disconnected_are_delivered_exactly_once_after_reco
             .await
             .unwrap();
 
-    pub_proxy.refuse_for(Duration::from_secs(60));
-    pub_proxy.cut_all();
-    pub_states
-        .until_channel_state(ChannelState::Suspended, T)
-        .await
-        .unwrap();
+    take_offline(&pub_proxy, &mut pub_states).await;
     let pending: Vec<_> = (1..=100u64).map(|i| orders.publish(&i)).collect();
     let status = publisher.status().await.unwrap();
     assert_ne!(status.state, ConnectionState::Connected);
@@ -319,23 +338,14 @@ async fn history_exceeded_is_reported_as_a_discontinuity_with_the_right_range() 
     let (ticks, _, _) = open_attached(&publisher, "ticks", ChannelOptions::publish_only(), T)
         .await
         .unwrap();
-    for r in join_all((1..=3u64).map(|i| ticks.publish(&i))).await {
-        r.unwrap();
-    }
+    publish_all(&ticks, 1..=3).await;
     assert_eq!(
         payloads(&collect_messages(&mut events, 3, T).await.unwrap()),
         [1, 2, 3]
     );
 
-    sub_proxy.refuse_for(Duration::from_secs(60));
-    sub_proxy.cut_all();
-    states
-        .until_channel_state(ChannelState::Suspended, T)
-        .await
-        .unwrap();
-    for r in join_all((4..=30u64).map(|i| ticks.publish(&i))).await {
-        r.unwrap();
-    }
+    take_offline(&sub_proxy, &mut states).await;
+    publish_all(&ticks, 4..=30).await;
     sub_proxy.stop_refusing();
 
     let attached = states
@@ -373,9 +383,7 @@ async fn a_hub_that_lost_its_memory_is_a_new_epoch_and_a_discontinuity_not_silen
         open_attached(&publisher, "feed", ChannelOptions::publish_only(), T)
             .await
             .unwrap();
-    for r in join_all((1..=5u64).map(|i| feed.publish(&i))).await {
-        r.unwrap();
-    }
+    publish_all(&feed, 1..=5).await;
     let before = collect_messages(&mut events, 5, T).await.unwrap();
     let old_epoch = match &before[4] {
         ChannelEvent::Message(m) => m.epoch.clone(),
@@ -588,9 +596,7 @@ async fn a_subscriber_that_stops_reading_catches_up_from_history_without_loss() 
         .await
         .unwrap();
     // The subscriber reads nothing while 200 messages are published and stored.
-    for r in join_all((1..=200u64).map(|i| firehose.publish(&i))).await {
-        r.unwrap();
-    }
+    publish_all(&firehose, 1..=200).await;
     // Now it reads: everything arrives, once, in order — the overflow was caught up from
     // history by re-attaching, not dropped.
     let got = collect_messages(&mut events, 200, T).await.unwrap();
@@ -621,9 +627,7 @@ async fn a_channel_reopened_on_the_same_transport_is_a_new_producer() {
     let (room, _, _) = open_attached(&transport, "room", ChannelOptions::publish_only(), T)
         .await
         .unwrap();
-    for r in join_all((1..=3u64).map(|i| room.publish(&i))).await {
-        r.unwrap();
-    }
+    publish_all(&room, 1..=3).await;
     room.detach().await;
     let (again, _, _) = open_attached(&transport, "room", ChannelOptions::publish_only(), T)
         .await

@@ -23,24 +23,9 @@ pub struct Report {
     pub duration_s: f64,
     /// Faults injected, by kind.
     pub faults: BTreeMap<String, u64>,
-    /// Publishes handed to the library.
-    pub published: u64,
-    /// Publishes acknowledged by the hub.
-    pub acked: u64,
-    /// Publishes that failed with an error.
-    pub failed: u64,
-    /// Deliveries, duplicates included.
-    pub delivered: u64,
-    /// Deliveries owed (every acknowledged message to every subscriber of its channel).
-    pub expected_deliveries: u64,
-    /// Owed deliveries that never happened.
-    pub lost: u64,
-    /// Deliveries of something already delivered.
-    pub duplicated: u64,
-    /// Deliveries out of publish order.
-    pub reordered: u64,
-    /// Discontinuities reported.
-    pub discontinuities: u64,
+    /// Messages and deliveries, from the full ledger.
+    #[serde(flatten)]
+    pub totals: Totals,
     /// Successful reconnects.
     pub reconnects: u64,
     /// Connection attempts.
@@ -67,23 +52,10 @@ pub struct Report {
 }
 
 impl Report {
-    /// Fills the ledger's totals in.
-    pub fn with_totals(mut self, t: Totals) -> Self {
-        self.published = t.published;
-        self.acked = t.acked;
-        self.failed = t.failed;
-        self.delivered = t.delivered;
-        self.expected_deliveries = t.expected_deliveries;
-        self.lost = t.lost;
-        self.duplicated = t.duplicated;
-        self.reordered = t.reordered;
-        self.discontinuities = t.discontinuities;
-        self
-    }
-
     /// Whether the run kept every promise: nothing lost, duplicated or reordered.
     pub fn passed(&self) -> bool {
-        self.lost == 0 && self.duplicated == 0 && self.reordered == 0
+        let t = &self.totals;
+        t.lost == 0 && t.duplicated == 0 && t.reordered == 0
     }
 
     /// The readable report.
@@ -113,17 +85,21 @@ impl Report {
         let _ = writeln!(
             s,
             "  messages      {} published, {} acknowledged, {} failed",
-            self.published, self.acked, self.failed
+            self.totals.published, self.totals.acked, self.totals.failed
         );
         let _ = writeln!(
             s,
             "  deliveries    {} of {} owed — lost {}, duplicated {}, reordered {}",
-            self.delivered, self.expected_deliveries, self.lost, self.duplicated, self.reordered
+            self.totals.delivered,
+            self.totals.expected_deliveries,
+            self.totals.lost,
+            self.totals.duplicated,
+            self.totals.reordered
         );
         let _ = writeln!(
             s,
             "  gaps          {} discontinuities reported",
-            self.discontinuities
+            self.totals.discontinuities
         );
         let _ = writeln!(
             s,
@@ -308,15 +284,17 @@ mod tests {
             channels: 1,
             duration_s: 10.0,
             faults: [("cut".to_owned(), 2)].into_iter().collect(),
-            published: 0,
-            acked: 0,
-            failed: 0,
-            delivered: 0,
-            expected_deliveries: 0,
-            lost: 0,
-            duplicated: 0,
-            reordered: 0,
-            discontinuities: 0,
+            totals: Totals {
+                published: 0,
+                acked: 0,
+                failed: 0,
+                delivered: 0,
+                expected_deliveries: 0,
+                lost: 0,
+                duplicated: 0,
+                reordered: 0,
+                discontinuities: 0,
+            },
             reconnects: 4,
             attempts: 6,
             uptime_ratio: 0.99,
@@ -367,7 +345,7 @@ mod tests {
     fn verdict_follows_loss_duplicates_and_order() {
         let mut r = report();
         assert!(r.passed());
-        r.duplicated = 1;
+        r.totals.duplicated = 1;
         assert!(!r.passed());
         assert!(r.text().contains("FAIL"));
     }
