@@ -208,10 +208,10 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                r#"<line x1="{x:.1}" y1="{y0}" x2="{x:.1}" y2="{:.1}" stroke="{colour}" stroke-dasharray="4 3"><title>{} at {:.1} s</title></line>"#,
-                y0 + ph,
+                r#"<g><title>{} at {:.1} s</title><line x1="{x:.1}" y1="{y0}" x2="{x:.1}" y2="{:.1}" stroke="{colour}" stroke-width="2" stroke-opacity="0.8" stroke-dasharray="5 3"/></g>"#,
                 kind.name(),
-                at.as_secs_f64()
+                at.as_secs_f64(),
+                y0 + ph
             );
         }
         let points: Vec<String> = connected
@@ -251,7 +251,7 @@ impl Report {
             let x = x0 + 10.0 + i as f64 * 90.0;
             let _ = writeln!(
                 s,
-                r#"<line x1="{x}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{colour}" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}">{name}</text>"#,
+                r#"<line x1="{x}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{colour}" stroke-width="3" stroke-dasharray="5 3"/><text x="{:.1}" y="{:.1}">{name}</text>"#,
                 y0 + ph + 30.0,
                 x + 20.0,
                 y0 + ph + 30.0,
