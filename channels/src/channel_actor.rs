@@ -304,11 +304,22 @@ impl ChannelActor {
         self.synced();
     }
 
+    /// Answers every queued publish with `error` — or, for one already on the wire (the hub
+    /// may have stored it), with [`ChannelError::Unconfirmed`] around it.
     fn answer_all(&mut self, error: impl Fn() -> ChannelError) {
         let pending = self.outbox.drain();
         metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH).decrement(pending.len() as f64);
         for p in pending {
-            let _ = p.responder.send(Err(error()));
+            let answer = if p.sends > 0 {
+                ChannelError::Unconfirmed {
+                    channel: self.name.clone(),
+                    seq: p.seq,
+                    cause: Box::new(error()),
+                }
+            } else {
+                error()
+            };
+            let _ = p.responder.send(Err(answer));
         }
     }
 

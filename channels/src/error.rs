@@ -63,6 +63,18 @@ pub enum ChannelError {
         /// Why it is invalid.
         reason: &'static str,
     },
+    /// The publish had already been sent when `cause` ended it: the hub may or may not have
+    /// stored it, and publishing it again could duplicate it. Permanent; the application
+    /// decides (for example by checking the channel's history).
+    #[error("channel {channel:?}: publish {seq} may or may not have been stored: {cause}")]
+    Unconfirmed {
+        /// The channel.
+        channel: String,
+        /// The publish's sequence number.
+        seq: u64,
+        /// What ended it.
+        cause: Box<ChannelError>,
+    },
     /// A transport-level error (registration, payload encoding).
     #[error(transparent)]
     Transport(#[from] TransportError),
@@ -78,6 +90,7 @@ impl ChannelError {
             | ChannelError::Rejected { .. }
             | ChannelError::Detached { .. }
             | ChannelError::TransportClosed
+            | ChannelError::Unconfirmed { .. }
             | ChannelError::InvalidName { .. } => true,
             ChannelError::Transport(e) => e.is_permanent(),
         }
@@ -96,6 +109,7 @@ impl ChannelError {
             ChannelError::Detached { .. } | ChannelError::InvalidName { .. } => {
                 ErrorCategory::Subscription
             }
+            ChannelError::Unconfirmed { cause, .. } => cause.category(),
             ChannelError::Transport(e) => e.category(),
         }
     }

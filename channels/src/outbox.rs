@@ -147,7 +147,8 @@ impl<R> OutgoingBuffer<R> {
         self.first_unsent = 0;
     }
 
-    /// Empties the buffer (the channel failed or closed) so every publisher can be answered.
+    /// Empties the buffer (the channel failed or closed) so every publisher can be answered;
+    /// each entry's `sends` tells whether the hub may have it.
     pub fn drain(&mut self) -> Vec<Pending<R>> {
         self.first_unsent = 0;
         self.bytes = 0;

@@ -725,3 +725,31 @@ async fn a_failed_transport_answers_every_pending_publish() {
     transport.close().await;
     hub.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_publish_cut_off_after_it_was_sent_is_reported_as_unconfirmed() {
+    init_tracing();
+    let hub = start_channel_hub(free_addr(), retention(1000));
+    let proxy = FaultProxy::start(hub.local_addr()).unwrap();
+    let (transport, _) = start(client(ws_url(proxy.local_addr())));
+    let (room, _, _) = open_attached(&transport, "room", ChannelOptions::publish_only(), T)
+        .await
+        .unwrap();
+    // The ack will take a second to come back; the transport is closed before that.
+    proxy.set_latency(Duration::from_secs(1));
+    let sent = room.publish(&1u64);
+    let never_sent_status = room.status().await.unwrap();
+    assert_eq!(never_sent_status.queue_depth, 1);
+    transport.close().await;
+    match tokio::time::timeout(T, sent).await.expect("answered") {
+        Err(e @ ChannelError::Unconfirmed { .. }) => {
+            assert!(e.is_permanent());
+            assert!(matches!(
+                e,
+                ChannelError::Unconfirmed { ref cause, .. } if **cause == ChannelError::TransportClosed
+            ));
+        }
+        other => panic!("expected Unconfirmed, got {other:?}"),
+    }
+    hub.stop().await;
+}
