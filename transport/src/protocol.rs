@@ -509,7 +509,19 @@ impl Frame {
             #[serde(rename = "type", borrow)]
             kind: std::borrow::Cow<'a, str>,
         }
-        let tag: Tag<'_> = serde_json::from_str(text).map_err(|e| diagnose(text, e))?;
+        // Frames written by Tether (and most encoders) start with the tag: read it without
+        // scanning the whole frame twice. Anything else goes through a full parse of the tag.
+        let fast = text
+            .strip_prefix(r#"{"type":""#)
+            .and_then(|rest| rest.split_once('"'))
+            .map(|(kind, _)| kind)
+            .filter(|kind| !kind.contains('\\'));
+        let tag: Tag<'_> = match fast {
+            Some(kind) => Tag {
+                kind: std::borrow::Cow::Borrowed(kind),
+            },
+            None => serde_json::from_str(text).map_err(|e| diagnose(text, e))?,
+        };
         fn body<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, TransportError> {
             serde_json::from_str(text).map_err(|e| diagnose(text, e))
         }
@@ -714,6 +726,14 @@ mod tests {
             Frame::Publish(p) => assert_eq!(p.payload.json(), raw),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_tag_may_stand_anywhere_in_the_object() {
+        let frame = Frame::decode(r#"{"v":1,"client_id":"c","type":"hello"}"#, MAX).unwrap();
+        assert_eq!(frame.kind(), "hello");
+        let frame = Frame::decode(r#" {"type" : "detach", "channel":"x"}"#, MAX).unwrap();
+        assert_eq!(frame.kind(), "detach");
     }
 
     #[test]
