@@ -87,6 +87,8 @@
 //!   by side). Target: < 0.1 % of one core. Takes `--secs` (60) plus `--warmup-secs` (0; about
 //!   250 reaches the 60 s probes).
 
+#![warn(missing_docs)]
+
 pub mod payload;
 pub mod raw;
 pub mod report;

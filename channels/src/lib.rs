@@ -43,6 +43,8 @@
 //! }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod channel_actor;
 pub mod cursor;
 pub mod error;

@@ -7,6 +7,8 @@
 //!
 //! This library only holds what the examples share.
 
+#![warn(missing_docs)]
+
 use std::time::Instant;
 
 use tether_transport::ConnectionStateChanged;

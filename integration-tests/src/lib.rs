@@ -9,6 +9,8 @@
 //! Used by the integration tests, the examples and the soak tool. Not part of Tether's public
 //! API and never published.
 
+#![warn(missing_docs)]
+
 pub mod harness;
 pub mod proxy;
 

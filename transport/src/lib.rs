@@ -36,6 +36,8 @@
 //! }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod breaker;
 pub mod config;
 pub mod error;

@@ -1,6 +1,6 @@
 //! The hub end of channels: a registry of [`HubChannel`](hub_channel::HubChannel) actors behind
 //! the [`ChannelService`], each owning a [`ChannelLog`](log::ChannelLog) over a
-//! [`HistoryStore`](history::HistoryStore).
+//! [`HistoryStore`].
 
 pub mod history;
 pub mod hub_channel;

@@ -1,5 +1,5 @@
 //! The hub end of the transport: an actix-web server with the WebSocket route (one
-//! [`HubSession`](session::HubSession) actor per connection), `/health` and `/metrics`.
+//! [`HubSession`] actor per connection), `/health` and `/metrics`.
 
 pub mod auth;
 pub mod handler;
