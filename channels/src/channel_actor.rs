@@ -707,8 +707,15 @@ impl Handler<PublishCommand> for ChannelActor {
             return;
         }
         match self.outbox.push(cmd.payload, cmd.responder, Instant::now()) {
-            Ok(_) => {
-                metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH).increment(1.0);
+            Ok(pushed) => {
+                metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH)
+                    .increment(1.0 - pushed.evicted.len() as f64);
+                for old in pushed.evicted {
+                    let _ = old.responder.send(Err(ChannelError::Evicted {
+                        channel: self.name.clone(),
+                        seq: old.seq,
+                    }));
+                }
                 self.flush();
             }
             Err(refused) => {

@@ -17,6 +17,15 @@ pub enum ChannelError {
         /// Bytes queued.
         bytes: usize,
     },
+    /// The publish was evicted, unsent, to make room for newer ones
+    /// (`OverflowPolicy::EvictOldestUnsent`). The hub never saw it; retryable.
+    #[error("channel {channel:?}: publish {seq} evicted unsent to make room")]
+    Evicted {
+        /// The channel.
+        channel: String,
+        /// The evicted publish's sequence number.
+        seq: u64,
+    },
     /// One payload exceeds the channel's maximum message size. Permanent for that message.
     #[error("channel {channel:?}: payload of {size} bytes exceeds the maximum of {max}")]
     PayloadTooLarge {
@@ -84,7 +93,7 @@ impl ChannelError {
     /// `true` when retrying the same operation cannot succeed.
     pub fn is_permanent(&self) -> bool {
         match self {
-            ChannelError::QueueFull { .. } => false,
+            ChannelError::QueueFull { .. } | ChannelError::Evicted { .. } => false,
             ChannelError::PayloadTooLarge { .. }
             | ChannelError::Failed { .. }
             | ChannelError::Rejected { .. }
@@ -99,9 +108,9 @@ impl ChannelError {
     /// The category this error belongs to.
     pub fn category(&self) -> ErrorCategory {
         match self {
-            ChannelError::QueueFull { .. } | ChannelError::TransportClosed => {
-                ErrorCategory::Service
-            }
+            ChannelError::QueueFull { .. }
+            | ChannelError::Evicted { .. }
+            | ChannelError::TransportClosed => ErrorCategory::Service,
             ChannelError::PayloadTooLarge { .. } => ErrorCategory::Protocol,
             ChannelError::Failed { cause, .. } | ChannelError::Rejected { cause, .. } => {
                 cause.category()

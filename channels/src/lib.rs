@@ -58,5 +58,5 @@ pub use channel_actor::{
     Discontinuity, PublishAck, PublishFuture,
 };
 pub use error::ChannelError;
-pub use outbox::BufferLimits;
+pub use outbox::{BufferLimits, OverflowPolicy};
 pub use state::{ChannelReason, ChannelState, ChannelStateChanged};

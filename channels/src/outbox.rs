@@ -21,6 +21,18 @@ pub const DEFAULT_MAX_QUEUED_BYTES: usize = 16 * 1024 * 1024;
 /// Default bound on messages on the wire awaiting their ack, per channel: 256.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 
+/// What a full buffer does with a new publish. Neither policy drops anything silently.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OverflowPolicy {
+    /// Refuse the new publish with `QueueFull` (default).
+    #[default]
+    RejectNew,
+    /// Make room by evicting the oldest publishes not yet sent (the hub cannot have them);
+    /// each evicted publisher gets `Evicted`. When the unsent ones cannot make enough room
+    /// (everything queued is in flight), the new publish is refused as with `RejectNew`.
+    EvictOldestUnsent,
+}
+
 /// The bounds of an [`OutgoingBuffer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BufferLimits {
@@ -30,6 +42,8 @@ pub struct BufferLimits {
     pub max_bytes: usize,
     /// Most messages in flight. Default [`DEFAULT_MAX_IN_FLIGHT`].
     pub max_in_flight: usize,
+    /// What happens to a publish that does not fit. Default [`OverflowPolicy::RejectNew`].
+    pub overflow: OverflowPolicy,
 }
 
 impl Default for BufferLimits {
@@ -38,6 +52,7 @@ impl Default for BufferLimits {
             max_messages: DEFAULT_MAX_QUEUED,
             max_bytes: DEFAULT_MAX_QUEUED_BYTES,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            overflow: OverflowPolicy::RejectNew,
         }
     }
 }
@@ -55,6 +70,16 @@ pub struct Pending<R> {
     pub accepted_at: Instant,
     /// How many times it has been sent (more than once = replayed).
     pub sends: u32,
+}
+
+/// A publish the buffer accepted.
+#[derive(Debug)]
+pub struct Pushed<R> {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Publishes evicted to make room (only with [`OverflowPolicy::EvictOldestUnsent`]); never
+    /// sent, so the hub cannot have them.
+    pub evicted: Vec<Pending<R>>,
 }
 
 /// The buffer refused a publish; the responder comes back so the caller can answer it.
@@ -90,22 +115,38 @@ impl<R> OutgoingBuffer<R> {
         }
     }
 
-    /// Queues a publish and returns its sequence number, or refuses it when full.
+    /// Queues a publish and returns its sequence number with whatever the overflow policy
+    /// evicted to make room, or refuses it.
     pub fn push(
         &mut self,
         payload: Payload,
         responder: R,
         now: Instant,
-    ) -> Result<u64, Refused<R>> {
+    ) -> Result<Pushed<R>, Refused<R>> {
         let size = payload.len();
-        if self.queue.len() >= self.limits.max_messages
-            || self.bytes.saturating_add(size) > self.limits.max_bytes
-        {
-            return Err(Refused {
-                responder,
-                messages: self.queue.len(),
-                bytes: self.bytes,
-            });
+        let excess_count = (self.queue.len() + 1).saturating_sub(self.limits.max_messages);
+        let excess_bytes = (self.bytes + size).saturating_sub(self.limits.max_bytes);
+        let mut evicted = Vec::new();
+        if excess_count > 0 || excess_bytes > 0 {
+            let room = match self.limits.overflow {
+                OverflowPolicy::RejectNew => None,
+                OverflowPolicy::EvictOldestUnsent => {
+                    self.unsent_to_evict(excess_count, excess_bytes)
+                }
+            };
+            let Some(n) = room.filter(|_| size <= self.limits.max_bytes) else {
+                return Err(Refused {
+                    responder,
+                    messages: self.queue.len(),
+                    bytes: self.bytes,
+                });
+            };
+            for _ in 0..n {
+                if let Some(old) = self.queue.remove(self.first_unsent) {
+                    self.bytes -= old.payload.len();
+                    evicted.push(old);
+                }
+            }
         }
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -117,7 +158,21 @@ impl<R> OutgoingBuffer<R> {
             accepted_at: now,
             sends: 0,
         });
-        Ok(seq)
+        Ok(Pushed { seq, evicted })
+    }
+
+    /// How many of the oldest unsent entries must go to free `count` slots and `bytes`, if
+    /// they can.
+    fn unsent_to_evict(&self, count: usize, bytes: usize) -> Option<usize> {
+        let (mut n, mut freed) = (0usize, 0usize);
+        for entry in self.queue.iter().skip(self.first_unsent) {
+            if n >= count && freed >= bytes {
+                break;
+            }
+            n += 1;
+            freed += entry.payload.len();
+        }
+        (n >= count && freed >= bytes).then_some(n)
     }
 
     /// The next message to put on the wire, if the in-flight window allows one: always the
@@ -203,6 +258,7 @@ mod tests {
             max_messages,
             max_bytes: usize::MAX,
             max_in_flight,
+            overflow: OverflowPolicy::RejectNew,
         })
     }
 
@@ -215,7 +271,7 @@ mod tests {
         let mut b = buffer(10, 10);
         let now = Instant::now();
         for i in 1..=3 {
-            assert_eq!(b.push(p(i), i, now).unwrap(), i);
+            assert_eq!(b.push(p(i), i, now).unwrap().seq, i);
         }
         assert_eq!(send_all(&mut b), [1, 2, 3]);
         assert_eq!(b.in_flight(), 3);
@@ -265,6 +321,7 @@ mod tests {
             max_messages: 100,
             max_bytes: 3,
             max_in_flight: 10,
+            overflow: OverflowPolicy::RejectNew,
         });
         b.push(p(10), 1, now).unwrap(); // "10": 2 bytes
         assert!(b.push(p(10), 2, now).is_err());
@@ -272,6 +329,41 @@ mod tests {
         b.ack(1);
         assert_eq!(b.bytes(), 0);
         assert!(b.push(p(10), 2, now).is_ok());
+    }
+
+    #[test]
+    fn evict_oldest_unsent_makes_room_without_touching_what_is_in_flight() {
+        let now = Instant::now();
+        let mut b = OutgoingBuffer::new(BufferLimits {
+            max_messages: 3,
+            max_bytes: usize::MAX,
+            max_in_flight: 1,
+            overflow: OverflowPolicy::EvictOldestUnsent,
+        });
+        for i in 1..=3 {
+            b.push(p(i), i, now).unwrap();
+        }
+        assert_eq!(send_all(&mut b), [1]);
+        let pushed = b.push(p(4), 4, now).unwrap();
+        assert_eq!(pushed.seq, 4);
+        assert_eq!(
+            pushed.evicted.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [2]
+        );
+        assert_eq!(b.queue.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 3, 4]);
+
+        // Everything in flight: nothing unsent to evict, so the new one is refused.
+        let mut b = OutgoingBuffer::new(BufferLimits {
+            max_messages: 2,
+            max_bytes: usize::MAX,
+            max_in_flight: 2,
+            overflow: OverflowPolicy::EvictOldestUnsent,
+        });
+        b.push(p(1), 1, now).unwrap();
+        b.push(p(2), 2, now).unwrap();
+        send_all(&mut b);
+        assert!(b.push(p(3), 3, now).is_err());
+        assert_eq!(b.len(), 2);
     }
 
     #[test]

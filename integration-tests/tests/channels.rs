@@ -753,3 +753,42 @@ async fn a_publish_cut_off_after_it_was_sent_is_reported_as_unconfirmed() {
     }
     hub.stop().await;
 }
+
+#[actix_rt::test]
+async fn the_evicting_overflow_policy_answers_what_it_evicts_and_delivers_the_rest() {
+    init_tracing();
+    let addr = free_addr();
+    let (publisher, _) = start(client(ws_url(addr)));
+    let options = ChannelOptions {
+        subscribe: false,
+        limits: BufferLimits {
+            max_messages: 3,
+            overflow: tether_channels::OverflowPolicy::EvictOldestUnsent,
+            ..BufferLimits::default()
+        },
+        ..ChannelOptions::default()
+    };
+    let (channel, _) = tether_channels::Channel::open(&publisher, "q", options)
+        .await
+        .unwrap();
+    // The hub is not there yet: nothing is sent, so the oldest can be evicted safely.
+    let futures: Vec<_> = (1..=5u64).map(|i| channel.publish(&i)).collect();
+    let hub = start_channel_hub(addr, retention(1000));
+    let results = join_all(futures).await;
+    for (i, r) in results.iter().enumerate().take(2) {
+        match r {
+            Err(e @ ChannelError::Evicted { seq, .. }) => {
+                assert_eq!(*seq, i as u64 + 1);
+                assert!(!e.is_permanent());
+            }
+            other => panic!("publish {}: {other:?}", i + 1),
+        }
+    }
+    let offsets: Vec<u64> = results[2..]
+        .iter()
+        .map(|r| r.as_ref().unwrap().offset.unwrap().0)
+        .collect();
+    assert_eq!(offsets, [1, 2, 3]);
+    publisher.close().await;
+    hub.stop().await;
+}
