@@ -347,7 +347,14 @@ impl TransportActor {
         self.retry_timer = Some(ctx.run_later(delay, move |act, ctx| {
             act.retry_timer = None;
             act.retry_at = None;
-            act.start_attempt(ctx, reason);
+            // A timer that fires after its wait was cut short (a manual reconnect in the same
+            // turn of the event loop) must not start a second attempt.
+            if matches!(
+                act.fsm.state(),
+                ConnectionState::Disconnected | ConnectionState::Suspended
+            ) {
+                act.start_attempt(ctx, reason);
+            }
         }));
     }
 
