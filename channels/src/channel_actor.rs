@@ -209,9 +209,13 @@ impl ChannelActor {
     }
 
     fn cancel_timers(&mut self, ctx: &mut Context<Self>) {
-        for handle in [self.attach_timer.take(), self.retry_timer.take()]
-            .into_iter()
-            .flatten()
+        for handle in [
+            self.attach_timer.take(),
+            self.retry_timer.take(),
+            self.detach_timer.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             ctx.cancel_future(handle);
         }
@@ -419,8 +423,9 @@ impl ChannelActor {
         }
         ctx.spawn(
             async move {
-                // A permit proves there is room; dropping it gives the slot back.
-                let _ = events.reserve().await;
+                // Permits prove there is room for a delivery (gap, gap, message); dropping them
+                // gives the slots back.
+                let _ = events.reserve_many(3).await;
             }
             .into_actor(self)
             .map(|_, act, ctx| {
@@ -652,6 +657,7 @@ impl Handler<ChannelLink> for ChannelActor {
                 });
                 self.transport_failure = Some(error);
             }
+            ChannelLink::Retrying => self.transport_failure = None,
             ChannelLink::Closed => {
                 self.cancel_timers(ctx);
                 self.conn = None;
@@ -756,7 +762,7 @@ impl Handler<DetachCommand> for ChannelActor {
                     if act.state == ChannelState::Detaching {
                         act.transition(
                             ChannelState::Detached,
-                            ChannelReason::DetachConfirmed,
+                            ChannelReason::DetachTimedOut,
                             false,
                         );
                         act.finish_detach(ctx);
@@ -827,7 +833,8 @@ impl Channel {
             .max_frame_size()
             .saturating_sub(PUBLISH_ENVELOPE + name.len());
         options.max_message_size = options.max_message_size.min(fits);
-        let (tx, rx) = mpsc::channel(options.event_capacity.max(2));
+        // Delivery needs room for a pending gap, a new gap and the message.
+        let (tx, rx) = mpsc::channel(options.event_capacity.max(3));
         let mailbox = options.limits.max_messages.max(16);
         let span =
             tracing::info_span!("channel", channel = %name, client_id = %transport.client_id());

@@ -141,8 +141,9 @@ impl<R> OutgoingBuffer<R> {
                     bytes: self.bytes,
                 });
             };
+            let first_never_sent = self.first_never_sent();
             for _ in 0..n {
-                if let Some(old) = self.queue.remove(self.first_unsent) {
+                if let Some(old) = self.queue.remove(first_never_sent) {
                     self.bytes -= old.payload.len();
                     evicted.push(old);
                 }
@@ -161,11 +162,21 @@ impl<R> OutgoingBuffer<R> {
         Ok(Pushed { seq, evicted })
     }
 
-    /// How many of the oldest unsent entries must go to free `count` slots and `bytes`, if
+    /// Index of the first entry never put on the wire. Entries before it were sent at least
+    /// once (sends go in queue order), so the hub may have them: they are never evicted, even
+    /// after a reconnect made them unsent again.
+    fn first_never_sent(&self) -> usize {
+        self.queue
+            .iter()
+            .position(|e| e.sends == 0)
+            .unwrap_or(self.queue.len())
+    }
+
+    /// How many of the oldest never-sent entries must go to free `count` slots and `bytes`, if
     /// they can.
     fn unsent_to_evict(&self, count: usize, bytes: usize) -> Option<usize> {
         let (mut n, mut freed) = (0usize, 0usize);
-        for entry in self.queue.iter().skip(self.first_unsent) {
+        for entry in self.queue.iter().skip(self.first_never_sent()) {
             if n >= count && freed >= bytes {
                 break;
             }
@@ -364,6 +375,12 @@ mod tests {
         send_all(&mut b);
         assert!(b.push(p(3), 3, now).is_err());
         assert_eq!(b.len(), 2);
+
+        // After a reconnect everything is unsent again, but what was sent may be stored:
+        // it is still not evictable.
+        b.on_disconnect();
+        assert!(b.push(p(3), 3, now).is_err());
+        assert_eq!(b.queue.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
     }
 
     #[test]

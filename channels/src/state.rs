@@ -102,6 +102,8 @@ pub enum ChannelReason {
     DetachRequested,
     /// The hub confirmed the detach (or the connection was down, so there was nothing to undo).
     DetachConfirmed,
+    /// The hub did not confirm the detach in time; the channel is detached locally.
+    DetachTimedOut,
     /// The transport was closed.
     TransportClosed,
 }
@@ -118,6 +120,7 @@ impl std::fmt::Display for ChannelReason {
             ChannelReason::RetryDue => f.write_str("retry due"),
             ChannelReason::DetachRequested => f.write_str("detach requested"),
             ChannelReason::DetachConfirmed => f.write_str("detach confirmed"),
+            ChannelReason::DetachTimedOut => f.write_str("detach not confirmed in time"),
             ChannelReason::TransportClosed => f.write_str("transport closed"),
         }
     }

@@ -792,3 +792,25 @@ async fn the_evicting_overflow_policy_answers_what_it_evicts_and_delivers_the_re
     publisher.close().await;
     hub.stop().await;
 }
+
+#[actix_rt::test]
+async fn the_smallest_event_stream_still_delivers_everything_in_order() {
+    init_tracing();
+    let hub = start_channel_hub(free_addr(), retention(1000));
+    let (subscriber, _) = start(client(hub.ws_url()));
+    let (publisher, _) = start(client(hub.ws_url()));
+    let tiny = ChannelOptions {
+        event_capacity: 1,
+        ..ChannelOptions::default()
+    };
+    let (_sub, mut events, _) = open_attached(&subscriber, "drip", tiny, T).await.unwrap();
+    let (drip, _, _) = open_attached(&publisher, "drip", ChannelOptions::publish_only(), T)
+        .await
+        .unwrap();
+    publish_all(&drip, 1..=20).await;
+    let got = collect_messages(&mut events, 20, T).await.unwrap();
+    assert_eq!(payloads(&got), (1..=20).collect::<Vec<_>>());
+    subscriber.close().await;
+    publisher.close().await;
+    hub.stop().await;
+}

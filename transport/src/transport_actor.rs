@@ -69,6 +69,8 @@ pub enum ChannelLink {
     Failed(TransportError),
     /// A frame for this channel arrived.
     Inbound(Frame),
+    /// The transport left `Failed` (a manual reconnect): publishes are accepted again.
+    Retrying,
     /// The transport was closed; nothing more will come.
     Closed,
 }
@@ -219,6 +221,11 @@ impl TransportActor {
                 metrics::counter!(telemetry::STATE_TRANSITIONS, "from" => event.from.as_str(), "to" => event.to.as_str())
                     .increment(1);
                 self.subscribers.retain(|s| s.connected());
+                if event.from == ConnectionState::Failed {
+                    for link in self.channels.borrow().values() {
+                        link.do_send(ChannelLink::Retrying);
+                    }
+                }
                 if event.to == ConnectionState::Failed {
                     let error = event
                         .reason
@@ -676,6 +683,11 @@ impl Handler<RegisterChannel> for TransportActor {
             .is_some_and(|l| l.connected())
         {
             return Err(TransportError::ChannelInUse { channel: msg.name });
+        }
+        // Failed already: the new channel must not queue publishes nobody will send.
+        if self.fsm.state() == ConnectionState::Failed {
+            let error = self.last_error.clone().unwrap_or(TransportError::Closed);
+            msg.link.do_send(ChannelLink::Failed(error));
         }
         // Already connected: the new channel attaches at once (it is not part of a resync).
         if self.fsm.state().is_up() {
