@@ -52,6 +52,13 @@ async fn take_offline(
         .unwrap();
 }
 
+/// Asserts that no further event arrives (no duplicate trails behind the last message).
+async fn nothing_more(events: &mut tether_channels::ChannelEvents) {
+    if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_millis(300), events.recv()).await {
+        panic!("unexpected extra event {extra:?}");
+    }
+}
+
 /// The ack of one publish, within a timeout.
 async fn acked(publish: tether_channels::PublishFuture) -> tether_channels::PublishAck {
     tokio::time::timeout(T, publish)
@@ -174,12 +181,7 @@ async fn ten_thousand_messages_under_repeated_cuts_arrive_exactly_once_in_order(
         "the proxy must actually have cut connections ({cuts})"
     );
     // Nothing more arrives: no duplicate trails behind.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), events.recv())
-            .await
-            .is_err(),
-        "no extra message after the last one"
-    );
+    nothing_more(&mut events).await;
     subscriber.close().await;
     publisher.close().await;
     hub.stop().await;
@@ -272,11 +274,7 @@ async fn publishes_made_while_disconnected_are_delivered_exactly_once_after_reco
     }
     let got = collect_messages(&mut events, 100, T).await.unwrap();
     assert_eq!(payloads(&got), (1..=100).collect::<Vec<_>>());
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), events.recv())
-            .await
-            .is_err()
-    );
+    nothing_more(&mut events).await;
     publisher.close().await;
     subscriber.close().await;
     hub.stop().await;
@@ -312,11 +310,7 @@ async fn a_replay_whose_ack_was_lost_is_stored_once() {
         other => panic!("{other:?}"),
     }
     // Stored once: the subscriber sees nothing more, the next publish gets the next offset.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), events.recv())
-            .await
-            .is_err()
-    );
+    nothing_more(&mut events).await;
     let next = acked(ledger.publish(&43u64)).await;
     assert_eq!(next.offset, ack.offset.map(Offset::next));
     publisher.close().await;
@@ -605,11 +599,7 @@ async fn a_subscriber_that_stops_reading_catches_up_from_history_without_loss() 
         .until(T, |e| e.reason == ChannelReason::CatchingUp)
         .await
         .is_ok());
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), events.recv())
-            .await
-            .is_err()
-    );
+    nothing_more(&mut events).await;
     subscriber.close().await;
     publisher.close().await;
     hub.stop().await;
