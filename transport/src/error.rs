@@ -27,15 +27,6 @@ pub enum ErrorCategory {
 }
 
 impl ErrorCategory {
-    /// Every category, for metrics that pre-register one series per category.
-    pub const ALL: [ErrorCategory; 5] = [
-        ErrorCategory::Network,
-        ErrorCategory::Protocol,
-        ErrorCategory::Auth,
-        ErrorCategory::Subscription,
-        ErrorCategory::Service,
-    ];
-
     /// The lower-case name used on the wire and as a metrics label.
     pub fn as_str(self) -> &'static str {
         match self {

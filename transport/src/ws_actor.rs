@@ -61,11 +61,6 @@ pub enum WsEvent {
 #[rtype(result = "Result<(), TransportError>")]
 pub struct SendFrame(pub Frame);
 
-/// Sends one already-encoded text frame (encode once, send to many).
-#[derive(Debug, Message)]
-#[rtype(result = "Result<(), TransportError>")]
-pub struct SendText(pub bytestring::ByteString);
-
 /// Closes the connection normally; the supervisor gets `Ended` with [`TransportError::Closed`].
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -407,14 +402,6 @@ impl Handler<SendFrame> for WebSocketActor {
 
     fn handle(&mut self, msg: SendFrame, _ctx: &mut Context<Self>) -> Self::Result {
         self.handle_text(msg.0.encode().into())
-    }
-}
-
-impl Handler<SendText> for WebSocketActor {
-    type Result = Result<(), TransportError>;
-
-    fn handle(&mut self, msg: SendText, _ctx: &mut Context<Self>) -> Self::Result {
-        self.handle_text(msg.0)
     }
 }
 
