@@ -280,21 +280,7 @@ fn tcp_server_role(bind: SocketAddr) -> Result<()> {
                 }
             }
         });
-        tokio::spawn({
-            let open = open.clone();
-            async move {
-                let mut last = usize::MAX;
-                let mut tick = tokio::time::interval(Duration::from_millis(100));
-                loop {
-                    tick.tick().await;
-                    let now = open.load(Ordering::Relaxed);
-                    if now != last {
-                        println!("CONNECTIONS {now}");
-                        last = now;
-                    }
-                }
-            }
-        });
+        tokio::spawn(report_connections(open.clone()));
         stdin_command_loop(|_| {}).await;
         Ok::<_, multiproc::BoxError>(())
     })?;
@@ -358,18 +344,7 @@ fn actix_ws_server_role(bind: SocketAddr) -> Result<()> {
         .run();
         actix_rt::spawn(server);
         println!("LISTENING {bind}");
-        actix_rt::spawn(async move {
-            let mut last = usize::MAX;
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tick.tick().await;
-                let now = open.load(Ordering::Relaxed);
-                if now != last {
-                    println!("CONNECTIONS {now}");
-                    last = now;
-                }
-            }
-        });
+        actix_rt::spawn(report_connections(open.into_inner()));
         stdin_command_loop(|_| {}).await;
         Ok::<_, multiproc::BoxError>(())
     })?;
@@ -432,4 +407,19 @@ fn ws_clients_role(bind: SocketAddr, args: &Args) -> Result<()> {
         Ok::<_, multiproc::BoxError>(())
     })?;
     std::process::exit(0)
+}
+
+/// Prints `CONNECTIONS n` for the parent process whenever the count of open connections
+/// changes (checked every 100 ms).
+async fn report_connections(open: Arc<AtomicUsize>) {
+    let mut last = usize::MAX;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let now = open.load(Ordering::Relaxed);
+        if now != last {
+            println!("CONNECTIONS {now}");
+            last = now;
+        }
+    }
 }
