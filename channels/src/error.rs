@@ -84,6 +84,15 @@ pub enum ChannelError {
         /// What ended it.
         cause: Box<ChannelError>,
     },
+    /// The hub's history store did not answer or failed (for example Redis is down).
+    /// Retryable: nothing of the failed operation was stored.
+    #[error("{store} history store unavailable: {message}")]
+    Store {
+        /// Which store (`redis`).
+        store: &'static str,
+        /// What went wrong.
+        message: String,
+    },
     /// A transport-level error (registration, payload encoding).
     #[error(transparent)]
     Transport(#[from] TransportError),
@@ -93,7 +102,9 @@ impl ChannelError {
     /// `true` when retrying the same operation cannot succeed.
     pub fn is_permanent(&self) -> bool {
         match self {
-            ChannelError::QueueFull { .. } | ChannelError::Evicted { .. } => false,
+            ChannelError::QueueFull { .. }
+            | ChannelError::Evicted { .. }
+            | ChannelError::Store { .. } => false,
             ChannelError::PayloadTooLarge { .. }
             | ChannelError::Failed { .. }
             | ChannelError::Rejected { .. }
@@ -110,7 +121,8 @@ impl ChannelError {
         match self {
             ChannelError::QueueFull { .. }
             | ChannelError::Evicted { .. }
-            | ChannelError::TransportClosed => ErrorCategory::Service,
+            | ChannelError::TransportClosed
+            | ChannelError::Store { .. } => ErrorCategory::Service,
             ChannelError::PayloadTooLarge { .. } => ErrorCategory::Protocol,
             ChannelError::Failed { cause, .. } | ChannelError::Rejected { cause, .. } => {
                 cause.category()

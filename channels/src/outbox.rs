@@ -419,14 +419,13 @@ mod tests {
             ),
             window in 1usize..8,
         ) {
-            use crate::hub::history::{MemoryHistory, Retention};
-            use crate::hub::log::{ChannelLog, DedupeTable, ProducerKey, PublishOutcome};
+            use crate::hub::history::{AppendOutcome, AppendRequest, DedupeLimits, MemoryHistory, Retention};
+            use crate::hub::log::ProducerKey;
 
             let now = Instant::now();
-            let mut hub = ChannelLog::new(
-                "c",
-                Box::new(MemoryHistory::new(Retention { max_messages: 10_000, ..Retention::default() })),
-                DedupeTable::new(1024, 10, std::time::Duration::from_secs(60)),
+            let hub = MemoryHistory::new(
+                Retention { max_messages: 10_000, ..Retention::default() },
+                DedupeLimits::default(),
             );
             let producer = ProducerKey {
                 client: tether_transport::protocol::ClientId("client".into()),
@@ -449,8 +448,9 @@ mod tests {
                     match fates.next().unwrap_or(Fate::Delivered) {
                         Fate::LostBeforeHub => { cut = true; break; }
                         fate => {
-                            let outcome = hub.publish(&producer, seq, &payload, now);
-                            if let PublishOutcome::Stored { offset, .. } = outcome {
+                            let request = AppendRequest { producer: producer.clone(), seq, payload };
+                            let appended = hub.append_now("c", &[request], now);
+                            if let AppendOutcome::Stored(offset) = appended.outcomes[0] {
                                 prop_assert_eq!(offset.0, seq, "stored out of order");
                             }
                             if matches!(fate, Fate::AckLost) { cut = true; break; }
@@ -464,7 +464,8 @@ mod tests {
                     b.on_disconnect();
                 }
             }
-            prop_assert_eq!(hub.head().0, publishes as u64);
+            let head = hub.read_now("c", tether_transport::protocol::Offset(0), crate::hub::history::PageLimit::POSITION_ONLY, now).head;
+            prop_assert_eq!(head.0, publishes as u64);
             let all: Vec<u64> = (1..=publishes as u64).collect();
             prop_assert_eq!(answered, all);
         }

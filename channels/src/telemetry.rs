@@ -24,3 +24,11 @@ pub const HUB_REPLAYED: &str = "tether_hub_replayed_total";
 pub const HUB_SLOW_CONSUMERS: &str = "tether_hub_slow_consumers_total";
 /// Gauge: channels on the hub.
 pub const HUB_CHANNELS: &str = "tether_hub_channels";
+/// Counter, label `op` (`append`, `read`): history store operations that failed.
+pub const HUB_STORE_ERRORS: &str = "tether_hub_store_errors_total";
+/// Histogram: seconds one append batch took in the history store.
+pub const HUB_STORE_APPEND_SECONDS: &str = "tether_hub_store_append_seconds";
+/// Histogram: publishes per append batch.
+pub const HUB_STORE_APPEND_BATCH: &str = "tether_hub_store_append_batch";
+/// Counter: epochs this hub saw a channel change to (a store that lost a stream).
+pub const HUB_EPOCH_CHANGES: &str = "tether_hub_epoch_changes_total";

@@ -212,6 +212,9 @@ pub enum ErrorCode {
     SlowConsumer,
     /// The hub is over a limit (channels, publishers); try again later.
     Overloaded,
+    /// The hub cannot reach its history store (for example Redis is down). Retryable: the hub
+    /// stored nothing of the refused publishes; resend them after reconnecting.
+    Unavailable,
     /// The hub failed internally.
     Internal,
     /// A code this build does not know.

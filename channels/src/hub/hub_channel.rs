@@ -1,17 +1,50 @@
-//! The HubChannel actor: one per channel on the hub. It owns the channel's [`ChannelLog`] and
-//! its subscribers, so numbering, storing and fan-out happen in one place, in one order.
+//! The HubChannel actor: one per channel on each hub node. It drives the channel's appends into
+//! the shared [`HistoryStore`] and fans out, in offset order, everything the store numbered —
+//! its own appends and those of other nodes.
+//!
+//! * **Appends** are serialised per channel and batched: while one batch is in the store,
+//!   later publishes queue, and go as the next batch (one store round trip for many messages;
+//!   publishes of one connection are never reordered). Acks go out only once the store
+//!   confirmed. A batch the store refused fails every publish queued behind it too, and closes
+//!   their connections with a retryable `unavailable` error: nothing later of a producer can be
+//!   stored ahead of something earlier that the store refused.
+//! * **Fan-out** follows one cursor, `delivered`: every live subscriber has been sent every
+//!   message up to it, in order. Own appends that continue it are fanned out straight from the
+//!   batch; anything else (another node's appends, told by [`StoreNotice`]s) is read from the
+//!   store page by page.
+//! * **Attach with resume** reads history page by page and sends it to that subscriber alone
+//!   until it reaches `delivered`, then the subscriber turns live. Its `attached` frame states
+//!   the head and replay count at the moment of the attach; whatever the channel fans out while
+//!   the subscriber catches up follows the replay in order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use bytestring::ByteString;
 use tether_transport::hub::{Outbound, SessionOutbox};
-use tether_transport::protocol::{Ack, Attached, Detached, ErrorCode, Frame, Payload, Position};
+use tether_transport::protocol::{
+    Ack, Attached, Detached, Epoch, ErrorCode, ErrorFrame, Frame, Message as MessageFrame, Offset,
+    Payload, Position,
+};
 use tether_transport::{ErrorCategory, TransportError};
-use tokio::time::Instant;
 
-use super::log::{ChannelLog, ProducerKey, PublishOutcome};
+use super::history::{
+    AppendOutcome, AppendRequest, Appended, HistoryStore, NoticeSink, Page, PageLimit, StoreNotice,
+    StoredMessage,
+};
+use super::log::{plan_resume, ProducerKey};
+use crate::error::ChannelError;
 use crate::telemetry;
+
+/// Most publishes in one append batch.
+const MAX_BATCH_MESSAGES: usize = 512;
+/// Most payload bytes in one append batch (a batch always takes at least one publish).
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Wait before reading the store again after a failed read.
+const READ_RETRY: Duration = Duration::from_millis(250);
 
 /// A connection attaches (or re-attaches) to the channel.
 #[derive(Message)]
@@ -51,38 +84,119 @@ pub struct PublishCommand {
     pub reply: SessionOutbox,
 }
 
-/// One channel on the hub.
+/// The store has news about the channel (coalesced in [`Notices`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Wake;
+
+/// Store notices, coalesced: however many arrive while the actor is busy, one [`Wake`] waits
+/// in its mailbox.
+#[derive(Default)]
+struct Notices {
+    queued: AtomicBool,
+    head: AtomicU64,
+    resync: AtomicBool,
+}
+
+/// One attached subscriber.
+struct Subscriber {
+    outbox: SessionOutbox,
+    /// Receives live fan-out (caught up to `delivered`).
+    live: bool,
+    /// While catching up: the last offset sent to it.
+    next: Offset,
+    /// Distinguishes a re-attach of the same connection from the attach a read answers.
+    generation: u64,
+}
+
+/// One channel on a hub node.
 pub struct HubChannel {
-    log: ChannelLog,
-    subscribers: HashMap<u64, SessionOutbox>,
+    name: String,
+    store: Arc<dyn HistoryStore>,
+    page: PageLimit,
+    /// The epoch fanned out; `None` until the store's position was read.
+    epoch: Option<Epoch>,
+    /// Every live subscriber was sent every message up to here.
+    delivered: Offset,
+    /// The highest head the store reported.
+    known_head: Offset,
+    reading_position: bool,
+    pumping: bool,
+    appending: bool,
+    subscribers: HashMap<u64, Subscriber>,
+    generation: u64,
+    /// Attaches that wait for the channel's position (or for the fan-out to reach them).
+    waiting: Vec<Subscribe>,
+    pending: VecDeque<PublishCommand>,
+    /// Connections whose publishes the store refused: their later publishes are refused too
+    /// (they are being closed and will replay in order on their next connection).
+    refused: HashSet<u64>,
+    notices: Arc<Notices>,
+    watching: bool,
     span: tracing::Span,
 }
 
 impl HubChannel {
-    /// A channel over `log`.
-    pub fn new(log: ChannelLog) -> Self {
-        let span = tracing::info_span!("hub_channel", channel = %log.name(), epoch = %log.epoch());
+    /// A channel named `name` over `store`, reading history in pages of `page`.
+    pub fn new(name: impl Into<String>, store: Arc<dyn HistoryStore>, page: PageLimit) -> Self {
+        let name = name.into();
+        let span = tracing::info_span!("hub_channel", channel = %name);
         HubChannel {
-            log,
+            name,
+            store,
+            page,
+            epoch: None,
+            delivered: Offset(0),
+            known_head: Offset(0),
+            reading_position: false,
+            pumping: false,
+            appending: false,
             subscribers: HashMap::new(),
+            generation: 0,
+            waiting: Vec::new(),
+            pending: VecDeque::new(),
+            refused: HashSet::new(),
+            notices: Arc::new(Notices::default()),
+            watching: false,
             span,
         }
     }
 
-    fn frame(frame: Frame, completes_publish: bool) -> Outbound {
-        Outbound {
-            text: frame.encode().into(),
-            completes_publish,
+    /// The furthest position this node has seen, for the store's lost-tail check.
+    fn seen(&self) -> Option<Position> {
+        self.epoch.clone().map(|epoch| Position {
+            epoch,
+            offset: self.delivered.max(self.known_head),
+        })
+    }
+
+    fn encode(&self, epoch: &Epoch, message: &StoredMessage) -> ByteString {
+        Frame::Message(MessageFrame {
+            channel: self.name.clone(),
+            epoch: epoch.clone(),
+            offset: message.offset,
+            payload: message.payload.clone(),
+        })
+        .encode()
+        .into()
+    }
+
+    fn unavailable(error: &ChannelError) -> TransportError {
+        TransportError::Remote {
+            code: ErrorCode::Unavailable,
+            category: ErrorCategory::Service,
+            permanent: false,
+            message: format!("history store unavailable: {error}"),
         }
     }
 
-    /// Sends to one connection; a full outbox closes it as a slow consumer.
-    fn send(&mut self, conn_id: u64, outbox: &SessionOutbox, out: Outbound) -> bool {
-        if outbox.send(out).is_ok() {
-            return true;
-        }
-        self.kick_slow(conn_id, outbox);
-        false
+    /// A channel-scoped error frame (the connection stays up).
+    fn send_error(&self, outbox: &SessionOutbox, error: &TransportError, seq: Option<u64>) {
+        let frame = Frame::Error(ErrorFrame::from_error(error).about(&self.name, seq)).encode();
+        let _ = outbox.send(Outbound {
+            text: frame.into(),
+            completes_publish: seq.is_some(),
+        });
     }
 
     fn kick_slow(&mut self, conn_id: u64, outbox: &SessionOutbox) {
@@ -97,23 +211,176 @@ impl HubChannel {
         });
     }
 
-    /// Sends one encoded message frame to every subscriber (encoded once, shared by all).
-    fn fan_out(&mut self, frame: ByteString) {
+    /// Takes the store's position in: the first one, a newer head, or a new epoch (the store
+    /// lost the channel: everything retained of the new epoch is fanned out, and subscribers
+    /// see the epoch change as a discontinuity).
+    fn adopt(&mut self, epoch: &Epoch, head: Offset, first: Offset) {
+        match &self.epoch {
+            None => {
+                self.span.record("epoch", tracing::field::display(epoch));
+                self.epoch = Some(epoch.clone());
+                self.delivered = head;
+                self.known_head = head;
+            }
+            Some(mine) if mine != epoch => {
+                metrics::counter!(telemetry::HUB_EPOCH_CHANGES).increment(1);
+                tracing::warn!(parent: &self.span, old = %mine, new = %epoch, "channel epoch changed: the store lost this channel's history");
+                self.epoch = Some(epoch.clone());
+                self.delivered = Offset(first.0.saturating_sub(1));
+                self.known_head = head;
+                for sub in self.subscribers.values_mut() {
+                    sub.next = self.delivered;
+                }
+            }
+            Some(_) => self.known_head = self.known_head.max(head),
+        }
+    }
+
+    fn watch(&mut self, ctx: &mut Context<Self>) {
+        if self.watching {
+            return;
+        }
+        self.watching = true;
+        let notices = self.notices.clone();
+        let addr = ctx.address();
+        let sink: NoticeSink = Arc::new(move |notice| {
+            match notice {
+                StoreNotice::Advanced { head } => {
+                    notices.head.fetch_max(head.0, Ordering::Relaxed);
+                }
+                StoreNotice::Resync => notices.resync.store(true, Ordering::Relaxed),
+            }
+            if !notices.queued.swap(true, Ordering::AcqRel) {
+                addr.do_send(Wake);
+            }
+        });
+        self.store.watch(&self.name, sink);
+    }
+
+    fn unwatch_if_unused(&mut self) {
+        if self.watching && self.subscribers.is_empty() {
+            self.watching = false;
+            self.store.unwatch(&self.name);
+        }
+    }
+
+    /// Reads the channel's position (first time, or after notices may have been missed).
+    fn read_position(&mut self, ctx: &mut Context<Self>) {
+        if self.reading_position {
+            return;
+        }
+        self.reading_position = true;
+        let read = self.store.read(
+            &self.name,
+            self.seen(),
+            self.delivered,
+            PageLimit::POSITION_ONLY,
+        );
+        ctx.spawn(read.into_actor(self).map(|result, act, ctx| {
+            act.reading_position = false;
+            match result {
+                Ok(page) => {
+                    act.adopt(&page.epoch, page.head, page.first);
+                    act.pump(ctx);
+                    act.retry_waiting(ctx);
+                }
+                Err(e) => {
+                    metrics::counter!(telemetry::HUB_STORE_ERRORS, "op" => "read").increment(1);
+                    tracing::warn!(parent: &act.span, error = %e, "cannot read the channel's position");
+                    let error = Self::unavailable(&e);
+                    for waiting in std::mem::take(&mut act.waiting) {
+                        act.send_error(&waiting.outbox, &error, None);
+                    }
+                    if !act.subscribers.is_empty() {
+                        ctx.run_later(READ_RETRY, |act, ctx| act.read_position(ctx));
+                    }
+                }
+            }
+        }));
+    }
+
+    /// Fans out what the store holds beyond `delivered`, page by page.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        if self.pumping || self.epoch.is_none() || self.known_head <= self.delivered {
+            return;
+        }
+        self.pumping = true;
+        let read = self
+            .store
+            .read(&self.name, self.seen(), self.delivered, self.page);
+        ctx.spawn(read.into_actor(self).map(|result, act, ctx| {
+            act.pumping = false;
+            match result {
+                Ok(page) => act.on_pump_page(ctx, page),
+                Err(e) => {
+                    metrics::counter!(telemetry::HUB_STORE_ERRORS, "op" => "read").increment(1);
+                    tracing::warn!(parent: &act.span, error = %e, "fan-out read failed; retrying");
+                    ctx.run_later(READ_RETRY, |act, ctx| act.pump(ctx));
+                }
+            }
+        }));
+    }
+
+    fn on_pump_page(&mut self, ctx: &mut Context<Self>, page: Page) {
+        let before = self.epoch.clone();
+        self.adopt(&page.epoch, page.head, page.first);
+        if before.as_ref() != Some(&page.epoch) {
+            // The epoch changed under the read: read the new one from its start.
+            self.pump(ctx);
+            return;
+        }
+        let fresh: Vec<StoredMessage> = page
+            .messages
+            .into_iter()
+            .filter(|m| m.offset > self.delivered)
+            .collect();
+        if fresh.is_empty() {
+            // Everything up to the head was trimmed before we read it: subscribers see the
+            // jump in offsets and report it.
+            self.delivered = self.delivered.max(page.head.min(self.known_head));
+        } else {
+            self.fan_out(&fresh);
+        }
+        self.pump(ctx);
+        self.retry_waiting(ctx);
+    }
+
+    /// Sends messages (contiguous after `delivered`, or after a trimmed range) to every live
+    /// subscriber, each encoded once.
+    fn fan_out(&mut self, messages: &[StoredMessage]) {
+        let Some(epoch) = self.epoch.clone() else {
+            return;
+        };
+        let Some(last) = messages.last().map(|m| m.offset) else {
+            return;
+        };
+        self.delivered = last;
+        let frames: Vec<ByteString> = messages.iter().map(|m| self.encode(&epoch, m)).collect();
         let mut closed = Vec::new();
         let mut slow = Vec::new();
-        for (conn_id, outbox) in &self.subscribers {
-            let out = Outbound {
-                text: frame.clone(),
-                completes_publish: false,
-            };
-            if !outbox.is_open() {
+        let mut delivered = 0u64;
+        for (conn_id, sub) in &self.subscribers {
+            if !sub.live {
+                continue;
+            }
+            if !sub.outbox.is_open() {
                 closed.push(*conn_id);
-            } else if outbox.send(out).is_err() {
-                slow.push((*conn_id, outbox.clone()));
+                continue;
+            }
+            let sent = if frames.len() == 1 {
+                sub.outbox.send(Outbound {
+                    text: frames[0].clone(),
+                    completes_publish: false,
+                })
+            } else {
+                sub.outbox.send_batch(frames.clone())
+            };
+            match sent {
+                Ok(()) => delivered += frames.len() as u64,
+                Err(_) => slow.push((*conn_id, sub.outbox.clone())),
             }
         }
-        let delivered = self.subscribers.len() - closed.len() - slow.len();
-        metrics::counter!(telemetry::HUB_DELIVERIES).increment(delivered as u64);
+        metrics::counter!(telemetry::HUB_DELIVERIES).increment(delivered);
         for conn_id in closed {
             self.subscribers.remove(&conn_id);
         }
@@ -121,54 +388,387 @@ impl HubChannel {
             self.kick_slow(conn_id, &outbox);
         }
     }
+
+    /// Attaches that waited for the position or for the fan-out to reach them go again.
+    fn retry_waiting(&mut self, ctx: &mut Context<Self>) {
+        if self.epoch.is_none() || self.waiting.is_empty() {
+            return;
+        }
+        for msg in std::mem::take(&mut self.waiting) {
+            self.attach(ctx, msg);
+        }
+    }
+
+    fn attach(&mut self, ctx: &mut Context<Self>, msg: Subscribe) {
+        let Some(epoch) = self.epoch.clone() else {
+            self.waiting.push(msg);
+            self.read_position(ctx);
+            return;
+        };
+        let from = match (&msg.resume, msg.subscribe) {
+            (Some(from), true) => from.clone(),
+            _ => {
+                // Live from the head (or publish only): nothing to read.
+                self.confirm(&msg.outbox, &epoch, false, None, 0);
+                if msg.subscribe {
+                    self.add_subscriber(ctx, msg.conn_id, msg.outbox, true);
+                } else {
+                    self.subscribers.remove(&msg.conn_id);
+                }
+                return;
+            }
+        };
+        let generation = self.add_subscriber(ctx, msg.conn_id, msg.outbox.clone(), false);
+        let after = if from.epoch == epoch {
+            from.offset.min(self.delivered)
+        } else {
+            Offset(0)
+        };
+        let read = self.store.read(&self.name, self.seen(), after, self.page);
+        ctx.spawn(read.into_actor(self).map(move |result, act, ctx| {
+            if act.subscribers.get(&msg.conn_id).map(|s| s.generation) != Some(generation) {
+                return; // detached or re-attached meanwhile
+            }
+            match result {
+                Ok(page) => act.on_attach_page(ctx, msg, from, page),
+                Err(e) => {
+                    metrics::counter!(telemetry::HUB_STORE_ERRORS, "op" => "read").increment(1);
+                    act.subscribers.remove(&msg.conn_id);
+                    act.send_error(&msg.outbox, &Self::unavailable(&e), None);
+                }
+            }
+        }));
+    }
+
+    fn add_subscriber(
+        &mut self,
+        ctx: &mut Context<Self>,
+        conn_id: u64,
+        outbox: SessionOutbox,
+        live: bool,
+    ) -> u64 {
+        self.generation += 1;
+        self.subscribers.insert(
+            conn_id,
+            Subscriber {
+                outbox,
+                live,
+                next: self.delivered,
+                generation: self.generation,
+            },
+        );
+        self.watch(ctx);
+        self.generation
+    }
+
+    fn confirm(
+        &self,
+        outbox: &SessionOutbox,
+        epoch: &Epoch,
+        resumed: bool,
+        gap: Option<tether_transport::protocol::Gap>,
+        replay: u64,
+    ) -> ByteString {
+        let frame: ByteString = Frame::Attached(Attached {
+            channel: self.name.clone(),
+            epoch: epoch.clone(),
+            head: self.delivered,
+            resumed,
+            replay,
+            gap,
+        })
+        .encode()
+        .into();
+        if replay == 0 {
+            let _ = outbox.send(Outbound {
+                text: frame.clone(),
+                completes_publish: false,
+            });
+        }
+        frame
+    }
+
+    fn on_attach_page(
+        &mut self,
+        ctx: &mut Context<Self>,
+        msg: Subscribe,
+        from: Position,
+        page: Page,
+    ) {
+        let before = self.epoch.clone();
+        self.adopt(&page.epoch, page.head, page.first);
+        let epoch = page.epoch.clone();
+        if before.as_ref() != Some(&epoch) || (from.epoch == epoch && from.offset > self.delivered)
+        {
+            // The channel moved under the read, or the subscriber has seen more than this node
+            // has fanned out yet (another node's appends): attach once the fan-out is there.
+            self.subscribers.remove(&msg.conn_id);
+            if from.epoch == epoch && from.offset > page.head {
+                // …unless the store does not have it either: its tail is lost.
+                self.finish_attach(ctx, msg, from, page);
+                return;
+            }
+            self.waiting.push(msg);
+            self.pump(ctx);
+            return;
+        }
+        self.finish_attach(ctx, msg, from, page);
+    }
+
+    fn finish_attach(
+        &mut self,
+        ctx: &mut Context<Self>,
+        msg: Subscribe,
+        from: Position,
+        page: Page,
+    ) {
+        let Some(epoch) = self.epoch.clone() else {
+            return;
+        };
+        let head = self.delivered;
+        let plan = plan_resume(&from, &epoch, head, page.first);
+        let replay = head.0.saturating_sub(plan.start_after.0);
+        tracing::debug!(parent: &self.span, conn_id = msg.conn_id, resumed = plan.resumed, replay, gap = ?plan.gap, "attach");
+        let attached = self.confirm(&msg.outbox, &epoch, plan.resumed, plan.gap, replay);
+        let generation = self.add_subscriber(ctx, msg.conn_id, msg.outbox.clone(), false);
+        if let Some(sub) = self.subscribers.get_mut(&msg.conn_id) {
+            sub.next = plan.start_after;
+        }
+        if replay == 0 {
+            self.caught_up_or_continue(ctx, msg.conn_id, generation);
+            return;
+        }
+        let messages: Vec<StoredMessage> = page
+            .messages
+            .into_iter()
+            .filter(|m| m.offset > plan.start_after && m.offset <= head)
+            .collect();
+        let mut batch = Vec::with_capacity(messages.len() + 1);
+        batch.push(attached);
+        self.send_catch_up(ctx, msg.conn_id, generation, batch, &messages);
+    }
+
+    /// Sends `frames` plus `messages` to a catching-up subscriber, then continues.
+    fn send_catch_up(
+        &mut self,
+        ctx: &mut Context<Self>,
+        conn_id: u64,
+        generation: u64,
+        mut frames: Vec<ByteString>,
+        messages: &[StoredMessage],
+    ) {
+        let Some(epoch) = self.epoch.clone() else {
+            return;
+        };
+        frames.extend(messages.iter().map(|m| self.encode(&epoch, m)));
+        let Some(sub) = self.subscribers.get_mut(&conn_id) else {
+            return;
+        };
+        if let Some(last) = messages.last() {
+            sub.next = last.offset;
+        }
+        metrics::counter!(telemetry::HUB_REPLAYED).increment(messages.len() as u64);
+        if !frames.is_empty() && sub.outbox.send_batch(frames).is_err() {
+            let outbox = sub.outbox.clone();
+            self.kick_slow(conn_id, &outbox);
+            return;
+        }
+        self.caught_up_or_continue(ctx, conn_id, generation);
+    }
+
+    /// Turns a catching-up subscriber live once it reached `delivered`, or reads its next page.
+    fn caught_up_or_continue(&mut self, ctx: &mut Context<Self>, conn_id: u64, generation: u64) {
+        let delivered = self.delivered;
+        let Some(sub) = self.subscribers.get_mut(&conn_id) else {
+            return;
+        };
+        if sub.next >= delivered {
+            sub.live = true;
+            return;
+        }
+        let after = sub.next;
+        let read = self.store.read(&self.name, self.seen(), after, self.page);
+        ctx.spawn(read.into_actor(self).map(move |result, act, ctx| {
+            if act.subscribers.get(&conn_id).map(|s| s.generation) != Some(generation) {
+                return;
+            }
+            match result {
+                Ok(page) => {
+                    let before = act.epoch.clone();
+                    act.adopt(&page.epoch, page.head, page.first);
+                    if before.as_ref() != Some(&page.epoch) {
+                        act.pump(ctx);
+                        act.caught_up_or_continue(ctx, conn_id, generation);
+                        return;
+                    }
+                    let delivered = act.delivered;
+                    let messages: Vec<StoredMessage> = page
+                        .messages
+                        .into_iter()
+                        .filter(|m| m.offset > after && m.offset <= delivered)
+                        .collect();
+                    if messages.is_empty() {
+                        // Trimmed while it caught up: it sees the jump and reports the gap.
+                        if let Some(sub) = act.subscribers.get_mut(&conn_id) {
+                            sub.next = delivered;
+                        }
+                    }
+                    act.send_catch_up(ctx, conn_id, generation, Vec::new(), &messages);
+                }
+                Err(e) => {
+                    metrics::counter!(telemetry::HUB_STORE_ERRORS, "op" => "read").increment(1);
+                    tracing::warn!(parent: &act.span, conn_id, error = %e, "catch-up read failed; retrying");
+                    ctx.run_later(READ_RETRY, move |act, ctx| {
+                        act.caught_up_or_continue(ctx, conn_id, generation)
+                    });
+                }
+            }
+        }));
+    }
+
+    /// Sends the next batch of queued publishes to the store, unless one is there already.
+    fn append_next(&mut self, ctx: &mut Context<Self>) {
+        if self.appending || self.pending.is_empty() {
+            return;
+        }
+        let mut commands = Vec::new();
+        let mut bytes = 0;
+        while let Some(next) = self.pending.front() {
+            if !commands.is_empty()
+                && (commands.len() >= MAX_BATCH_MESSAGES
+                    || bytes + next.payload.len() > MAX_BATCH_BYTES)
+            {
+                break;
+            }
+            bytes += next.payload.len();
+            commands.extend(self.pending.pop_front());
+        }
+        let requests = commands
+            .iter()
+            .map(|c| AppendRequest {
+                producer: c.producer.clone(),
+                seq: c.seq,
+                payload: c.payload.clone(),
+            })
+            .collect();
+        metrics::histogram!(telemetry::HUB_STORE_APPEND_BATCH).record(commands.len() as f64);
+        self.appending = true;
+        let started = std::time::Instant::now();
+        let append = self.store.append(&self.name, self.seen(), requests);
+        ctx.spawn(append.into_actor(self).map(move |result, act, ctx| {
+            act.appending = false;
+            metrics::histogram!(telemetry::HUB_STORE_APPEND_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+            match result {
+                Ok(appended) => act.on_appended(ctx, commands, appended),
+                Err(e) => act.on_append_failed(commands, &e),
+            }
+            act.append_next(ctx);
+        }));
+    }
+
+    fn on_appended(
+        &mut self,
+        ctx: &mut Context<Self>,
+        commands: Vec<PublishCommand>,
+        appended: Appended,
+    ) {
+        let same_epoch = self.epoch.as_ref() == Some(&appended.epoch);
+        let stored: Vec<StoredMessage> = commands
+            .iter()
+            .zip(&appended.outcomes)
+            .filter_map(|(c, outcome)| match outcome {
+                AppendOutcome::Stored(offset) => Some(StoredMessage {
+                    offset: *offset,
+                    payload: c.payload.clone(),
+                }),
+                AppendOutcome::Duplicate(_) => None,
+            })
+            .collect();
+        metrics::counter!(telemetry::HUB_MESSAGES_STORED).increment(stored.len() as u64);
+        let contiguous = stored
+            .iter()
+            .enumerate()
+            .all(|(i, m)| m.offset.0 == self.delivered.0 + 1 + i as u64);
+        if same_epoch && contiguous {
+            self.known_head = self.known_head.max(appended.head);
+            self.fan_out(&stored);
+        } else {
+            // Another node appended in between (or the store started a new epoch): fan out
+            // from the store, in offset order.
+            self.adopt(&appended.epoch, appended.head, Offset(1));
+        }
+        for (command, outcome) in commands.iter().zip(&appended.outcomes) {
+            let (offset, duplicate) = match outcome {
+                AppendOutcome::Stored(offset) => (Some(*offset), false),
+                AppendOutcome::Duplicate(offset) => {
+                    metrics::counter!(telemetry::DUPLICATES_DROPPED, "side" => "hub").increment(1);
+                    tracing::debug!(parent: &self.span, producer = %command.producer, seq = command.seq, "duplicate publish acknowledged again");
+                    (*offset, true)
+                }
+            };
+            let ack = Frame::Ack(Ack {
+                channel: self.name.clone(),
+                seq: command.seq,
+                offset,
+                duplicate,
+            })
+            .encode();
+            let out = Outbound {
+                text: ack.into(),
+                completes_publish: true,
+            };
+            if command.reply.send(out).is_err() {
+                let reply = command.reply.clone();
+                self.kick_slow(reply.conn_id(), &reply);
+            }
+        }
+        self.pump(ctx);
+        self.retry_waiting(ctx);
+    }
+
+    /// The store refused a batch: nothing of it is stored (the append is atomic), and nothing
+    /// queued behind it may be stored ahead of it, so all of it is refused and the publishers'
+    /// connections closed with a retryable error; they replay in order on their next
+    /// connection.
+    fn on_append_failed(&mut self, commands: Vec<PublishCommand>, error: &ChannelError) {
+        metrics::counter!(telemetry::HUB_STORE_ERRORS, "op" => "append").increment(1);
+        tracing::warn!(parent: &self.span, %error, publishes = commands.len() + self.pending.len(), "append failed; refusing the queued publishes");
+        let refusal = Self::unavailable(error);
+        let mut kicked = HashSet::new();
+        let queued: Vec<PublishCommand> = self.pending.drain(..).collect();
+        for command in commands.into_iter().chain(queued) {
+            let conn_id = command.reply.conn_id();
+            self.refused.insert(conn_id);
+            if kicked.insert(conn_id) {
+                self.send_error(&command.reply, &refusal, Some(command.seq));
+                command.reply.kick(refusal.clone());
+            }
+        }
+    }
 }
 
 impl Actor for HubChannel {
     type Context = Context<Self>;
 
-    fn started(&mut self, _ctx: &mut Context<Self>) {
+    fn started(&mut self, ctx: &mut Context<Self>) {
         metrics::gauge!(telemetry::HUB_CHANNELS).increment(1.0);
+        self.read_position(ctx);
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         metrics::gauge!(telemetry::HUB_CHANNELS).decrement(1.0);
+        if self.watching {
+            self.store.unwatch(&self.name);
+        }
     }
 }
 
 impl Handler<Subscribe> for HubChannel {
     type Result = ();
 
-    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) {
-        let now = Instant::now();
-        let plan = if msg.subscribe {
-            self.log.resume(msg.resume.as_ref(), now)
-        } else {
-            self.log.resume(None, now)
-        };
-        tracing::debug!(parent: &self.span, conn_id = msg.conn_id, resumed = plan.resumed, replay = plan.replay.len(), gap = ?plan.gap, "attach");
-        let attached = Frame::Attached(Attached {
-            channel: self.log.name().to_owned(),
-            epoch: plan.epoch,
-            head: plan.head,
-            resumed: plan.resumed,
-            replay: plan.replay.len() as u64,
-            gap: plan.gap,
-        })
-        .encode();
-        // The confirmation and the whole replay go as one batch, ahead of anything live.
-        metrics::counter!(telemetry::HUB_REPLAYED).increment(plan.replay.len() as u64);
-        let mut batch = Vec::with_capacity(plan.replay.len() + 1);
-        batch.push(attached.into());
-        batch.extend(plan.replay);
-        if msg.outbox.send_batch(batch).is_err() {
-            self.kick_slow(msg.conn_id, &msg.outbox);
-            return;
-        }
-        if msg.subscribe {
-            self.subscribers.insert(msg.conn_id, msg.outbox);
-        } else {
-            self.subscribers.remove(&msg.conn_id);
-        }
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) {
+        self.attach(ctx, msg);
     }
 }
 
@@ -177,14 +777,24 @@ impl Handler<Unsubscribe> for HubChannel {
 
     fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Context<Self>) {
         self.subscribers.remove(&msg.conn_id);
+        self.waiting.retain(|w| w.conn_id != msg.conn_id);
+        if msg.reply.is_none() {
+            // The connection is gone: no later publish can come from it.
+            self.refused.remove(&msg.conn_id);
+        }
+        self.unwatch_if_unused();
         if let Some(reply) = msg.reply {
-            let detached = Self::frame(
-                Frame::Detached(Detached {
-                    channel: self.log.name().to_owned(),
-                }),
-                false,
-            );
-            self.send(msg.conn_id, &reply, detached);
+            let detached = Frame::Detached(Detached {
+                channel: self.name.clone(),
+            })
+            .encode();
+            let out = Outbound {
+                text: detached.into(),
+                completes_publish: false,
+            };
+            if reply.send(out).is_err() {
+                self.kick_slow(msg.conn_id, &reply);
+            }
         }
     }
 }
@@ -192,31 +802,38 @@ impl Handler<Unsubscribe> for HubChannel {
 impl Handler<PublishCommand> for HubChannel {
     type Result = ();
 
-    fn handle(&mut self, msg: PublishCommand, _ctx: &mut Context<Self>) {
-        let outcome = self
-            .log
-            .publish(&msg.producer, msg.seq, &msg.payload, Instant::now());
-        let (offset, duplicate) = match outcome {
-            PublishOutcome::Stored { offset, frame } => {
-                metrics::counter!(telemetry::HUB_MESSAGES_STORED).increment(1);
-                self.fan_out(frame);
-                (Some(offset), false)
-            }
-            PublishOutcome::Duplicate { offset } => {
-                metrics::counter!(telemetry::DUPLICATES_DROPPED, "side" => "hub").increment(1);
-                tracing::debug!(parent: &self.span, producer = %msg.producer, seq = msg.seq, "duplicate publish acknowledged again");
-                (offset, true)
-            }
-        };
-        let ack = Self::frame(
-            Frame::Ack(Ack {
-                channel: self.log.name().to_owned(),
-                seq: msg.seq,
-                offset,
-                duplicate,
-            }),
-            true,
-        );
-        self.send(msg.reply.conn_id(), &msg.reply, ack);
+    fn handle(&mut self, msg: PublishCommand, ctx: &mut Context<Self>) {
+        if self.refused.contains(&msg.reply.conn_id()) {
+            let error = TransportError::Remote {
+                code: ErrorCode::Unavailable,
+                category: ErrorCategory::Service,
+                permanent: false,
+                message: "an earlier publish of this connection was refused; reconnect and replay"
+                    .into(),
+            };
+            self.send_error(&msg.reply, &error, Some(msg.seq));
+            return;
+        }
+        self.pending.push_back(msg);
+        self.append_next(ctx);
+    }
+}
+
+impl Handler<Wake> for HubChannel {
+    type Result = ();
+
+    fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
+        self.notices.queued.store(false, Ordering::Release);
+        let head = Offset(self.notices.head.load(Ordering::Relaxed));
+        let resync = self.notices.resync.swap(false, Ordering::Relaxed);
+        if self.epoch.is_none() {
+            return; // the first position read is under way
+        }
+        if resync {
+            self.read_position(ctx);
+        } else if head > self.known_head {
+            self.known_head = head;
+            self.pump(ctx);
+        }
     }
 }

@@ -1,11 +1,18 @@
 //! The hub end of channels: a registry of [`HubChannel`](hub_channel::HubChannel) actors behind
-//! the [`ChannelService`], each owning a [`ChannelLog`](log::ChannelLog) over a
-//! [`HistoryStore`].
+//! the [`ChannelService`], each numbering, storing and fanning out one channel through the
+//! shared [`HistoryStore`]: in this process's memory ([`MemoryHistory`], the default) or in
+//! Redis Streams ([`RedisStore`], shared by any number of hub nodes).
 
 pub mod history;
 pub mod hub_channel;
 pub mod log;
+pub mod redis_store;
 pub mod service;
 
-pub use history::{HistoryFactory, HistoryStore, MemoryHistory, MemoryHistoryFactory, Retention};
+pub use history::{
+    AppendOutcome, AppendRequest, Appended, DedupeLimits, HistoryStore, MemoryHistory, NoticeSink,
+    Page, PageLimit, Retention, StoreHealth, StoreNotice, StoredMessage,
+};
+pub use log::ProducerKey;
+pub use redis_store::{RedisStore, RedisStoreBuilder};
 pub use service::{AllowAllChannels, ChannelAuthorizer, ChannelService, ChannelServiceBuilder};

@@ -8,17 +8,15 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use tether_transport::hub::{
-    ConnInfo, ConnectionHandler, FrameRejection, Outbound, SessionHandler, SessionOutbox,
+    ConnInfo, ConnectionHandler, FrameRejection, HandlerHealth, Outbound, SessionHandler,
+    SessionOutbox,
 };
 use tether_transport::protocol::{Detached, ErrorCode, Frame};
 use tether_transport::{ErrorCategory, TransportError};
 
-use super::history::{HistoryFactory, MemoryHistoryFactory, Retention};
+use super::history::{DedupeLimits, HistoryStore, MemoryHistory, PageLimit, Retention};
 use super::hub_channel::{HubChannel, PublishCommand, Subscribe, Unsubscribe};
-use super::log::{
-    ChannelLog, DedupeTable, ProducerKey, DEFAULT_DEDUPE_WINDOW, DEFAULT_MAX_PRODUCERS,
-    DEFAULT_PRODUCER_TTL,
-};
+use super::log::{ProducerKey, DEFAULT_DEDUPE_WINDOW, DEFAULT_MAX_PRODUCERS, DEFAULT_PRODUCER_TTL};
 use crate::error::validate_name;
 
 /// Default most channels one hub holds: 100,000.
@@ -60,7 +58,8 @@ impl ChannelAuthorizer for AllowAllChannels {
 /// Builder for a [`ChannelService`].
 pub struct ChannelServiceBuilder {
     retention: Retention,
-    history: Option<Arc<dyn HistoryFactory>>,
+    store: Option<Arc<dyn HistoryStore>>,
+    page: PageLimit,
     authorizer: Arc<dyn ChannelAuthorizer>,
     max_channels: usize,
     max_in_flight_per_connection: usize,
@@ -79,9 +78,19 @@ impl ChannelServiceBuilder {
         self
     }
 
-    /// A different history store. Default: in memory, with [`Self::retention`].
-    pub fn history(mut self, factory: Arc<dyn HistoryFactory>) -> Self {
-        self.history = Some(factory);
+    /// A different history store (for example a
+    /// [`RedisStore`](super::redis_store::RedisStore), shared by several hub nodes). Default:
+    /// in this process's memory ([`MemoryHistory`]) with [`Self::retention`] and the dedupe
+    /// settings of this builder.
+    pub fn store(mut self, store: Arc<dyn HistoryStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Most messages and payload bytes read from the store at a time for one replay, catch-up
+    /// or fan-out. Default 256 messages / 1 MiB.
+    pub fn page(mut self, page: PageLimit) -> Self {
+        self.page = page;
         self
     }
 
@@ -103,8 +112,8 @@ impl ChannelServiceBuilder {
         self
     }
 
-    /// Recent `(seq, offset)` pairs remembered per producer, to re-ack replays with their
-    /// original offset. Default 1024.
+    /// Recent `(seq, offset)` pairs remembered per producer by the in-memory store, to re-ack
+    /// replays with their original offset. Default 1024.
     pub fn dedupe_window(mut self, n: usize) -> Self {
         self.dedupe_window = n;
         self
@@ -142,24 +151,30 @@ impl ChannelServiceBuilder {
         if self.retention.max_messages == 0 {
             return invalid("retention.max_messages");
         }
-        let history = self.history.unwrap_or_else(|| {
-            Arc::new(MemoryHistoryFactory {
-                retention: self.retention,
-            })
+        if self.page.max_messages == 0 {
+            return invalid("page.max_messages");
+        }
+        let store = self.store.unwrap_or_else(|| {
+            Arc::new(MemoryHistory::new(
+                self.retention,
+                DedupeLimits {
+                    window: self.dedupe_window,
+                    max_producers: self.max_producers,
+                    ttl: self.producer_ttl,
+                },
+            ))
         });
         let arbiters = (0..self.threads).map(|_| Arbiter::new()).collect();
         Ok(ChannelService {
             inner: Arc::new(Inner {
                 channels: Mutex::new(HashMap::new()),
                 arbiters,
-                history,
+                store,
+                page: self.page,
                 authorizer: self.authorizer,
                 max_channels: self.max_channels,
                 max_in_flight: self.max_in_flight_per_connection,
                 channel_mailbox: self.channel_mailbox,
-                dedupe_window: self.dedupe_window,
-                max_producers: self.max_producers,
-                producer_ttl: self.producer_ttl,
                 max_message_size: self.max_message_size,
             }),
         })
@@ -169,14 +184,12 @@ impl ChannelServiceBuilder {
 struct Inner {
     channels: Mutex<HashMap<String, Addr<HubChannel>>>,
     arbiters: Vec<Arbiter>,
-    history: Arc<dyn HistoryFactory>,
+    store: Arc<dyn HistoryStore>,
+    page: PageLimit,
     authorizer: Arc<dyn ChannelAuthorizer>,
     max_channels: usize,
     max_in_flight: usize,
     channel_mailbox: usize,
-    dedupe_window: usize,
-    max_producers: usize,
-    producer_ttl: Duration,
     max_message_size: usize,
 }
 
@@ -216,15 +229,11 @@ impl Inner {
             name.hash(&mut hasher);
             self.arbiters[(hasher.finish() as usize) % self.arbiters.len()].handle()
         };
-        let log = ChannelLog::new(
-            name,
-            self.history.create(name),
-            DedupeTable::new(self.dedupe_window, self.max_producers, self.producer_ttl),
-        );
         let mailbox = self.channel_mailbox;
+        let (store, page, owned) = (self.store.clone(), self.page, name.to_owned());
         let addr = HubChannel::start_in_arbiter(&arbiter, move |ctx| {
             ctx.set_mailbox_capacity(mailbox);
-            HubChannel::new(log)
+            HubChannel::new(owned, store, page)
         });
         channels.insert(name.to_owned(), addr.clone());
         Ok(addr)
@@ -243,7 +252,8 @@ impl ChannelService {
     pub fn builder() -> ChannelServiceBuilder {
         ChannelServiceBuilder {
             retention: Retention::default(),
-            history: None,
+            store: None,
+            page: PageLimit::default(),
             authorizer: Arc::new(AllowAllChannels),
             max_channels: DEFAULT_MAX_CHANNELS,
             max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
@@ -275,6 +285,14 @@ impl std::fmt::Debug for ChannelService {
 }
 
 impl SessionHandler for ChannelService {
+    fn health(&self) -> HandlerHealth {
+        let store = self.inner.store.health();
+        HandlerHealth {
+            healthy: store.healthy,
+            detail: serde_json::to_value(&store).unwrap_or_default(),
+        }
+    }
+
     fn open(&self, conn: ConnInfo, outbox: SessionOutbox) -> Box<dyn ConnectionHandler> {
         Box::new(ConnHandler {
             conn,

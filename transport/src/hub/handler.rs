@@ -121,8 +121,31 @@ impl std::fmt::Debug for SessionOutbox {
     }
 }
 
+/// Whether a handler can serve (for the hub's `/health`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandlerHealth {
+    /// `false` turns the hub's `/health` into `unhealthy` (HTTP 503).
+    pub healthy: bool,
+    /// What the handler reports about itself (its store, and why it is unhealthy).
+    pub detail: serde_json::Value,
+}
+
+impl Default for HandlerHealth {
+    fn default() -> Self {
+        HandlerHealth {
+            healthy: true,
+            detail: serde_json::Value::Null,
+        }
+    }
+}
+
 /// Serves the frames of every connection of a hub. Implemented by the channels layer.
 pub trait SessionHandler: Send + Sync + 'static {
+    /// Whether the handler can serve. Default: healthy, no detail.
+    fn health(&self) -> HandlerHealth {
+        HandlerHealth::default()
+    }
+
     /// A connection completed its handshake: returns the handler for its frames.
     fn open(&self, conn: ConnInfo, outbox: SessionOutbox) -> Box<dyn ConnectionHandler>;
 }

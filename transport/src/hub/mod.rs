@@ -22,8 +22,8 @@ use crate::telemetry;
 
 pub use auth::{AllowAll, AuthRejection, Authenticator, StaticTokens};
 pub use handler::{
-    ConnInfo, ConnectionHandler, FrameRejection, Kick, NoChannels, Outbound, OutboundBatch,
-    OutboxFull, SessionHandler, SessionOutbox,
+    ConnInfo, ConnectionHandler, FrameRejection, HandlerHealth, Kick, NoChannels, Outbound,
+    OutboundBatch, OutboxFull, SessionHandler, SessionOutbox,
 };
 pub use session::{Evict, HubSession};
 pub use sessions::{SessionTable, DEFAULT_SESSION_TTL};
@@ -269,7 +269,7 @@ impl HubState {
 /// The `/health` document.
 #[derive(Debug, Clone, Serialize)]
 pub struct Health {
-    /// `ok`, or `shutting_down`.
+    /// `ok`, `unhealthy` (the channels layer cannot serve: see `store`), or `shutting_down`.
     pub status: &'static str,
     /// Open WebSocket connections.
     pub connections: usize,
@@ -279,6 +279,9 @@ pub struct Health {
     pub uptime_s: f64,
     /// Protocol versions spoken.
     pub protocol_versions: &'static [u16],
+    /// What the channels layer reports (its history store: kind, healthy, reason).
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    pub store: serde_json::Value,
 }
 
 /// The hub server. See [`Hub::start`].
@@ -383,14 +386,23 @@ async fn ws_route(
 
 async fn health_route(state: web::Data<HubState>) -> HttpResponse {
     let shutting_down = state.shutting_down.load(Ordering::Relaxed);
+    let handler = state.config.handler.health();
+    let status = if shutting_down {
+        "shutting_down"
+    } else if !handler.healthy {
+        "unhealthy"
+    } else {
+        "ok"
+    };
     let health = Health {
-        status: if shutting_down { "shutting_down" } else { "ok" },
+        status,
         connections: state.connection_count(),
         sessions: state.sessions().len(),
         uptime_s: state.started_at.elapsed().as_secs_f64(),
         protocol_versions: crate::protocol::SUPPORTED_VERSIONS,
+        store: handler.detail,
     };
-    if shutting_down {
+    if status != "ok" {
         HttpResponse::ServiceUnavailable().json(health)
     } else {
         HttpResponse::Ok().json(health)

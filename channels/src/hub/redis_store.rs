@@ -1,0 +1,812 @@
+//! Channel history in Redis Streams, shared by any number of hub nodes. Redis 7.0 commands
+//! only.
+//!
+//! Per channel (keys start with the configured prefix, default `tether`, and carry the
+//! channel name length-prefixed so no two channels' keys can collide):
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `{prefix}:{len}:{channel}:s` | stream | the messages: entry id `{offset}-0`, fields `p` (payload) and `t` (Redis time, ms) |
+//! | `{prefix}:{len}:{channel}:m` | hash | `epoch`, `head` (last offset), `bytes` (payload bytes retained) |
+//! | `{prefix}:{len}:{channel}:p:{producer}` | hash | dedupe state of one producer: `h` (highest seq), `e` (epoch), and `{seq}` → offset for the last `window` seqs; expires after the producer TTL |
+//! | `{prefix}:n:{channel}` | pub/sub channel | `{epoch} {head}` after every append that stored something |
+//!
+//! Both operations are Lua scripts, so each is one atomic step on the Redis server:
+//!
+//! * **append**: takes (or creates) the channel's epoch; for each publish, checks the
+//!   producer's highest seq, and either answers "duplicate" (with the original offset while
+//!   remembered) or `XADD`s it at `head + 1` and records it; trims; notifies. A batch of any
+//!   size costs one round trip.
+//! * **read**: the channel's epoch, head and first retained offset, trims by age, and one page
+//!   of messages after an offset (bounded by count and bytes).
+//!
+//! The **epoch** is created with the channel's meta hash and changes only when the channel's
+//! data is lost: when the hash is gone (a Redis that restarted without persistence, a flushed
+//! database), or when a node presents a position (`seen`) in the current epoch beyond the
+//! stored head (a replica promoted behind its master, an AOF that lost its last second): the
+//! offsets subscribers saw would otherwise be reused, a silent gap. Either way the stream is
+//! dropped and numbering starts again at 1 in a new epoch, which every subscriber is told of
+//! as a `Discontinuity`.
+//!
+//! Retention maps onto `XTRIM MINID` (ids are offsets, so count, age and bytes all come down
+//! to "drop everything below this offset").
+//!
+//! Fan-out across nodes: every node `SUBSCRIBE`s to the notification channels of the channels
+//! it has subscribers on (no polling); a notification wakes the node's channel actor, which
+//! reads what it has not fanned out yet. When the subscription connection is re-established,
+//! every watched channel is told to read its position again ([`StoreNotice::Resync`]), so a
+//! notification lost with the connection costs latency, never a message.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+use tether_transport::protocol::{Epoch, Offset, Payload, Position};
+use tokio::sync::mpsc;
+
+use super::history::{
+    AppendOutcome, AppendRequest, Appended, HistoryStore, NoticeSink, Page, PageLimit, Retention,
+    StoreHealth, StoreNotice, StoredMessage,
+};
+use super::log::{DEFAULT_DEDUPE_WINDOW, DEFAULT_PRODUCER_TTL};
+use crate::error::ChannelError;
+
+/// Default key prefix: `tether`.
+pub const DEFAULT_PREFIX: &str = "tether";
+/// Default time Redis has to answer one command before the store reports it unavailable: 2 s.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default time to establish a connection to Redis: 1 s.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default interval of the health probe (`PING`) and of re-establishing the notification link:
+/// 500 ms.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+const PRELUDE: &str = r#"
+local stream, meta = KEYS[1], KEYS[2]
+local function offset_of(id) return tonumber(string.match(id, '^(%d+)')) end
+local function ensure(candidate, seen_epoch, seen_head)
+  local m = redis.call('HMGET', meta, 'epoch', 'head', 'bytes')
+  local epoch, head, bytes = m[1], tonumber(m[2] or '0'), tonumber(m[3] or '0')
+  if (not epoch) or (epoch == seen_epoch and head < seen_head) then
+    epoch, head, bytes = candidate, 0, 0
+    redis.call('DEL', stream)
+    redis.call('HSET', meta, 'epoch', epoch, 'head', 0, 'bytes', 0)
+  end
+  return epoch, head, bytes
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- Drops the oldest entries while over a limit; returns the bytes retained.
+local function trim(now, maxn, maxage, maxb, bytes)
+  local len = redis.call('XLEN', stream)
+  local cutoff = now - maxage
+  local last_dropped = nil
+  local cursor = '-'
+  local chunk = 1
+  while len > 0 do
+    local entries = redis.call('XRANGE', stream, cursor, '+', 'COUNT', chunk)
+    if #entries == 0 then break end
+    local stop = false
+    for _, e in ipairs(entries) do
+      local f = e[2]
+      if len > maxn or bytes > maxb or tonumber(f[4]) < cutoff then
+        len = len - 1
+        bytes = bytes - #f[2]
+        last_dropped = offset_of(e[1])
+      else
+        stop = true
+        break
+      end
+    end
+    if stop then break end
+    cursor = '(' .. entries[#entries][1]
+    chunk = 64
+  end
+  if last_dropped then
+    redis.call('XTRIM', stream, 'MINID', string.format('%d-0', last_dropped + 1))
+  end
+  return bytes
+end
+"#;
+
+const APPEND: &str = r#"
+-- ARGV: candidate epoch, seen epoch, seen head, max messages, max age ms, max bytes,
+--       dedupe window, producer ttl ms, notify channel, then (seq, payload) per publish;
+-- KEYS[2 + i]: the producer key of publish i.
+local epoch, head, bytes = ensure(ARGV[1], ARGV[2], tonumber(ARGV[3]))
+local now = now_ms()
+local window, ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
+local out = {}
+local stored = 0
+local n = (#ARGV - 9) / 2
+for i = 1, n do
+  local pkey = KEYS[2 + i]
+  local seq = tonumber(ARGV[8 + 2 * i])
+  local payload = ARGV[9 + 2 * i]
+  local p = redis.call('HMGET', pkey, 'h', 'e')
+  local highest = tonumber(p[1] or '0')
+  if seq <= highest then
+    local off = false
+    if p[2] == epoch then off = redis.call('HGET', pkey, string.format('%d', seq)) end
+    out[2 * i - 1] = 0
+    out[2 * i] = off and tonumber(off) or -1
+  else
+    head = head + 1
+    redis.call('XADD', stream, string.format('%d-0', head), 'p', payload, 't', now)
+    bytes = bytes + #payload
+    redis.call('HSET', pkey, 'h', string.format('%d', seq), 'e', epoch,
+      string.format('%d', seq), string.format('%d', head))
+    if seq > window then redis.call('HDEL', pkey, string.format('%d', seq - window)) end
+    redis.call('PEXPIRE', pkey, ttl)
+    stored = stored + 1
+    out[2 * i - 1] = 1
+    out[2 * i] = head
+  end
+end
+bytes = trim(now, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), bytes)
+redis.call('HSET', meta, 'head', string.format('%d', head), 'bytes', string.format('%d', bytes))
+if stored > 0 then
+  redis.call('PUBLISH', ARGV[9], epoch .. ' ' .. string.format('%d', head))
+end
+return {epoch, head, out}
+"#;
+
+const READ: &str = r#"
+-- ARGV: candidate epoch, seen epoch, seen head, max messages, max age ms, max bytes,
+--       after, page count, page bytes.
+local epoch, head, bytes = ensure(ARGV[1], ARGV[2], tonumber(ARGV[3]))
+local kept = trim(now_ms(), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), bytes)
+if kept ~= bytes then redis.call('HSET', meta, 'bytes', string.format('%d', kept)) end
+local first = head + 1
+local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+if #oldest > 0 then first = offset_of(oldest[1][1]) end
+local msgs = {}
+local count = tonumber(ARGV[8])
+if count > 0 then
+  local from = string.format('%d-0', tonumber(ARGV[7]) + 1)
+  local entries = redis.call('XRANGE', stream, from, '+', 'COUNT', count)
+  local total, limit = 0, tonumber(ARGV[9])
+  for _, e in ipairs(entries) do
+    local size = #e[2][2]
+    if #msgs > 0 and total + size > limit then break end
+    total = total + size
+    msgs[#msgs + 1] = offset_of(e[1])
+    msgs[#msgs + 1] = e[2][2]
+  end
+end
+return {epoch, head, first, msgs}
+"#;
+
+/// Builder for a [`RedisStore`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    url: String,
+    prefix: String,
+    retention: Retention,
+    dedupe_window: usize,
+    producer_ttl: Duration,
+    response_timeout: Duration,
+    connect_timeout: Duration,
+    probe_interval: Duration,
+}
+
+impl RedisStoreBuilder {
+    /// Key prefix, so several deployments can share one Redis. Default `tether`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// History kept per channel. Default 1000 messages / 24 h / 64 MiB of payloads.
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Recent `(seq, offset)` pairs kept per producer, to re-ack replays with their original
+    /// offset. Default 1024.
+    pub fn dedupe_window(mut self, n: usize) -> Self {
+        self.dedupe_window = n;
+        self
+    }
+
+    /// How long a silent producer's dedupe state is kept (a Redis key TTL). Default 24 h.
+    pub fn producer_ttl(mut self, ttl: Duration) -> Self {
+        self.producer_ttl = ttl;
+        self
+    }
+
+    /// Time Redis has to answer one command. Default 2 s.
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// Time to establish a connection. Default 1 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Interval of the health probe and of notification-link reconnects. Default 500 ms.
+    pub fn probe_interval(mut self, interval: Duration) -> Self {
+        self.probe_interval = interval;
+        self
+    }
+
+    /// Validates the settings and starts the store's background tasks (health probe,
+    /// notification link). Call inside a Tokio runtime (an actix system is one). Redis need
+    /// not be up yet: the store connects lazily and reports itself unhealthy until it can.
+    pub fn build(self) -> Result<Arc<RedisStore>, ChannelError> {
+        let invalid = |field: &'static str, reason: &str| {
+            Err(ChannelError::Transport(
+                tether_transport::TransportError::InvalidConfig {
+                    field,
+                    reason: reason.to_owned(),
+                },
+            ))
+        };
+        if self.prefix.is_empty() || self.prefix.contains(':') {
+            return invalid("redis.prefix", "must be non-empty and contain no ':'");
+        }
+        if self.retention.max_messages == 0 {
+            return invalid("redis.retention.max_messages", "must be at least 1");
+        }
+        if self.dedupe_window == 0 {
+            return invalid("redis.dedupe_window", "must be at least 1");
+        }
+        if self.producer_ttl < Duration::from_millis(1) {
+            return invalid("redis.producer_ttl", "must be at least 1 ms");
+        }
+        if self.response_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return invalid("redis.timeouts", "must be greater than zero");
+        }
+        if self.probe_interval < Duration::from_millis(10) {
+            return invalid("redis.probe_interval", "must be at least 10 ms");
+        }
+        let client = redis::Client::open(self.url.as_str()).map_err(|e| {
+            ChannelError::Transport(tether_transport::TransportError::InvalidConfig {
+                field: "redis.url",
+                reason: e.to_string(),
+            })
+        })?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(self.response_timeout))
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(self.probe_interval);
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| store_error(&e))?;
+        let health = Arc::new(HealthState {
+            healthy: AtomicBool::new(false),
+            reason: Mutex::new(Some("not connected yet".into())),
+        });
+        let (commands, rx) = mpsc::unbounded_channel();
+        let watchers: Watchers = Arc::new(Mutex::new(HashMap::new()));
+        let store = Arc::new(RedisStore {
+            manager,
+            prefix: self.prefix,
+            retention: self.retention,
+            dedupe_window: self.dedupe_window,
+            producer_ttl: self.producer_ttl,
+            append: Script::new(&format!("{PRELUDE}{APPEND}")),
+            read: Script::new(&format!("{PRELUDE}{READ}")),
+            health,
+            watchers: watchers.clone(),
+            commands,
+        });
+        let follower = Follower {
+            client,
+            prefix: store.prefix.clone(),
+            watchers,
+            interval: self.probe_interval,
+            health: store.health.clone(),
+        };
+        tokio::spawn(follower.run(rx));
+        tokio::spawn(probe(
+            Arc::downgrade(&store),
+            store.manager.clone(),
+            self.probe_interval,
+        ));
+        Ok(store)
+    }
+}
+
+#[derive(Debug)]
+struct HealthState {
+    healthy: AtomicBool,
+    reason: Mutex<Option<String>>,
+}
+
+impl HealthState {
+    fn record<T>(&self, result: &Result<T, redis::RedisError>) {
+        match result {
+            Ok(_) => {
+                if !self.healthy.swap(true, Ordering::AcqRel) {
+                    tracing::info!("redis store reachable");
+                    *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+            }
+            Err(e) => {
+                if self.healthy.swap(false, Ordering::AcqRel) {
+                    tracing::warn!(error = %e, "redis store unreachable");
+                }
+                *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }
+        }
+    }
+}
+
+/// One watched channel: where its notices go, and the epoch of the last notification (a
+/// notification in another epoch becomes a [`StoreNotice::Resync`]).
+struct Watch {
+    sink: NoticeSink,
+    epoch: Option<String>,
+}
+
+type Watchers = Arc<Mutex<HashMap<String, Watch>>>;
+
+enum FollowCommand {
+    Subscribe(String),
+    Unsubscribe(String),
+}
+
+/// Channel history in Redis Streams. See the [module docs](self) for the data layout and the
+/// guarantees.
+pub struct RedisStore {
+    manager: ConnectionManager,
+    prefix: String,
+    retention: Retention,
+    dedupe_window: usize,
+    producer_ttl: Duration,
+    append: Script,
+    read: Script,
+    health: Arc<HealthState>,
+    watchers: Watchers,
+    commands: mpsc::UnboundedSender<FollowCommand>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("retention", &self.retention)
+            .field("healthy", &self.health.healthy.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A builder for a store at `url` (`redis://host:port/db`), with the documented defaults.
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            url: url.into(),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            retention: Retention::default(),
+            dedupe_window: DEFAULT_DEDUPE_WINDOW,
+            producer_ttl: DEFAULT_PRODUCER_TTL,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
+        }
+    }
+
+    fn key(&self, channel: &str, suffix: &str) -> String {
+        format!("{}:{}:{}:{}", self.prefix, channel.len(), channel, suffix)
+    }
+
+    fn notify_channel(prefix: &str, channel: &str) -> String {
+        format!("{prefix}:n:{channel}")
+    }
+
+    fn producer_key(&self, channel: &str, request: &AppendRequest) -> String {
+        let p = &request.producer;
+        // Unit separators: client ids, instances and producers may contain ':' but channel
+        // names and these parts are joined unambiguously.
+        self.key(
+            channel,
+            &format!("p:{}\u{1f}{}\u{1f}{}", p.client, p.instance, p.producer),
+        )
+    }
+
+    fn retention_args(&self) -> [u64; 3] {
+        [
+            self.retention.max_messages as u64,
+            self.retention.max_age.as_millis().min(u64::MAX as u128) as u64,
+            self.retention.max_bytes as u64,
+        ]
+    }
+}
+
+fn seen_args(seen: &Option<Position>) -> (String, u64) {
+    match seen {
+        Some(p) => (p.epoch.0.clone(), p.offset.0),
+        None => (String::new(), 0),
+    }
+}
+
+fn store_error(e: &redis::RedisError) -> ChannelError {
+    ChannelError::Store {
+        store: "redis",
+        message: e.to_string(),
+    }
+}
+
+fn malformed(what: &str) -> ChannelError {
+    ChannelError::Store {
+        store: "redis",
+        message: format!("unexpected reply from the store script: {what}"),
+    }
+}
+
+fn as_string(v: &Value) -> Result<String, ChannelError> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).map_err(|_| malformed("not UTF-8")),
+        Value::SimpleString(s) => Ok(s.clone()),
+        Value::VerbatimString { text, .. } => Ok(text.clone()),
+        _ => Err(malformed("expected a string")),
+    }
+}
+
+fn as_int(v: &Value) -> Result<i64, ChannelError> {
+    match v {
+        Value::Int(i) => Ok(*i),
+        Value::BulkString(_) | Value::SimpleString(_) => as_string(v)?
+            .parse()
+            .map_err(|_| malformed("expected a number")),
+        _ => Err(malformed("expected a number")),
+    }
+}
+
+fn as_array(v: &Value) -> Result<&[Value], ChannelError> {
+    match v {
+        Value::Array(items) => Ok(items),
+        _ => Err(malformed("expected an array")),
+    }
+}
+
+fn as_offset(v: &Value) -> Result<Offset, ChannelError> {
+    u64::try_from(as_int(v)?)
+        .map(Offset)
+        .map_err(|_| malformed("negative offset"))
+}
+
+fn parse_appended(v: &Value) -> Result<Appended, ChannelError> {
+    let [epoch, head, outcomes] = as_array(v)? else {
+        return Err(malformed("append reply"));
+    };
+    let outcomes = as_array(outcomes)?
+        .chunks(2)
+        .map(|pair| {
+            let [kind, offset] = pair else {
+                return Err(malformed("append outcome"));
+            };
+            let offset = as_int(offset)?;
+            Ok(match as_int(kind)? {
+                1 => AppendOutcome::Stored(Offset(offset as u64)),
+                _ if offset < 0 => AppendOutcome::Duplicate(None),
+                _ => AppendOutcome::Duplicate(Some(Offset(offset as u64))),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Appended {
+        epoch: Epoch(as_string(epoch)?),
+        head: as_offset(head)?,
+        outcomes,
+    })
+}
+
+fn parse_page(v: &Value) -> Result<Page, ChannelError> {
+    let [epoch, head, first, messages] = as_array(v)? else {
+        return Err(malformed("read reply"));
+    };
+    let messages = as_array(messages)?
+        .chunks(2)
+        .map(|pair| {
+            let [offset, payload] = pair else {
+                return Err(malformed("read entry"));
+            };
+            let payload = Payload::from_json(&as_string(payload)?)
+                .map_err(|_| malformed("stored payload is not JSON"))?;
+            Ok(StoredMessage {
+                offset: as_offset(offset)?,
+                payload,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Page {
+        epoch: Epoch(as_string(epoch)?),
+        head: as_offset(head)?,
+        first: as_offset(first)?,
+        messages,
+    })
+}
+
+/// Runs `script` with `keys` and `args`, recording the store's health.
+async fn invoke(
+    script: Script,
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+    mut manager: ConnectionManager,
+    health: Arc<HealthState>,
+) -> Result<Value, ChannelError> {
+    let mut invocation = script.prepare_invoke();
+    for key in keys {
+        invocation.key(key);
+    }
+    for arg in args {
+        invocation.arg(arg);
+    }
+    let result: Result<Value, _> = invocation.invoke_async(&mut manager).await;
+    health.record(&result);
+    result.map_err(|e| store_error(&e))
+}
+
+impl HistoryStore for RedisStore {
+    fn append(
+        &self,
+        channel: &str,
+        seen: Option<Position>,
+        batch: Vec<AppendRequest>,
+    ) -> BoxFuture<'static, Result<Appended, ChannelError>> {
+        let mut keys = Vec::with_capacity(batch.len() + 2);
+        keys.push(self.key(channel, "s"));
+        keys.push(self.key(channel, "m"));
+        keys.extend(batch.iter().map(|r| self.producer_key(channel, r)));
+        let (seen_epoch, seen_head) = seen_args(&seen);
+        let [max_messages, max_age, max_bytes] = self.retention_args();
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(9 + 2 * batch.len());
+        args.push(Epoch::random().0.into_bytes());
+        args.push(seen_epoch.into_bytes());
+        for n in [
+            seen_head,
+            max_messages,
+            max_age,
+            max_bytes,
+            self.dedupe_window as u64,
+            self.producer_ttl.as_millis().min(u64::MAX as u128) as u64,
+        ] {
+            args.push(n.to_string().into_bytes());
+        }
+        args.push(Self::notify_channel(&self.prefix, channel).into_bytes());
+        for request in &batch {
+            args.push(request.seq.to_string().into_bytes());
+            args.push(request.payload.json().as_bytes().to_vec());
+        }
+        let call = invoke(
+            self.append.clone(),
+            keys,
+            args,
+            self.manager.clone(),
+            self.health.clone(),
+        );
+        let expected = batch.len();
+        Box::pin(async move {
+            let appended = parse_appended(&call.await?)?;
+            if appended.outcomes.len() != expected {
+                return Err(malformed("outcome count"));
+            }
+            Ok(appended)
+        })
+    }
+
+    fn read(
+        &self,
+        channel: &str,
+        seen: Option<Position>,
+        after: Offset,
+        limit: PageLimit,
+    ) -> BoxFuture<'static, Result<Page, ChannelError>> {
+        let keys = vec![self.key(channel, "s"), self.key(channel, "m")];
+        let (seen_epoch, seen_head) = seen_args(&seen);
+        let [max_messages, max_age, max_bytes] = self.retention_args();
+        let mut args: Vec<Vec<u8>> = vec![Epoch::random().0.into_bytes(), seen_epoch.into_bytes()];
+        for n in [
+            seen_head,
+            max_messages,
+            max_age,
+            max_bytes,
+            after.0,
+            limit.max_messages as u64,
+            limit.max_bytes as u64,
+        ] {
+            args.push(n.to_string().into_bytes());
+        }
+        let call = invoke(
+            self.read.clone(),
+            keys,
+            args,
+            self.manager.clone(),
+            self.health.clone(),
+        );
+        Box::pin(async move { parse_page(&call.await?) })
+    }
+
+    fn watch(&self, channel: &str, sink: NoticeSink) {
+        self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(channel.to_owned(), Watch { sink, epoch: None });
+        let _ = self
+            .commands
+            .send(FollowCommand::Subscribe(channel.to_owned()));
+    }
+
+    fn unwatch(&self, channel: &str) {
+        self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(channel);
+        let _ = self
+            .commands
+            .send(FollowCommand::Unsubscribe(channel.to_owned()));
+    }
+
+    fn health(&self) -> StoreHealth {
+        let healthy = self.health.healthy.load(Ordering::Acquire);
+        StoreHealth {
+            kind: "redis",
+            healthy,
+            reason: if healthy {
+                None
+            } else {
+                self.health
+                    .reason
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+            },
+        }
+    }
+}
+
+/// Pings Redis every `interval` while the store exists, so `/health` is current even when no
+/// channel is busy.
+async fn probe(
+    store: std::sync::Weak<RedisStore>,
+    mut manager: ConnectionManager,
+    interval: Duration,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        let result: Result<String, _> = redis::cmd("PING").query_async(&mut manager).await;
+        store.health.record(&result);
+    }
+}
+
+/// The notification link: one pub/sub connection subscribed to the watched channels.
+struct Follower {
+    client: redis::Client,
+    prefix: String,
+    watchers: Watchers,
+    interval: Duration,
+    health: Arc<HealthState>,
+}
+
+impl Follower {
+    async fn run(self, mut commands: mpsc::UnboundedReceiver<FollowCommand>) {
+        let prefix = format!("{}:n:", self.prefix);
+        loop {
+            if commands.is_closed() {
+                return;
+            }
+            let connected = tokio::time::timeout(self.interval * 4, self.client.get_async_pubsub())
+                .await
+                .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")))
+                .and_then(|r| r);
+            let pubsub = match connected {
+                Ok(pubsub) => pubsub,
+                Err(e) => {
+                    self.health.record::<()>(&Err(e));
+                    tokio::time::sleep(self.interval).await;
+                    continue;
+                }
+            };
+            let (mut sink, mut stream) = pubsub.split();
+            let names: Vec<String> = self
+                .watchers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            let mut ok = true;
+            for name in &names {
+                if sink
+                    .subscribe(RedisStore::notify_channel(&self.prefix, name))
+                    .await
+                    .is_err()
+                {
+                    ok = false;
+                    break;
+                }
+            }
+            if !ok {
+                tokio::time::sleep(self.interval).await;
+                continue;
+            }
+            // Anything appended before these subscriptions took effect was not notified.
+            for name in &names {
+                self.notify(name, StoreNotice::Resync);
+            }
+            loop {
+                tokio::select! {
+                    command = commands.recv() => match command {
+                        None => return,
+                        Some(FollowCommand::Subscribe(name)) => {
+                            if sink.subscribe(RedisStore::notify_channel(&self.prefix, &name)).await.is_err() {
+                                break;
+                            }
+                            self.notify(&name, StoreNotice::Resync);
+                        }
+                        Some(FollowCommand::Unsubscribe(name)) => {
+                            if sink.unsubscribe(RedisStore::notify_channel(&self.prefix, &name)).await.is_err() {
+                                break;
+                            }
+                        }
+                    },
+                    message = stream.next() => match message {
+                        None => break,
+                        Some(msg) => {
+                            let Some(name) = msg.get_channel_name().strip_prefix(&prefix) else {
+                                continue;
+                            };
+                            let Ok(text) = msg.get_payload::<String>() else {
+                                continue;
+                            };
+                            let Some((epoch, head)) = text.split_once(' ') else {
+                                continue;
+                            };
+                            let Ok(head) = head.parse::<u64>() else {
+                                continue;
+                            };
+                            self.advanced(name, epoch, Offset(head));
+                        }
+                    },
+                }
+            }
+            tracing::warn!("redis notification link lost; reconnecting");
+            tokio::time::sleep(self.interval).await;
+        }
+    }
+
+    fn notify(&self, name: &str, notice: StoreNotice) {
+        let sink = self
+            .watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map(|w| w.sink.clone());
+        if let Some(sink) = sink {
+            sink(notice);
+        }
+    }
+
+    fn advanced(&self, name: &str, epoch: &str, head: Offset) {
+        let sink = {
+            let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(watch) = watchers.get_mut(name) else {
+                return;
+            };
+            let changed = watch.epoch.as_deref().is_some_and(|e| e != epoch);
+            watch.epoch = Some(epoch.to_owned());
+            (watch.sink.clone(), changed)
+        };
+        match sink {
+            (sink, true) => sink(StoreNotice::Resync),
+            (sink, false) => sink(StoreNotice::Advanced { head }),
+        }
+    }
+}
