@@ -5,7 +5,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use tether_channels::hub::{ChannelService, Retention};
+use tether_channels::hub::{ChannelService, RedisStore, Retention};
 use tether_channels::{
     Channel, ChannelEvent, ChannelEvents, ChannelOptions, ChannelState, ChannelStateChanged,
 };
@@ -242,4 +242,20 @@ pub async fn collect_messages(
         }
     }
     Ok(out)
+}
+
+/// A channel service on the Redis at `url` with test-speed timings (probe every 100 ms, a
+/// command times out after 1 s), as one hub node of several. Must run inside an actix system.
+pub fn redis_channel_service(url: &str, retention: Retention) -> ChannelService {
+    let store = RedisStore::builder(url)
+        .retention(retention)
+        .probe_interval(Duration::from_millis(100))
+        .response_timeout(Duration::from_secs(1))
+        .connect_timeout(Duration::from_millis(500))
+        .build()
+        .expect("valid redis store");
+    ChannelService::builder()
+        .store(store)
+        .build()
+        .expect("valid channel service")
 }

@@ -2,6 +2,8 @@
 //!
 //! * [`FaultProxy`]: a fault-injecting TCP proxy that sits between clients and a hub and can
 //!   cut, stall, refuse, delay or blackhole connections on demand.
+//! * [`RedisServer`]: a private `redis-server` process on a loopback port, killed and
+//!   restarted on demand (tests that need Redis use a real one and never skip).
 //! * [`harness`]: a real hub on loopback with test-speed timings, fast-retrying client
 //!   configurations, and an [`EventLog`](harness::EventLog) that waits for typed transitions
 //!   with a timeout.
@@ -13,5 +15,7 @@
 
 pub mod harness;
 pub mod proxy;
+pub mod redis_server;
 
 pub use proxy::{FaultProxy, ProxyStats};
+pub use redis_server::{Persistence, RedisServer};
