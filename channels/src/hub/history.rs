@@ -136,8 +136,11 @@ pub struct Page {
 /// What a store tells the hub node about a channel it watches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreNotice {
-    /// Another node (or this one) appended: the channel's head is now at least `head`.
+    /// Another node (or this one) appended: the channel's head in `epoch` is now at least
+    /// `head`.
     Advanced {
+        /// The epoch the head belongs to.
+        epoch: Epoch,
         /// The new head.
         head: Offset,
     },

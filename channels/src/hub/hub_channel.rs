@@ -18,8 +18,8 @@
 //!   the subscriber catches up follows the replay in order.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -90,11 +90,11 @@ pub struct PublishCommand {
 struct Wake;
 
 /// Store notices, coalesced: however many arrive while the actor is busy, one [`Wake`] waits
-/// in its mailbox.
+/// in its mailbox, and only the latest head is kept.
 #[derive(Default)]
 struct Notices {
     queued: AtomicBool,
-    head: AtomicU64,
+    latest: Mutex<Option<(Epoch, Offset)>>,
     resync: AtomicBool,
 }
 
@@ -245,8 +245,12 @@ impl HubChannel {
         let addr = ctx.address();
         let sink: NoticeSink = Arc::new(move |notice| {
             match notice {
-                StoreNotice::Advanced { head } => {
-                    notices.head.fetch_max(head.0, Ordering::Relaxed);
+                StoreNotice::Advanced { epoch, head } => {
+                    let mut latest = notices.latest.lock().unwrap_or_else(|p| p.into_inner());
+                    match latest.as_mut() {
+                        Some((e, h)) if *e == epoch => *h = (*h).max(head),
+                        _ => *latest = Some((epoch, head)),
+                    }
                 }
                 StoreNotice::Resync => notices.resync.store(true, Ordering::Relaxed),
             }
@@ -302,6 +306,12 @@ impl HubChannel {
     /// Fans out what the store holds beyond `delivered`, page by page.
     fn pump(&mut self, ctx: &mut Context<Self>) {
         if self.pumping || self.epoch.is_none() || self.known_head <= self.delivered {
+            return;
+        }
+        if !self.subscribers.values().any(|s| s.live) {
+            // Nobody to fan out to: move the cursor without reading (subscribers catching up
+            // read their own pages up to it).
+            self.delivered = self.known_head;
             return;
         }
         self.pumping = true;
@@ -400,6 +410,14 @@ impl HubChannel {
     }
 
     fn attach(&mut self, ctx: &mut Context<Self>, msg: Subscribe) {
+        if msg.subscribe && !self.watching {
+            // Nobody watched the channel: other nodes may have moved it on. Watch it, then
+            // read where it stands before answering.
+            self.watch(ctx);
+            self.waiting.push(msg);
+            self.read_position(ctx);
+            return;
+        }
         let Some(epoch) = self.epoch.clone() else {
             self.waiting.push(msg);
             self.read_position(ctx);
@@ -824,16 +842,25 @@ impl Handler<Wake> for HubChannel {
 
     fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
         self.notices.queued.store(false, Ordering::Release);
-        let head = Offset(self.notices.head.load(Ordering::Relaxed));
+        let latest = self
+            .notices
+            .latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let resync = self.notices.resync.swap(false, Ordering::Relaxed);
-        if self.epoch.is_none() {
+        let Some(epoch) = self.epoch.clone() else {
             return; // the first position read is under way
-        }
-        if resync {
-            self.read_position(ctx);
-        } else if head > self.known_head {
-            self.known_head = head;
-            self.pump(ctx);
+        };
+        match latest {
+            _ if resync => self.read_position(ctx),
+            // Another epoch: the store started over; read where it stands.
+            Some((e, _)) if e != epoch => self.read_position(ctx),
+            Some((_, head)) if head > self.known_head => {
+                self.known_head = head;
+                self.pump(ctx);
+            }
+            _ => {}
         }
     }
 }

@@ -344,14 +344,8 @@ impl HealthState {
     }
 }
 
-/// One watched channel: where its notices go, and the epoch of the last notification (a
-/// notification in another epoch becomes a [`StoreNotice::Resync`]).
-struct Watch {
-    sink: NoticeSink,
-    epoch: Option<String>,
-}
-
-type Watchers = Arc<Mutex<HashMap<String, Watch>>>;
+/// Where each watched channel's notices go.
+type Watchers = Arc<Mutex<HashMap<String, NoticeSink>>>;
 
 enum FollowCommand {
     Subscribe(String),
@@ -633,7 +627,7 @@ impl HistoryStore for RedisStore {
         self.watchers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(channel.to_owned(), Watch { sink, epoch: None });
+            .insert(channel.to_owned(), sink);
         let _ = self
             .commands
             .send(FollowCommand::Subscribe(channel.to_owned()));
@@ -772,7 +766,11 @@ impl Follower {
                             let Ok(head) = head.parse::<u64>() else {
                                 continue;
                             };
-                            self.advanced(name, epoch, Offset(head));
+                            let notice = StoreNotice::Advanced {
+                                epoch: Epoch(epoch.to_owned()),
+                                head: Offset(head),
+                            };
+                            self.notify(name, notice);
                         }
                     },
                 }
@@ -788,25 +786,9 @@ impl Follower {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
-            .map(|w| w.sink.clone());
+            .cloned();
         if let Some(sink) = sink {
             sink(notice);
-        }
-    }
-
-    fn advanced(&self, name: &str, epoch: &str, head: Offset) {
-        let sink = {
-            let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(watch) = watchers.get_mut(name) else {
-                return;
-            };
-            let changed = watch.epoch.as_deref().is_some_and(|e| e != epoch);
-            watch.epoch = Some(epoch.to_owned());
-            (watch.sink.clone(), changed)
-        };
-        match sink {
-            (sink, true) => sink(StoreNotice::Resync),
-            (sink, false) => sink(StoreNotice::Advanced { head }),
         }
     }
 }
