@@ -1,9 +1,12 @@
-//! A standalone Tether hub.
+//! A standalone Tether hub: one node, with its channel history in memory (the default) or in
+//! Redis Streams shared by any number of nodes.
 //!
 //! ```text
 //! cargo run --release --example hub -- --bind 127.0.0.1:8080 --token secret
-//! curl http://127.0.0.1:8080/health
-//! curl http://127.0.0.1:8080/metrics
+//! cargo run --release --example hub -- --bind 127.0.0.1:8081 --store redis://127.0.0.1:6379 --node-id a
+//! cargo run --release --example hub -- --bind 127.0.0.1:8082 --store redis://127.0.0.1:6379 --node-id b
+//! curl http://127.0.0.1:8081/health
+//! curl http://127.0.0.1:8081/metrics
 //! ```
 
 use std::net::SocketAddr;
@@ -11,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use tether_channels::hub::{ChannelService, Retention};
+use tether_channels::hub::{ChannelService, RedisStore, Retention};
 use tether_transport::hub::{Hub, HubConfig, StaticTokens};
 
 /// Runs a Tether hub until Ctrl-C.
@@ -38,22 +41,42 @@ struct Args {
     /// Seconds of history kept per channel.
     #[arg(long, default_value_t = 86_400)]
     history_secs: u64,
+    /// Where channel history lives: `memory` (this process; lost with it) or a Redis URL
+    /// (`redis://host:port[/db]`), shared by every hub node given the same one.
+    #[arg(long, default_value = "memory")]
+    store: String,
+    /// Prefix of this deployment's Redis keys.
+    #[arg(long, default_value = "tether")]
+    redis_prefix: String,
+    /// This node's name (in /health and the logs). Default: hub-{pid}.
+    #[arg(long)]
+    node_id: Option<String>,
 }
 
 #[actix::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tether_examples::init_tracing();
     let args = Args::parse();
-    let channels = ChannelService::builder()
-        .retention(Retention {
-            max_messages: args.history,
-            max_age: Duration::from_secs(args.history_secs),
-            ..Retention::default()
-        })
-        .build()?;
+    let retention = Retention {
+        max_messages: args.history,
+        max_age: Duration::from_secs(args.history_secs),
+        ..Retention::default()
+    };
+    let mut channels = ChannelService::builder().retention(retention);
+    match args.store.as_str() {
+        "memory" => {}
+        url if url.starts_with("redis://") || url.starts_with("redis+unix://") => {
+            let store = RedisStore::builder(url)
+                .prefix(args.redis_prefix.clone())
+                .retention(retention)
+                .build()?;
+            channels = channels.store(store);
+        }
+        other => return Err(format!("--store {other:?}: expected memory or redis://…").into()),
+    }
     let mut builder = HubConfig::builder()
         .bind(args.bind)
-        .handler(Arc::new(channels))
+        .handler(Arc::new(channels.build()?))
         .heartbeat(
             Duration::from_millis(args.heartbeat_ms),
             Duration::from_millis(args.idle_timeout_ms),
@@ -61,13 +84,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(workers) = args.workers {
         builder = builder.workers(workers);
     }
+    if let Some(node_id) = args.node_id {
+        builder = builder.node_id(node_id);
+    }
     if !args.token.is_empty() {
         builder = builder.authenticator(StaticTokens::new(args.token));
     }
     let hub = Hub::start(builder.build()?)?;
     println!(
-        "hub listening on {} (health: http://{}/health)",
+        "hub {} listening on {} (store: {}; health: http://{}/health)",
+        hub.state().config.node_id,
         hub.ws_url(),
+        args.store,
         hub.local_addr()
     );
     tokio::signal::ctrl_c().await?;

@@ -66,6 +66,8 @@ pub struct HubConfig {
     /// Capacity of each connection's outbound mailbox, in frames. A connection that falls this
     /// far behind is closed as a slow consumer (it resumes from history when it returns).
     pub outbound_queue: usize,
+    /// This node's name among several hub nodes (in `/health` and the logs).
+    pub node_id: String,
 }
 
 impl std::fmt::Debug for HubConfig {
@@ -80,6 +82,7 @@ impl std::fmt::Debug for HubConfig {
             .field("session_ttl", &self.session_ttl)
             .field("workers", &self.workers)
             .field("outbound_queue", &self.outbound_queue)
+            .field("node_id", &self.node_id)
             .finish_non_exhaustive()
     }
 }
@@ -102,6 +105,7 @@ impl HubConfig {
                 authenticator: Arc::new(AllowAll),
                 handler: Arc::new(NoChannels),
                 outbound_queue: DEFAULT_OUTBOUND_QUEUE,
+                node_id: format!("hub-{}", std::process::id()),
             },
         }
     }
@@ -176,6 +180,13 @@ impl HubConfigBuilder {
         self
     }
 
+    /// This node's name among several hub nodes, shown in `/health` and the logs. Default
+    /// `hub-{process id}`.
+    pub fn node_id(mut self, id: impl Into<String>) -> Self {
+        self.config.node_id = id.into();
+        self
+    }
+
     /// Validates and builds.
     pub fn build(self) -> Result<HubConfig, TransportError> {
         let c = &self.config;
@@ -208,6 +219,13 @@ impl HubConfigBuilder {
         }
         if c.workers == 0 {
             return invalid("workers", "must be at least 1");
+        }
+        if c.node_id.is_empty() || c.node_id.len() > 128 || c.node_id.chars().any(char::is_control)
+        {
+            return invalid(
+                "node_id",
+                "must be 1 to 128 bytes without control characters",
+            );
         }
         Ok(self.config)
     }
@@ -271,6 +289,8 @@ impl HubState {
 pub struct Health {
     /// `ok`, `unhealthy` (the channels layer cannot serve: see `store`), or `shutting_down`.
     pub status: &'static str,
+    /// This node's name.
+    pub node_id: String,
     /// Open WebSocket connections.
     pub connections: usize,
     /// Sessions, attached or resumable.
@@ -321,7 +341,7 @@ impl Hub {
         let server = server.run();
         let handle = server.handle();
         actix_rt::spawn(server);
-        tracing::info!(%addr, path = %config.ws_path, "hub listening");
+        tracing::info!(%addr, path = %config.ws_path, node_id = %config.node_id, "hub listening");
         Ok(HubHandle {
             addr,
             handle,
@@ -396,6 +416,7 @@ async fn health_route(state: web::Data<HubState>) -> HttpResponse {
     };
     let health = Health {
         status,
+        node_id: state.config.node_id.clone(),
         connections: state.connection_count(),
         sessions: state.sessions().len(),
         uptime_s: state.started_at.elapsed().as_secs_f64(),
@@ -434,5 +455,8 @@ mod tests {
             .is_err());
         assert!(HubConfig::builder().workers(0).build().is_err());
         assert!(HubConfig::builder().max_frame_size(5).build().is_err());
+        assert!(HubConfig::builder().node_id("").build().is_err());
+        assert!(HubConfig::builder().node_id("a\nb").build().is_err());
+        assert!(HubConfig::builder().node_id("eu-1").build().is_ok());
     }
 }
