@@ -120,12 +120,14 @@ pub enum ChannelEvent {
 }
 
 /// The hub's acknowledgement of one publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishAck {
     /// The publish's sequence number on this channel.
     pub seq: u64,
     /// Where the hub stored it (absent only for a duplicate the hub no longer places).
     pub offset: Option<Offset>,
+    /// The epoch of `offset` (absent with it, or from a hub that does not say).
+    pub epoch: Option<Epoch>,
     /// Whether the hub had already stored it (the ack of a replay).
     pub duplicate: bool,
 }
@@ -516,6 +518,7 @@ impl ChannelActor {
             let _ = done.responder.send(Ok(PublishAck {
                 seq: ack.seq,
                 offset: ack.offset,
+                epoch: ack.epoch,
                 duplicate: ack.duplicate,
             }));
         }

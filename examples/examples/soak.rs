@@ -7,13 +7,24 @@
 //!     --duration 300 --faults cut@5s,stall@17s,restart@31s --json soak.json --svg soak.svg
 //! ```
 //!
-//! Exit status: 0 when nothing was lost, duplicated or reordered; 1 otherwise; 2 when the run
-//! could not be set up.
+//! Several hub processes on one Redis, one of them SIGKILLed every 7 s:
 //!
-//! The embedded hub keeps its channel history across `restart` faults (the restart stops and
-//! starts the server: every connection drops, connects are refused while it is down), which is
-//! what a hub with a durable history store does. A hub that loses its history is a different
-//! promise — a reported `Discontinuity`, covered by the integration tests.
+//! ```text
+//! cargo run --release --example soak -- --hub-nodes 3 --store redis \
+//!     --faults cut@5s,kill-node@7s,restart@13s
+//! ```
+//!
+//! Exit status: 0 when nothing was silently lost, duplicated or reordered (and, where history
+//! is durable, no discontinuity was reported); 1 otherwise; 2 when the run could not be set up.
+//!
+//! Hubs: by default one hub embedded in this process, which keeps its channel history across
+//! `restart` faults (the server stops and starts; the channel service lives on). With
+//! `--hub-nodes N`, N hub *processes* (this binary, re-executed) each behind its own fault
+//! proxy; every client knows all of them and fails over. `--store redis` starts a private
+//! redis-server for the run (or give `redis://…`); `--store memory` with hub processes keeps
+//! history in each process, so a killed one honestly loses it: the deliveries inside the
+//! discontinuities its subscribers are told of are counted apart from silent loss (which must
+//! still be 0).
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -26,15 +37,15 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde::{Deserialize, Serialize};
-use tether_channels::hub::{ChannelService, Retention};
+use tether_channels::hub::{ChannelService, RedisStore, Retention};
 use tether_channels::{BufferLimits, Channel, ChannelEvent, ChannelOptions};
 use tether_examples::soak::faults::{parse_duration, parse_faults, FaultKind, FaultSpec};
-use tether_examples::soak::ledger::Ledger;
+use tether_examples::soak::ledger::{Ledger, ReportedGap};
 use tether_examples::soak::report::Report;
 use tether_examples::soak::resources;
 use tether_examples::soak::timeline::{Percentiles, Timeline, Transition};
 use tether_integration_tests::harness::free_addr;
-use tether_integration_tests::FaultProxy;
+use tether_integration_tests::{FaultProxy, RedisServer};
 use tether_transport::hub::{Hub, HubConfig, HubHandle};
 use tether_transport::protocol::Payload;
 use tether_transport::{Transport, TransportConfig};
@@ -82,9 +93,22 @@ struct Args {
     /// How long to wait after the run for every publish to be acknowledged and delivered.
     #[arg(long, default_value = "60s")]
     drain: String,
-    /// How long the hub stays down on a restart fault.
+    /// How long the hub stays down on a restart or kill-node fault.
     #[arg(long, default_value = "1s")]
     restart_down: String,
+    /// Hub processes, each behind its own fault proxy (0: one hub embedded in this process).
+    #[arg(long, default_value_t = 0)]
+    hub_nodes: u32,
+    /// Where channel history lives: `memory`, `redis` (a private redis-server started for the
+    /// run) or a Redis URL (`redis://host:port`).
+    #[arg(long, default_value = "memory")]
+    store: String,
+    /// Internal: serve one hub node on this address (how `--hub-nodes` starts its processes).
+    #[arg(long, hide = true)]
+    serve_hub: Option<SocketAddr>,
+    /// Internal: the served node's id.
+    #[arg(long, hide = true)]
+    node_id: Option<String>,
 }
 
 /// The soak payload: publisher, sequence, padding.
@@ -106,6 +130,15 @@ struct Client {
 async fn main() -> ExitCode {
     tether_examples::init_tracing();
     let args = Args::parse();
+    if let Some(bind) = args.serve_hub {
+        return match serve_hub(bind, &args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("soak hub node: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(args).await {
         Ok(report) if report.passed() => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(1),
@@ -151,34 +184,52 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
     let heartbeat = idle / 4;
     let start = Instant::now();
 
-    // The hub (embedded unless --hub-url), always behind the fault proxy.
-    let hub_addr = free_addr();
-    let service = ChannelService::builder()
-        .retention(Retention {
-            max_messages: 1_000_000,
-            ..Retention::default()
-        })
-        .build()?;
-    let hub_config = HubConfig::builder()
-        .bind(hub_addr)
-        .workers(1)
-        .heartbeat(heartbeat, idle)
-        .handler(Arc::new(service))
-        .build()?;
-    let (upstream, path, hub) = match &args.hub_url {
+    // The store, the hubs (embedded, processes, or external), each behind its fault proxy.
+    let (store, _redis) = resolve_store(&args.store)?;
+    if args.hub_nodes > 1 && store == StoreChoice::Memory {
+        return Err(
+            "hub processes share nothing in memory: use --store redis with --hub-nodes > 1".into(),
+        );
+    }
+    if args.hub_url.is_some() && args.hub_nodes > 0 {
+        return Err("--hub-url and --hub-nodes exclude each other".into());
+    }
+    let (hubs, upstreams, path) = match &args.hub_url {
         Some(url) => {
             let (addr, path) = upstream_of(url)?;
-            (addr, path, None)
+            (Hubs::External, vec![addr], path)
         }
-        None => (
-            hub_addr,
-            hub_config.ws_path.clone(),
-            Some(Hub::start(hub_config.clone())?),
-        ),
+        None if args.hub_nodes == 0 => {
+            let config = hub_config(free_addr(), idle, channel_service(&store)?, "embedded")?;
+            let hub = Hub::start(config.clone())?;
+            let (bind, path) = (config.bind, config.ws_path.clone());
+            (
+                Hubs::Embedded {
+                    hub: RefCell::new(Some(hub)),
+                    config,
+                },
+                vec![bind],
+                path,
+            )
+        }
+        None => {
+            let nodes = Nodes::new(args.hub_nodes, &store, args.idle_timeout_ms)?;
+            for i in 0..args.hub_nodes as usize {
+                nodes.start(i).await?;
+            }
+            let addrs = nodes.addrs();
+            (Hubs::Processes(nodes), addrs, "/ws".to_owned())
+        }
     };
-    let hub: Rc<RefCell<Option<HubHandle>>> = Rc::new(RefCell::new(hub));
-    let proxy = Rc::new(FaultProxy::start(upstream)?);
-    let url = format!("ws://{}{}", proxy.local_addr(), path);
+    let hubs = Rc::new(hubs);
+    let proxies = upstreams
+        .iter()
+        .map(|addr| FaultProxy::start(*addr).map(Rc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    let urls: Vec<String> = proxies
+        .iter()
+        .map(|p| format!("ws://{}{}", p.local_addr(), path))
+        .collect();
 
     // Clients, each recording its transitions and deliveries.
     let ledger = Rc::new(RefCell::new(Ledger::new(
@@ -189,7 +240,13 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
     let timeline = Rc::new(RefCell::new(Timeline::new()));
     let mut clients = Vec::new();
     for i in 0..args.clients {
-        let config = TransportConfig::builder(url.clone())
+        // Every client knows every node, starting with its own (spreads the load).
+        let first = i as usize % urls.len();
+        let mut builder = TransportConfig::builder(urls[first].clone());
+        for k in 1..urls.len() {
+            builder = builder.endpoint(urls[(first + k) % urls.len()].clone());
+        }
+        let config = builder
             .heartbeat(heartbeat, idle)
             .seed(args.seed.wrapping_add(u64::from(i)))
             .build()?;
@@ -220,12 +277,16 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
             while let Some(event) = events.recv().await {
                 match event {
                     ChannelEvent::Message(m) => match m.payload.decode::<Body>() {
-                        Ok(body) => ledger.borrow_mut().delivered(i, body.p, body.s),
+                        Ok(body) => ledger.borrow_mut().delivered(i, body.p, body.s, &m.epoch.0),
                         Err(e) => tracing::error!(%e, "foreign payload on a soak channel"),
                     },
                     ChannelEvent::Discontinuity(d) => {
                         tracing::warn!(from = %d.from, to = %d.to, "discontinuity");
-                        ledger.borrow_mut().discontinuity();
+                        let gap = ReportedGap {
+                            from: (d.from.epoch.0.clone(), d.from.offset.0),
+                            to: (d.to.epoch.0.clone(), d.to.offset.0),
+                        };
+                        ledger.borrow_mut().discontinuity(i, gap);
                     }
                 }
             }
@@ -241,7 +302,7 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
         "soak: {} clients attached to {} channels through {} ({:.1} s); running {:.0} s with faults [{}]",
         args.clients,
         args.channels,
-        url,
+        urls.join(", "),
         start.elapsed().as_secs_f64(),
         duration.as_secs_f64(),
         args.faults
@@ -253,16 +314,24 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut fault_tasks = Vec::new();
     for spec in faults.iter().copied() {
-        if spec.kind == FaultKind::Restart && hub.borrow().is_none() {
-            eprintln!("soak: skipping {spec}: an external hub cannot be restarted from here");
+        let runs = match (spec.kind, hubs.as_ref()) {
+            (FaultKind::Restart, Hubs::External) => {
+                Err("an external hub cannot be restarted from here")
+            }
+            (FaultKind::KillNode, Hubs::External | Hubs::Embedded { .. }) => {
+                Err("kill-node needs hub processes (--hub-nodes N)")
+            }
+            _ => Ok(()),
+        };
+        if let Err(why) = runs {
+            eprintln!("soak: skipping {spec}: {why}");
             continue;
         }
         fault_tasks.push(actix_rt::spawn(inject(
             spec,
             stop.clone(),
-            proxy.clone(),
-            hub.clone(),
-            hub_config.clone(),
+            proxies.clone(),
+            hubs.clone(),
             timeline.clone(),
             start,
             idle,
@@ -296,7 +365,10 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
             let (ledger, pending) = (ledger.clone(), pending.clone());
             actix_rt::spawn(async move {
                 match ack.await {
-                    Ok(_) => ledger.borrow_mut().acked(publisher, seq),
+                    Ok(ack) => {
+                        let at = ack.offset.zip(ack.epoch).map(|(o, e)| (e.0, o.0));
+                        ledger.borrow_mut().acked(publisher, seq, at)
+                    }
                     Err(e) => {
                         tracing::warn!(%e, publisher, seq, "publish failed");
                         ledger.borrow_mut().failed();
@@ -316,9 +388,11 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
     }
 
     // Drain: faults off, stragglers nudged, every publish answered and delivered.
-    proxy.stop_refusing();
-    proxy.set_latency(Duration::ZERO);
-    proxy.cut_stalled();
+    for proxy in &proxies {
+        proxy.stop_refusing();
+        proxy.set_latency(Duration::ZERO);
+        proxy.cut_stalled();
+    }
     for c in &clients {
         let _ = c.transport.reconnect_now().await;
     }
@@ -333,6 +407,22 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
     }
     // Late duplicates would show up right after the drain: give them a moment to.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    for line in ledger.borrow().silent_losses(10) {
+        eprintln!("soak: {line}");
+    }
+    if !drained {
+        // Say exactly where each client stands, for whoever investigates.
+        for (i, c) in clients.iter().enumerate() {
+            if let Ok(status) = c.transport.status().await {
+                eprintln!(
+                    "soak: after the drain, client {i}: {} (attempt {}), channels {}",
+                    status.state,
+                    status.attempt,
+                    serde_json::to_string(&status.channels).unwrap_or_default()
+                );
+            }
+        }
+    }
 
     let report = {
         let tl = timeline.borrow();
@@ -359,6 +449,9 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
             drained,
             fault_spec: args.faults.clone(),
             seed: args.seed,
+            store: store.name().to_owned(),
+            hub_nodes: args.hub_nodes,
+            continuity_expected: !(store == StoreChoice::Memory && args.hub_nodes > 0),
         };
         print!("{}", report.text());
         if let Some(path) = &args.json {
@@ -374,11 +467,247 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
     for c in &clients {
         c.transport.close().await;
     }
-    let hub = hub.borrow_mut().take();
-    if let Some(hub) = hub {
-        hub.stop().await;
-    }
+    hubs.stop_all().await;
     Ok(report)
+}
+
+/// Where channel history lives for a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StoreChoice {
+    Memory,
+    Redis(String),
+}
+
+impl StoreChoice {
+    fn name(&self) -> &'static str {
+        match self {
+            StoreChoice::Memory => "memory",
+            StoreChoice::Redis(_) => "redis",
+        }
+    }
+}
+
+/// `memory`, `redis` (a private redis-server, kept alive by the returned guard) or a URL.
+fn resolve_store(spec: &str) -> Result<(StoreChoice, Option<RedisServer>), String> {
+    match spec {
+        "memory" => Ok((StoreChoice::Memory, None)),
+        "redis" => {
+            let server = RedisServer::start()?;
+            Ok((StoreChoice::Redis(server.url()), Some(server)))
+        }
+        url if url.starts_with("redis://") => Ok((StoreChoice::Redis(url.to_owned()), None)),
+        other => Err(format!(
+            "--store {other:?}: expected memory, redis or redis://…"
+        )),
+    }
+}
+
+fn channel_service(store: &StoreChoice) -> Result<ChannelService, Box<dyn std::error::Error>> {
+    let retention = Retention {
+        max_messages: 1_000_000,
+        ..Retention::default()
+    };
+    let mut builder = ChannelService::builder().retention(retention);
+    if let StoreChoice::Redis(url) = store {
+        builder = builder.store(RedisStore::builder(url).retention(retention).build()?);
+    }
+    Ok(builder.build()?)
+}
+
+fn hub_config(
+    bind: SocketAddr,
+    idle: Duration,
+    service: ChannelService,
+    node_id: &str,
+) -> Result<HubConfig, Box<dyn std::error::Error>> {
+    Ok(HubConfig::builder()
+        .bind(bind)
+        .workers(1)
+        .heartbeat(idle / 4, idle)
+        .handler(Arc::new(service))
+        .node_id(node_id)
+        .build()?)
+}
+
+/// The `--serve-hub` mode: one hub node until SIGINT (graceful) or SIGTERM.
+async fn serve_hub(bind: SocketAddr, args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let (store, _) = match args.store.as_str() {
+        "memory" => (StoreChoice::Memory, None::<RedisServer>),
+        url => (StoreChoice::Redis(url.to_owned()), None),
+    };
+    let idle = Duration::from_millis(args.idle_timeout_ms.max(40));
+    let node_id = args.node_id.clone().unwrap_or_else(|| "node".into());
+    let hub = Hub::start(hub_config(bind, idle, channel_service(&store)?, &node_id)?)?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    hub.stop().await;
+    Ok(())
+}
+
+/// One hub process.
+struct Node {
+    addr: SocketAddr,
+    id: String,
+    child: Option<tokio::process::Child>,
+}
+
+/// The hub processes of a run: this binary re-executed in `--serve-hub` mode.
+struct Nodes {
+    exe: PathBuf,
+    common: Vec<String>,
+    nodes: RefCell<Vec<Node>>,
+    next_victim: Cell<usize>,
+}
+
+impl Nodes {
+    fn new(n: u32, store: &StoreChoice, idle_timeout_ms: u64) -> Result<Self, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+        let store = match store {
+            StoreChoice::Memory => "memory".to_owned(),
+            StoreChoice::Redis(url) => url.clone(),
+        };
+        let common = vec![
+            "--store".into(),
+            store,
+            "--idle-timeout-ms".into(),
+            idle_timeout_ms.to_string(),
+        ];
+        let nodes = (0..n)
+            .map(|i| Node {
+                addr: free_addr(),
+                id: format!("node-{i}"),
+                child: None,
+            })
+            .collect();
+        Ok(Nodes {
+            exe,
+            common,
+            nodes: RefCell::new(nodes),
+            next_victim: Cell::new(0),
+        })
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.nodes.borrow().iter().map(|n| n.addr).collect()
+    }
+
+    /// Starts node `i` and waits until it listens.
+    async fn start(&self, i: usize) -> Result<(), String> {
+        let (addr, id) = {
+            let nodes = self.nodes.borrow();
+            (nodes[i].addr, nodes[i].id.clone())
+        };
+        let child = tokio::process::Command::new(&self.exe)
+            .arg("--serve-hub")
+            .arg(addr.to_string())
+            .arg("--node-id")
+            .arg(&id)
+            .args(&self.common)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("start hub {id}: {e}"))?;
+        self.nodes.borrow_mut()[i].child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("hub {id} did not listen on {addr} within 15 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Stops node `i`: SIGKILL, or SIGINT and a graceful stop (SIGKILL after 5 s).
+    async fn stop(&self, i: usize, graceful: bool) {
+        let child = self.nodes.borrow_mut()[i].child.take();
+        let Some(mut child) = child else {
+            return;
+        };
+        if graceful {
+            if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                // SAFETY: kill(2) with a pid of our own child and a valid signal number.
+                unsafe { libc::kill(pid, libc::SIGINT) };
+            }
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+        let _ = child.kill().await;
+    }
+
+    /// The next node to restart or kill (round robin).
+    fn victim(&self) -> usize {
+        let i = self.next_victim.get();
+        self.next_victim.set((i + 1) % self.nodes.borrow().len());
+        i
+    }
+}
+
+/// The hubs of a run.
+enum Hubs {
+    /// One hub in this process (its channel service survives restarts).
+    Embedded {
+        hub: RefCell<Option<HubHandle>>,
+        config: HubConfig,
+    },
+    /// Hub processes.
+    Processes(Nodes),
+    /// A hub elsewhere (`--hub-url`): only network faults.
+    External,
+}
+
+impl Hubs {
+    /// Stops a hub (graceful) or kills one (SIGKILL), waits `down`, starts it again.
+    async fn bounce(&self, kill: bool, down: Duration) {
+        match self {
+            Hubs::Embedded { hub, config } => {
+                let running = hub.borrow_mut().take();
+                if let Some(running) = running {
+                    running.stop().await;
+                }
+                tokio::time::sleep(down).await;
+                match Hub::start(config.clone()) {
+                    Ok(h) => *hub.borrow_mut() = Some(h),
+                    Err(e) => tracing::error!(%e, "hub did not come back"),
+                }
+            }
+            Hubs::Processes(nodes) => {
+                let victim = nodes.victim();
+                nodes.stop(victim, !kill).await;
+                tokio::time::sleep(down).await;
+                if let Err(e) = nodes.start(victim).await {
+                    tracing::error!(%e, "hub node did not come back");
+                }
+            }
+            Hubs::External => {}
+        }
+    }
+
+    async fn stop_all(&self) {
+        match self {
+            Hubs::Embedded { hub, .. } => {
+                let running = hub.borrow_mut().take();
+                if let Some(running) = running {
+                    running.stop().await;
+                }
+            }
+            Hubs::Processes(nodes) => {
+                let n = nodes.nodes.borrow().len();
+                for i in 0..n {
+                    nodes.stop(i, true).await;
+                }
+            }
+            Hubs::External => {}
+        }
+    }
 }
 
 /// Waits until every client's channel is attached.
@@ -406,9 +735,8 @@ async fn wait_attached(clients: &[Rc<Client>], within: Duration) -> Result<(), S
 async fn inject(
     spec: FaultSpec,
     mut stop: tokio::sync::watch::Receiver<bool>,
-    proxy: Rc<FaultProxy>,
-    hub: Rc<RefCell<Option<HubHandle>>>,
-    hub_config: HubConfig,
+    proxies: Vec<Rc<FaultProxy>>,
+    hubs: Rc<Hubs>,
     timeline: Rc<RefCell<Timeline>>,
     start: Instant,
     idle: Duration,
@@ -425,38 +753,41 @@ async fn inject(
         tracing::info!(fault = spec.kind.name(), "injecting");
         match spec.kind {
             FaultKind::Cut => {
-                proxy.cut_all();
+                for proxy in &proxies {
+                    proxy.cut_all();
+                }
             }
             FaultKind::Stall => {
-                proxy.stall_all();
+                for proxy in &proxies {
+                    proxy.stall_all();
+                }
                 // Both ends give up on a stalled connection within the idle timeout; then
-                // release the proxy's side of it.
-                let proxy = proxy.clone();
+                // release the proxies' side of it.
+                let proxies = proxies.clone();
                 actix_rt::spawn(async move {
                     tokio::time::sleep(idle * 2).await;
-                    proxy.cut_stalled();
+                    for proxy in &proxies {
+                        proxy.cut_stalled();
+                    }
                 });
             }
             FaultKind::Refuse(d) => {
-                proxy.refuse_for(d);
-                proxy.cut_all();
+                for proxy in &proxies {
+                    proxy.refuse_for(d);
+                    proxy.cut_all();
+                }
             }
             FaultKind::Latency(d) => {
-                proxy.set_latency(d);
+                for proxy in &proxies {
+                    proxy.set_latency(d);
+                }
                 tokio::time::sleep((spec.every / 2).min(Duration::from_secs(2))).await;
-                proxy.set_latency(Duration::ZERO);
-            }
-            FaultKind::Restart => {
-                let running = hub.borrow_mut().take();
-                if let Some(running) = running {
-                    running.stop().await;
-                }
-                tokio::time::sleep(restart_down).await;
-                match Hub::start(hub_config.clone()) {
-                    Ok(h) => *hub.borrow_mut() = Some(h),
-                    Err(e) => tracing::error!(%e, "hub did not come back"),
+                for proxy in &proxies {
+                    proxy.set_latency(Duration::ZERO);
                 }
             }
+            FaultKind::Restart => hubs.bounce(false, restart_down).await,
+            FaultKind::KillNode => hubs.bounce(true, restart_down).await,
         }
     }
 }

@@ -410,6 +410,10 @@ pub struct Ack {
     /// remembers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offset: Option<Offset>,
+    /// The epoch `offset` belongs to (absent with `offset`, and from hubs before it was
+    /// added).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<Epoch>,
     /// Whether this publish had already been stored (a replay).
     #[serde(default)]
     pub duplicate: bool,
@@ -700,6 +704,7 @@ mod tests {
                 channel: "room".into(),
                 seq: 9,
                 offset: Some(Offset(41)),
+                epoch: Some(Epoch("e2".into())),
                 duplicate: true,
             }),
             Frame::Message(Message {

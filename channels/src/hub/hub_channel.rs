@@ -729,6 +729,7 @@ impl HubChannel {
                 channel: self.name.clone(),
                 seq: command.seq,
                 offset,
+                epoch: offset.map(|_| appended.epoch.clone()),
                 duplicate,
             })
             .encode();

@@ -10,8 +10,11 @@ pub enum FaultKind {
     Cut,
     /// Stop forwarding on every connection without closing it (half-open).
     Stall,
-    /// Stop the hub server and start it again on the same port.
+    /// Stop the hub server and start it again on the same port (with hub processes: a graceful
+    /// stop, one node at a time).
     Restart,
+    /// SIGKILL one hub process (round robin) and start it again after `--restart-down`.
+    KillNode,
     /// Refuse new connections for a while (existing ones are cut so that clients must
     /// reconnect into the refusal).
     Refuse(Duration),
@@ -26,6 +29,7 @@ impl FaultKind {
             FaultKind::Cut => "cut",
             FaultKind::Stall => "stall",
             FaultKind::Restart => "restart",
+            FaultKind::KillNode => "kill-node",
             FaultKind::Refuse(_) => "refuse",
             FaultKind::Latency(_) => "latency",
         }
@@ -85,7 +89,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-/// Parses a comma list of `KIND@EVERY`, where KIND is `cut`, `stall`, `restart`,
+/// Parses a comma list of `KIND@EVERY`, where KIND is `cut`, `stall`, `restart`, `kill-node`,
 /// `refuse:DURATION` or `latency:DURATION`. An empty string means no faults.
 pub fn parse_faults(spec: &str) -> Result<Vec<FaultSpec>, String> {
     spec.split(',')
@@ -107,6 +111,7 @@ pub fn parse_faults(spec: &str) -> Result<Vec<FaultSpec>, String> {
                 ("cut", None) => FaultKind::Cut,
                 ("stall", None) => FaultKind::Stall,
                 ("restart", None) => FaultKind::Restart,
+                ("kill-node", None) => FaultKind::KillNode,
                 ("refuse", Some(d)) => FaultKind::Refuse(d),
                 ("latency", Some(d)) => FaultKind::Latency(d),
                 ("refuse" | "latency", None) => {
@@ -114,11 +119,9 @@ pub fn parse_faults(spec: &str) -> Result<Vec<FaultSpec>, String> {
                         "{item:?}: {name} needs a duration, e.g. {name}:2s@10s"
                     ))
                 }
-                _ => {
-                    return Err(format!(
-                        "{item:?}: unknown fault (cut, stall, restart, refuse:D, latency:D)"
-                    ))
-                }
+                _ => return Err(format!(
+                    "{item:?}: unknown fault (cut, stall, restart, kill-node, refuse:D, latency:D)"
+                )),
             };
             Ok(FaultSpec { kind, every })
         })
@@ -131,8 +134,10 @@ mod tests {
 
     #[test]
     fn parses_every_kind() {
-        let specs =
-            parse_faults("cut@5s, stall@17s,restart@31s,refuse:2s@23s,latency:100ms@1.5s").unwrap();
+        let specs = parse_faults(
+            "cut@5s, stall@17s,restart@31s,refuse:2s@23s,latency:100ms@1.5s,kill-node@9s",
+        )
+        .unwrap();
         assert_eq!(
             specs,
             vec![
@@ -155,6 +160,10 @@ mod tests {
                 FaultSpec {
                     kind: FaultKind::Latency(Duration::from_millis(100)),
                     every: Duration::from_millis(1500)
+                },
+                FaultSpec {
+                    kind: FaultKind::KillNode,
+                    every: Duration::from_secs(9)
                 },
             ]
         );

@@ -49,13 +49,25 @@ pub struct Report {
     pub fault_spec: String,
     /// The seed.
     pub seed: u64,
+    /// Where channel history lived: `memory` or `redis`.
+    pub store: String,
+    /// Hub processes (0: one hub embedded in the soak process).
+    pub hub_nodes: u32,
+    /// Whether the run had to keep continuity (no discontinuity at all): true unless hub
+    /// processes kept their history in memory, where a killed process honestly loses it.
+    pub continuity_expected: bool,
 }
 
 impl Report {
-    /// Whether the run kept every promise: nothing lost, duplicated or reordered.
+    /// Whether the run kept every promise: nothing silently lost, duplicated or reordered —
+    /// and, where continuity was expected, no discontinuity and nothing lost or repeated across
+    /// one either.
     pub fn passed(&self) -> bool {
         let t = &self.totals;
-        t.lost == 0 && t.duplicated == 0 && t.reordered == 0
+        let silent = t.lost == 0 && t.duplicated == 0 && t.reordered == 0;
+        let continuous =
+            t.discontinuities == 0 && t.lost_in_gaps == 0 && t.duplicated_across_epochs == 0;
+        silent && (continuous || !self.continuity_expected)
     }
 
     /// The readable report.
@@ -76,10 +88,15 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let hubs = match self.hub_nodes {
+            0 => "1 embedded hub".to_owned(),
+            1 => "1 hub process".to_owned(),
+            n => format!("{n} hub processes"),
+        };
         let _ = writeln!(
             s,
-            "Tether soak: {} clients on {} channels for {:.1} s (seed {})",
-            self.clients, self.channels, self.duration_s, self.seed
+            "Tether soak: {} clients on {} channels for {:.1} s (seed {}); {hubs}, {} store",
+            self.clients, self.channels, self.duration_s, self.seed, self.store
         );
         let _ = writeln!(s, "  faults        {faults}  [{}]", self.fault_spec);
         let _ = writeln!(
@@ -98,8 +115,15 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "  gaps          {} discontinuities reported",
-            self.totals.discontinuities
+            "  gaps          {} discontinuities reported; inside them {} deliveries lost, {} repeated in a new epoch{}",
+            self.totals.discontinuities,
+            self.totals.lost_in_gaps,
+            self.totals.duplicated_across_epochs,
+            if self.continuity_expected {
+                " (none allowed: durable history)"
+            } else {
+                " (history in hub process memory: reported, not silent)"
+            }
         );
         let _ = writeln!(
             s,
@@ -121,11 +145,14 @@ impl Report {
             self.cpu_percent, self.rss_max_mib
         );
         let verdict = match (self.passed(), self.drained) {
-            (true, true) => "PASS: nothing lost, duplicated or reordered",
+            (true, true) => "PASS: nothing silently lost, duplicated or reordered",
             (true, false) => {
                 "PASS with a caveat: nothing lost so far, but the drain deadline passed"
             }
-            (false, _) => "FAIL: loss, duplicates or reordering",
+            (false, _) if self.totals.lost + self.totals.duplicated + self.totals.reordered > 0 => {
+                "FAIL: silent loss, duplicates or reordering"
+            }
+            (false, _) => "FAIL: a discontinuity where history should have been continuous",
         };
         let _ = writeln!(s, "  verdict       {verdict}");
         s
@@ -203,6 +230,7 @@ impl Report {
                 FaultKind::Cut => "#d62728",
                 FaultKind::Stall => "#ff7f0e",
                 FaultKind::Restart => "#9467bd",
+                FaultKind::KillNode => "#17becf",
                 FaultKind::Refuse(_) => "#8c564b",
                 FaultKind::Latency(_) => "#7f7f7f",
             };
@@ -291,7 +319,9 @@ mod tests {
                 delivered: 0,
                 expected_deliveries: 0,
                 lost: 0,
+                lost_in_gaps: 0,
                 duplicated: 0,
+                duplicated_across_epochs: 0,
                 reordered: 0,
                 discontinuities: 0,
             },
@@ -306,6 +336,9 @@ mod tests {
             drained: true,
             fault_spec: "cut@5s".into(),
             seed: 1,
+            store: "memory".into(),
+            hub_nodes: 0,
+            continuity_expected: true,
         }
     }
 
@@ -321,7 +354,9 @@ mod tests {
             "delivered",
             "expected_deliveries",
             "lost",
+            "lost_in_gaps",
             "duplicated",
+            "duplicated_across_epochs",
             "reordered",
             "discontinuities",
             "reconnects",
@@ -348,6 +383,21 @@ mod tests {
         r.totals.duplicated = 1;
         assert!(!r.passed());
         assert!(r.text().contains("FAIL"));
+    }
+
+    #[test]
+    fn reported_gaps_fail_only_where_continuity_was_expected() {
+        let mut r = report();
+        r.totals.discontinuities = 1;
+        r.totals.lost_in_gaps = 10;
+        assert!(!r.passed(), "durable history must not have gaps");
+        r.continuity_expected = false;
+        assert!(
+            r.passed(),
+            "a process that lost its memory reports, never hides"
+        );
+        r.totals.lost = 1;
+        assert!(!r.passed(), "silent loss fails whatever the store");
     }
 
     #[test]
