@@ -404,3 +404,54 @@ async fn attempts_rotate_through_endpoints() {
     transport.close().await;
     hub.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_dead_endpoint_costs_no_backoff_step_while_another_is_untried() {
+    init_tracing();
+    let a = start_hub(free_addr());
+    let b = start_hub(free_addr());
+    // Backoff steps of 5 s: anything that waits for one fails the time limits below.
+    let config = fast_client(a.ws_url())
+        .endpoint(b.ws_url())
+        .backoff(Duration::from_secs(5), Duration::from_secs(60), 2.0)
+        .build()
+        .unwrap();
+    let (transport, mut events) = start(config);
+    events.until_state(Connected, T).await.unwrap();
+    // Past the stability window (300 ms) with nothing happening: the connection is stable.
+    events
+        .expect_quiet(Duration::from_millis(400))
+        .await
+        .unwrap();
+    // Node A dies: the fast path retries it, it refuses, and B is tried at once.
+    let lost_at = tokio::time::Instant::now();
+    a.stop().await;
+    let connected = events
+        .until_state(Connected, Duration::from_secs(2))
+        .await
+        .unwrap();
+    match connected.reason {
+        TransitionReason::HandshakeCompleted { endpoint, .. } => assert_eq!(endpoint, b.ws_url()),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        lost_at.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        lost_at.elapsed()
+    );
+    // B dies young (within the stability window): that is flapping, never a quick move — the
+    // next attempt waits out a backoff step, whatever endpoints remain.
+    b.stop().await;
+    let lost = events
+        .until(T, |ev| {
+            matches!(ev.reason, TransitionReason::ConnectionLost(_))
+        })
+        .await
+        .unwrap();
+    assert!(
+        lost.retry_in.unwrap() >= Duration::from_millis(3750),
+        "a backoff step: {:?}",
+        lost.retry_in
+    );
+    transport.close().await;
+}

@@ -303,6 +303,28 @@ impl ReconnectManager {
         self.on_failure(now)
     }
 
+    /// A connection attempt failed at `now`, and another endpoint not yet tried in this outage
+    /// remains (failover: a dead node must not cost a backoff step when others are up). The
+    /// failure counts toward the breaker as usual, but the next attempt goes out at once,
+    /// jittered over the fast-retry spread, without drawing a step of the sequence: an outage
+    /// makes at most one such quick attempt per endpoint before backing off.
+    pub fn on_attempt_failed_with_alternative(&mut self, now: Instant) -> NextStep {
+        self.breaker.record_failure(now);
+        if let Some(step) = self.when_open_or_manual() {
+            return step;
+        }
+        let spread = self.policy.fast_retry_spread;
+        let delay = if spread.is_zero() {
+            Duration::ZERO
+        } else {
+            self.rng.random_range(Duration::ZERO..=spread)
+        };
+        NextStep::Retry {
+            delay,
+            attempt: self.attempt.saturating_add(1),
+        }
+    }
+
     /// A manual reconnect was requested at `now`: `Ok` if allowed (the breaker is put
     /// half-open), `Err(wait)` if rate-limited.
     pub fn on_manual_reconnect(&mut self, now: Instant) -> Result<(), Duration> {
@@ -331,10 +353,10 @@ impl ReconnectManager {
         self.attempt = 0;
     }
 
-    fn on_failure(&mut self, now: Instant) -> NextStep {
-        self.breaker.record_failure(now);
+    /// The step when the breaker is open or reconnects are manual only.
+    fn when_open_or_manual(&mut self) -> Option<NextStep> {
         if self.breaker.state() == BreakerState::Open {
-            return match self.policy.on_exhausted {
+            return Some(match self.policy.on_exhausted {
                 OnExhausted::Fail => NextStep::GiveUp {
                     attempts: self.attempt,
                 },
@@ -342,10 +364,18 @@ impl ReconnectManager {
                     probe_in: self.jittered(self.policy.suspend_interval),
                     failures: self.breaker.consecutive_failures(),
                 },
-            };
+            });
         }
         if self.policy.strategy == ReconnectStrategy::Manual {
-            return NextStep::WaitForManual;
+            return Some(NextStep::WaitForManual);
+        }
+        None
+    }
+
+    fn on_failure(&mut self, now: Instant) -> NextStep {
+        self.breaker.record_failure(now);
+        if let Some(step) = self.when_open_or_manual() {
+            return step;
         }
         let base = self.next_base_delay();
         NextStep::Retry {
@@ -510,6 +540,45 @@ mod tests {
         }
         // The fast attempt fails: the sequence starts from its beginning.
         assert_eq!(delays(&fail_n(&mut m, 2)), [1, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failover_tries_each_other_endpoint_at_once_then_backs_off() {
+        let mut m = manager(no_jitter());
+        m.begin_attempt(Instant::now());
+        // Two other endpoints: two quick moves, then the sequence from its first step.
+        for attempt in [2, 3] {
+            match m.on_attempt_failed_with_alternative(Instant::now()) {
+                NextStep::Retry { delay, attempt: a } => {
+                    assert!(delay <= DEFAULT_FAST_RETRY_SPREAD, "{delay:?}");
+                    assert_eq!(a, attempt);
+                }
+                other => panic!("{other:?}"),
+            }
+            m.begin_attempt(Instant::now());
+        }
+        match m.on_attempt_failed(Instant::now()) {
+            NextStep::Retry { delay, .. } => assert_eq!(delay, Duration::from_secs(1)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failover_moves_still_count_toward_the_breaker() {
+        let mut m = manager(ReconnectPolicy {
+            max_attempts: Some(2),
+            ..no_jitter()
+        });
+        m.begin_attempt(Instant::now());
+        assert!(matches!(
+            m.on_attempt_failed_with_alternative(Instant::now()),
+            NextStep::Retry { .. }
+        ));
+        m.begin_attempt(Instant::now());
+        assert!(matches!(
+            m.on_attempt_failed_with_alternative(Instant::now()),
+            NextStep::Suspend { .. }
+        ));
     }
 
     #[tokio::test(start_paused = true)]

@@ -143,6 +143,9 @@ pub struct TransportActor {
     conn: Option<Connection>,
     next_conn_id: u64,
     endpoint_index: usize,
+    /// Endpoints not yet tried in the current outage (each gets one attempt without a backoff
+    /// step before the sequence applies).
+    failover_left: usize,
     session: Option<SessionId>,
     retry_timer: Option<SpawnHandle>,
     retry_at: Option<(Instant, SystemTime)>,
@@ -179,6 +182,7 @@ impl TransportActor {
             conn: None,
             next_conn_id: 0,
             endpoint_index: 0,
+            failover_left: config.endpoints.len().saturating_sub(1),
             session: None,
             retry_timer: None,
             retry_at: None,
@@ -476,17 +480,22 @@ impl TransportActor {
             return;
         }
         let (step, reason) = if established {
+            self.failover_left = self.config.endpoints.len().saturating_sub(1);
             (
                 self.manager.on_connection_lost(now),
                 TransitionReason::ConnectionLost(error),
             )
         } else {
-            // A failed attempt moves on to the next endpoint.
+            // A failed attempt moves on to the next endpoint — at once while some endpoint
+            // has not been tried in this outage (failover), after a backoff step otherwise.
             self.endpoint_index = self.endpoint_index.wrapping_add(1);
-            (
-                self.manager.on_attempt_failed(now),
-                TransitionReason::AttemptFailed(error),
-            )
+            let step = if self.failover_left > 0 {
+                self.failover_left -= 1;
+                self.manager.on_attempt_failed_with_alternative(now)
+            } else {
+                self.manager.on_attempt_failed(now)
+            };
+            (step, TransitionReason::AttemptFailed(error))
         };
         self.apply_step(ctx, step, reason);
     }

@@ -119,9 +119,11 @@ pub fn parse_faults(spec: &str) -> Result<Vec<FaultSpec>, String> {
                         "{item:?}: {name} needs a duration, e.g. {name}:2s@10s"
                     ))
                 }
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "{item:?}: unknown fault (cut, stall, restart, kill-node, refuse:D, latency:D)"
-                )),
+                ))
+                }
             };
             Ok(FaultSpec { kind, every })
         })
