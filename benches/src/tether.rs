@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_channels::hub::{ChannelService, Retention};
+use tether_channels::hub::{ChannelService, HistoryStore, Retention};
 use tether_channels::{Channel, ChannelEvents, ChannelOptions, ChannelState};
 use tether_transport::hub::{Hub, HubConfig, HubHandle};
 use tether_transport::{event_channel, Transport, TransportConfig};
@@ -23,18 +23,34 @@ pub const FRAME_OVERHEAD: usize = 256;
 /// whose history keeps at least `messages` messages of `payload_size` bytes each (so nothing a
 /// run publishes is evicted while it runs). Must run inside an actix system.
 pub fn start_hub(messages: usize, payload_size: usize) -> Result<HubHandle, BoxError> {
-    let retention = Retention {
+    start_hub_on(messages, payload_size, None)
+}
+
+/// History retention that keeps `messages` of `payload_size` bytes each.
+pub fn retention_for(messages: usize, payload_size: usize) -> Retention {
+    Retention {
         max_messages: messages.max(1),
         max_bytes: messages
             .max(1)
             .saturating_mul(payload_size + FRAME_OVERHEAD)
             .max(Retention::default().max_bytes),
         ..Retention::default()
-    };
-    let service = ChannelService::builder()
-        .retention(retention)
-        .threads(1)
-        .build()?;
+    }
+}
+
+/// [`start_hub`] with channel history in `store` (in memory when `None`): one hub node of
+/// several when the store is shared.
+pub fn start_hub_on(
+    messages: usize,
+    payload_size: usize,
+    store: Option<Arc<dyn HistoryStore>>,
+) -> Result<HubHandle, BoxError> {
+    let retention = retention_for(messages, payload_size);
+    let mut builder = ChannelService::builder().retention(retention).threads(1);
+    if let Some(store) = store {
+        builder = builder.store(store);
+    }
+    let service = builder.build()?;
     let bind: SocketAddr = "127.0.0.1:0".parse()?;
     let config = HubConfig::builder()
         .bind(bind)

@@ -240,3 +240,60 @@ async fn health_and_metrics_endpoints() {
     good.close().await;
     hub.stop().await;
 }
+
+#[actix_rt::test]
+async fn publish_sequence_numbers_outside_one_to_two_to_the_53_are_refused_for_that_publish_only() {
+    init_tracing();
+    let hub = tether_integration_tests::harness::start_channel_hub(
+        free_addr(),
+        tether_channels::hub::Retention::default(),
+    );
+    let mut conn = raw(&hub.ws_url()).await;
+    send(
+        &mut conn,
+        r#"{"type":"hello","v":1,"client_id":"raw","instance":"i"}"#,
+    )
+    .await;
+    assert!(matches!(
+        next_frame(&mut conn).await,
+        Some(Frame::Welcome(_))
+    ));
+    send(&mut conn, r#"{"type":"attach","channel":"c"}"#).await;
+    assert!(matches!(
+        next_frame(&mut conn).await,
+        Some(Frame::Attached(_))
+    ));
+    for bad in [0u64, 1 << 53, u64::MAX] {
+        send(
+            &mut conn,
+            format!(r#"{{"type":"publish","channel":"c","seq":{bad},"payload":1}}"#),
+        )
+        .await;
+        match next_frame(&mut conn).await {
+            Some(Frame::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::MalformedFrame);
+                assert!(e.permanent);
+                assert_eq!(e.seq, Some(bad));
+            }
+            other => panic!("seq {bad}: expected an error, got {other:?}"),
+        }
+    }
+    // The connection and the channel go on.
+    let top = (1u64 << 53) - 1;
+    send(
+        &mut conn,
+        format!(r#"{{"type":"publish","channel":"c","seq":{top},"payload":1}}"#),
+    )
+    .await;
+    loop {
+        match next_frame(&mut conn).await {
+            Some(Frame::Ack(ack)) => {
+                assert_eq!(ack.seq, top);
+                break;
+            }
+            Some(Frame::Message(_)) => continue,
+            other => panic!("expected the ack, got {other:?}"),
+        }
+    }
+    hub.stop().await;
+}

@@ -79,6 +79,8 @@ local function ensure(candidate, seen_epoch, seen_head)
   end
   return epoch, head, bytes
 end
+-- The second-to-last element of a (seq, offset, …) list: the last seq.
+local function f_last(fields) return fields[#fields - 1] end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -120,34 +122,59 @@ const APPEND: &str = r#"
 -- ARGV: candidate epoch, seen epoch, seen head, max messages, max age ms, max bytes,
 --       dedupe window, producer ttl ms, notify channel, then (seq, payload) per publish;
 -- KEYS[2 + i]: the producer key of publish i.
+-- Each producer's dedupe hash is read once and written once per batch, whatever the number of
+-- its publishes in it: per publish, the only Redis call is the XADD.
 local epoch, head, bytes = ensure(ARGV[1], ARGV[2], tonumber(ARGV[3]))
 local now = now_ms()
 local window, ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
 local out = {}
 local stored = 0
+local producers = {}
+local order = {}
 local n = (#ARGV - 9) / 2
 for i = 1, n do
   local pkey = KEYS[2 + i]
-  local seq = tonumber(ARGV[8 + 2 * i])
-  local payload = ARGV[9 + 2 * i]
-  local p = redis.call('HMGET', pkey, 'h', 'e')
-  local highest = tonumber(p[1] or '0')
-  if seq <= highest then
-    local off = false
-    if p[2] == epoch then off = redis.call('HGET', pkey, string.format('%d', seq)) end
+  local st = producers[pkey]
+  if not st then
+    local p = redis.call('HMGET', pkey, 'h', 'e')
+    st = { h = tonumber(p[1] or '0'), same = (p[2] == epoch), fields = {}, dels = {}, new = {} }
+    producers[pkey] = st
+    order[#order + 1] = pkey
+  end
+  local seq_text = ARGV[8 + 2 * i]
+  local seq = tonumber(seq_text)
+  if seq <= st.h then
+    local off = st.new[seq]
+    if not off and st.same then
+      off = redis.call('HGET', pkey, seq_text)
+      off = off and tonumber(off)
+    end
     out[2 * i - 1] = 0
-    out[2 * i] = off and tonumber(off) or -1
+    out[2 * i] = off or -1
   else
+    local payload = ARGV[9 + 2 * i]
     head = head + 1
-    redis.call('XADD', stream, string.format('%d-0', head), 'p', payload, 't', now)
+    -- Offsets stay far below 1e14, where Lua prints numbers exactly.
+    local head_text = tostring(head)
+    redis.call('XADD', stream, head_text .. '-0', 'p', payload, 't', now)
     bytes = bytes + #payload
-    redis.call('HSET', pkey, 'h', string.format('%d', seq), 'e', epoch,
-      string.format('%d', seq), string.format('%d', head))
-    if seq > window then redis.call('HDEL', pkey, string.format('%d', seq - window)) end
-    redis.call('PEXPIRE', pkey, ttl)
+    st.h = seq
+    st.new[seq] = head
+    local f = st.fields
+    f[#f + 1] = seq_text
+    f[#f + 1] = head_text
+    if seq > window then st.dels[#st.dels + 1] = string.format('%d', seq - window) end
     stored = stored + 1
     out[2 * i - 1] = 1
     out[2 * i] = head
+  end
+end
+for _, pkey in ipairs(order) do
+  local st = producers[pkey]
+  if #st.fields > 0 then
+    redis.call('HSET', pkey, 'h', f_last(st.fields), 'e', epoch, unpack(st.fields))
+    if #st.dels > 0 then redis.call('HDEL', pkey, unpack(st.dels)) end
+    redis.call('PEXPIRE', pkey, ttl)
   end
 end
 bytes = trim(now, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), bytes)
@@ -282,8 +309,14 @@ impl RedisStoreBuilder {
             .set_connection_timeout(Some(self.connect_timeout))
             .set_number_of_retries(1)
             .set_max_delay(self.probe_interval);
-        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| store_error(&e))?;
+        let io = IoThread::start()?;
+        // The connection's I/O task lives on the store's own thread, whatever the caller's
+        // runtime is busy with.
+        let manager = {
+            let _in_io = io.handle.enter();
+            ConnectionManager::new_lazy_with_config(client.clone(), config)
+                .map_err(|e| store_error(&e))?
+        };
         let health = Arc::new(HealthState {
             healthy: AtomicBool::new(false),
             reason: Mutex::new(Some("not connected yet".into())),
@@ -301,6 +334,7 @@ impl RedisStoreBuilder {
             health,
             watchers: watchers.clone(),
             commands,
+            io,
         });
         let follower = Follower {
             client,
@@ -309,8 +343,8 @@ impl RedisStoreBuilder {
             interval: self.probe_interval,
             health: store.health.clone(),
         };
-        tokio::spawn(follower.run(rx));
-        tokio::spawn(probe(
+        store.io.handle.spawn(follower.run(rx));
+        store.io.handle.spawn(probe(
             Arc::downgrade(&store),
             store.manager.clone(),
             self.probe_interval,
@@ -365,6 +399,42 @@ pub struct RedisStore {
     health: Arc<HealthState>,
     watchers: Watchers,
     commands: mpsc::UnboundedSender<FollowCommand>,
+    io: IoThread,
+}
+
+/// The store's own thread and single-threaded runtime: every Redis connection, the health
+/// probe and the notification link run there, so a busy caller thread never delays a store
+/// round trip. Ends when the store is dropped.
+struct IoThread {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl IoThread {
+    fn start() -> Result<IoThread, ChannelError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ChannelError::Store {
+                store: "redis",
+                message: format!("cannot start the store's runtime: {e}"),
+            })?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("tether-redis".into())
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+            })
+            .map_err(|e| ChannelError::Store {
+                store: "redis",
+                message: format!("cannot start the store's thread: {e}"),
+            })?;
+        Ok(IoThread {
+            handle,
+            _stop: stop,
+        })
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -523,6 +593,16 @@ fn parse_page(v: &Value) -> Result<Page, ChannelError> {
     })
 }
 
+/// The result of a task run on the store's thread.
+fn joined<T>(
+    result: Result<Result<T, ChannelError>, tokio::task::JoinError>,
+) -> Result<T, ChannelError> {
+    result.map_err(|e| ChannelError::Store {
+        store: "redis",
+        message: format!("store task ended: {e}"),
+    })?
+}
+
 /// Runs `script` with `keys` and `args`, recording the store's health.
 async fn invoke(
     script: Script,
@@ -574,16 +654,16 @@ impl HistoryStore for RedisStore {
             args.push(request.seq.to_string().into_bytes());
             args.push(request.payload.json().as_bytes().to_vec());
         }
-        let call = invoke(
+        let call = self.io.handle.spawn(invoke(
             self.append.clone(),
             keys,
             args,
             self.manager.clone(),
             self.health.clone(),
-        );
+        ));
         let expected = batch.len();
         Box::pin(async move {
-            let appended = parse_appended(&call.await?)?;
+            let appended = parse_appended(&joined(call.await)?)?;
             if appended.outcomes.len() != expected {
                 return Err(malformed("outcome count"));
             }
@@ -613,14 +693,14 @@ impl HistoryStore for RedisStore {
         ] {
             args.push(n.to_string().into_bytes());
         }
-        let call = invoke(
+        let call = self.io.handle.spawn(invoke(
             self.read.clone(),
             keys,
             args,
             self.manager.clone(),
             self.health.clone(),
-        );
-        Box::pin(async move { parse_page(&call.await?) })
+        ));
+        Box::pin(async move { parse_page(&joined(call.await)?) })
     }
 
     fn watch(&self, channel: &str, sink: NoticeSink) {

@@ -26,6 +26,9 @@ pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: usize = 65_536;
 /// Default largest payload a publish may carry: 512 KiB. Larger ones are refused (permanently,
 /// for that publish) so that no stored message can exceed a client's frame limit.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 512 * 1024;
+/// Largest publish sequence number accepted: 2^53 − 1 (exact in every JSON implementation and
+/// in the Redis store's Lua scripts).
+pub const MAX_SEQ: u64 = (1 << 53) - 1;
 /// Default capacity of a channel actor's mailbox: 65,536 commands.
 pub const DEFAULT_CHANNEL_MAILBOX: usize = 65_536;
 
@@ -447,6 +450,17 @@ impl ConnectionHandler for ConnHandler {
                     );
                     return Err(Self::reject(error, &name, Some(seq), false));
                 };
+                if seq == 0 || seq > MAX_SEQ {
+                    // Permanent for this publish: sequence numbers are 1 … 2^53 − 1 (exact in
+                    // every JSON implementation and in the Redis store's scripts).
+                    let error = refusal(
+                        ErrorCode::MalformedFrame,
+                        ErrorCategory::Protocol,
+                        true,
+                        format!("publish seq {seq} is outside 1 ..= {MAX_SEQ}"),
+                    );
+                    return Err(Self::reject(error, &name, Some(seq), false));
+                }
                 if publish.payload.len() > self.inner.max_message_size {
                     // Permanent for this publish: resending the same bytes cannot succeed.
                     let error = refusal(
