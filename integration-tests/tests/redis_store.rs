@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tether_channels::hub::{
-    AppendOutcome, AppendRequest, HistoryStore, PageLimit, ProducerKey, RedisStore, Retention,
-    StoreNotice,
+    AppendOutcome, AppendRequest, Fence, HistoryStore, PageLimit, ProducerKey, RedisStore,
+    Retention, StoreNotice,
 };
 use tether_channels::ChannelError;
 use tether_integration_tests::{Persistence, RedisServer};
@@ -41,6 +41,18 @@ fn req(name: &str, seq: u64) -> AppendRequest {
         payload: Payload::from_json(&format!("{{\"from\":\"{name}\",\"seq\":\"{seq:04}\"}}"))
             .unwrap(),
     }
+}
+
+/// The fence of a writer's first (and only) append: always applies.
+fn fresh() -> Fence {
+    Fence {
+        token: uuid_like(),
+        number: 1,
+    }
+}
+
+fn uuid_like() -> String {
+    tether_transport::protocol::Epoch::random().0
 }
 
 fn all() -> PageLimit {
@@ -86,7 +98,12 @@ async fn appends_number_dedupe_and_page() {
     let redis = RedisServer::start().expect("redis");
     let s = store(&redis, Retention::default());
     let first = s
-        .append("room", None, (1..=5).map(|i| req("a", i)).collect())
+        .append(
+            "room",
+            None,
+            fresh(),
+            (1..=5).map(|i| req("a", i)).collect(),
+        )
         .await
         .unwrap();
     assert_eq!(first.head, Offset(5));
@@ -101,6 +118,7 @@ async fn appends_number_dedupe_and_page() {
         .append(
             "room",
             None,
+            fresh(),
             vec![req("a", 4), req("a", 5), req("a", 6), req("b", 1)],
         )
         .await
@@ -177,7 +195,12 @@ async fn retention_trims_by_count_bytes_and_age() {
         },
     );
     by_count
-        .append("count", None, (1..=10).map(|i| req("a", i)).collect())
+        .append(
+            "count",
+            None,
+            fresh(),
+            (1..=10).map(|i| req("a", i)).collect(),
+        )
         .await
         .unwrap();
     let page = by_count
@@ -200,7 +223,7 @@ async fn retention_trims_by_count_bytes_and_age() {
     );
     for i in 1..=6 {
         by_bytes
-            .append("bytes", None, vec![req("a", i)])
+            .append("bytes", None, fresh(), vec![req("a", i)])
             .await
             .unwrap();
     }
@@ -218,7 +241,7 @@ async fn retention_trims_by_count_bytes_and_age() {
         },
     );
     by_age
-        .append("age", None, vec![req("a", 1), req("a", 2)])
+        .append("age", None, fresh(), vec![req("a", 1), req("a", 2)])
         .await
         .unwrap();
     // Redis's own clock decides; wait until it has moved past the age limit.
@@ -249,7 +272,10 @@ async fn two_stores_appending_to_one_channel_never_collide() {
                 let mut offsets = Vec::new();
                 for batch in 0..25u64 {
                     let requests = (1..=10).map(|i| req(&name, batch * 10 + i)).collect();
-                    let appended = node.append("shared", None, requests).await.unwrap();
+                    let appended = node
+                        .append("shared", None, fresh(), requests)
+                        .await
+                        .unwrap();
                     for outcome in appended.outcomes {
                         match outcome {
                             AppendOutcome::Stored(o) => offsets.push(o.0),
@@ -259,7 +285,12 @@ async fn two_stores_appending_to_one_channel_never_collide() {
                 }
                 // Replaying everything through the other path is all duplicates.
                 let replay = node
-                    .append("shared", None, (1..=250).map(|i| req(&name, i)).collect())
+                    .append(
+                        "shared",
+                        None,
+                        fresh(),
+                        (1..=250).map(|i| req(&name, i)).collect(),
+                    )
                     .await
                     .unwrap();
                 assert!(replay
@@ -305,7 +336,7 @@ async fn the_epoch_is_the_streams_identity() {
     let mut redis = RedisServer::start_with(Persistence::AofAlways).expect("redis");
     let s = store(&redis, Retention::default());
     let e1 = s
-        .append("room", None, vec![req("a", 1)])
+        .append("room", None, fresh(), vec![req("a", 1)])
         .await
         .unwrap()
         .epoch;
@@ -327,7 +358,7 @@ async fn the_epoch_is_the_streams_identity() {
         offset: Offset(5),
     };
     let appended = s
-        .append("room", Some(ahead), vec![req("a", 2)])
+        .append("room", Some(ahead), fresh(), vec![req("a", 2)])
         .await
         .unwrap();
     assert_ne!(appended.epoch, e1);
@@ -354,7 +385,7 @@ async fn a_redis_that_lost_its_data_gets_a_new_epoch() {
     let mut redis = RedisServer::start().expect("redis");
     let s = store(&redis, Retention::default());
     let e1 = s
-        .append("room", None, vec![req("a", 1), req("a", 2)])
+        .append("room", None, fresh(), vec![req("a", 1), req("a", 2)])
         .await
         .unwrap()
         .epoch;
@@ -368,7 +399,9 @@ async fn a_redis_that_lost_its_data_gets_a_new_epoch() {
 async fn redis_down_is_a_retryable_error_and_unhealthy_until_it_returns() {
     let mut redis = RedisServer::start_with(Persistence::AofAlways).expect("redis");
     let s = store(&redis, Retention::default());
-    s.append("room", None, vec![req("a", 1)]).await.unwrap();
+    s.append("room", None, fresh(), vec![req("a", 1)])
+        .await
+        .unwrap();
     eventually("healthy", || {
         let s = s.clone();
         async move { s.health().healthy }
@@ -376,7 +409,7 @@ async fn redis_down_is_a_retryable_error_and_unhealthy_until_it_returns() {
     .await;
     redis.kill();
     let err = s
-        .append("room", None, vec![req("a", 2)])
+        .append("room", None, fresh(), vec![req("a", 2)])
         .await
         .expect_err("redis is down");
     assert!(matches!(err, ChannelError::Store { .. }), "{err:?}");
@@ -390,7 +423,10 @@ async fn redis_down_is_a_retryable_error_and_unhealthy_until_it_returns() {
         async move { s.health().healthy }
     })
     .await;
-    let appended = s.append("room", None, vec![req("a", 2)]).await.unwrap();
+    let appended = s
+        .append("room", None, fresh(), vec![req("a", 2)])
+        .await
+        .unwrap();
     assert_eq!(appended.outcomes, [AppendOutcome::Stored(Offset(2))]);
 }
 
@@ -412,11 +448,11 @@ async fn watchers_hear_other_nodes_appends_and_resync_after_the_link_drops() {
     })
     .await;
     writer
-        .append("room", None, vec![req("w", 1)])
+        .append("room", None, fresh(), vec![req("w", 1)])
         .await
         .unwrap();
     writer
-        .append("other", None, vec![req("w", 1)])
+        .append("other", None, fresh(), vec![req("w", 1)])
         .await
         .unwrap();
     eventually("advanced to 1", || {
@@ -445,11 +481,16 @@ async fn watchers_hear_other_nodes_appends_and_resync_after_the_link_drops() {
     heard.lock().unwrap().clear();
     eventually("writer reconnected", || {
         let writer = writer.clone();
-        async move { writer.append("room", None, vec![req("w", 2)]).await.is_ok() }
+        async move {
+            writer
+                .append("room", None, fresh(), vec![req("w", 2)])
+                .await
+                .is_ok()
+        }
     })
     .await;
     writer
-        .append("room", None, vec![req("w", 3)])
+        .append("room", None, fresh(), vec![req("w", 3)])
         .await
         .unwrap();
     // Give a notification the time a delivered one takes (a round trip), then check none came.
@@ -462,4 +503,39 @@ async fn watchers_hear_other_nodes_appends_and_resync_after_the_link_drops() {
             .any(|n| matches!(n, StoreNotice::Advanced { .. })),
         "no notices after unwatch"
     );
+}
+
+#[tokio::test]
+async fn a_fenced_append_applies_only_after_its_predecessor() {
+    let redis = RedisServer::start().expect("redis");
+    let s = store(&redis, Retention::default());
+    let token = uuid_like();
+    let fence = |number| Fence {
+        token: token.clone(),
+        number,
+    };
+    // Number 2 before number 1 applied: refused, nothing stored.
+    let err = s
+        .append("room", None, fence(2), vec![req("a", 1)])
+        .await
+        .expect_err("no predecessor");
+    assert!(err.to_string().contains("TETHER_FENCE"), "{err}");
+    assert!(!err.is_permanent());
+    s.append("room", None, fence(1), vec![req("a", 1)])
+        .await
+        .unwrap();
+    s.append("room", None, fence(2), vec![req("a", 2)])
+        .await
+        .unwrap();
+    // A gap in the numbers (number 3 never applied): refused.
+    assert!(s
+        .append("room", None, fence(4), vec![req("a", 4)])
+        .await
+        .is_err());
+    let page = s.read("room", None, Offset(0), all()).await.unwrap();
+    assert_eq!(page.head, Offset(2));
+    // Another writer's fence is its own.
+    s.append("room", None, fresh(), vec![req("b", 1)])
+        .await
+        .unwrap();
 }

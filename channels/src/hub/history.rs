@@ -74,6 +74,19 @@ pub struct AppendRequest {
     pub payload: Payload,
 }
 
+/// Orders the appends one writer has in flight on one channel: append `number` under `token`
+/// applies only if append `number − 1` under the same token applied (number 1 always may).
+/// A writer that pipelines appends (sends the next before the previous answered) thereby never
+/// has a later batch stored when an earlier one was refused — which would make the refused
+/// publishes look like replays of stored ones when they are resent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// Identifies the writer's sequence of appends (a new one after any failure).
+    pub token: String,
+    /// 1, 2, 3… within the token.
+    pub number: u64,
+}
+
 /// What became of one [`AppendRequest`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppendOutcome {
@@ -173,11 +186,12 @@ pub struct StoreHealth {
 /// number new messages with offsets subscribers already saw (which would be a silent gap).
 pub trait HistoryStore: Send + Sync + 'static {
     /// Numbers and stores the new requests of `batch`, in order, recognising replays — all in
-    /// one atomic step.
+    /// one atomic step, and only if the append before it under `fence` applied.
     fn append(
         &self,
         channel: &str,
         seen: Option<Position>,
+        fence: Fence,
         batch: Vec<AppendRequest>,
     ) -> BoxFuture<'static, Result<Appended, ChannelError>>;
 
@@ -364,10 +378,12 @@ impl Default for MemoryHistory {
 }
 
 impl HistoryStore for MemoryHistory {
+    /// Appends run synchronously, in call order: the fence always holds.
     fn append(
         &self,
         channel: &str,
         _seen: Option<Position>,
+        _fence: Fence,
         batch: Vec<AppendRequest>,
     ) -> BoxFuture<'static, Result<Appended, ChannelError>> {
         let appended = self.append_now(channel, &batch, Instant::now());

@@ -2,10 +2,12 @@
 //! the shared [`HistoryStore`] and fans out, in offset order, everything the store numbered —
 //! its own appends and those of other nodes.
 //!
-//! * **Appends** are serialised per channel and batched: while one batch is in the store,
-//!   later publishes queue, and go as the next batch (one store round trip for many messages;
-//!   publishes of one connection are never reordered). Acks go out only once the store
-//!   confirmed. A batch the store refused fails every publish queued behind it too, and closes
+//! * **Appends** are batched and pipelined per channel: up to two batches are in the store at
+//!   once, later publishes queue and go as the next batch (one store round trip for many
+//!   messages; publishes of one connection are never reordered). Each batch carries a
+//!   [`Fence`]: the store applies it only if the batch before it applied, and the actor handles
+//!   results in the order it sent the batches. Acks go out only once the store confirmed. A
+//!   batch the store refused fails every publish queued or in flight behind it too, and closes
 //!   their connections with a retryable `unavailable` error: nothing later of a producer can be
 //!   stored ahead of something earlier that the store refused.
 //! * **Fan-out** follows one cursor, `delivered`: every live subscriber has been sent every
@@ -32,8 +34,8 @@ use tether_transport::protocol::{
 use tether_transport::{ErrorCategory, TransportError};
 
 use super::history::{
-    AppendOutcome, AppendRequest, Appended, HistoryStore, NoticeSink, Page, PageLimit, StoreNotice,
-    StoredMessage,
+    AppendOutcome, AppendRequest, Appended, Fence, HistoryStore, NoticeSink, Page, PageLimit,
+    StoreNotice, StoredMessage,
 };
 use super::log::{plan_resume, ProducerKey};
 use crate::error::ChannelError;
@@ -43,6 +45,8 @@ use crate::telemetry;
 const MAX_BATCH_MESSAGES: usize = 512;
 /// Most payload bytes in one append batch (a batch always takes at least one publish).
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Most append batches in the store at once per channel.
+const MAX_APPENDS_IN_FLIGHT: usize = 2;
 /// Wait before reading the store again after a failed read.
 const READ_RETRY: Duration = Duration::from_millis(250);
 
@@ -109,6 +113,14 @@ struct Subscriber {
     generation: u64,
 }
 
+/// One append batch sent to the store.
+struct InFlight {
+    number: u64,
+    commands: Vec<PublishCommand>,
+    result: Option<Result<Appended, ChannelError>>,
+    started: std::time::Instant,
+}
+
 /// One channel on a hub node.
 pub struct HubChannel {
     name: String,
@@ -122,7 +134,13 @@ pub struct HubChannel {
     known_head: Offset,
     reading_position: bool,
     pumping: bool,
-    appending: bool,
+    /// Append batches in the store, in the order they were sent.
+    in_flight: VecDeque<InFlight>,
+    fence_token: String,
+    fence_number: u64,
+    /// After a failed append: nothing new goes to the store until every batch in flight has
+    /// answered (then under a new fence token).
+    draining: bool,
     subscribers: HashMap<u64, Subscriber>,
     generation: u64,
     /// Attaches that wait for the channel's position (or for the fan-out to reach them).
@@ -150,7 +168,10 @@ impl HubChannel {
             known_head: Offset(0),
             reading_position: false,
             pumping: false,
-            appending: false,
+            in_flight: VecDeque::new(),
+            fence_token: Epoch::random().0,
+            fence_number: 0,
+            draining: false,
             subscribers: HashMap::new(),
             generation: 0,
             waiting: Vec::new(),
@@ -644,45 +665,85 @@ impl HubChannel {
         }));
     }
 
-    /// Sends the next batch of queued publishes to the store, unless one is there already.
+    /// Sends batches of queued publishes to the store while fewer than
+    /// [`MAX_APPENDS_IN_FLIGHT`] are there.
     fn append_next(&mut self, ctx: &mut Context<Self>) {
-        if self.appending || self.pending.is_empty() {
-            return;
-        }
-        let mut commands = Vec::new();
-        let mut bytes = 0;
-        while let Some(next) = self.pending.front() {
-            if !commands.is_empty()
-                && (commands.len() >= MAX_BATCH_MESSAGES
-                    || bytes + next.payload.len() > MAX_BATCH_BYTES)
-            {
-                break;
+        while !self.draining
+            && self.in_flight.len() < MAX_APPENDS_IN_FLIGHT
+            && !self.pending.is_empty()
+        {
+            let mut commands = Vec::new();
+            let mut bytes = 0;
+            while let Some(next) = self.pending.front() {
+                if !commands.is_empty()
+                    && (commands.len() >= MAX_BATCH_MESSAGES
+                        || bytes + next.payload.len() > MAX_BATCH_BYTES)
+                {
+                    break;
+                }
+                bytes += next.payload.len();
+                commands.extend(self.pending.pop_front());
             }
-            bytes += next.payload.len();
-            commands.extend(self.pending.pop_front());
+            let requests = commands
+                .iter()
+                .map(|c| AppendRequest {
+                    producer: c.producer.clone(),
+                    seq: c.seq,
+                    payload: c.payload.clone(),
+                })
+                .collect();
+            metrics::histogram!(telemetry::HUB_STORE_APPEND_BATCH).record(commands.len() as f64);
+            self.fence_number += 1;
+            let number = self.fence_number;
+            let fence = Fence {
+                token: self.fence_token.clone(),
+                number,
+            };
+            self.in_flight.push_back(InFlight {
+                number,
+                commands,
+                result: None,
+                started: std::time::Instant::now(),
+            });
+            let append = self.store.append(&self.name, self.seen(), fence, requests);
+            ctx.spawn(
+                append
+                    .into_actor(self)
+                    .map(move |result, act, ctx| act.on_append_result(ctx, number, result)),
+            );
         }
-        let requests = commands
-            .iter()
-            .map(|c| AppendRequest {
-                producer: c.producer.clone(),
-                seq: c.seq,
-                payload: c.payload.clone(),
-            })
-            .collect();
-        metrics::histogram!(telemetry::HUB_STORE_APPEND_BATCH).record(commands.len() as f64);
-        self.appending = true;
-        let started = std::time::Instant::now();
-        let append = self.store.append(&self.name, self.seen(), requests);
-        ctx.spawn(append.into_actor(self).map(move |result, act, ctx| {
-            act.appending = false;
+    }
+
+    /// Takes an append's result in, and handles every result that is next in send order.
+    fn on_append_result(
+        &mut self,
+        ctx: &mut Context<Self>,
+        number: u64,
+        result: Result<Appended, ChannelError>,
+    ) {
+        if let Some(slot) = self.in_flight.iter_mut().find(|f| f.number == number) {
             metrics::histogram!(telemetry::HUB_STORE_APPEND_SECONDS)
-                .record(started.elapsed().as_secs_f64());
+                .record(slot.started.elapsed().as_secs_f64());
+            slot.result = Some(result);
+        }
+        while self.in_flight.front().is_some_and(|f| f.result.is_some()) {
+            let Some(InFlight {
+                commands,
+                result: Some(result),
+                ..
+            }) = self.in_flight.pop_front()
+            else {
+                break;
+            };
             match result {
-                Ok(appended) => act.on_appended(ctx, commands, appended),
-                Err(e) => act.on_append_failed(commands, &e),
+                Ok(appended) => self.on_appended(ctx, commands, appended),
+                Err(e) => self.on_append_failed(commands, &e),
             }
-            act.append_next(ctx);
-        }));
+        }
+        if self.draining && self.in_flight.is_empty() {
+            self.draining = false;
+        }
+        self.append_next(ctx);
     }
 
     fn on_appended(
@@ -753,6 +814,17 @@ impl HubChannel {
     fn on_append_failed(&mut self, commands: Vec<PublishCommand>, error: &ChannelError) {
         metrics::counter!(telemetry::HUB_STORE_ERRORS, "op" => "append").increment(1);
         tracing::warn!(parent: &self.span, %error, publishes = commands.len() + self.pending.len(), "append failed; refusing the queued publishes");
+        // Batches still in flight are fenced behind this one: they apply only if it did. Their
+        // publishers are refused too; their results are still taken in (a batch that did apply
+        // is fanned out and acknowledged). New batches wait for them, under a new fence token.
+        self.draining = true;
+        self.fence_token = Epoch::random().0;
+        self.fence_number = 0;
+        for later in &self.in_flight {
+            for command in &later.commands {
+                self.refused.insert(command.reply.conn_id());
+            }
+        }
         let refusal = Self::unavailable(error);
         let mut kicked = HashSet::new();
         let queued: Vec<PublishCommand> = self.pending.drain(..).collect();

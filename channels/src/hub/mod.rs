@@ -10,8 +10,8 @@ pub mod redis_store;
 pub mod service;
 
 pub use history::{
-    AppendOutcome, AppendRequest, Appended, DedupeLimits, HistoryStore, MemoryHistory, NoticeSink,
-    Page, PageLimit, Retention, StoreHealth, StoreNotice, StoredMessage,
+    AppendOutcome, AppendRequest, Appended, DedupeLimits, Fence, HistoryStore, MemoryHistory,
+    NoticeSink, Page, PageLimit, Retention, StoreHealth, StoreNotice, StoredMessage,
 };
 pub use log::ProducerKey;
 pub use redis_store::{RedisStore, RedisStoreBuilder};

@@ -9,6 +9,7 @@
 //! | `{prefix}:{len}:{channel}:s` | stream | the messages: entry id `{offset}-0`, fields `p` (payload) and `t` (Redis time, ms) |
 //! | `{prefix}:{len}:{channel}:m` | hash | `epoch`, `head` (last offset), `bytes` (payload bytes retained) |
 //! | `{prefix}:{len}:{channel}:p:{producer}` | hash | dedupe state of one producer: `h` (highest seq), `e` (epoch), and `{seq}` → offset for the last `window` seqs; expires after the producer TTL |
+//! | `{prefix}:{len}:{channel}:f:{token}` | string | the last append number of one writer's pipelined appends ([`Fence`]); expires after 10 minutes |
 //! | `{prefix}:n:{channel}` | pub/sub channel | `{epoch} {head}` after every append that stored something |
 //!
 //! Both operations are Lua scripts, so each is one atomic step on the Redis server:
@@ -50,8 +51,8 @@ use tether_transport::protocol::{Epoch, Offset, Payload, Position};
 use tokio::sync::mpsc;
 
 use super::history::{
-    AppendOutcome, AppendRequest, Appended, HistoryStore, NoticeSink, Page, PageLimit, Retention,
-    StoreHealth, StoreNotice, StoredMessage,
+    AppendOutcome, AppendRequest, Appended, Fence, HistoryStore, NoticeSink, Page, PageLimit,
+    Retention, StoreHealth, StoreNotice, StoredMessage,
 };
 use super::log::{DEFAULT_DEDUPE_WINDOW, DEFAULT_PRODUCER_TTL};
 use crate::error::ChannelError;
@@ -120,8 +121,14 @@ end
 
 const APPEND: &str = r#"
 -- ARGV: candidate epoch, seen epoch, seen head, max messages, max age ms, max bytes,
---       dedupe window, producer ttl ms, notify channel, then (seq, payload) per publish;
--- KEYS[2 + i]: the producer key of publish i.
+--       dedupe window, producer ttl ms, notify channel, fence number, then (seq, payload) per
+--       publish; KEYS[3]: the fence key; KEYS[3 + i]: the producer key of publish i.
+-- The fence first: this append applies only if the writer's previous one did.
+local fence_key, fence = KEYS[3], tonumber(ARGV[10])
+if fence > 1 and redis.call('GET', fence_key) ~= tostring(fence - 1) then
+  return redis.error_reply('TETHER_FENCE the previous append of this writer did not apply')
+end
+redis.call('SET', fence_key, tostring(fence), 'PX', 600000)
 -- Each producer's dedupe hash is read once and written once per batch, whatever the number of
 -- its publishes in it: per publish, the only Redis call is the XADD.
 local epoch, head, bytes = ensure(ARGV[1], ARGV[2], tonumber(ARGV[3]))
@@ -131,9 +138,9 @@ local out = {}
 local stored = 0
 local producers = {}
 local order = {}
-local n = (#ARGV - 9) / 2
+local n = (#ARGV - 10) / 2
 for i = 1, n do
-  local pkey = KEYS[2 + i]
+  local pkey = KEYS[3 + i]
   local st = producers[pkey]
   if not st then
     local p = redis.call('HMGET', pkey, 'h', 'e')
@@ -141,7 +148,7 @@ for i = 1, n do
     producers[pkey] = st
     order[#order + 1] = pkey
   end
-  local seq_text = ARGV[8 + 2 * i]
+  local seq_text = ARGV[9 + 2 * i]
   local seq = tonumber(seq_text)
   if seq <= st.h then
     local off = st.new[seq]
@@ -152,7 +159,7 @@ for i = 1, n do
     out[2 * i - 1] = 0
     out[2 * i] = off or -1
   else
-    local payload = ARGV[9 + 2 * i]
+    local payload = ARGV[10 + 2 * i]
     head = head + 1
     -- Offsets stay far below 1e14, where Lua prints numbers exactly.
     local head_text = tostring(head)
@@ -628,15 +635,17 @@ impl HistoryStore for RedisStore {
         &self,
         channel: &str,
         seen: Option<Position>,
+        fence: Fence,
         batch: Vec<AppendRequest>,
     ) -> BoxFuture<'static, Result<Appended, ChannelError>> {
-        let mut keys = Vec::with_capacity(batch.len() + 2);
+        let mut keys = Vec::with_capacity(batch.len() + 3);
         keys.push(self.key(channel, "s"));
         keys.push(self.key(channel, "m"));
+        keys.push(self.key(channel, &format!("f:{}", fence.token)));
         keys.extend(batch.iter().map(|r| self.producer_key(channel, r)));
         let (seen_epoch, seen_head) = seen_args(&seen);
         let [max_messages, max_age, max_bytes] = self.retention_args();
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(9 + 2 * batch.len());
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(10 + 2 * batch.len());
         args.push(Epoch::random().0.into_bytes());
         args.push(seen_epoch.into_bytes());
         for n in [
@@ -650,6 +659,7 @@ impl HistoryStore for RedisStore {
             args.push(n.to_string().into_bytes());
         }
         args.push(Self::notify_channel(&self.prefix, channel).into_bytes());
+        args.push(fence.number.to_string().into_bytes());
         for request in &batch {
             args.push(request.seq.to_string().into_bytes());
             args.push(request.payload.json().as_bytes().to_vec());
