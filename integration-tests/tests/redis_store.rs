@@ -194,15 +194,12 @@ async fn retention_trims_by_count_bytes_and_age() {
             ..Retention::default()
         },
     );
-    by_count
-        .append(
-            "count",
-            None,
-            fresh(),
-            (1..=10).map(|i| req("a", i)).collect(),
-        )
-        .await
-        .unwrap();
+    for i in 1..=10 {
+        by_count
+            .append("count", None, fresh(), vec![req("a", i)])
+            .await
+            .unwrap();
+    }
     let page = by_count
         .read("count", None, Offset(0), all())
         .await
@@ -213,6 +210,51 @@ async fn retention_trims_by_count_bytes_and_age() {
         .command("XLEN tether:5:count:s")
         .unwrap()
         .contains(":3"));
+    // Retention works a batch (one stream entry) at a time: a batch of 5 stays whole until
+    // what follows it alone reaches the count.
+    by_count
+        .append(
+            "count",
+            None,
+            fresh(),
+            (11..=15).map(|i| req("a", i)).collect(),
+        )
+        .await
+        .unwrap();
+    let page = by_count
+        .read("count", None, Offset(0), all())
+        .await
+        .unwrap();
+    assert_eq!(page.first, Offset(11), "the batch is kept whole");
+    assert_eq!(
+        page.messages.iter().map(|m| m.offset.0).collect::<Vec<_>>(),
+        (11..=15).collect::<Vec<_>>()
+    );
+    for i in 16..=18 {
+        by_count
+            .append("count", None, fresh(), vec![req("a", i)])
+            .await
+            .unwrap();
+    }
+    let page = by_count
+        .read("count", None, Offset(0), all())
+        .await
+        .unwrap();
+    assert_eq!(page.first, Offset(16));
+    // Paging starts inside a batch when asked to.
+    let inside = by_count
+        .read(
+            "count",
+            None,
+            Offset(16),
+            PageLimit {
+                max_messages: 1,
+                max_bytes: usize::MAX,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(inside.messages[0].offset, Offset(17));
 
     let by_bytes = store(
         &redis,

@@ -6,18 +6,19 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `{prefix}:{len}:{channel}:s` | stream | the messages: entry id `{offset}-0`, fields `p` (payload) and `t` (Redis time, ms) |
-//! | `{prefix}:{len}:{channel}:m` | hash | `epoch`, `head` (last offset), `bytes` (payload bytes retained) |
+//! | `{prefix}:{len}:{channel}:s` | stream | the messages, one entry per append batch: id `{first offset}-0`, fields `t` (Redis time, ms), `c` (messages in it), then `m` (a payload) per message, offsets `first … first + c − 1` |
+//! | `{prefix}:{len}:{channel}:i` | list | one `"{first} {count} {bytes} {time}"` per entry, oldest first: what trimming needs without reading payloads |
+//! | `{prefix}:{len}:{channel}:m` | hash | `epoch`, `head` (last offset), `first` (oldest retained), `count` and `bytes` retained |
 //! | `{prefix}:{len}:{channel}:p:{producer}` | hash | dedupe state of one producer: `h` (highest seq), `e` (epoch), and `{seq}` → offset for the last `window` seqs; expires after the producer TTL |
 //! | `{prefix}:{len}:{channel}:f:{token}` | string | the last append number of one writer's pipelined appends ([`Fence`]); expires after 10 minutes |
 //! | `{prefix}:n:{channel}` | pub/sub channel | `{epoch} {head}` after every append that stored something |
 //!
 //! Both operations are Lua scripts, so each is one atomic step on the Redis server:
 //!
-//! * **append**: takes (or creates) the channel's epoch; for each publish, checks the
-//!   producer's highest seq, and either answers "duplicate" (with the original offset while
-//!   remembered) or `XADD`s it at `head + 1` and records it; trims; notifies. A batch of any
-//!   size costs one round trip.
+//! * **append**: checks the writer's fence; takes (or creates) the channel's epoch; for each
+//!   publish, checks the producer's highest seq, and either answers "duplicate" (with the
+//!   original offset while remembered) or numbers it `head + 1`; stores the new ones as one
+//!   stream entry; trims; notifies. A batch of any size costs one round trip and one `XADD`.
 //! * **read**: the channel's epoch, head and first retained offset, trims by age, and one page
 //!   of messages after an offset (bounded by count and bytes).
 //!
@@ -30,7 +31,10 @@
 //! as a `Discontinuity`.
 //!
 //! Retention maps onto `XTRIM MINID` (ids are offsets, so count, age and bytes all come down
-//! to "drop everything below this offset").
+//! to "drop everything below this offset"), a whole batch at a time: a batch goes when it is
+//! older than the age limit, when the channel keeps at least the count limit without it, or
+//! while the bytes are over the byte limit. So a channel may keep up to one batch more than
+//! its message count (never more bytes than its byte limit).
 //!
 //! Fan-out across nodes: every node `SUBSCRIBE`s to the notification channels of the channels
 //! it has subscribers on (no polling); a notification wakes the node's channel actor, which
@@ -68,79 +72,77 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
 const PRELUDE: &str = r#"
-local stream, meta = KEYS[1], KEYS[2]
+local stream, meta, index = KEYS[1], KEYS[2], KEYS[3]
 local function offset_of(id) return tonumber(string.match(id, '^(%d+)')) end
+-- The channel's epoch, head, retained bytes and count, and first retained offset; a new epoch
+-- (and an empty channel) when the channel is missing or behind what the caller has seen.
 local function ensure(candidate, seen_epoch, seen_head)
-  local m = redis.call('HMGET', meta, 'epoch', 'head', 'bytes')
-  local epoch, head, bytes = m[1], tonumber(m[2] or '0'), tonumber(m[3] or '0')
+  local m = redis.call('HMGET', meta, 'epoch', 'head', 'bytes', 'count', 'first')
+  local epoch = m[1]
+  local head, bytes = tonumber(m[2] or '0'), tonumber(m[3] or '0')
+  local count, first = tonumber(m[4] or '0'), tonumber(m[5] or '1')
   if (not epoch) or (epoch == seen_epoch and head < seen_head) then
-    epoch, head, bytes = candidate, 0, 0
-    redis.call('DEL', stream)
-    redis.call('HSET', meta, 'epoch', epoch, 'head', 0, 'bytes', 0)
+    epoch, head, bytes, count, first = candidate, 0, 0, 0, 1
+    redis.call('DEL', stream, index)
+    redis.call('HSET', meta, 'epoch', epoch, 'head', '0', 'bytes', '0', 'count', '0', 'first', '1')
   end
-  return epoch, head, bytes
+  return epoch, head, bytes, count, first
 end
--- The second-to-last element of a (seq, offset, …) list: the last seq.
-local function f_last(fields) return fields[#fields - 1] end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
--- Drops the oldest entries while over a limit; returns the bytes retained.
-local function trim(now, maxn, maxage, maxb, bytes)
-  local len = redis.call('XLEN', stream)
+-- Drops whole batches, oldest first, while one is too old, or the count stays at or above the
+-- limit without it, or the bytes are over the limit. Returns bytes, count, first.
+local function trim(now, maxn, maxage, maxb, head, bytes, count, first)
   local cutoff = now - maxage
-  local last_dropped = nil
-  local cursor = '-'
-  local chunk = 1
-  while len > 0 do
-    local entries = redis.call('XRANGE', stream, cursor, '+', 'COUNT', chunk)
-    if #entries == 0 then break end
-    local stop = false
-    for _, e in ipairs(entries) do
-      local f = e[2]
-      if len > maxn or bytes > maxb or tonumber(f[4]) < cutoff then
-        len = len - 1
-        bytes = bytes - #f[2]
-        last_dropped = offset_of(e[1])
-      else
-        stop = true
-        break
-      end
+  local dropped = false
+  while true do
+    local oldest = redis.call('LINDEX', index, 0)
+    if not oldest then
+      first = head + 1
+      break
     end
-    if stop then break end
-    cursor = '(' .. entries[#entries][1]
-    chunk = 64
+    local f, c, b, t = string.match(oldest, '^(%d+) (%d+) (%d+) (%d+)$')
+    f, c, b, t = tonumber(f), tonumber(c), tonumber(b), tonumber(t)
+    if t < cutoff or count - c >= maxn or bytes > maxb then
+      redis.call('LPOP', index)
+      count, bytes, first, dropped = count - c, bytes - b, f + c, true
+    else
+      first = f
+      break
+    end
   end
-  if last_dropped then
-    redis.call('XTRIM', stream, 'MINID', string.format('%d-0', last_dropped + 1))
+  if dropped then
+    redis.call('XTRIM', stream, 'MINID', string.format('%d-0', first))
   end
-  return bytes
+  return bytes, count, first
 end
 "#;
 
 const APPEND: &str = r#"
 -- ARGV: candidate epoch, seen epoch, seen head, max messages, max age ms, max bytes,
 --       dedupe window, producer ttl ms, notify channel, fence number, then (seq, payload) per
---       publish; KEYS[3]: the fence key; KEYS[3 + i]: the producer key of publish i.
+--       publish; KEYS[4]: the fence key; KEYS[4 + i]: the producer key of publish i.
 -- The fence first: this append applies only if the writer's previous one did.
-local fence_key, fence = KEYS[3], tonumber(ARGV[10])
+local fence_key, fence = KEYS[4], tonumber(ARGV[10])
 if fence > 1 and redis.call('GET', fence_key) ~= tostring(fence - 1) then
   return redis.error_reply('TETHER_FENCE the previous append of this writer did not apply')
 end
 redis.call('SET', fence_key, tostring(fence), 'PX', 600000)
--- Each producer's dedupe hash is read once and written once per batch, whatever the number of
--- its publishes in it: per publish, the only Redis call is the XADD.
-local epoch, head, bytes = ensure(ARGV[1], ARGV[2], tonumber(ARGV[3]))
+local epoch, head, bytes, count, first = ensure(ARGV[1], ARGV[2], tonumber(ARGV[3]))
 local now = now_ms()
 local window, ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
+-- Each producer's dedupe hash is read once and written once per batch; the stored messages
+-- become one stream entry (id: the first offset; fields t, c, then m per message).
 local out = {}
-local stored = 0
 local producers = {}
 local order = {}
+local entry = {}
+local batch_first, stored, size = head + 1, 0, 0
 local n = (#ARGV - 10) / 2
 for i = 1, n do
-  local pkey = KEYS[3 + i]
+  local pkey = KEYS[4 + i]
   local st = producers[pkey]
   if not st then
     local p = redis.call('HMGET', pkey, 'h', 'e')
@@ -161,33 +163,41 @@ for i = 1, n do
   else
     local payload = ARGV[10 + 2 * i]
     head = head + 1
-    -- Offsets stay far below 1e14, where Lua prints numbers exactly.
-    local head_text = tostring(head)
-    redis.call('XADD', stream, head_text .. '-0', 'p', payload, 't', now)
-    bytes = bytes + #payload
+    stored = stored + 1
+    size = size + #payload
+    entry[2 * stored - 1] = 'm'
+    entry[2 * stored] = payload
     st.h = seq
     st.new[seq] = head
     local f = st.fields
     f[#f + 1] = seq_text
-    f[#f + 1] = head_text
+    -- Offsets stay far below 1e14, where Lua prints numbers exactly.
+    f[#f + 1] = tostring(head)
     if seq > window then st.dels[#st.dels + 1] = string.format('%d', seq - window) end
-    stored = stored + 1
     out[2 * i - 1] = 1
     out[2 * i] = head
   end
 end
+if stored > 0 then
+  redis.call('XADD', stream, string.format('%d-0', batch_first), 't', now, 'c', stored, unpack(entry))
+  redis.call('RPUSH', index, string.format('%d %d %d %d', batch_first, stored, size, now))
+  if count == 0 then first = batch_first end
+  count, bytes = count + stored, bytes + size
+end
 for _, pkey in ipairs(order) do
   local st = producers[pkey]
   if #st.fields > 0 then
-    redis.call('HSET', pkey, 'h', f_last(st.fields), 'e', epoch, unpack(st.fields))
+    redis.call('HSET', pkey, 'h', st.fields[#st.fields - 1], 'e', epoch, unpack(st.fields))
     if #st.dels > 0 then redis.call('HDEL', pkey, unpack(st.dels)) end
     redis.call('PEXPIRE', pkey, ttl)
   end
 end
-bytes = trim(now, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), bytes)
-redis.call('HSET', meta, 'head', string.format('%d', head), 'bytes', string.format('%d', bytes))
+bytes, count, first = trim(now, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
+  head, bytes, count, first)
+redis.call('HSET', meta, 'head', tostring(head), 'bytes', tostring(bytes),
+  'count', tostring(count), 'first', tostring(first))
 if stored > 0 then
-  redis.call('PUBLISH', ARGV[9], epoch .. ' ' .. string.format('%d', head))
+  redis.call('PUBLISH', ARGV[9], epoch .. ' ' .. tostring(head))
 end
 return {epoch, head, out}
 "#;
@@ -195,24 +205,48 @@ return {epoch, head, out}
 const READ: &str = r#"
 -- ARGV: candidate epoch, seen epoch, seen head, max messages, max age ms, max bytes,
 --       after, page count, page bytes.
-local epoch, head, bytes = ensure(ARGV[1], ARGV[2], tonumber(ARGV[3]))
-local kept = trim(now_ms(), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), bytes)
-if kept ~= bytes then redis.call('HSET', meta, 'bytes', string.format('%d', kept)) end
-local first = head + 1
-local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
-if #oldest > 0 then first = offset_of(oldest[1][1]) end
+local epoch, head, bytes, count, first = ensure(ARGV[1], ARGV[2], tonumber(ARGV[3]))
+local b2, c2, f2 = trim(now_ms(), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
+  head, bytes, count, first)
+if c2 ~= count or f2 ~= first then
+  redis.call('HSET', meta, 'bytes', tostring(b2), 'count', tostring(c2), 'first', tostring(f2))
+end
+first = f2
 local msgs = {}
-local count = tonumber(ARGV[8])
-if count > 0 then
-  local from = string.format('%d-0', tonumber(ARGV[7]) + 1)
-  local entries = redis.call('XRANGE', stream, from, '+', 'COUNT', count)
+local want = tonumber(ARGV[8])
+local from = math.max(tonumber(ARGV[7]) + 1, first)
+if want > 0 and from <= head then
+  -- The batch holding `from`, then on.
+  local start = redis.call('XREVRANGE', stream, string.format('%d-0', from), '-', 'COUNT', 1)
+  local cursor = '-'
+  if #start > 0 then cursor = start[1][1] end
   local total, limit = 0, tonumber(ARGV[9])
-  for _, e in ipairs(entries) do
-    local size = #e[2][2]
-    if #msgs > 0 and total + size > limit then break end
-    total = total + size
-    msgs[#msgs + 1] = offset_of(e[1])
-    msgs[#msgs + 1] = e[2][2]
+  local done = false
+  while not done do
+    local entries = redis.call('XRANGE', stream, cursor, '+', 'COUNT', 8)
+    if #entries == 0 then break end
+    for _, e in ipairs(entries) do
+      local base, f = offset_of(e[1]), e[2]
+      for k = 1, tonumber(f[4]) do
+        local off = base + k - 1
+        if off >= from then
+          local p = f[4 + 2 * k]
+          if #msgs > 0 and total + #p > limit then
+            done = true
+            break
+          end
+          total = total + #p
+          msgs[#msgs + 1] = off
+          msgs[#msgs + 1] = p
+          if #msgs >= 2 * want then
+            done = true
+            break
+          end
+        end
+      end
+      if done then break end
+    end
+    cursor = '(' .. entries[#entries][1]
   end
 end
 return {epoch, head, first, msgs}
@@ -638,9 +672,10 @@ impl HistoryStore for RedisStore {
         fence: Fence,
         batch: Vec<AppendRequest>,
     ) -> BoxFuture<'static, Result<Appended, ChannelError>> {
-        let mut keys = Vec::with_capacity(batch.len() + 3);
+        let mut keys = Vec::with_capacity(batch.len() + 4);
         keys.push(self.key(channel, "s"));
         keys.push(self.key(channel, "m"));
+        keys.push(self.key(channel, "i"));
         keys.push(self.key(channel, &format!("f:{}", fence.token)));
         keys.extend(batch.iter().map(|r| self.producer_key(channel, r)));
         let (seen_epoch, seen_head) = seen_args(&seen);
@@ -688,7 +723,11 @@ impl HistoryStore for RedisStore {
         after: Offset,
         limit: PageLimit,
     ) -> BoxFuture<'static, Result<Page, ChannelError>> {
-        let keys = vec![self.key(channel, "s"), self.key(channel, "m")];
+        let keys = vec![
+            self.key(channel, "s"),
+            self.key(channel, "m"),
+            self.key(channel, "i"),
+        ];
         let (seen_epoch, seen_head) = seen_args(&seen);
         let [max_messages, max_age, max_bytes] = self.retention_args();
         let mut args: Vec<Vec<u8>> = vec![Epoch::random().0.into_bytes(), seen_epoch.into_bytes()];
