@@ -17,6 +17,10 @@
 //!   deliveries/s (subscribers × messages ÷ time until every subscriber has every message). The
 //!   baseline is a relay that forwards every frame to every subscriber.
 //!
+//! * `store` — channel history in memory vs Redis with one and with three hub nodes: end to end
+//!   and fan-out in alternating rounds, Redis's CPU per message, and failover recovery after a
+//!   node stops under load (starts a private redis-server from the OS package).
+//!
 //! They measure; they assert nothing about performance.
 //!
 //! ## How to run
@@ -25,6 +29,7 @@
 //! cargo bench -p tether-benches                          # the criterion micro-benchmarks
 //! cargo run --release -p tether-benches --bin e2e        # 5 rounds × 20,000 messages, 64 B and 1 KiB
 //! cargo run --release -p tether-benches --bin fanout     # 1,000 subscribers, 5 rounds × 200 messages
+//! cargo run --release -p tether-benches --bin store      # memory vs Redis (1 and 3 nodes), failover
 //! cargo run --release -p tether-benches --bin e2e -- --messages 50000 --window 256 --payloads 64,1024,16384 --json e2e.json
 //! cargo run --release -p tether-benches --bin fanout -- --subscribers 100,1000,4000 --messages 200 --json fanout.json
 //! ```
