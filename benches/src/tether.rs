@@ -10,6 +10,11 @@ use tether_channels::{Channel, ChannelEvents, ChannelOptions, ChannelState};
 use tether_transport::hub::{Hub, HubConfig, HubHandle};
 use tether_transport::{event_channel, Transport, TransportConfig};
 
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tether_transport::protocol::Payload;
+
+use crate::payload::{make_payload, Clock};
 use crate::BoxError;
 
 /// The channel every benchmark publishes on.
@@ -108,4 +113,30 @@ pub async fn connect(
             Err(e)
         }
     }
+}
+
+/// Publishes `n` timestamped payloads of `size` bytes on `channel`, keeping at most `window`
+/// unacknowledged; returns once every one is acknowledged.
+pub async fn publish_windowed(
+    channel: &Channel,
+    n: usize,
+    size: usize,
+    window: usize,
+    clock: Clock,
+) -> Result<(), BoxError> {
+    let mut outstanding = FuturesUnordered::new();
+    for _ in 0..n {
+        if outstanding.len() >= window {
+            if let Some(ack) = outstanding.next().await {
+                ack?;
+            }
+        }
+        let text = make_payload(size, clock.micros());
+        let payload = Payload(serde_json::value::RawValue::from_string(text)?);
+        outstanding.push(channel.publish_payload(payload));
+    }
+    while let Some(ack) = outstanding.next().await {
+        ack?;
+    }
+    Ok(())
 }

@@ -57,6 +57,22 @@ fn publisher_options() -> ChannelOptions {
     }
 }
 
+/// Attaches `name` as a subscriber on `transport`; its events.
+async fn subscribe(transport: &Transport, name: &str) -> ChannelEvents {
+    let (_channel, events, _) = open_attached(transport, name, ChannelOptions::default(), T)
+        .await
+        .unwrap();
+    events
+}
+
+/// Attaches `name` as a publisher on `transport`.
+async fn publishing(transport: &Transport, name: &str) -> Channel {
+    let (channel, _, _) = open_attached(transport, name, publisher_options(), T)
+        .await
+        .unwrap();
+    channel
+}
+
 /// Asserts the events are messages with contiguous offsets in one epoch (no discontinuity),
 /// and returns `(epoch, payloads)`.
 fn in_order(events: &[ChannelEvent]) -> (Option<Epoch>, Vec<String>) {
@@ -117,15 +133,9 @@ async fn a_message_published_on_one_node_reaches_subscribers_on_every_node_once_
     let sub_a = client(&[a.ws_url()]);
     let sub_b = client(&[b.ws_url()]);
     let publisher = client(&[a.ws_url()]);
-    let (_ca, mut events_a, _) = open_attached(&sub_a, "room", ChannelOptions::default(), T)
-        .await
-        .unwrap();
-    let (_cb, mut events_b, _) = open_attached(&sub_b, "room", ChannelOptions::default(), T)
-        .await
-        .unwrap();
-    let (room, _, _) = open_attached(&publisher, "room", publisher_options(), T)
-        .await
-        .unwrap();
+    let mut events_a = subscribe(&sub_a, "room").await;
+    let mut events_b = subscribe(&sub_b, "room").await;
+    let room = publishing(&publisher, "room").await;
 
     let offsets = acked_all(publish_range(&room, "m", 1..=300)).await;
     assert_eq!(offsets, (1..=300).collect::<Vec<_>>());
@@ -153,18 +163,10 @@ async fn publishers_on_two_nodes_share_one_order() {
     let sub_b = client(&[b.ws_url()]);
     let pub_a = client(&[a.ws_url()]);
     let pub_b = client(&[b.ws_url()]);
-    let (_ca, mut events_a, _) = open_attached(&sub_a, "shared", ChannelOptions::default(), T)
-        .await
-        .unwrap();
-    let (_cb, mut events_b, _) = open_attached(&sub_b, "shared", ChannelOptions::default(), T)
-        .await
-        .unwrap();
-    let (on_a, _, _) = open_attached(&pub_a, "shared", publisher_options(), T)
-        .await
-        .unwrap();
-    let (on_b, _, _) = open_attached(&pub_b, "shared", publisher_options(), T)
-        .await
-        .unwrap();
+    let mut events_a = subscribe(&sub_a, "shared").await;
+    let mut events_b = subscribe(&sub_b, "shared").await;
+    let on_a = publishing(&pub_a, "shared").await;
+    let on_b = publishing(&pub_b, "shared").await;
 
     const N: u64 = 500;
     let mut futures = publish_range(&on_a, "a", 1..=N);
@@ -208,12 +210,8 @@ async fn a_restarted_hub_keeps_every_epoch_and_subscribers_resume_without_a_gap(
     let hub = node(&redis.url(), bind);
     let subscriber = client(&[ws_url(bind)]);
     let publisher = client(&[ws_url(bind)]);
-    let (_sub, mut events, _) = open_attached(&subscriber, "news", ChannelOptions::default(), T)
-        .await
-        .unwrap();
-    let (news, _, _) = open_attached(&publisher, "news", publisher_options(), T)
-        .await
-        .unwrap();
+    let mut events = subscribe(&subscriber, "news").await;
+    let news = publishing(&publisher, "news").await;
     acked_all(publish_range(&news, "before", 1..=100)).await;
     let before = collect_messages(&mut events, 100, T).await.unwrap();
 
@@ -254,9 +252,7 @@ async fn a_client_fails_over_to_another_node_under_load_with_nothing_lost_or_rep
     // Publisher and subscriber both start on node A (first endpoint); a watcher sits on B.
     let on_a = client(&urls);
     let watcher = client(&[ws_url(bind_b)]);
-    let (_w, mut watched, _) = open_attached(&watcher, "live", ChannelOptions::default(), T)
-        .await
-        .unwrap();
+    let mut watched = subscribe(&watcher, "live").await;
     let both = ChannelOptions {
         subscribe: true,
         ..publisher_options()
@@ -322,12 +318,8 @@ async fn redis_stopping_mid_stream_loses_nothing_acknowledged_and_reports_no_fal
     let hub = node(&redis.url(), free_addr());
     let subscriber = client(&[hub.ws_url()]);
     let publisher = client(&[hub.ws_url()]);
-    let (_sub, mut events, _) = open_attached(&subscriber, "orders", ChannelOptions::default(), T)
-        .await
-        .unwrap();
-    let (orders, _, _) = open_attached(&publisher, "orders", publisher_options(), T)
-        .await
-        .unwrap();
+    let mut events = subscribe(&subscriber, "orders").await;
+    let orders = publishing(&publisher, "orders").await;
     let health_url = format!("http://{}/health", hub.local_addr());
     let http = awc::Client::default();
 
@@ -382,12 +374,8 @@ async fn a_redis_that_lost_its_data_is_reported_as_a_discontinuity_never_as_sile
     let hub = node(&redis.url(), free_addr());
     let subscriber = client(&[hub.ws_url()]);
     let publisher = client(&[hub.ws_url()]);
-    let (_sub, mut events, _) = open_attached(&subscriber, "feed", ChannelOptions::default(), T)
-        .await
-        .unwrap();
-    let (feed, _, _) = open_attached(&publisher, "feed", publisher_options(), T)
-        .await
-        .unwrap();
+    let mut events = subscribe(&subscriber, "feed").await;
+    let feed = publishing(&publisher, "feed").await;
     acked_all(publish_range(&feed, "old", 1..=20)).await;
     let old = collect_messages(&mut events, 20, T).await.unwrap();
     let (old_epoch, _) = in_order(&old);

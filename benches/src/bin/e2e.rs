@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use tether_benches::payload::{make_payload, sent_at, Clock};
@@ -28,7 +27,6 @@ use tether_benches::tether::{self as tether_side, CHANNEL};
 use tether_benches::{sys, within, BoxError};
 use tether_channels::{BufferLimits, Channel, ChannelEvent, ChannelEvents, ChannelOptions};
 use tether_transport::hub::HubHandle;
-use tether_transport::protocol::Payload;
 use tether_transport::Transport;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
@@ -374,20 +372,7 @@ impl TetherPair {
         let events = self.events.take().ok_or("the subscriber failed earlier")?;
         let receiver = actix_rt::spawn(tether_receive(events, n, clock));
         let start = Instant::now();
-        let mut outstanding = FuturesUnordered::new();
-        for _ in 0..n {
-            if outstanding.len() >= window {
-                if let Some(ack) = outstanding.next().await {
-                    ack?;
-                }
-            }
-            let text = make_payload(size, clock.micros());
-            let payload = Payload(serde_json::value::RawValue::from_string(text)?);
-            outstanding.push(self.channel.publish_payload(payload));
-        }
-        while let Some(ack) = outstanding.next().await {
-            ack?;
-        }
+        tether_side::publish_windowed(&self.channel, n, size, window, clock).await?;
         let (events, latencies, end) = receiver.await??;
         self.events = Some(events);
         Ok(Round {

@@ -23,10 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
 use serde::Serialize;
-use tether_benches::payload::{make_payload, sent_at, Clock};
+use tether_benches::payload::{sent_at, Clock};
 use tether_benches::report::{ratio_text, thousands, write_json, Table};
 use tether_benches::stats::{per_second, ratio, Completion, Latencies, LatencySummary, RoundRates};
 use tether_benches::tether::{self as tether_side, retention_for, CHANNEL};
@@ -37,7 +35,6 @@ use tether_channels::{
 };
 use tether_integration_tests::RedisServer;
 use tether_transport::hub::HubHandle;
-use tether_transport::protocol::Payload;
 use tether_transport::{event_channel, ConnectionState, Transport, TransportConfig};
 
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -192,20 +189,7 @@ impl Setup {
             )));
         }
         let start = Instant::now();
-        let mut outstanding = FuturesUnordered::new();
-        for _ in 0..n {
-            if outstanding.len() >= window {
-                if let Some(ack) = outstanding.next().await {
-                    ack?;
-                }
-            }
-            let text = make_payload(size, clock.micros());
-            let payload = Payload(serde_json::value::RawValue::from_string(text)?);
-            outstanding.push(self.channel.publish_payload(payload));
-        }
-        while let Some(ack) = outstanding.next().await {
-            ack?;
-        }
+        tether_side::publish_windowed(&self.channel, n, size, window, clock).await?;
         let end = done.wait().await;
         let mut latencies = Latencies::default();
         for (slot, receiver) in self.events.iter_mut().zip(receivers) {
