@@ -70,8 +70,8 @@ struct Args {
     /// Length of the run in seconds (publishing and faults; the drain comes after).
     #[arg(long, default_value_t = 60.0)]
     duration: f64,
-    /// Faults: comma list of KIND@EVERY, KIND one of cut, stall, restart, refuse:DURATION,
-    /// latency:DURATION. Empty for none.
+    /// Faults: comma list of KIND@EVERY, KIND one of cut, stall, restart, kill-node (with
+    /// --hub-nodes), refuse:DURATION, latency:DURATION. Empty for none.
     #[arg(long, default_value = DEFAULT_FAULTS)]
     faults: String,
     /// Seed for client jitter and payload padding.
@@ -313,6 +313,7 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
     let cpu_start = resources::cpu_time();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut fault_tasks = Vec::new();
+    let restart_failures = Rc::new(Cell::new(0u64));
     for spec in faults.iter().copied() {
         let runs = match (spec.kind, hubs.as_ref()) {
             (FaultKind::Restart, Hubs::External) => {
@@ -336,6 +337,7 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
             start,
             idle,
             restart_down,
+            restart_failures.clone(),
         )));
     }
     let pending = Rc::new(Cell::new(0usize));
@@ -452,6 +454,7 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
             store: store.name().to_owned(),
             hub_nodes: args.hub_nodes,
             continuity_expected: !(store == StoreChoice::Memory && args.hub_nodes > 0),
+            hub_restart_failures: restart_failures.get(),
         };
         print!("{}", report.text());
         if let Some(path) = &args.json {
@@ -531,6 +534,7 @@ fn hub_config(
 
 /// The `--serve-hub` mode: one hub node until SIGINT (graceful) or SIGTERM.
 async fn serve_hub(bind: SocketAddr, args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    die_with_parent();
     let (store, _) = match args.store.as_str() {
         "memory" => (StoreChoice::Memory, None::<RedisServer>),
         url => (StoreChoice::Redis(url.to_owned()), None),
@@ -552,6 +556,19 @@ struct Node {
     addr: SocketAddr,
     id: String,
     child: Option<tokio::process::Child>,
+}
+
+/// Asks the kernel to SIGKILL this process when its parent dies, so no hub node outlives an
+/// aborted soak.
+fn die_with_parent() {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } == 1 {
+        std::process::exit(1);
+    }
 }
 
 /// The hub processes of a run: this binary re-executed in `--serve-hub` mode.
@@ -594,6 +611,11 @@ impl Nodes {
         self.nodes.borrow().iter().map(|n| n.addr).collect()
     }
 
+    /// Whether node `i` is running.
+    fn is_up(&self, i: usize) -> bool {
+        self.nodes.borrow()[i].child.is_some()
+    }
+
     /// Starts node `i` and waits until it listens.
     async fn start(&self, i: usize) -> Result<(), String> {
         let (addr, id) = {
@@ -614,6 +636,14 @@ impl Nodes {
         self.nodes.borrow_mut()[i].child = Some(child);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         while tokio::net::TcpStream::connect(addr).await.is_err() {
+            let exited = self.nodes.borrow_mut()[i]
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.nodes.borrow_mut()[i].child = None;
+                return Err(format!("hub {id} exited at start: {status}"));
+            }
             if tokio::time::Instant::now() > deadline {
                 return Err(format!("hub {id} did not listen on {addr} within 15 s"));
             }
@@ -665,8 +695,9 @@ enum Hubs {
 }
 
 impl Hubs {
-    /// Stops a hub (graceful) or kills one (SIGKILL), waits `down`, starts it again.
-    async fn bounce(&self, kill: bool, down: Duration) {
+    /// Stops a hub (graceful) or kills one (SIGKILL), waits `down`, starts it again. `false`
+    /// when the hub did not come back.
+    async fn bounce(&self, kill: bool, down: Duration) -> bool {
         match self {
             Hubs::Embedded { hub, config } => {
                 let running = hub.borrow_mut().take();
@@ -675,19 +706,33 @@ impl Hubs {
                 }
                 tokio::time::sleep(down).await;
                 match Hub::start(config.clone()) {
-                    Ok(h) => *hub.borrow_mut() = Some(h),
-                    Err(e) => tracing::error!(%e, "hub did not come back"),
+                    Ok(h) => {
+                        *hub.borrow_mut() = Some(h);
+                        true
+                    }
+                    Err(e) => {
+                        eprintln!("soak: the hub did not come back: {e}");
+                        false
+                    }
                 }
             }
             Hubs::Processes(nodes) => {
                 let victim = nodes.victim();
+                if !nodes.is_up(victim) {
+                    // Another fault has this node down already (overlapping schedules).
+                    return true;
+                }
                 nodes.stop(victim, !kill).await;
                 tokio::time::sleep(down).await;
-                if let Err(e) = nodes.start(victim).await {
-                    tracing::error!(%e, "hub node did not come back");
+                match nodes.start(victim).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        eprintln!("soak: a hub node did not come back: {e}");
+                        false
+                    }
                 }
             }
-            Hubs::External => {}
+            Hubs::External => true,
         }
     }
 
@@ -741,6 +786,7 @@ async fn inject(
     start: Instant,
     idle: Duration,
     restart_down: Duration,
+    restart_failures: Rc<Cell<u64>>,
 ) {
     let mut tick = tokio::time::interval(spec.every);
     tick.tick().await;
@@ -786,8 +832,14 @@ async fn inject(
                     proxy.set_latency(Duration::ZERO);
                 }
             }
-            FaultKind::Restart => hubs.bounce(false, restart_down).await,
-            FaultKind::KillNode => hubs.bounce(true, restart_down).await,
+            FaultKind::Restart | FaultKind::KillNode => {
+                if !hubs
+                    .bounce(spec.kind == FaultKind::KillNode, restart_down)
+                    .await
+                {
+                    restart_failures.set(restart_failures.get() + 1);
+                }
+            }
         }
     }
 }

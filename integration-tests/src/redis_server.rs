@@ -8,6 +8,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -90,6 +91,16 @@ impl RedisServer {
                 cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
             }
         }
+        // The server dies with the thread that started it, even when this process is killed
+        // before it can drop the handle: no Redis outlives an aborted test or soak.
+        // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
+        // async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -109,7 +120,9 @@ impl RedisServer {
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
-            if ping(self.addr) {
+            // Ours answering, not whoever else may hold the port.
+            let pid = self.child.as_ref().map(Child::id);
+            if pid.is_some_and(|pid| answers_as(self.addr, pid)) {
                 return Ok(());
             }
             if let Some(child) = self.child.as_mut() {
@@ -176,16 +189,31 @@ impl RedisServer {
     }
 }
 
-fn ping(addr: SocketAddr) -> bool {
+/// Whether the Redis at `addr` is up and is process `pid`.
+fn answers_as(addr: SocketAddr, pid: u32) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    if stream.write_all(b"PING\r\n").is_err() {
+    if stream.write_all(b"INFO server\r\n").is_err() {
         return false;
     }
-    let mut buf = [0u8; 16];
-    matches!(stream.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    let needle = format!("process_id:{pid}\r\n");
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        if String::from_utf8_lossy(&reply).contains(&needle) {
+            return true;
+        }
+        if reply.len() > 64 * 1024 {
+            break;
+        }
+    }
+    false
 }
 
 impl Drop for RedisServer {

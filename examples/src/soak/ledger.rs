@@ -156,10 +156,29 @@ impl Ledger {
     pub fn delivered(&mut self, subscriber: u32, publisher: u32, seq: u64, epoch: &str) {
         self.delivered += 1;
         self.heard_of(subscriber, epoch);
-        let told_of_gaps = self.gaps.contains_key(&subscriber);
         let pair = self.pairs.entry((subscriber, publisher)).or_default();
-        if let Some(first) = pair.seen.get(&seq) {
-            if first != epoch && told_of_gaps {
+        if let Some(first) = pair.seen.get(&seq).cloned() {
+            // Excused only when the subscriber was told of a gap that leads from the epoch of
+            // the first delivery into the epoch of this one.
+            let order = &self.epochs[self.channel_of[subscriber as usize]];
+            let index = |e: &str| order.iter().position(|o| o == e);
+            let spanned = first != epoch
+                && self.gaps.get(&subscriber).is_some_and(|gaps| {
+                    gaps.iter().any(|g| {
+                        match (
+                            index(&first),
+                            index(&g.from.0),
+                            index(&g.to.0),
+                            index(epoch),
+                        ) {
+                            (Some(a), Some(from), Some(to), Some(b)) => {
+                                a <= from && from < to && to <= b
+                            }
+                            _ => false,
+                        }
+                    })
+                });
+            if spanned {
                 self.duplicated_across_epochs += 1;
             } else {
                 self.duplicated += 1;
@@ -327,6 +346,35 @@ mod tests {
         assert_eq!(t.duplicated_across_epochs, 1);
         assert_eq!(t.duplicated, 0);
         assert_eq!(t.discontinuities, 1);
+    }
+
+    #[test]
+    fn a_repeat_in_a_new_epoch_is_excused_only_by_a_gap_into_it() {
+        let mut l = Ledger::new(vec![0, 0]);
+        l.published();
+        l.acked(0, 1, Some(("a".into(), 1)));
+        l.delivered(0, 0, 1, "a");
+        l.delivered(1, 0, 1, "a");
+        // Client 0 was told of a gap from "a" into "b"; client 1 only of one inside "a".
+        l.discontinuity(
+            0,
+            ReportedGap {
+                from: ("a".into(), 2),
+                to: ("b".into(), 0),
+            },
+        );
+        l.discontinuity(
+            1,
+            ReportedGap {
+                from: ("a".into(), 5),
+                to: ("a".into(), 6),
+            },
+        );
+        l.delivered(0, 0, 1, "b");
+        l.delivered(1, 0, 1, "b");
+        let t = l.totals();
+        assert_eq!(t.duplicated_across_epochs, 1);
+        assert_eq!(t.duplicated, 1, "no gap led client 1 into the new epoch");
     }
 
     #[test]

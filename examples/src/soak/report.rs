@@ -56,6 +56,8 @@ pub struct Report {
     /// Whether the run had to keep continuity (no discontinuity at all): true unless hub
     /// processes kept their history in memory, where a killed process honestly loses it.
     pub continuity_expected: bool,
+    /// Hub restarts (restart, kill-node) after which the hub did not come back.
+    pub hub_restart_failures: u64,
 }
 
 impl Report {
@@ -67,7 +69,15 @@ impl Report {
         let silent = t.lost == 0 && t.duplicated == 0 && t.reordered == 0;
         let continuous =
             t.discontinuities == 0 && t.lost_in_gaps == 0 && t.duplicated_across_epochs == 0;
-        silent && (continuous || !self.continuity_expected)
+        silent && (continuous || !self.continuity_expected) && self.complete()
+    }
+
+    /// Whether the run finished its work: every publish answered (and none failed: the soak's
+    /// buffers are large enough that none should), everything owed delivered before the drain
+    /// deadline, every hub restart successful.
+    pub fn complete(&self) -> bool {
+        let t = &self.totals;
+        self.drained && t.failed == 0 && t.acked == t.published && self.hub_restart_failures == 0
     }
 
     /// The readable report.
@@ -144,15 +154,22 @@ impl Report {
             "  resources     {:.1} % CPU (of one core), {:.1} MiB peak RSS",
             self.cpu_percent, self.rss_max_mib
         );
-        let verdict = match (self.passed(), self.drained) {
-            (true, true) => "PASS: nothing silently lost, duplicated or reordered",
-            (true, false) => {
-                "PASS with a caveat: nothing lost so far, but the drain deadline passed"
-            }
-            (false, _) if self.totals.lost + self.totals.duplicated + self.totals.reordered > 0 => {
-                "FAIL: silent loss, duplicates or reordering"
-            }
-            (false, _) => "FAIL: a discontinuity where history should have been continuous",
+        let t = &self.totals;
+        let verdict = if self.passed() {
+            "PASS: nothing silently lost, duplicated or reordered".to_owned()
+        } else if t.lost + t.duplicated + t.reordered > 0 {
+            "FAIL: silent loss, duplicates or reordering".to_owned()
+        } else if !self.complete() {
+            format!(
+                "FAIL: the run did not finish its work ({} of {} publishes answered, {} failed, drained: {}, hub restarts that failed: {})",
+                t.acked + t.failed,
+                t.published,
+                t.failed,
+                self.drained,
+                self.hub_restart_failures
+            )
+        } else {
+            "FAIL: a discontinuity where history should have been continuous".to_owned()
         };
         let _ = writeln!(s, "  verdict       {verdict}");
         s
@@ -339,6 +356,7 @@ mod tests {
             store: "memory".into(),
             hub_nodes: 0,
             continuity_expected: true,
+            hub_restart_failures: 0,
         }
     }
 
@@ -383,6 +401,21 @@ mod tests {
         r.totals.duplicated = 1;
         assert!(!r.passed());
         assert!(r.text().contains("FAIL"));
+    }
+
+    #[test]
+    fn an_unfinished_run_fails() {
+        let mut r = report();
+        r.drained = false;
+        assert!(!r.passed());
+        assert!(r.text().contains("did not finish"));
+        let mut r = report();
+        r.totals.published = 5;
+        r.totals.acked = 4;
+        assert!(!r.passed(), "an unanswered publish");
+        let mut r = report();
+        r.hub_restart_failures = 1;
+        assert!(!r.passed());
     }
 
     #[test]
