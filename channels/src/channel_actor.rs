@@ -166,6 +166,9 @@ pub struct ChannelActor {
     want_attached: bool,
     owes_sync: bool,
     replay_remaining: u64,
+    /// Where the replay announced by the last `attached` ends: a message at or past it (or of
+    /// another epoch) ends the replay even if history lost some of it meanwhile.
+    replay_end: Option<Position>,
     lagging: bool,
     producer: String,
     generation: u64,
@@ -365,6 +368,10 @@ impl ChannelActor {
                 self.report_gap(ctx, gap);
             }
             self.replay_remaining = attached.replay;
+            self.replay_end = Some(Position {
+                epoch: attached.epoch.clone(),
+                offset: attached.head,
+            });
         }
         self.retry.reset();
         self.transition(
@@ -451,6 +458,15 @@ impl ChannelActor {
         }
         let during_replay = self.replay_remaining > 0;
         self.replay_remaining = self.replay_remaining.saturating_sub(1);
+        let past_the_end = self
+            .replay_end
+            .as_ref()
+            .is_some_and(|end| message.epoch != end.epoch || message.offset >= end.offset);
+        if during_replay && past_the_end {
+            // Fewer replay frames came than announced (history was trimmed while they were
+            // read; the jump is reported as a gap): the replay is over all the same.
+            self.replay_remaining = 0;
+        }
         if self.lagging {
             metrics::counter!(telemetry::LAG_SKIPPED).increment(1);
         } else {
@@ -855,6 +871,7 @@ impl Channel {
             want_attached: true,
             owes_sync: false,
             replay_remaining: 0,
+            replay_end: None,
             lagging: false,
             producer: tether_transport::protocol::InstanceId::random().0,
             generation: 0,

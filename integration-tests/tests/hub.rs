@@ -3,86 +3,18 @@
 
 use std::time::Duration;
 
-use actix_codec::Framed;
 use awc::ws::{self, CloseCode};
-use awc::BoxedSocket;
-use futures::{SinkExt as _, StreamExt as _};
+use futures::SinkExt as _;
 use tether_integration_tests::harness::{
     fast_client, free_addr, init_tracing, start_hub, test_hub_config, wait_for_connections,
     EventLog,
 };
+use tether_integration_tests::raw::{error_and_close, hello, next_frame, raw, send};
 use tether_transport::hub::Hub;
 use tether_transport::protocol::{ErrorCode, Frame};
 use tether_transport::{ConnectionState, Transport};
 
 const T: Duration = Duration::from_secs(5);
-
-type Conn = Framed<BoxedSocket, ws::Codec>;
-
-async fn raw(url: &str) -> Conn {
-    let (_, conn) = awc::Client::new()
-        .ws(url)
-        .max_frame_size(4 * 1024 * 1024)
-        .connect()
-        .await
-        .expect("upgrade");
-    conn
-}
-
-async fn send(conn: &mut Conn, text: impl Into<String>) {
-    conn.send(ws::Message::Text(text.into().into()))
-        .await
-        .unwrap();
-}
-
-async fn hello(conn: &mut Conn) {
-    send(conn, r#"{"type":"hello","v":1,"client_id":"raw"}"#).await;
-    match next_frame(conn).await {
-        Some(Frame::Welcome(_)) => {}
-        other => panic!("expected welcome, got {other:?}"),
-    }
-}
-
-async fn next_frame(conn: &mut Conn) -> Option<Frame> {
-    loop {
-        match tokio::time::timeout(T, conn.next())
-            .await
-            .expect("frame in time")?
-        {
-            Ok(ws::Frame::Text(bytes)) => {
-                return Some(
-                    Frame::decode(std::str::from_utf8(&bytes).unwrap(), usize::MAX).unwrap(),
-                )
-            }
-            Ok(ws::Frame::Ping(_)) | Ok(ws::Frame::Pong(_)) => continue,
-            Ok(ws::Frame::Close(_)) | Err(_) => return None,
-            Ok(other) => panic!("unexpected {other:?}"),
-        }
-    }
-}
-
-/// Reads until the hub closes: the error frame it sent, and the close code.
-async fn error_and_close(conn: &mut Conn) -> (Option<ErrorCode>, Option<CloseCode>) {
-    let mut code = None;
-    loop {
-        match tokio::time::timeout(T, conn.next())
-            .await
-            .expect("close in time")
-        {
-            Some(Ok(ws::Frame::Text(bytes))) => {
-                if let Ok(Frame::Error(e)) =
-                    Frame::decode(std::str::from_utf8(&bytes).unwrap(), usize::MAX)
-                {
-                    code = Some(e.code);
-                }
-            }
-            Some(Ok(ws::Frame::Close(reason))) => return (code, reason.map(|r| r.code)),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => panic!("read error {e:?} (error frame {code:?})"),
-            None => return (code, None),
-        }
-    }
-}
 
 /// A healthy client beside every bad one: it must not see a single transition.
 async fn bystander(url: String) -> (Transport, EventLog) {

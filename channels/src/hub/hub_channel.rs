@@ -133,6 +133,8 @@ pub struct HubChannel {
     /// The highest head the store reported.
     known_head: Offset,
     reading_position: bool,
+    /// A position read was asked for while one was running.
+    read_again: bool,
     pumping: bool,
     /// Append batches in the store, in the order they were sent.
     in_flight: VecDeque<InFlight>,
@@ -167,6 +169,7 @@ impl HubChannel {
             delivered: Offset(0),
             known_head: Offset(0),
             reading_position: false,
+            read_again: false,
             pumping: false,
             in_flight: VecDeque::new(),
             fence_token: Epoch::random().0,
@@ -292,9 +295,12 @@ impl HubChannel {
     /// Reads the channel's position (first time, or after notices may have been missed).
     fn read_position(&mut self, ctx: &mut Context<Self>) {
         if self.reading_position {
+            // What started it may predate what asks now: read once more when it answers.
+            self.read_again = true;
             return;
         }
         self.reading_position = true;
+        self.read_again = false;
         let read = self.store.read(
             &self.name,
             self.seen(),
@@ -303,6 +309,9 @@ impl HubChannel {
         );
         ctx.spawn(read.into_actor(self).map(|result, act, ctx| {
             act.reading_position = false;
+            if std::mem::take(&mut act.read_again) {
+                act.read_position(ctx);
+            }
             match result {
                 Ok(page) => {
                     act.adopt(&page.epoch, page.head, page.first);
@@ -326,13 +335,19 @@ impl HubChannel {
 
     /// Fans out what the store holds beyond `delivered`, page by page.
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        if self.pumping || self.epoch.is_none() || self.known_head <= self.delivered {
+        if self.pumping || self.epoch.is_none() {
+            return;
+        }
+        if self.known_head <= self.delivered {
+            // Caught up: attaches that waited for the fan-out go on.
+            self.retry_waiting(ctx);
             return;
         }
         if !self.subscribers.values().any(|s| s.live) {
             // Nobody to fan out to: move the cursor without reading (subscribers catching up
             // read their own pages up to it).
             self.delivered = self.known_head;
+            self.retry_waiting(ctx);
             return;
         }
         self.pumping = true;
@@ -537,16 +552,13 @@ impl HubChannel {
         let before = self.epoch.clone();
         self.adopt(&page.epoch, page.head, page.first);
         let epoch = page.epoch.clone();
-        if before.as_ref() != Some(&epoch) || (from.epoch == epoch && from.offset > self.delivered)
-        {
+        let ahead = from.epoch == epoch && from.offset > self.delivered;
+        if before.as_ref() != Some(&epoch) || (ahead && self.delivered < page.head) {
             // The channel moved under the read, or the subscriber has seen more than this node
             // has fanned out yet (another node's appends): attach once the fan-out is there.
+            // (Past the store's head too, the tail is lost: answered once this node has fanned
+            // out everything the store still has, so nothing is sent twice.)
             self.subscribers.remove(&msg.conn_id);
-            if from.epoch == epoch && from.offset > page.head {
-                // …unless the store does not have it either: its tail is lost.
-                self.finish_attach(ctx, msg, from, page);
-                return;
-            }
             self.waiting.push(msg);
             self.pump(ctx);
             return;
@@ -693,6 +705,11 @@ impl HubChannel {
                 })
                 .collect();
             metrics::histogram!(telemetry::HUB_STORE_APPEND_BATCH).record(commands.len() as f64);
+            if self.in_flight.is_empty() {
+                // Nothing in the store to be ordered behind: number 1 applies unconditionally
+                // (so a fence key that expired while the channel was quiet costs nothing).
+                self.fence_number = 0;
+            }
             self.fence_number += 1;
             let number = self.fence_number;
             let fence = Fence {
@@ -814,17 +831,12 @@ impl HubChannel {
     fn on_append_failed(&mut self, commands: Vec<PublishCommand>, error: &ChannelError) {
         metrics::counter!(telemetry::HUB_STORE_ERRORS, "op" => "append").increment(1);
         tracing::warn!(parent: &self.span, %error, publishes = commands.len() + self.pending.len(), "append failed; refusing the queued publishes");
-        // Batches still in flight are fenced behind this one: they apply only if it did. Their
-        // publishers are refused too; their results are still taken in (a batch that did apply
-        // is fanned out and acknowledged). New batches wait for them, under a new fence token.
+        // Batches still in flight are fenced behind this one: they apply only if it did (a
+        // timed-out append may have), and their own results say which — a failure refuses
+        // their publishers in turn. New batches wait for them, under a new fence token.
         self.draining = true;
         self.fence_token = Epoch::random().0;
         self.fence_number = 0;
-        for later in &self.in_flight {
-            for command in &later.commands {
-                self.refused.insert(command.reply.conn_id());
-            }
-        }
         let refusal = Self::unavailable(error);
         let mut kicked = HashSet::new();
         let queued: Vec<PublishCommand> = self.pending.drain(..).collect();
@@ -923,7 +935,9 @@ impl Handler<Wake> for HubChannel {
             .take();
         let resync = self.notices.resync.swap(false, Ordering::Relaxed);
         let Some(epoch) = self.epoch.clone() else {
-            return; // the first position read is under way
+            // The first position read is under way; whatever this was, read again after it.
+            self.read_position(ctx);
+            return;
         };
         match latest {
             _ if resync => self.read_position(ctx),

@@ -409,12 +409,20 @@ impl HealthState {
                     *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 }
             }
-            Err(e) => {
+            // An error reply (a refused fence, a script error) is Redis answering: only a
+            // connection that fails, drops or times out makes the store unhealthy.
+            Err(e)
+                if e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal() =>
+            {
                 if self.healthy.swap(false, Ordering::AcqRel) {
                     tracing::warn!(error = %e, "redis store unreachable");
                 }
                 *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
             }
+            Err(e) => tracing::debug!(error = %e, "redis answered with an error"),
         }
     }
 }
@@ -864,8 +872,20 @@ impl Follower {
             for name in &names {
                 self.notify(name, StoreNotice::Resync);
             }
+            // The link is pinged: a connection that died silently (a NAT or firewall dropping an
+            // idle one) is noticed within a few intervals, then re-made with a resync.
+            let mut liveness = tokio::time::interval(self.interval * 4);
+            liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            liveness.tick().await;
             loop {
                 tokio::select! {
+                    _ = liveness.tick() => {
+                        let pong: Result<Result<String, _>, _> =
+                            tokio::time::timeout(self.interval * 4, sink.ping()).await;
+                        if !matches!(pong, Ok(Ok(_))) {
+                            break;
+                        }
+                    }
                     command = commands.recv() => match command {
                         None => return,
                         Some(FollowCommand::Subscribe(name)) => {
