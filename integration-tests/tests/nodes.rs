@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use awc::ws;
+use futures::StreamExt as _;
 use tether_channels::hub::Retention;
 use tether_channels::{
     BufferLimits, Channel, ChannelEvent, ChannelEvents, ChannelOptions, PublishFuture,
@@ -13,9 +15,10 @@ use tether_integration_tests::harness::{
     collect_messages, fast_client, free_addr, init_tracing, open_attached, redis_channel_service,
     start_hub_with, ws_url,
 };
+use tether_integration_tests::raw::{next_frame, raw, send, Conn};
 use tether_integration_tests::{Persistence, RedisServer};
 use tether_transport::hub::HubHandle;
-use tether_transport::protocol::{Epoch, Offset};
+use tether_transport::protocol::{Ack, Epoch, ErrorCode, Frame, Offset};
 use tether_transport::{Transport, TransportConfig};
 
 const T: Duration = Duration::from_secs(20);
@@ -405,5 +408,148 @@ async fn a_redis_that_lost_its_data_is_reported_as_a_discontinuity_never_as_sile
     );
     subscriber.close().await;
     publisher.close().await;
+    hub.stop().await;
+}
+
+/// Reads frames until an `ack` for `seq` arrives (messages on the way are skipped).
+async fn ack_of(conn: &mut Conn, seq: u64) -> Ack {
+    loop {
+        match next_frame(conn).await {
+            Some(Frame::Ack(ack)) if ack.seq == seq => return ack,
+            Some(Frame::Ack(_)) | Some(Frame::Message(_)) => continue,
+            other => panic!("expected the ack of {seq}, got {other:?}"),
+        }
+    }
+}
+
+/// A raw connection as one client instance, with `channel` attached by handle `producer`.
+async fn raw_publisher(url: &str, channel: &str, producer: &str) -> Conn {
+    let mut conn = raw(url).await;
+    send(
+        &mut conn,
+        r#"{"type":"hello","v":1,"client_id":"dup","instance":"i1"}"#,
+    )
+    .await;
+    assert!(matches!(
+        next_frame(&mut conn).await,
+        Some(Frame::Welcome(_))
+    ));
+    send(
+        &mut conn,
+        format!(
+            r#"{{"type":"attach","channel":"{channel}","subscribe":false,"producer":"{producer}"}}"#
+        ),
+    )
+    .await;
+    assert!(matches!(
+        next_frame(&mut conn).await,
+        Some(Frame::Attached(_))
+    ));
+    conn
+}
+
+fn publish_frame(channel: &str, seq: u64) -> String {
+    format!(r#"{{"type":"publish","channel":"{channel}","seq":{seq},"payload":{seq}}}"#)
+}
+
+#[actix_rt::test]
+async fn a_publish_stored_through_one_node_is_recognised_through_another() {
+    init_tracing();
+    let redis = RedisServer::start().expect("redis");
+    let a = node(&redis.url(), free_addr());
+    let b = node(&redis.url(), free_addr());
+    let mut via_a = raw_publisher(&a.ws_url(), "orders", "handle").await;
+    let mut epoch = None;
+    for seq in 1..=3 {
+        send(&mut via_a, publish_frame("orders", seq)).await;
+        let ack = ack_of(&mut via_a, seq).await;
+        assert_eq!((ack.offset, ack.duplicate), (Some(Offset(seq)), false));
+        epoch = ack.epoch;
+    }
+    // The same instance and handle on node B resends 2 and 3 (their acks were "lost") and
+    // goes on with 4.
+    let mut via_b = raw_publisher(&b.ws_url(), "orders", "handle").await;
+    for seq in 2..=4 {
+        send(&mut via_b, publish_frame("orders", seq)).await;
+    }
+    for (seq, offset, duplicate) in [(2, 2, true), (3, 3, true), (4, 4, false)] {
+        let ack = ack_of(&mut via_b, seq).await;
+        assert_eq!(
+            (ack.offset, ack.duplicate, ack.epoch.clone()),
+            (Some(Offset(offset)), duplicate, epoch.clone()),
+            "seq {seq}"
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[actix_rt::test]
+async fn with_redis_down_a_publish_gets_unavailable_and_a_1013_close_and_an_attach_a_channel_error()
+{
+    init_tracing();
+    let mut redis = RedisServer::start_with(Persistence::AofAlways).expect("redis");
+    let hub = node(&redis.url(), free_addr());
+    let mut publisher = raw_publisher(&hub.ws_url(), "orders", "handle").await;
+    send(&mut publisher, publish_frame("orders", 1)).await;
+    assert_eq!(ack_of(&mut publisher, 1).await.offset, Some(Offset(1)));
+
+    redis.kill();
+    send(&mut publisher, publish_frame("orders", 2)).await;
+    let mut refused = None;
+    let close = loop {
+        match tokio::time::timeout(T, publisher.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(ws::Frame::Text(bytes))) => {
+                if let Ok(Frame::Error(e)) =
+                    Frame::decode(std::str::from_utf8(&bytes).unwrap(), usize::MAX)
+                {
+                    if e.seq == Some(2) {
+                        refused = Some(e);
+                    }
+                }
+            }
+            Some(Ok(ws::Frame::Close(reason))) => break reason.map(|r| r.code),
+            Some(Ok(_)) => continue,
+            other => panic!("expected an error and a close, got {other:?}"),
+        }
+    };
+    let refused = refused.expect("an error about publish 2");
+    assert_eq!(refused.code, ErrorCode::Unavailable);
+    assert!(!refused.permanent, "retryable: the client resends it later");
+    assert_eq!(close, Some(ws::CloseCode::Again));
+
+    // An attach while Redis is down is refused for that channel only; the connection stays.
+    let mut other = raw(&hub.ws_url()).await;
+    send(&mut other, r#"{"type":"hello","v":1,"client_id":"other"}"#).await;
+    assert!(matches!(
+        next_frame(&mut other).await,
+        Some(Frame::Welcome(_))
+    ));
+    send(&mut other, r#"{"type":"attach","channel":"fresh"}"#).await;
+    match next_frame(&mut other).await {
+        Some(Frame::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::Unavailable);
+            assert_eq!(e.channel.as_deref(), Some("fresh"));
+            assert!(!e.permanent);
+        }
+        other => panic!("expected a channel error, got {other:?}"),
+    }
+    redis.restart().unwrap();
+    // The same connection attaches once Redis answers again.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        send(&mut other, r#"{"type":"attach","channel":"fresh"}"#).await;
+        match next_frame(&mut other).await {
+            Some(Frame::Attached(_)) => break,
+            Some(Frame::Error(e)) if e.code == ErrorCode::Unavailable => {
+                assert!(tokio::time::Instant::now() < deadline, "never attached");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
     hub.stop().await;
 }
