@@ -17,7 +17,7 @@ use clap::Parser;
 use tether_channels::hub::{ChannelService, RedisStore, Retention};
 use tether_transport::hub::{Hub, HubConfig, StaticTokens};
 
-/// Runs a Tether hub until Ctrl-C.
+/// Runs a Tether hub until Ctrl-C or SIGTERM.
 #[derive(Parser, Debug)]
 struct Args {
     /// Address to listen on.
@@ -98,7 +98,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.store,
         hub.local_addr()
     );
-    tokio::signal::ctrl_c().await?;
+    // Ctrl-C, or SIGTERM from a process manager (`docker stop`, systemd).
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = terminate.recv() => {}
+    }
     println!("stopping");
     hub.stop().await;
     Ok(())

@@ -581,3 +581,44 @@ async fn a_fenced_append_applies_only_after_its_predecessor() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn pipelined_appends_reach_redis_in_the_order_they_were_made() {
+    // Calls made in order and awaited together must apply in order, or the second one's fence
+    // refuses it: including the very first calls on a fresh Redis (no script cached yet).
+    let redis = RedisServer::start().expect("redis");
+    let s = store(
+        &redis,
+        Retention {
+            max_messages: 100_000,
+            ..Retention::default()
+        },
+    );
+    let token = uuid_like();
+    let mut seq = 0;
+    for round in 0..100u64 {
+        let mut calls = Vec::new();
+        for number in 1..=4 {
+            seq += 1;
+            let fence = Fence {
+                token: token.clone(),
+                number: if round == 0 {
+                    number
+                } else {
+                    4 * round + number
+                },
+            };
+            calls.push(s.append("ordered", None, fence, vec![req("a", seq)]));
+        }
+        for (i, result) in futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let appended = result.unwrap_or_else(|e| panic!("round {round}, call {i}: {e}"));
+            assert!(matches!(appended.outcomes[0], AppendOutcome::Stored(_)));
+        }
+    }
+    let page = s.read("ordered", None, Offset(0), all()).await.unwrap();
+    assert_eq!(page.head, Offset(400));
+}

@@ -48,7 +48,7 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     messages: usize,
     /// Messages per fan-out round.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 1000)]
     fanout_messages: usize,
     /// Measured rounds per configuration (configurations alternate round by round).
     #[arg(long, default_value_t = 3)]
@@ -434,7 +434,7 @@ async fn measure(
     }
     let mut rates = vec![RoundRates::default(); kinds.len()];
     let mut latencies = vec![Latencies::default(); kinds.len()];
-    let mut cpu = vec![0.0f64; kinds.len()];
+    let mut cpu = vec![Some(0.0f64); kinds.len()];
     let mut busy = vec![Duration::ZERO; kinds.len()];
     for round in 0..args.rounds {
         for k in 0..kinds.len() {
@@ -443,14 +443,17 @@ async fn measure(
             } else {
                 kinds.len() - 1 - k
             };
-            let before = cpu_seconds(redis_pid).unwrap_or(0.0);
+            let before = cpu_seconds(redis_pid);
             let (elapsed, l) = within(
                 timeout,
                 "round",
                 setups[k].round(messages, args.payload, args.window, clock),
             )
             .await?;
-            cpu[k] += cpu_seconds(redis_pid).unwrap_or(0.0) - before;
+            cpu[k] = match (cpu[k], before, cpu_seconds(redis_pid)) {
+                (Some(total), Some(before), Some(after)) => Some(total + after - before),
+                _ => None,
+            };
             busy[k] += elapsed;
             rates[k].push(per_second((messages * subscribers) as u64, elapsed));
             latencies[k].extend(&l);
@@ -470,10 +473,12 @@ async fn measure(
                 rate: rates[k].median(),
                 rounds: rates[k].rounds.clone(),
                 latency: latencies[k].summary(),
-                redis_cpu_percent: redis_kind
-                    .then(|| 100.0 * cpu[k] / busy[k].as_secs_f64().max(1e-9)),
-                redis_cpu_us_per_message: redis_kind
-                    .then(|| 1e6 * cpu[k] / (args.rounds * messages) as f64),
+                redis_cpu_percent: cpu[k]
+                    .filter(|_| redis_kind)
+                    .map(|c| 100.0 * c / busy[k].as_secs_f64().max(1e-9)),
+                redis_cpu_us_per_message: cpu[k]
+                    .filter(|_| redis_kind)
+                    .map(|c| 1e6 * c / (args.rounds * messages) as f64),
                 ratio_to_memory: ratio(rates[k].median(), memory),
             }
         })
@@ -594,6 +599,9 @@ async fn failover(args: &Args, redis: &str) -> Result<Failover, BoxError> {
         .flatten()
         .map(|d| d.as_secs_f64() * 1000.0)
         .collect();
+    // A client that never re-attached counts as the slowest possible recovery.
+    let never = args.failover_clients.saturating_sub(times.len());
+    times.extend(std::iter::repeat_n(f64::INFINITY, never));
     times.sort_by(f64::total_cmp);
     let pick = |p: f64| -> f64 {
         if times.is_empty() {

@@ -50,7 +50,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use redis::aio::ConnectionManager;
-use redis::{Script, Value};
+use redis::Value;
 use tether_transport::protocol::{Epoch, Offset, Payload, Position};
 use tokio::sync::mpsc;
 
@@ -370,8 +370,8 @@ impl RedisStoreBuilder {
             retention: self.retention,
             dedupe_window: self.dedupe_window,
             producer_ttl: self.producer_ttl,
-            append: Script::new(&format!("{PRELUDE}{APPEND}")),
-            read: Script::new(&format!("{PRELUDE}{READ}")),
+            append: Arc::from(format!("{PRELUDE}{APPEND}")),
+            read: Arc::from(format!("{PRELUDE}{READ}")),
             health,
             watchers: watchers.clone(),
             commands,
@@ -443,8 +443,10 @@ pub struct RedisStore {
     retention: Retention,
     dedupe_window: usize,
     producer_ttl: Duration,
-    append: Script,
-    read: Script,
+    /// The append script's source (sent with `EVAL`: Redis caches it by its digest).
+    append: Arc<str>,
+    /// The read script's source.
+    read: Arc<str>,
     health: Arc<HealthState>,
     watchers: Watchers,
     commands: mpsc::UnboundedSender<FollowCommand>,
@@ -454,9 +456,39 @@ pub struct RedisStore {
 /// The store's own thread and single-threaded runtime: every Redis connection, the health
 /// probe and the notification link run there, so a busy caller thread never delays a store
 /// round trip. Ends when the store is dropped.
+///
+/// Store calls go through one dispatcher task that starts them in the order they were made:
+/// two appends of one channel reach Redis in the order the channel sent them (their fence
+/// depends on it), which separately spawned tasks would not guarantee.
 struct IoThread {
     handle: tokio::runtime::Handle,
+    calls: mpsc::UnboundedSender<Call>,
     _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// One store call: the (not yet started) request, and where its result goes.
+struct Call {
+    request: BoxFuture<'static, Result<Value, ChannelError>>,
+    reply: tokio::sync::oneshot::Sender<Result<Value, ChannelError>>,
+}
+
+/// Starts calls in arrival order (a request is sent to Redis when first polled, and
+/// `FuturesUnordered` polls new futures in the order they were pushed), and drives them all.
+async fn dispatch(mut calls: mpsc::UnboundedReceiver<Call>) {
+    let mut running = futures::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            biased;
+            call = calls.recv() => match call {
+                Some(Call { request, reply }) => running.push(async move {
+                    let _ = reply.send(request.await);
+                }),
+                None => break,
+            },
+            Some(()) = running.next(), if !running.is_empty() => {}
+        }
+    }
+    while running.next().await.is_some() {}
 }
 
 impl IoThread {
@@ -469,6 +501,8 @@ impl IoThread {
                 message: format!("cannot start the store's runtime: {e}"),
             })?;
         let handle = runtime.handle().clone();
+        let (calls, queue) = mpsc::unbounded_channel();
+        handle.spawn(dispatch(queue));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name("tether-redis".into())
@@ -481,8 +515,31 @@ impl IoThread {
             })?;
         Ok(IoThread {
             handle,
+            calls,
             _stop: stop,
         })
+    }
+
+    /// Queues `request` behind every earlier call; resolves with its result.
+    fn call(
+        &self,
+        request: impl std::future::Future<Output = Result<Value, ChannelError>> + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<Value, ChannelError>> + Send + 'static {
+        let (reply, result) = tokio::sync::oneshot::channel();
+        let queued = self.calls.send(Call {
+            request: Box::pin(request),
+            reply,
+        });
+        async move {
+            queued.map_err(|_| ChannelError::Store {
+                store: "redis",
+                message: "the store's thread has ended".into(),
+            })?;
+            result.await.map_err(|_| ChannelError::Store {
+                store: "redis",
+                message: "the store's thread has ended".into(),
+            })?
+        }
     }
 }
 
@@ -642,32 +699,20 @@ fn parse_page(v: &Value) -> Result<Page, ChannelError> {
     })
 }
 
-/// The result of a task run on the store's thread.
-fn joined<T>(
-    result: Result<Result<T, ChannelError>, tokio::task::JoinError>,
-) -> Result<T, ChannelError> {
-    result.map_err(|e| ChannelError::Store {
-        store: "redis",
-        message: format!("store task ended: {e}"),
-    })?
-}
-
-/// Runs `script` with `keys` and `args`, recording the store's health.
+/// Runs `script` with `keys` and `args`, recording the store's health. `EVAL` with the source,
+/// not `EVALSHA`: Redis caches the script by its digest all the same, and a script cache
+/// emptied by a restart costs no `NOSCRIPT` retry — a retry that could reorder two appends of
+/// one channel behind their fence.
 async fn invoke(
-    script: Script,
+    script: Arc<str>,
     keys: Vec<String>,
     args: Vec<Vec<u8>>,
     mut manager: ConnectionManager,
     health: Arc<HealthState>,
 ) -> Result<Value, ChannelError> {
-    let mut invocation = script.prepare_invoke();
-    for key in keys {
-        invocation.key(key);
-    }
-    for arg in args {
-        invocation.arg(arg);
-    }
-    let result: Result<Value, _> = invocation.invoke_async(&mut manager).await;
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(&*script).arg(keys.len()).arg(keys).arg(args);
+    let result: Result<Value, _> = cmd.query_async(&mut manager).await;
     health.record(&result);
     result.map_err(|e| store_error(&e))
 }
@@ -707,7 +752,7 @@ impl HistoryStore for RedisStore {
             args.push(request.seq.to_string().into_bytes());
             args.push(request.payload.json().as_bytes().to_vec());
         }
-        let call = self.io.handle.spawn(invoke(
+        let call = self.io.call(invoke(
             self.append.clone(),
             keys,
             args,
@@ -716,7 +761,7 @@ impl HistoryStore for RedisStore {
         ));
         let expected = batch.len();
         Box::pin(async move {
-            let appended = parse_appended(&joined(call.await)?)?;
+            let appended = parse_appended(&call.await?)?;
             if appended.outcomes.len() != expected {
                 return Err(malformed("outcome count"));
             }
@@ -750,14 +795,14 @@ impl HistoryStore for RedisStore {
         ] {
             args.push(n.to_string().into_bytes());
         }
-        let call = self.io.handle.spawn(invoke(
+        let call = self.io.call(invoke(
             self.read.clone(),
             keys,
             args,
             self.manager.clone(),
             self.health.clone(),
         ));
-        Box::pin(async move { parse_page(&joined(call.await)?) })
+        Box::pin(async move { parse_page(&call.await?) })
     }
 
     fn watch(&self, channel: &str, sink: NoticeSink) {
@@ -880,7 +925,8 @@ impl Follower {
             loop {
                 tokio::select! {
                     _ = liveness.tick() => {
-                        let pong: Result<Result<String, _>, _> =
+                        // In subscribed mode the answer is ["pong", ""]: any answer will do.
+                        let pong: Result<Result<Value, _>, _> =
                             tokio::time::timeout(self.interval * 4, sink.ping()).await;
                         if !matches!(pong, Ok(Ok(_))) {
                             break;
