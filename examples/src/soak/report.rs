@@ -129,10 +129,10 @@ impl Report {
             self.totals.discontinuities,
             self.totals.lost_in_gaps,
             self.totals.duplicated_across_epochs,
-            if self.continuity_expected {
-                " (none allowed: durable history)"
-            } else {
-                " (history in hub process memory: reported, not silent)"
+            match (self.continuity_expected, self.store.as_str()) {
+                (true, "memory") => " (none allowed: the embedded hub keeps its history)",
+                (true, _) => " (none allowed: durable history)",
+                (false, _) => " (history in hub process memory: reported, not silent)",
             }
         );
         let _ = writeln!(
