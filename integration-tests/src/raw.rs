@@ -83,3 +83,37 @@ pub async fn error_and_close(conn: &mut Conn) -> (Option<ErrorCode>, Option<Clos
         }
     }
 }
+
+/// Opens a connection as `client_id` / `instance` and attaches `channel` (publish-only when
+/// `subscribe` is false, with handle `producer`); expects the `welcome` and the `attached`.
+pub async fn attached(
+    url: &str,
+    client_id: &str,
+    instance: &str,
+    channel: &str,
+    subscribe: bool,
+    producer: &str,
+) -> Conn {
+    let mut conn = raw(url).await;
+    send(
+        &mut conn,
+        format!(r#"{{"type":"hello","v":1,"client_id":"{client_id}","instance":"{instance}"}}"#),
+    )
+    .await;
+    match next_frame(&mut conn).await {
+        Some(Frame::Welcome(_)) => {}
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    send(
+        &mut conn,
+        format!(
+            r#"{{"type":"attach","channel":"{channel}","subscribe":{subscribe},"producer":"{producer}"}}"#
+        ),
+    )
+    .await;
+    match next_frame(&mut conn).await {
+        Some(Frame::Attached(_)) => {}
+        other => panic!("expected attached, got {other:?}"),
+    }
+    conn
+}

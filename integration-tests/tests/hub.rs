@@ -9,7 +9,7 @@ use tether_integration_tests::harness::{
     fast_client, free_addr, init_tracing, start_hub, test_hub_config, wait_for_connections,
     EventLog,
 };
-use tether_integration_tests::raw::{error_and_close, hello, next_frame, raw, send};
+use tether_integration_tests::raw::{attached, error_and_close, hello, next_frame, raw, send};
 use tether_transport::hub::Hub;
 use tether_transport::protocol::{ErrorCode, Frame};
 use tether_transport::{ConnectionState, Transport};
@@ -180,21 +180,7 @@ async fn publish_sequence_numbers_outside_one_to_two_to_the_53_are_refused_for_t
         free_addr(),
         tether_channels::hub::Retention::default(),
     );
-    let mut conn = raw(&hub.ws_url()).await;
-    send(
-        &mut conn,
-        r#"{"type":"hello","v":1,"client_id":"raw","instance":"i"}"#,
-    )
-    .await;
-    assert!(matches!(
-        next_frame(&mut conn).await,
-        Some(Frame::Welcome(_))
-    ));
-    send(&mut conn, r#"{"type":"attach","channel":"c"}"#).await;
-    assert!(matches!(
-        next_frame(&mut conn).await,
-        Some(Frame::Attached(_))
-    ));
+    let mut conn = attached(&hub.ws_url(), "raw", "i", "c", true, "").await;
     for bad in [0u64, 1 << 53, u64::MAX] {
         send(
             &mut conn,

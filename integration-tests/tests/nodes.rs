@@ -15,7 +15,7 @@ use tether_integration_tests::harness::{
     collect_messages, fast_client, free_addr, init_tracing, open_attached, redis_channel_service,
     start_hub_with, ws_url,
 };
-use tether_integration_tests::raw::{next_frame, raw, send, Conn};
+use tether_integration_tests::raw::{attached, next_frame, raw, send, Conn};
 use tether_integration_tests::{Persistence, RedisServer};
 use tether_transport::hub::HubHandle;
 use tether_transport::protocol::{Ack, Epoch, ErrorCode, Frame, Offset};
@@ -424,28 +424,7 @@ async fn ack_of(conn: &mut Conn, seq: u64) -> Ack {
 
 /// A raw connection as one client instance, with `channel` attached by handle `producer`.
 async fn raw_publisher(url: &str, channel: &str, producer: &str) -> Conn {
-    let mut conn = raw(url).await;
-    send(
-        &mut conn,
-        r#"{"type":"hello","v":1,"client_id":"dup","instance":"i1"}"#,
-    )
-    .await;
-    assert!(matches!(
-        next_frame(&mut conn).await,
-        Some(Frame::Welcome(_))
-    ));
-    send(
-        &mut conn,
-        format!(
-            r#"{{"type":"attach","channel":"{channel}","subscribe":false,"producer":"{producer}"}}"#
-        ),
-    )
-    .await;
-    assert!(matches!(
-        next_frame(&mut conn).await,
-        Some(Frame::Attached(_))
-    ));
-    conn
+    attached(url, "dup", "i1", channel, false, producer).await
 }
 
 fn publish_frame(channel: &str, seq: u64) -> String {

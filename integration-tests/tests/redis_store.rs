@@ -62,6 +62,20 @@ fn all() -> PageLimit {
     }
 }
 
+/// Appends `seqs` of producer `a` one batch each, then reads the whole channel.
+async fn append_each(
+    s: &RedisStore,
+    channel: &str,
+    seqs: std::ops::RangeInclusive<u64>,
+) -> tether_channels::hub::Page {
+    for i in seqs {
+        s.append(channel, None, fresh(), vec![req("a", i)])
+            .await
+            .unwrap();
+    }
+    s.read(channel, None, Offset(0), all()).await.unwrap()
+}
+
 /// Polls `check` until it holds (a condition the test can observe), failing after `T`.
 async fn eventually<F, Fut>(what: &str, mut check: F)
 where
@@ -194,16 +208,7 @@ async fn retention_trims_by_count_bytes_and_age() {
             ..Retention::default()
         },
     );
-    for i in 1..=10 {
-        by_count
-            .append("count", None, fresh(), vec![req("a", i)])
-            .await
-            .unwrap();
-    }
-    let page = by_count
-        .read("count", None, Offset(0), all())
-        .await
-        .unwrap();
+    let page = append_each(&by_count, "count", 1..=10).await;
     assert_eq!(page.first, Offset(8));
     assert_eq!(page.messages.len(), 3);
     assert!(redis
@@ -230,16 +235,7 @@ async fn retention_trims_by_count_bytes_and_age() {
         page.messages.iter().map(|m| m.offset.0).collect::<Vec<_>>(),
         (11..=15).collect::<Vec<_>>()
     );
-    for i in 16..=18 {
-        by_count
-            .append("count", None, fresh(), vec![req("a", i)])
-            .await
-            .unwrap();
-    }
-    let page = by_count
-        .read("count", None, Offset(0), all())
-        .await
-        .unwrap();
+    let page = append_each(&by_count, "count", 16..=18).await;
     assert_eq!(page.first, Offset(16));
     // Paging starts inside a batch when asked to.
     let inside = by_count
@@ -263,16 +259,7 @@ async fn retention_trims_by_count_bytes_and_age() {
             ..Retention::default()
         },
     );
-    for i in 1..=6 {
-        by_bytes
-            .append("bytes", None, fresh(), vec![req("a", i)])
-            .await
-            .unwrap();
-    }
-    let page = by_bytes
-        .read("bytes", None, Offset(0), all())
-        .await
-        .unwrap();
+    let page = append_each(&by_bytes, "bytes", 1..=6).await;
     assert_eq!(page.first, Offset(5), "25-byte payloads, 60 bytes kept");
 
     let by_age = store(
