@@ -215,3 +215,99 @@ async fn publish_sequence_numbers_outside_one_to_two_to_the_53_are_refused_for_t
     }
     hub.stop().await;
 }
+
+#[actix_rt::test]
+async fn oversized_identifiers_are_refused_with_a_typed_error_while_a_healthy_pair_goes_on() {
+    use tether_channels::{ChannelEvent, ChannelOptions};
+    use tether_integration_tests::harness::{collect_messages, open_attached, start_channel_hub};
+    init_tracing();
+    let hub = start_channel_hub(free_addr(), tether_channels::hub::Retention::default());
+    let url = hub.ws_url();
+    // The healthy pair: a subscriber and a publisher that keep going throughout.
+    let (sub_t, mut sub_events) = bystander(url.clone()).await;
+    let (pub_t, _pub_events) = bystander(url.clone()).await;
+    let (_s, mut messages, _) = open_attached(&sub_t, "steady", ChannelOptions::default(), T)
+        .await
+        .unwrap();
+    let (steady, _, _) = open_attached(&pub_t, "steady", ChannelOptions::publish_only(), T)
+        .await
+        .unwrap();
+
+    let long = "x".repeat(1024 * 1024 - 200);
+    let mut published = 0u64;
+    let hellos = [
+        format!(r#"{{"type":"hello","v":1,"client_id":"{long}"}}"#),
+        format!(r#"{{"type":"hello","v":1,"client_id":"ok","instance":"{long}"}}"#),
+        format!(r#"{{"type":"hello","v":1,"client_id":"ok","token":"{long}"}}"#),
+        format!(r#"{{"type":"hello","v":1,"client_id":"ok","resume":"{long}"}}"#),
+        r#"{"type":"hello","v":1,"client_id":""}"#.to_owned(),
+    ];
+    for text in hellos {
+        let mut conn = raw(&url).await;
+        send(&mut conn, text).await;
+        let (code, close) = error_and_close(&mut conn).await;
+        assert_eq!(code, Some(ErrorCode::InvalidIdentifier));
+        assert_eq!(close, Some(CloseCode::Policy));
+        published += 1;
+        steady
+            .publish(&published)
+            .await
+            .expect("the healthy publisher goes on");
+    }
+    // A too-long producer handle refuses that attach only; the connection goes on.
+    let mut conn = raw(&url).await;
+    send(
+        &mut conn,
+        r#"{"type":"hello","v":1,"client_id":"ok","instance":"i"}"#,
+    )
+    .await;
+    assert!(matches!(
+        next_frame(&mut conn).await,
+        Some(Frame::Welcome(_))
+    ));
+    send(
+        &mut conn,
+        format!(
+            r#"{{"type":"attach","channel":"c","producer":"{}"}}"#,
+            "p".repeat(129)
+        ),
+    )
+    .await;
+    match next_frame(&mut conn).await {
+        Some(Frame::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::InvalidIdentifier);
+            assert_eq!(e.channel.as_deref(), Some("c"));
+            assert!(e.permanent);
+        }
+        other => panic!("expected an attach error, got {other:?}"),
+    }
+    send(
+        &mut conn,
+        r#"{"type":"attach","channel":"c","producer":"p"}"#,
+    )
+    .await;
+    assert!(matches!(
+        next_frame(&mut conn).await,
+        Some(Frame::Attached(_))
+    ));
+
+    // The healthy subscriber got everything, in order, and never saw a transition.
+    let got = collect_messages(&mut messages, published as usize, T)
+        .await
+        .unwrap();
+    let values: Vec<u64> = got
+        .iter()
+        .map(|ev| match ev {
+            ChannelEvent::Message(m) => m.payload.decode().unwrap(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(values, (1..=published).collect::<Vec<_>>());
+    sub_events
+        .expect_quiet(Duration::from_millis(100))
+        .await
+        .unwrap();
+    sub_t.close().await;
+    pub_t.close().await;
+    hub.stop().await;
+}

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::error::TransportError;
 use crate::heartbeat::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_IDLE_TIMEOUT};
-use crate::protocol::ClientId;
+use crate::protocol::{check_identifier, ClientId, MAX_ID_LEN, MAX_TOKEN_LEN};
 use crate::reconnect::{OnExhausted, ReconnectPolicy, ReconnectStrategy};
 
 /// Default time allowed for TCP connect + WebSocket upgrade + hello/welcome: 10 s.
@@ -314,6 +314,16 @@ impl TransportConfigBuilder {
                 return invalid("endpoints", format!("{url:?} is not a ws:// or wss:// URL"));
             }
         }
+        if let Some(id) = &self.client_id {
+            if let Err(e) = check_identifier("client_id", &id.0, MAX_ID_LEN, true) {
+                return invalid("client_id", e.to_string());
+            }
+        }
+        if let Some(token) = &self.token {
+            if let Err(e) = check_identifier("token", token, MAX_TOKEN_LEN, false) {
+                return invalid("token", e.to_string());
+            }
+        }
         let r = &self.reconnect;
         if r.strategy != ReconnectStrategy::Immediate && r.initial_delay.is_zero() {
             return invalid("initial_delay", "must be greater than zero".into());
@@ -389,6 +399,22 @@ mod tests {
             Err(TransportError::InvalidConfig { field, .. }) => field,
             other => panic!("expected InvalidConfig, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn identifiers_are_validated_at_build_time() {
+        assert!(TransportConfig::builder("ws://h/ws")
+            .client_id("x".repeat(129))
+            .build()
+            .is_err());
+        assert!(TransportConfig::builder("ws://h/ws")
+            .client_id("")
+            .build()
+            .is_err());
+        assert!(TransportConfig::builder("ws://h/ws")
+            .client_id("ada")
+            .build()
+            .is_ok());
     }
 
     #[test]

@@ -112,6 +112,15 @@ pub enum TransportError {
         /// The configured maximum.
         max: usize,
     },
+    /// An identifier in a frame (client id, instance, producer, token, session) breaks the
+    /// protocol's limits. Permanent: the same identifier is refused again.
+    #[error("invalid {field}: {reason}")]
+    InvalidIdentifier {
+        /// Which identifier.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A well-formed frame arrived where the protocol does not allow it (e.g. a publish before
     /// the handshake).
     #[error("unexpected frame: expected {expected}, got {got}")]
@@ -177,6 +186,7 @@ impl TransportError {
             TransportError::UnsupportedVersion { .. }
             | TransportError::MalformedFrame { .. }
             | TransportError::FrameTooLarge { .. }
+            | TransportError::InvalidIdentifier { .. }
             | TransportError::UnexpectedFrame { .. } => ErrorCategory::Protocol,
             TransportError::Remote { category, .. } => *category,
             TransportError::InvalidConfig { .. }
@@ -201,6 +211,7 @@ impl TransportError {
             | TransportError::RateLimited { .. } => false,
             TransportError::AuthRejected { .. }
             | TransportError::UnsupportedVersion { .. }
+            | TransportError::InvalidIdentifier { .. }
             | TransportError::InvalidConfig { .. }
             | TransportError::Closed
             | TransportError::ChannelInUse { .. }
@@ -221,6 +232,7 @@ impl TransportError {
             TransportError::MalformedFrame { .. } => ErrorCode::MalformedFrame,
             TransportError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
             TransportError::UnexpectedFrame { .. } => ErrorCode::UnexpectedFrame,
+            TransportError::InvalidIdentifier { .. } => ErrorCode::InvalidIdentifier,
             TransportError::Remote { code, .. } => *code,
             TransportError::RateLimited { .. } => ErrorCode::RateLimited,
             TransportError::InvalidConfig { .. }

@@ -14,6 +14,38 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// Every protocol version this build can speak.
 pub const SUPPORTED_VERSIONS: &[u16] = &[1];
 
+/// Longest client id, instance id, producer handle and session id accepted, in bytes: 128.
+pub const MAX_ID_LEN: usize = 128;
+/// Longest token accepted, in bytes: 4096.
+pub const MAX_TOKEN_LEN: usize = 4096;
+
+/// Checks an identifier from the wire: `Err` when it is longer than `max` bytes, or empty
+/// or holding control characters where `required` (client ids; instance ids and producers may
+/// be empty).
+pub fn check_identifier(
+    field: &'static str,
+    value: &str,
+    max: usize,
+    required: bool,
+) -> Result<(), TransportError> {
+    let reason = if value.len() > max {
+        Some(format!(
+            "{} bytes, more than the {max} allowed",
+            value.len()
+        ))
+    } else if required && value.is_empty() {
+        Some("empty".to_owned())
+    } else if value.chars().any(char::is_control) {
+        Some("contains control characters".to_owned())
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(TransportError::InvalidIdentifier { field, reason }),
+        None => Ok(()),
+    }
+}
+
 /// Identifies one client across all of its physical connections (and process restarts, when the
 /// application supplies a stable id).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -212,6 +244,9 @@ pub enum ErrorCode {
     SlowConsumer,
     /// The hub is over a limit (channels, publishers); try again later.
     Overloaded,
+    /// An identifier (client id, instance, producer, token, session) is too long, empty where
+    /// required, or holds control characters.
+    InvalidIdentifier,
     /// The hub cannot reach its history store (for example Redis is down). Retryable: the hub
     /// stored nothing of the refused publishes; resend them after reconnecting.
     Unavailable,
@@ -628,6 +663,22 @@ mod tests {
     use super::*;
 
     const MAX: usize = 64 * 1024;
+
+    #[test]
+    fn identifiers_are_bounded_and_typed() {
+        assert!(check_identifier("client_id", "ada", MAX_ID_LEN, true).is_ok());
+        assert!(check_identifier("instance", "", MAX_ID_LEN, false).is_ok());
+        for (value, required) in [
+            ("x".repeat(MAX_ID_LEN + 1), false),
+            (String::new(), true),
+            ("a\u{0}b".to_owned(), false),
+        ] {
+            let err = check_identifier("client_id", &value, MAX_ID_LEN, required).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::InvalidIdentifier);
+            assert!(err.is_permanent());
+        }
+        assert!(check_identifier("x", &"x".repeat(MAX_ID_LEN), MAX_ID_LEN, true).is_ok());
+    }
 
     fn hello() -> Frame {
         Frame::Hello(Hello {

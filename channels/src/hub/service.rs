@@ -11,7 +11,7 @@ use tether_transport::hub::{
     ConnInfo, ConnectionHandler, FrameRejection, HandlerHealth, Outbound, SessionHandler,
     SessionOutbox,
 };
-use tether_transport::protocol::{Detached, ErrorCode, Frame};
+use tether_transport::protocol::{check_identifier, Detached, ErrorCode, Frame, MAX_ID_LEN};
 use tether_transport::{ErrorCategory, TransportError};
 
 use super::history::{DedupeLimits, HistoryStore, MemoryHistory, PageLimit, Retention};
@@ -374,6 +374,11 @@ impl ConnectionHandler for ConnHandler {
                         e.to_string(),
                     );
                     return Err(Self::reject(error, &name, None, false));
+                }
+                if let Some(producer) = &attach.producer {
+                    if let Err(error) = check_identifier("producer", producer, MAX_ID_LEN, false) {
+                        return Err(Self::reject(error, &name, None, false));
+                    }
                 }
                 if let Err(reason) =
                     self.inner

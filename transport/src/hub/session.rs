@@ -24,7 +24,8 @@ use super::HubState;
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
 use crate::protocol::{
-    close_reason_text, ClientId, ErrorCode, ErrorFrame, Frame, Hello, SessionId, Welcome,
+    check_identifier, close_reason_text, ClientId, ErrorCode, ErrorFrame, Frame, Hello, SessionId,
+    Welcome, MAX_ID_LEN, MAX_TOKEN_LEN,
 };
 use crate::telemetry;
 
@@ -220,6 +221,26 @@ impl HubSession {
     }
 
     fn on_hello(&mut self, ctx: &mut ws::WebsocketContext<Self>, hello: Hello) {
+        // Identifiers are bounded before anything keeps them (the session table holds the
+        // client id for the session lifetime).
+        let checked = check_identifier("client_id", &hello.client_id.0, MAX_ID_LEN, true)
+            .and_then(|()| match &hello.instance {
+                Some(i) => check_identifier("instance", &i.0, MAX_ID_LEN, false),
+                None => Ok(()),
+            })
+            .and_then(|()| match &hello.resume {
+                Some(r) => check_identifier("resume", &r.0, MAX_ID_LEN, false),
+                None => Ok(()),
+            })
+            .and_then(|()| match &hello.token {
+                Some(t) => check_identifier("token", t, MAX_TOKEN_LEN, false),
+                None => Ok(()),
+            });
+        if let Err(error) = checked {
+            metrics::counter!(telemetry::HUB_HANDSHAKES, "result" => "invalid").increment(1);
+            self.fail(ctx, error, ws::CloseCode::Policy);
+            return;
+        }
         self.phase = Phase::Authenticating;
         let auth = self
             .state
