@@ -311,3 +311,109 @@ async fn oversized_identifiers_are_refused_with_a_typed_error_while_a_healthy_pa
     pub_t.close().await;
     hub.stop().await;
 }
+
+#[actix_rt::test]
+async fn an_attach_followed_by_a_burst_of_publishes_in_one_write_is_never_refused() {
+    init_tracing();
+    // Channel actors on the worker that reads the burst (threads 0): a new channel's actor
+    // cannot start until the burst has been read, so its mailbox must hold it.
+    let service = tether_channels::hub::ChannelService::builder()
+        .threads(0)
+        .build()
+        .unwrap();
+    let hub = tether_integration_tests::harness::start_hub_with(free_addr(), service);
+    for round in 0..6 {
+        let mut conn = raw(&hub.ws_url()).await;
+        send(
+            &mut conn,
+            format!(r#"{{"type":"hello","v":1,"client_id":"b{round}","instance":"i"}}"#),
+        )
+        .await;
+        assert!(matches!(
+            next_frame(&mut conn).await,
+            Some(Frame::Welcome(_))
+        ));
+        // A channel nobody used yet: its actor is still starting while the burst arrives.
+        let channel = format!("burst-{round}");
+        conn.feed(ws::Message::Text(
+            format!(r#"{{"type":"attach","channel":"{channel}","subscribe":false}}"#).into(),
+        ))
+        .await
+        .unwrap();
+        for seq in 1..=200u64 {
+            conn.feed(ws::Message::Text(
+                format!(
+                    r#"{{"type":"publish","channel":"{channel}","seq":{seq},"payload":{seq}}}"#
+                )
+                .into(),
+            ))
+            .await
+            .unwrap();
+        }
+        conn.flush().await.unwrap();
+        let mut acked = 0;
+        while acked < 200 {
+            match next_frame(&mut conn).await {
+                Some(Frame::Ack(_)) => acked += 1,
+                Some(Frame::Attached(_)) => {}
+                other => panic!("round {round}: after {acked} acks, {other:?}"),
+            }
+        }
+    }
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn one_connection_cannot_attach_more_than_its_channel_limit() {
+    init_tracing();
+    let service = tether_channels::hub::ChannelService::builder()
+        .max_channels_per_connection(3)
+        .build()
+        .unwrap();
+    let hub = tether_integration_tests::harness::start_hub_with(free_addr(), service);
+    let mut greedy = attached(&hub.ws_url(), "greedy", "i", "c0", true, "").await;
+    for c in ["c1", "c2"] {
+        send(
+            &mut greedy,
+            format!(r#"{{"type":"attach","channel":"{c}"}}"#),
+        )
+        .await;
+        assert!(matches!(
+            next_frame(&mut greedy).await,
+            Some(Frame::Attached(_))
+        ));
+    }
+    send(&mut greedy, r#"{"type":"attach","channel":"c3"}"#).await;
+    match next_frame(&mut greedy).await {
+        Some(Frame::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::TooManyChannels);
+            assert_eq!(e.channel.as_deref(), Some("c3"));
+            assert!(e.permanent);
+        }
+        other => panic!("expected the limit, got {other:?}"),
+    }
+    // Re-attaching one it has is not a new channel; detaching one makes room.
+    send(&mut greedy, r#"{"type":"attach","channel":"c1"}"#).await;
+    assert!(matches!(
+        next_frame(&mut greedy).await,
+        Some(Frame::Attached(_))
+    ));
+    send(&mut greedy, r#"{"type":"detach","channel":"c0"}"#).await;
+    assert!(matches!(
+        next_frame(&mut greedy).await,
+        Some(Frame::Detached(_))
+    ));
+    send(&mut greedy, r#"{"type":"attach","channel":"c3"}"#).await;
+    assert!(matches!(
+        next_frame(&mut greedy).await,
+        Some(Frame::Attached(_))
+    ));
+    // Another connection has its own allowance.
+    let mut other = attached(&hub.ws_url(), "other", "i", "c0", true, "").await;
+    send(&mut other, r#"{"type":"attach","channel":"d1"}"#).await;
+    assert!(matches!(
+        next_frame(&mut other).await,
+        Some(Frame::Attached(_))
+    ));
+    hub.stop().await;
+}

@@ -247,6 +247,8 @@ pub enum ErrorCode {
     /// An identifier (client id, instance, producer, token, session) is too long, empty where
     /// required, or holds control characters.
     InvalidIdentifier,
+    /// The connection has attached its maximum number of channels; detach one first.
+    TooManyChannels,
     /// The hub cannot reach its history store (for example Redis is down). Retryable: the hub
     /// stored nothing of the refused publishes; resend them after reconnecting.
     Unavailable,

@@ -21,6 +21,9 @@ use crate::error::validate_name;
 
 /// Default most channels one hub holds: 100,000.
 pub const DEFAULT_MAX_CHANNELS: usize = 100_000;
+/// Default most channels one connection may have attached at once: 1,000 (so no single
+/// connection can take the hub-wide limit).
+pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 1_000;
 /// Default most publishes one connection may have awaiting their ack: 65,536.
 pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: usize = 65_536;
 /// Default largest payload a publish may carry: 512 KiB. Larger ones are refused (permanently,
@@ -65,6 +68,7 @@ pub struct ChannelServiceBuilder {
     page: PageLimit,
     authorizer: Arc<dyn ChannelAuthorizer>,
     max_channels: usize,
+    max_channels_per_connection: usize,
     max_in_flight_per_connection: usize,
     channel_mailbox: usize,
     dedupe_window: usize,
@@ -106,6 +110,13 @@ impl ChannelServiceBuilder {
     /// Most channels. Default 100,000.
     pub fn max_channels(mut self, n: usize) -> Self {
         self.max_channels = n;
+        self
+    }
+
+    /// Most channels one connection may have attached at once; more are refused with
+    /// `too_many_channels` (that attach only). Default 1,000; at most [`Self::max_channels`].
+    pub fn max_channels_per_connection(mut self, n: usize) -> Self {
+        self.max_channels_per_connection = n;
         self
     }
 
@@ -151,6 +162,15 @@ impl ChannelServiceBuilder {
         if self.max_in_flight_per_connection == 0 {
             return invalid("max_in_flight_per_connection");
         }
+        if self.max_channels_per_connection == 0 {
+            return invalid("max_channels_per_connection");
+        }
+        if self.max_channels_per_connection > self.max_channels {
+            return Err(TransportError::InvalidConfig {
+                field: "max_channels_per_connection",
+                reason: "must not exceed max_channels".into(),
+            });
+        }
         if self.retention.max_messages == 0 {
             return invalid("retention.max_messages");
         }
@@ -176,6 +196,7 @@ impl ChannelServiceBuilder {
                 page: self.page,
                 authorizer: self.authorizer,
                 max_channels: self.max_channels,
+                max_channels_per_connection: self.max_channels_per_connection,
                 max_in_flight: self.max_in_flight_per_connection,
                 channel_mailbox: self.channel_mailbox,
                 max_message_size: self.max_message_size,
@@ -191,6 +212,7 @@ struct Inner {
     page: PageLimit,
     authorizer: Arc<dyn ChannelAuthorizer>,
     max_channels: usize,
+    max_channels_per_connection: usize,
     max_in_flight: usize,
     channel_mailbox: usize,
     max_message_size: usize,
@@ -232,11 +254,14 @@ impl Inner {
             name.hash(&mut hasher);
             self.arbiters[(hasher.finish() as usize) % self.arbiters.len()].handle()
         };
-        let mailbox = self.channel_mailbox;
+        // The mailbox exists, with its full capacity, before the actor runs: commands sent to
+        // a channel that is still starting (an attach and a burst of publishes in one write)
+        // queue instead of finding the default 16-slot mailbox full.
+        let (tx, rx) = actix::dev::channel::channel::<HubChannel>(self.channel_mailbox);
+        let addr = Addr::new(tx);
         let (store, page, owned) = (self.store.clone(), self.page, name.to_owned());
-        let addr = HubChannel::start_in_arbiter(&arbiter, move |ctx| {
-            ctx.set_mailbox_capacity(mailbox);
-            HubChannel::new(owned, store, page)
+        arbiter.spawn_fn(move || {
+            Context::with_receiver(rx).run(HubChannel::new(owned, store, page));
         });
         channels.insert(name.to_owned(), addr.clone());
         Ok(addr)
@@ -259,6 +284,7 @@ impl ChannelService {
             page: PageLimit::default(),
             authorizer: Arc::new(AllowAllChannels),
             max_channels: DEFAULT_MAX_CHANNELS,
+            max_channels_per_connection: DEFAULT_MAX_CHANNELS_PER_CONNECTION,
             max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
             channel_mailbox: DEFAULT_CHANNEL_MAILBOX,
             dedupe_window: DEFAULT_DEDUPE_WINDOW,
@@ -372,6 +398,20 @@ impl ConnectionHandler for ConnHandler {
                         ErrorCategory::Subscription,
                         true,
                         e.to_string(),
+                    );
+                    return Err(Self::reject(error, &name, None, false));
+                }
+                if !self.attached.contains_key(&name)
+                    && self.attached.len() >= self.inner.max_channels_per_connection
+                {
+                    let error = refusal(
+                        ErrorCode::TooManyChannels,
+                        ErrorCategory::Subscription,
+                        true,
+                        format!(
+                            "this connection has {} channels attached, the most allowed; detach one first",
+                            self.attached.len()
+                        ),
                     );
                     return Err(Self::reject(error, &name, None, false));
                 }
