@@ -32,3 +32,6 @@ pub const HUB_STORE_APPEND_SECONDS: &str = "tether_hub_store_append_seconds";
 pub const HUB_STORE_APPEND_BATCH: &str = "tether_hub_store_append_batch";
 /// Counter: epochs this hub saw a channel change to (a store that lost a stream).
 pub const HUB_EPOCH_CHANGES: &str = "tether_hub_epoch_changes_total";
+/// Counter: producers a full dedupe table forgot to make room (their later replays would be
+/// stored again).
+pub const HUB_PRODUCERS_FORGOTTEN: &str = "tether_hub_producers_forgotten_total";

@@ -80,3 +80,5 @@ fn describe() {
     describe_counter!(HUB_FRAMES_REJECTED, "Frames refused by the hub, by code");
     describe_counter!(HUB_IDLE_TIMEOUTS, "Hub connections closed for silence");
 }
+/// Counter: error frames clients sent to the hub (logged a few per minute per connection).
+pub const HUB_CLIENT_ERRORS: &str = "tether_hub_client_errors_total";

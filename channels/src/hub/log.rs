@@ -9,7 +9,7 @@
 //! * A resume from `(epoch, offset)` replays exactly what follows, or — when the epoch changed
 //!   or history was trimmed past it — reports the gap and replays what is left.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tether_transport::protocol::{ClientId, Epoch, Gap, InstanceId, Offset, Position};
@@ -47,12 +47,13 @@ struct ProducerState {
     last_seen: Instant,
 }
 
-/// Which `(producer, seq)` pairs a channel has already stored.
+/// Which `(producer, seq)` pairs a channel has already stored. Insert, lookup and eviction are
+/// O(1): producers are kept in least-recently-seen order, so the ones past their TTL and, when
+/// the table is full, the least recent one are found at one end.
 #[derive(Debug)]
 pub struct DedupeTable {
-    producers: HashMap<ProducerKey, ProducerState>,
+    producers: lru::LruCache<ProducerKey, ProducerState>,
     window: usize,
-    max_producers: usize,
     ttl: Duration,
 }
 
@@ -60,10 +61,13 @@ impl DedupeTable {
     /// A table remembering `window` recent offsets per producer, at most `max_producers`
     /// producers, each for `ttl` after it was last seen.
     pub fn new(window: usize, max_producers: usize, ttl: Duration) -> Self {
+        let capacity = std::num::NonZeroUsize::new(max_producers.max(1)).unwrap_or(
+            // max(1) is never zero; this default is never used.
+            std::num::NonZeroUsize::MIN,
+        );
         DedupeTable {
-            producers: HashMap::new(),
+            producers: lru::LruCache::new(capacity),
             window: window.max(1),
-            max_producers: max_producers.max(1),
             ttl,
         }
     }
@@ -71,7 +75,7 @@ impl DedupeTable {
     /// `Some(offset)` when `(producer, seq)` was already stored (`offset` is `None` when it is
     /// too old to remember where); `None` when it is new.
     pub fn check(&self, producer: &ProducerKey, seq: u64) -> Option<Option<Offset>> {
-        let state = self.producers.get(producer)?;
+        let state = self.producers.peek(producer)?;
         if seq > state.highest {
             return None;
         }
@@ -85,22 +89,27 @@ impl DedupeTable {
 
     /// Records that `(producer, seq)` was stored at `offset`.
     pub fn record(&mut self, producer: &ProducerKey, seq: u64, offset: Offset, now: Instant) {
-        if !self.producers.contains_key(producer) && self.producers.len() >= self.max_producers {
-            self.evict(now);
+        self.expire(now);
+        if let Some(state) = self.producers.get_mut(producer) {
+            state.highest = state.highest.max(seq);
+            state.last_seen = now;
+            state.recent.push_back((seq, offset));
+            while state.recent.len() > self.window {
+                state.recent.pop_front();
+            }
+            return;
         }
-        let state = self
-            .producers
-            .entry(producer.clone())
-            .or_insert_with(|| ProducerState {
-                highest: 0,
-                recent: VecDeque::new(),
-                last_seen: now,
-            });
-        state.highest = state.highest.max(seq);
-        state.last_seen = now;
-        state.recent.push_back((seq, offset));
-        while state.recent.len() > self.window {
-            state.recent.pop_front();
+        let mut recent = VecDeque::new();
+        recent.push_back((seq, offset));
+        let state = ProducerState {
+            highest: seq,
+            recent,
+            last_seen: now,
+        };
+        if self.producers.push(producer.clone(), state).is_some() {
+            // The table was full: the least recently seen producer was forgotten (its later
+            // replays would be stored again). Counted, not logged: peers can cause it.
+            metrics::counter!(crate::telemetry::HUB_PRODUCERS_FORGOTTEN).increment(1);
         }
     }
 
@@ -114,20 +123,14 @@ impl DedupeTable {
         self.producers.is_empty()
     }
 
-    fn evict(&mut self, now: Instant) {
-        let ttl = self.ttl;
-        self.producers
-            .retain(|_, p| now.saturating_duration_since(p.last_seen) < ttl);
-        if self.producers.len() >= self.max_producers {
-            if let Some(oldest) = self
-                .producers
-                .iter()
-                .min_by_key(|(_, p)| p.last_seen)
-                .map(|(k, _)| k.clone())
-            {
-                tracing::warn!(producer = %oldest, "dedupe table full; forgetting the least recent producer");
-                self.producers.remove(&oldest);
+    /// Forgets producers silent for longer than the TTL (least recent first, so each check is
+    /// O(1) per producer forgotten).
+    fn expire(&mut self, now: Instant) {
+        while let Some((_, oldest)) = self.producers.peek_lru() {
+            if now.saturating_duration_since(oldest.last_seen) < self.ttl {
+                break;
             }
+            self.producers.pop_lru();
         }
     }
 }
@@ -279,6 +282,49 @@ mod tests {
         assert_eq!(t.len(), 2);
         assert_eq!(t.check(&producer("a"), 1), None);
         assert!(t.check(&producer("c"), 1).is_some());
+    }
+
+    #[test]
+    fn silent_producers_expire_and_the_least_recent_goes_first() {
+        let ttl = Duration::from_secs(10);
+        let mut t = DedupeTable::new(4, 3, ttl);
+        let t0 = Instant::now();
+        t.record(&producer("a"), 1, Offset(1), t0);
+        t.record(&producer("b"), 1, Offset(2), t0 + Duration::from_secs(5));
+        // "a" is seen again: "b" is now the least recent.
+        t.record(&producer("a"), 2, Offset(3), t0 + Duration::from_secs(6));
+        t.record(&producer("c"), 1, Offset(4), t0 + Duration::from_secs(7));
+        t.record(&producer("d"), 1, Offset(5), t0 + Duration::from_secs(8));
+        assert_eq!(t.len(), 3);
+        assert_eq!(
+            t.check(&producer("b"), 1),
+            None,
+            "full: the least recent went"
+        );
+        assert!(t.check(&producer("a"), 2).is_some());
+        // Past the TTL of "a" (last seen at 6 s) and "c" (7 s): both go on the next record.
+        t.record(
+            &producer("e"),
+            1,
+            Offset(6),
+            t0 + Duration::from_secs(17) + Duration::from_millis(500),
+        );
+        assert_eq!(t.check(&producer("a"), 2), None);
+        assert_eq!(t.check(&producer("c"), 1), None);
+        assert!(t.check(&producer("d"), 1).is_some());
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn a_hundred_thousand_producers_stay_within_the_bound() {
+        let mut t = DedupeTable::new(4, 1000, DEFAULT_PRODUCER_TTL);
+        let now = Instant::now();
+        for i in 0..100_000u64 {
+            t.record(&producer(&format!("p{i}")), 1, Offset(i + 1), now);
+        }
+        assert_eq!(t.len(), 1000);
+        assert!(t.check(&producer("p99999"), 1).is_some());
+        assert_eq!(t.check(&producer("p0"), 1), None);
     }
 
     #[test]

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use actix::prelude::*;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 use super::auth::AuthRejection;
@@ -55,7 +57,69 @@ pub struct HubSession {
     heartbeat: Heartbeat,
     heartbeat_timer: Option<SpawnHandle>,
     handler: Option<Box<dyn ConnectionHandler>>,
+    /// Bounds what this peer can make the hub log.
+    peer_log: LogLimiter,
     span: tracing::Span,
+}
+
+/// Longest excerpt of peer-supplied text that goes into a log line, in bytes.
+pub const LOG_EXCERPT_BYTES: usize = 200;
+/// Peer-triggered log lines allowed per connection per [`LOG_WINDOW`].
+pub const LOG_LINES_PER_WINDOW: u32 = 5;
+/// The window of [`LOG_LINES_PER_WINDOW`]: one minute.
+pub const LOG_WINDOW: Duration = Duration::from_secs(60);
+
+/// At most `limit` log lines per `window`; counts what it suppressed.
+#[derive(Debug, Clone)]
+pub struct LogLimiter {
+    limit: u32,
+    window: Duration,
+    window_start: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    /// `limit` lines per `window`.
+    pub fn new(limit: u32, window: Duration) -> Self {
+        LogLimiter {
+            limit,
+            window,
+            window_start: None,
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)` when a line may be logged at `now` (`n` lines were suppressed since the last
+    /// one); `None` when it must be dropped.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        let start = *self.window_start.get_or_insert(now);
+        if now.saturating_duration_since(start) >= self.window {
+            self.window_start = Some(now);
+            self.logged = 0;
+        }
+        if self.logged < self.limit {
+            self.logged += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// At most [`LOG_EXCERPT_BYTES`] of `text` (cut at a character boundary), saying how long it
+/// was when cut.
+pub fn excerpt(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= LOG_EXCERPT_BYTES {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = LOG_EXCERPT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}… ({} bytes)", &text[..end], text.len()))
 }
 
 /// Upgrades `req` to a WebSocket served by a new [`HubSession`].
@@ -70,6 +134,7 @@ pub(crate) fn start(
     let span =
         tracing::info_span!("hub_session", conn_id, peer = ?peer, session = tracing::field::Empty);
     let session = HubSession {
+        peer_log: LogLimiter::new(LOG_LINES_PER_WINDOW, LOG_WINDOW),
         conn_id,
         heartbeat: Heartbeat::new(
             state.config.heartbeat_interval,
@@ -180,7 +245,12 @@ impl HubSession {
         match (self.phase, frame) {
             (Phase::AwaitingHello, Frame::Hello(hello)) => self.on_hello(ctx, hello),
             (Phase::Open, Frame::Error(err)) => {
-                tracing::warn!(parent: &self.span, code = %err.code, message = %err.message, "client reported an error");
+                metrics::counter!(telemetry::HUB_CLIENT_ERRORS).increment(1);
+                // A peer decides what goes in its error frames: log a bounded excerpt, and only
+                // a few per minute per connection.
+                if let Some(suppressed) = self.peer_log.allow(Instant::now()) {
+                    tracing::warn!(parent: &self.span, code = %err.code, message = %excerpt(&err.message), suppressed, "client reported an error");
+                }
             }
             (Phase::Open, frame) if !matches!(frame, Frame::Hello(_) | Frame::Welcome(_)) => {
                 let Some(handler) = self.handler.as_mut() else {
@@ -442,5 +512,35 @@ impl Handler<Kick> for HubSession {
         }
         tracing::info!(parent: &self.span, %error, "closing connection");
         self.fail(ctx, error, ws::CloseCode::Again);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_can_make_a_few_lines_a_minute_and_no_more() {
+        let mut limiter = LogLimiter::new(2, Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert_eq!(limiter.allow(t0), Some(0));
+        assert_eq!(limiter.allow(t0), Some(0));
+        for _ in 0..40 {
+            assert_eq!(limiter.allow(t0 + Duration::from_secs(1)), None);
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        // The next window's first line says how many were dropped.
+        assert_eq!(limiter.allow(Instant::now()), Some(40));
+        assert_eq!(limiter.allow(Instant::now()), Some(0));
+        assert_eq!(limiter.allow(Instant::now()), None);
+    }
+
+    #[test]
+    fn excerpts_are_bounded_and_cut_on_character_boundaries() {
+        assert_eq!(excerpt("short"), "short");
+        let long = "é".repeat(1024 * 1024);
+        let cut = excerpt(&long);
+        assert!(cut.len() < LOG_EXCERPT_BYTES + 40, "{}", cut.len());
+        assert!(cut.ends_with(&format!("({} bytes)", long.len())));
     }
 }
