@@ -417,3 +417,89 @@ async fn one_connection_cannot_attach_more_than_its_channel_limit() {
     ));
     hub.stop().await;
 }
+
+/// Accepts everyone after asking a slow "external service" (so frames pipelined behind the
+/// hello arrive while it thinks).
+struct SlowAuth;
+
+impl tether_transport::hub::Authenticator for SlowAuth {
+    fn authenticate(
+        &self,
+        _client_id: &tether_transport::protocol::ClientId,
+        _token: Option<&str>,
+    ) -> futures::future::BoxFuture<'static, Result<(), tether_transport::hub::AuthRejection>> {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            Ok(())
+        })
+    }
+}
+
+fn slow_auth_channel_hub() -> tether_transport::hub::HubHandle {
+    let service = tether_channels::hub::ChannelService::builder()
+        .build()
+        .unwrap();
+    let config = test_hub_config(free_addr())
+        .authenticator(SlowAuth)
+        .handler(std::sync::Arc::new(service))
+        .build()
+        .unwrap();
+    Hub::start(config).unwrap()
+}
+
+#[actix_rt::test]
+async fn frames_pipelined_behind_the_hello_are_served_after_the_welcome() {
+    init_tracing();
+    let hub = slow_auth_channel_hub();
+    let mut conn = raw(&hub.ws_url()).await;
+    for text in [
+        r#"{"type":"hello","v":1,"client_id":"eager","instance":"i"}"#,
+        r#"{"type":"attach","channel":"c"}"#,
+        r#"{"type":"publish","channel":"c","seq":1,"payload":"first"}"#,
+    ] {
+        conn.feed(ws::Message::Text(text.into())).await.unwrap();
+    }
+    conn.flush().await.unwrap();
+    assert!(matches!(
+        next_frame(&mut conn).await,
+        Some(Frame::Welcome(_))
+    ));
+    assert!(matches!(
+        next_frame(&mut conn).await,
+        Some(Frame::Attached(_))
+    ));
+    let mut acked = false;
+    let mut delivered = false;
+    while !(acked && delivered) {
+        match next_frame(&mut conn).await {
+            Some(Frame::Ack(ack)) => acked = ack.seq == 1,
+            Some(Frame::Message(m)) => delivered = m.payload.json() == r#""first""#,
+            other => panic!("{other:?}"),
+        }
+    }
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn more_than_64_frames_before_the_welcome_close_the_connection() {
+    init_tracing();
+    let hub = slow_auth_channel_hub();
+    let mut conn = raw(&hub.ws_url()).await;
+    conn.feed(ws::Message::Text(
+        r#"{"type":"hello","v":1,"client_id":"flood","instance":"i"}"#.into(),
+    ))
+    .await
+    .unwrap();
+    for _ in 0..70 {
+        conn.feed(ws::Message::Text(
+            r#"{"type":"attach","channel":"c"}"#.into(),
+        ))
+        .await
+        .unwrap();
+    }
+    conn.flush().await.unwrap();
+    let (code, close) = error_and_close(&mut conn).await;
+    assert_eq!(code, Some(ErrorCode::UnexpectedFrame));
+    assert_eq!(close, Some(CloseCode::Policy));
+    hub.stop().await;
+}

@@ -59,8 +59,16 @@ pub struct HubSession {
     handler: Option<Box<dyn ConnectionHandler>>,
     /// Bounds what this peer can make the hub log.
     peer_log: LogLimiter,
+    /// Frames pipelined behind the hello, served after the welcome.
+    early: Vec<Frame>,
+    early_bytes: usize,
     span: tracing::Span,
 }
+
+/// Most frames a client may pipeline behind its hello before the welcome: 64…
+pub const MAX_EARLY_FRAMES: usize = 64;
+/// …holding at most 256 KiB of text.
+pub const MAX_EARLY_BYTES: usize = 256 * 1024;
 
 /// Longest excerpt of peer-supplied text that goes into a log line, in bytes.
 pub const LOG_EXCERPT_BYTES: usize = 200;
@@ -135,6 +143,8 @@ pub(crate) fn start(
         tracing::info_span!("hub_session", conn_id, peer = ?peer, session = tracing::field::Empty);
     let session = HubSession {
         peer_log: LogLimiter::new(LOG_LINES_PER_WINDOW, LOG_WINDOW),
+        early: Vec::new(),
+        early_bytes: 0,
         conn_id,
         heartbeat: Heartbeat::new(
             state.config.heartbeat_interval,
@@ -244,7 +254,42 @@ impl HubSession {
         };
         match (self.phase, frame) {
             (Phase::AwaitingHello, Frame::Hello(hello)) => self.on_hello(ctx, hello),
-            (Phase::Open, Frame::Error(err)) => {
+            (Phase::Authenticating, frame)
+                if !matches!(frame, Frame::Hello(_) | Frame::Welcome(_)) =>
+            {
+                // Pipelined behind the hello (an attach right away saves a round trip on every
+                // reconnect): held, within bounds, and served once the welcome is out.
+                self.early_bytes += text.len();
+                if self.early.len() >= MAX_EARLY_FRAMES || self.early_bytes > MAX_EARLY_BYTES {
+                    let error = TransportError::UnexpectedFrame {
+                        expected: "at most 64 frames (256 KiB) before the welcome",
+                        got: frame.kind().to_owned(),
+                    };
+                    self.fail(ctx, error, ws::CloseCode::Policy);
+                    return;
+                }
+                self.early.push(frame);
+            }
+            (Phase::Open, frame) => self.on_open_frame(ctx, frame),
+            (phase, frame) => {
+                let expected = match phase {
+                    Phase::AwaitingHello => "hello",
+                    Phase::Authenticating => "no second hello",
+                    Phase::Open | Phase::Closing => "a channel frame",
+                };
+                let error = TransportError::UnexpectedFrame {
+                    expected,
+                    got: frame.kind().to_owned(),
+                };
+                self.fail(ctx, error, ws::CloseCode::Protocol);
+            }
+        }
+    }
+
+    /// A frame after the welcome.
+    fn on_open_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: Frame) {
+        match frame {
+            Frame::Error(err) => {
                 metrics::counter!(telemetry::HUB_CLIENT_ERRORS).increment(1);
                 // A peer decides what goes in its error frames: log a bounded excerpt, and only
                 // a few per minute per connection.
@@ -252,7 +297,14 @@ impl HubSession {
                     tracing::warn!(parent: &self.span, code = %err.code, message = %excerpt(&err.message), suppressed, "client reported an error");
                 }
             }
-            (Phase::Open, frame) if !matches!(frame, Frame::Hello(_) | Frame::Welcome(_)) => {
+            Frame::Hello(_) | Frame::Welcome(_) => {
+                let error = TransportError::UnexpectedFrame {
+                    expected: "a channel frame",
+                    got: frame.kind().to_owned(),
+                };
+                self.fail(ctx, error, ws::CloseCode::Protocol);
+            }
+            frame => {
                 let Some(handler) = self.handler.as_mut() else {
                     return;
                 };
@@ -274,18 +326,6 @@ impl HubSession {
                         self.send_error(ctx, &error, about);
                     }
                 }
-            }
-            (phase, frame) => {
-                let expected = match phase {
-                    Phase::AwaitingHello => "hello",
-                    Phase::Authenticating => "nothing until the welcome",
-                    Phase::Open | Phase::Closing => "a channel frame",
-                };
-                let error = TransportError::UnexpectedFrame {
-                    expected,
-                    got: frame.kind().to_owned(),
-                };
-                self.fail(ctx, error, ws::CloseCode::Protocol);
             }
         }
     }
@@ -386,6 +426,14 @@ impl HubSession {
         self.client_id = Some(hello.client_id);
         self.session = Some(opened.session);
         self.phase = Phase::Open;
+        // Frames the client pipelined behind its hello, in order.
+        self.early_bytes = 0;
+        for frame in std::mem::take(&mut self.early) {
+            if self.phase != Phase::Open {
+                break;
+            }
+            self.on_open_frame(ctx, frame);
+        }
     }
 }
 
