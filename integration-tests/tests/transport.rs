@@ -455,3 +455,65 @@ async fn a_dead_endpoint_costs_no_backoff_step_while_another_is_untried() {
     );
     transport.close().await;
 }
+
+#[actix_rt::test]
+async fn a_client_whose_session_was_taken_over_starts_a_new_one_instead_of_taking_it_back() {
+    use tether_integration_tests::raw::{next_frame, raw, send};
+    use tether_transport::protocol::Frame;
+    init_tracing();
+    let hub = start_hub(free_addr());
+    let (transport, mut events) =
+        start(fast_client(hub.ws_url()).client_id("same").build().unwrap());
+    events.until_state(Connected, T).await.unwrap();
+    let session = transport
+        .status()
+        .await
+        .unwrap()
+        .session
+        .expect("a session");
+    // Another connection with the same client id resumes that session.
+    let mut other = raw(&hub.ws_url()).await;
+    send(
+        &mut other,
+        format!(r#"{{"type":"hello","v":1,"client_id":"same","resume":"{session}"}}"#),
+    )
+    .await;
+    match next_frame(&mut other).await {
+        Some(Frame::Welcome(w)) => assert!(w.resumed),
+        other => panic!("{other:?}"),
+    }
+    // The transport is closed with 4001, reconnects, and gets a session of its own.
+    let lost = events
+        .until(T, |ev| {
+            matches!(ev.reason, TransitionReason::ConnectionLost(_))
+        })
+        .await
+        .unwrap();
+    match &lost.reason {
+        TransitionReason::ConnectionLost(TransportError::ConnectionClosed { code, .. }) => {
+            assert_eq!(*code, Some(4001))
+        }
+        other => panic!("{other:?}"),
+    }
+    let back = events.until_state(Connected, T).await.unwrap();
+    match back.reason {
+        TransitionReason::HandshakeCompleted {
+            session: new,
+            resumed,
+            ..
+        } => {
+            assert!(!resumed);
+            assert_ne!(new, session);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The other connection keeps the session it resumed: nothing took it back.
+    wait_for_connections(&hub, 2, T).await.unwrap();
+    events
+        .expect_quiet(Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(hub.connection_count(), 2);
+    transport.close().await;
+    hub.stop().await;
+}

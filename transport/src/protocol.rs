@@ -14,6 +14,10 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// Every protocol version this build can speak.
 pub const SUPPORTED_VERSIONS: &[u16] = &[1];
 
+/// WebSocket close code of a connection whose session another connection resumed (the client
+/// id is in use elsewhere): the client must not resume that session again.
+pub const CLOSE_SESSION_TAKEN_OVER: u16 = 4001;
+
 /// Longest client id, instance id, producer handle and session id accepted, in bytes: 128.
 pub const MAX_ID_LEN: usize = 128;
 /// Longest token accepted, in bytes: 4096.

@@ -18,7 +18,9 @@ use tracing::Instrument as _;
 use crate::config::TransportConfig;
 use crate::error::TransportError;
 use crate::events::{event_channel, EventReceiver, DEFAULT_EVENT_CAPACITY};
-use crate::protocol::{Frame, Hello, InstanceId, SessionId, PROTOCOL_VERSION};
+use crate::protocol::{
+    Frame, Hello, InstanceId, SessionId, CLOSE_SESSION_TAKEN_OVER, PROTOCOL_VERSION,
+};
 use crate::reconnect::{NextStep, ReconnectManager, Stability};
 use crate::state::{ConnectionFsm, ConnectionState, ConnectionStateChanged, TransitionReason};
 use crate::status::{unix_ms, ChannelSummary, ErrorSummary, TransportStatus};
@@ -450,6 +452,18 @@ impl TransportActor {
 
     fn on_ended(&mut self, ctx: &mut Context<Self>, error: TransportError, established: bool) {
         self.conn = None;
+        if matches!(
+            error,
+            TransportError::ConnectionClosed {
+                code: Some(CLOSE_SESSION_TAKEN_OVER),
+                ..
+            }
+        ) {
+            // Another connection resumed this session (another process with this client id):
+            // resuming it again would take it back, and the two would take turns forever.
+            tracing::warn!(parent: &self.span, "session taken over by another connection; the next connection starts a new one");
+            self.session = None;
+        }
         self.syncing.clear();
         if established {
             for link in self.channels.borrow().values() {

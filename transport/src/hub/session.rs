@@ -27,12 +27,9 @@ use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
 use crate::protocol::{
     check_identifier, close_reason_text, ClientId, ErrorCode, ErrorFrame, Frame, Hello, SessionId,
-    Welcome, MAX_ID_LEN, MAX_TOKEN_LEN,
+    Welcome, CLOSE_SESSION_TAKEN_OVER, MAX_ID_LEN, MAX_TOKEN_LEN,
 };
 use crate::telemetry;
-
-/// WebSocket close code sent to a connection whose session was resumed by a newer connection.
-pub const CLOSE_SESSION_TAKEN_OVER: u16 = 4001;
 
 /// Tells a session actor that its session was resumed on another connection.
 #[derive(Debug, Clone, Message)]
