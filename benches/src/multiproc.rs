@@ -47,19 +47,7 @@ pub fn raise_nofile_limit() -> u64 {
     rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
 }
 
-/// Asks the kernel to SIGKILL this process when its parent dies, so that no helper outlives an
-/// aborted benchmark. Call it first thing in every child role.
-pub fn die_with_parent() {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no memory of ours.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-    }
-    // The parent may already be gone (we would then be a child of init or a subreaper).
-    // SAFETY: getppid has no preconditions.
-    if unsafe { libc::getppid() } == 1 {
-        std::process::exit(1);
-    }
-}
+pub use tether_integration_tests::process::die_with_parent;
 
 /// Wall-clock time now in nanoseconds since the Unix epoch (comparable across processes on one
 /// machine).

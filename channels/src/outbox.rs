@@ -449,7 +449,7 @@ mod tests {
                         Fate::LostBeforeHub => { cut = true; break; }
                         fate => {
                             let request = AppendRequest { producer: producer.clone(), seq, payload };
-                            let appended = hub.append_now("c", &[request], now);
+                            let appended = hub.append_now("c", vec![request], now);
                             if let AppendOutcome::Stored(offset) = appended.outcomes[0] {
                                 prop_assert_eq!(offset.0, seq, "stored out of order");
                             }

@@ -45,6 +45,7 @@ use tether_examples::soak::report::Report;
 use tether_examples::soak::resources;
 use tether_examples::soak::timeline::{Percentiles, Timeline, Transition};
 use tether_integration_tests::harness::free_addr;
+use tether_integration_tests::process::die_with_parent;
 use tether_integration_tests::{FaultProxy, RedisServer};
 use tether_transport::hub::{Hub, HubConfig, HubHandle};
 use tether_transport::protocol::Payload;
@@ -556,19 +557,6 @@ struct Node {
     addr: SocketAddr,
     id: String,
     child: Option<tokio::process::Child>,
-}
-
-/// Asks the kernel to SIGKILL this process when its parent dies, so no hub node outlives an
-/// aborted soak.
-fn die_with_parent() {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no memory of ours.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-    }
-    // SAFETY: getppid has no preconditions.
-    if unsafe { libc::getppid() } == 1 {
-        std::process::exit(1);
-    }
 }
 
 /// The hub processes of a run: this binary re-executed in `--serve-hub` mode.

@@ -4,6 +4,7 @@
 //!   cut, stall, refuse, delay or blackhole connections on demand.
 //! * [`RedisServer`]: a private `redis-server` process on a loopback port, killed and
 //!   restarted on demand (tests that need Redis use a real one and never skip).
+//! * [`process`]: child processes that die with their parent.
 //! * [`raw`]: a raw WebSocket peer, for tests that check exact frames, errors and close codes.
 //! * [`harness`]: a real hub on loopback with test-speed timings, fast-retrying client
 //!   configurations, and an [`EventLog`](harness::EventLog) that waits for typed transitions
@@ -15,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod harness;
+pub mod process;
 pub mod proxy;
 pub mod raw;
 pub mod redis_server;

@@ -8,7 +8,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,14 +92,7 @@ impl RedisServer {
         }
         // The server dies with the thread that started it, even when this process is killed
         // before it can drop the handle: no Redis outlives an aborted test or soak.
-        // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
-        // async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        crate::process::kill_with_parent(&mut cmd);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())

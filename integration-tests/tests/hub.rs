@@ -503,3 +503,131 @@ async fn more_than_64_frames_before_the_welcome_close_the_connection() {
     assert_eq!(close, Some(CloseCode::Policy));
     hub.stop().await;
 }
+
+/// The in-memory store, except that appends on channel `slow` wait until the gate opens (a
+/// store that has stopped keeping up).
+struct GatedStore {
+    inner: tether_channels::hub::MemoryHistory,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl tether_channels::hub::HistoryStore for GatedStore {
+    fn append(
+        &self,
+        channel: &str,
+        seen: Option<tether_transport::protocol::Position>,
+        fence: tether_channels::hub::Fence,
+        batch: Vec<tether_channels::hub::AppendRequest>,
+    ) -> futures::future::BoxFuture<
+        'static,
+        Result<tether_channels::hub::Appended, tether_channels::ChannelError>,
+    > {
+        let done = self.inner.append(channel, seen, fence, batch);
+        let mut open = self.open.clone();
+        let gated = channel == "slow";
+        Box::pin(async move {
+            if gated {
+                let _ = open.wait_for(|o| *o).await;
+            }
+            done.await
+        })
+    }
+
+    fn read(
+        &self,
+        channel: &str,
+        seen: Option<tether_transport::protocol::Position>,
+        after: tether_transport::protocol::Offset,
+        limit: tether_channels::hub::PageLimit,
+    ) -> futures::future::BoxFuture<
+        'static,
+        Result<tether_channels::hub::Page, tether_channels::ChannelError>,
+    > {
+        self.inner.read(channel, seen, after, limit)
+    }
+
+    fn watch(&self, channel: &str, sink: tether_channels::hub::NoticeSink) {
+        self.inner.watch(channel, sink)
+    }
+
+    fn unwatch(&self, channel: &str) {
+        self.inner.unwatch(channel)
+    }
+
+    fn health(&self) -> tether_channels::hub::StoreHealth {
+        self.inner.health()
+    }
+}
+
+#[actix_rt::test]
+async fn a_store_that_stops_keeping_up_bounds_the_queued_publishes_and_no_other_channel_stalls() {
+    use tether_channels::{ChannelEvent, ChannelOptions};
+    use tether_integration_tests::harness::{collect_messages, open_attached};
+    init_tracing();
+    let (gate, open) = tokio::sync::watch::channel(false);
+    let store = std::sync::Arc::new(GatedStore {
+        inner: tether_channels::hub::MemoryHistory::default(),
+        open,
+    });
+    let service = tether_channels::hub::ChannelService::builder()
+        .store(store)
+        .channel_mailbox(8)
+        .build()
+        .unwrap();
+    let hub = tether_integration_tests::harness::start_hub_with(free_addr(), service);
+    let url = hub.ws_url();
+    let (sub_t, _sub_events) = bystander(url.clone()).await;
+    let (pub_t, _pub_events) = bystander(url.clone()).await;
+    let (_s, mut messages, _) = open_attached(&sub_t, "steady", ChannelOptions::default(), T)
+        .await
+        .unwrap();
+    let (steady, _, _) = open_attached(&pub_t, "steady", ChannelOptions::publish_only(), T)
+        .await
+        .unwrap();
+
+    // Appends in the store (blocked), eight queued behind them: the next one is refused.
+    let mut flood = attached(&url, "flood", "i", "slow", false, "p").await;
+    for seq in 1..=30u64 {
+        flood
+            .feed(ws::Message::Text(
+                format!(r#"{{"type":"publish","channel":"slow","seq":{seq},"payload":{seq}}}"#)
+                    .into(),
+            ))
+            .await
+            .unwrap();
+    }
+    flood.flush().await.unwrap();
+    let first_refusal = match next_frame(&mut flood).await {
+        Some(Frame::Error(e)) => e,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert_eq!(first_refusal.code, ErrorCode::Overloaded);
+    // At most 8 queued behind at most two appends in the store (how the first publishes were
+    // batched decides which of seq 9, 10, 11 is the first one refused).
+    let refused = first_refusal.seq.expect("about a publish");
+    assert!((9..=11).contains(&refused), "first refused: {refused}");
+    assert!(!first_refusal.permanent);
+    let (_, close) = error_and_close(&mut flood).await;
+    assert_eq!(close, Some(CloseCode::Again));
+
+    // Meanwhile the other channel flows, in order.
+    for i in 1..=20u64 {
+        steady
+            .publish(&i)
+            .await
+            .expect("the healthy channel goes on");
+    }
+    let got = collect_messages(&mut messages, 20, T).await.unwrap();
+    let values: Vec<u64> = got
+        .iter()
+        .map(|ev| match ev {
+            ChannelEvent::Message(m) => m.payload.decode().unwrap(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(values, (1..=20).collect::<Vec<_>>());
+    gate.send_replace(true);
+    sub_t.close().await;
+    pub_t.close().await;
+    hub.stop().await;
+}

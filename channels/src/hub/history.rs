@@ -308,7 +308,7 @@ impl MemoryHistory {
     }
 
     /// [`HistoryStore::append`], synchronously, at `now`.
-    pub fn append_now(&self, channel: &str, batch: &[AppendRequest], now: Instant) -> Appended {
+    pub fn append_now(&self, channel: &str, batch: Vec<AppendRequest>, now: Instant) -> Appended {
         let channel = self.channel(channel);
         let mut c = channel.lock().unwrap_or_else(|p| p.into_inner());
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -324,7 +324,7 @@ impl MemoryHistory {
                 now,
                 StoredMessage {
                     offset,
-                    payload: request.payload.clone(),
+                    payload: request.payload,
                 },
             ));
             c.dedupe.record(&request.producer, request.seq, offset, now);
@@ -386,7 +386,7 @@ impl HistoryStore for MemoryHistory {
         _fence: Fence,
         batch: Vec<AppendRequest>,
     ) -> BoxFuture<'static, Result<Appended, ChannelError>> {
-        let appended = self.append_now(channel, &batch, Instant::now());
+        let appended = self.append_now(channel, batch, Instant::now());
         Box::pin(futures::future::ready(Ok(appended)))
     }
 
@@ -459,7 +459,7 @@ mod tests {
             ..Retention::default()
         });
         let batch: Vec<_> = (1..=5).map(|i| req("a", i)).collect();
-        let appended = h.append_now("c", &batch, now);
+        let appended = h.append_now("c", batch, now);
         assert_eq!(appended.head, Offset(5));
         let page = h.read_now("c", Offset(3), PageLimit::default(), now);
         assert_eq!(page.first, Offset(3));
@@ -477,7 +477,7 @@ mod tests {
         let now = Instant::now();
         let h = store(Retention::default());
         let batch: Vec<_> = (1..=10).map(|i| req("a", i)).collect();
-        h.append_now("c", &batch, now);
+        h.append_now("c", batch, now);
         let by_count = PageLimit {
             max_messages: 4,
             max_bytes: usize::MAX,
@@ -506,8 +506,8 @@ mod tests {
     fn replays_are_recognised_in_the_same_step_as_the_append() {
         let now = Instant::now();
         let h = store(Retention::default());
-        h.append_now("c", &[req("a", 1), req("b", 1), req("a", 2)], now);
-        let again = h.append_now("c", &[req("a", 1), req("a", 2), req("a", 3)], now);
+        h.append_now("c", vec![req("a", 1), req("b", 1), req("a", 2)], now);
+        let again = h.append_now("c", vec![req("a", 1), req("a", 2), req("a", 3)], now);
         assert_eq!(
             again.outcomes,
             [
@@ -525,9 +525,9 @@ mod tests {
             max_age: Duration::from_secs(60),
             ..Retention::default()
         });
-        h.append_now("c", &[req("a", 1)], Instant::now());
+        h.append_now("c", vec![req("a", 1)], Instant::now());
         tokio::time::advance(Duration::from_secs(30)).await;
-        h.append_now("c", &[req("a", 2)], Instant::now());
+        h.append_now("c", vec![req("a", 2)], Instant::now());
         tokio::time::advance(Duration::from_secs(31)).await;
         let page = h.read_now("c", Offset(0), PageLimit::default(), Instant::now());
         assert_eq!(page.first, Offset(2));
@@ -545,7 +545,7 @@ mod tests {
             ..Retention::default()
         });
         let batch: Vec<_> = (1..=4).map(|i| req("a", i)).collect();
-        h.append_now("c", &batch, now); // 12 bytes each
+        h.append_now("c", batch, now); // 12 bytes each
         assert_eq!(h.retained("c"), 2);
         let page = h.read_now("c", Offset(0), PageLimit::default(), now);
         assert_eq!(page.first, Offset(3));
@@ -562,6 +562,6 @@ mod tests {
             .read_now("b", Offset(0), PageLimit::POSITION_ONLY, now)
             .epoch;
         assert_ne!(a, b);
-        assert_eq!(h.append_now("a", &[req("x", 1)], now).epoch, a);
+        assert_eq!(h.append_now("a", vec![req("x", 1)], now).epoch, a);
     }
 }

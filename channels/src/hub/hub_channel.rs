@@ -148,6 +148,10 @@ pub struct HubChannel {
     /// Attaches that wait for the channel's position (or for the fan-out to reach them).
     waiting: Vec<Subscribe>,
     pending: VecDeque<PublishCommand>,
+    /// Most publishes queued for the store (the channel's mailbox capacity: the actor moves
+    /// commands out of its mailbox at once, so this is what bounds them while the store is
+    /// slow or down).
+    max_pending: usize,
     /// Connections whose publishes the store refused: their later publishes are refused too
     /// (they are being closed and will replay in order on their next connection).
     refused: HashSet<u64>,
@@ -157,10 +161,17 @@ pub struct HubChannel {
 }
 
 impl HubChannel {
-    /// A channel named `name` over `store`, reading history in pages of `page`.
-    pub fn new(name: impl Into<String>, store: Arc<dyn HistoryStore>, page: PageLimit) -> Self {
+    /// A channel named `name` over `store`, reading history in pages of `page`, queueing at
+    /// most `max_pending` publishes for the store.
+    pub fn new(
+        name: impl Into<String>,
+        store: Arc<dyn HistoryStore>,
+        page: PageLimit,
+        max_pending: usize,
+    ) -> Self {
         let name = name.into();
-        let span = tracing::info_span!("hub_channel", channel = %name);
+        let span =
+            tracing::info_span!("hub_channel", channel = %name, epoch = tracing::field::Empty);
         HubChannel {
             name,
             store,
@@ -179,6 +190,7 @@ impl HubChannel {
             generation: 0,
             waiting: Vec::new(),
             pending: VecDeque::new(),
+            max_pending: max_pending.max(1),
             refused: HashSet::new(),
             notices: Arc::new(Notices::default()),
             watching: false,
@@ -770,17 +782,26 @@ impl HubChannel {
         appended: Appended,
     ) {
         let same_epoch = self.epoch.as_ref() == Some(&appended.epoch);
-        let stored: Vec<StoredMessage> = commands
-            .iter()
-            .zip(&appended.outcomes)
-            .filter_map(|(c, outcome)| match outcome {
-                AppendOutcome::Stored(offset) => Some(StoredMessage {
-                    offset: *offset,
-                    payload: c.payload.clone(),
-                }),
-                AppendOutcome::Duplicate(_) => None,
-            })
-            .collect();
+        // The payloads move from the commands into the fan-out; the acks keep the rest.
+        let mut stored = Vec::with_capacity(commands.len());
+        let mut acks = Vec::with_capacity(commands.len());
+        for (command, outcome) in commands.into_iter().zip(&appended.outcomes) {
+            let (offset, duplicate) = match outcome {
+                AppendOutcome::Stored(offset) => {
+                    stored.push(StoredMessage {
+                        offset: *offset,
+                        payload: command.payload,
+                    });
+                    (Some(*offset), false)
+                }
+                AppendOutcome::Duplicate(offset) => {
+                    metrics::counter!(telemetry::DUPLICATES_DROPPED, "side" => "hub").increment(1);
+                    tracing::debug!(parent: &self.span, producer = %command.producer, seq = command.seq, "duplicate publish acknowledged again");
+                    (*offset, true)
+                }
+            };
+            acks.push((command.reply, command.seq, offset, duplicate));
+        }
         metrics::counter!(telemetry::HUB_MESSAGES_STORED).increment(stored.len() as u64);
         let contiguous = stored
             .iter()
@@ -794,18 +815,10 @@ impl HubChannel {
             // from the store, in offset order.
             self.adopt(&appended.epoch, appended.head, Offset(1));
         }
-        for (command, outcome) in commands.iter().zip(&appended.outcomes) {
-            let (offset, duplicate) = match outcome {
-                AppendOutcome::Stored(offset) => (Some(*offset), false),
-                AppendOutcome::Duplicate(offset) => {
-                    metrics::counter!(telemetry::DUPLICATES_DROPPED, "side" => "hub").increment(1);
-                    tracing::debug!(parent: &self.span, producer = %command.producer, seq = command.seq, "duplicate publish acknowledged again");
-                    (*offset, true)
-                }
-            };
+        for (reply, seq, offset, duplicate) in acks {
             let ack = Frame::Ack(Ack {
                 channel: self.name.clone(),
-                seq: command.seq,
+                seq,
                 offset,
                 epoch: offset.map(|_| appended.epoch.clone()),
                 duplicate,
@@ -815,8 +828,7 @@ impl HubChannel {
                 text: ack.into(),
                 completes_publish: true,
             };
-            if command.reply.send(out).is_err() {
-                let reply = command.reply.clone();
+            if reply.send(out).is_err() {
                 self.kick_slow(reply.conn_id(), &reply);
             }
         }
@@ -915,6 +927,22 @@ impl Handler<PublishCommand> for HubChannel {
                     .into(),
             };
             self.send_error(&msg.reply, &error, Some(msg.seq));
+            return;
+        }
+        if self.pending.len() >= self.max_pending {
+            // The store is not keeping up: refuse, in order, everything this connection sends
+            // from here on (it replays on its next connection), as a full mailbox would.
+            let conn_id = msg.reply.conn_id();
+            tracing::warn!(parent: &self.span, conn_id, queued = self.pending.len(), "publish queue full; closing the publisher's connection");
+            let error = TransportError::Remote {
+                code: ErrorCode::Overloaded,
+                category: ErrorCategory::Service,
+                permanent: false,
+                message: "channel is overloaded; reconnect and retry".into(),
+            };
+            self.refused.insert(conn_id);
+            self.send_error(&msg.reply, &error, Some(msg.seq));
+            msg.reply.kick(error);
             return;
         }
         self.pending.push_back(msg);

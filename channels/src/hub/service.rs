@@ -148,6 +148,14 @@ impl ChannelServiceBuilder {
         self
     }
 
+    /// Capacity of each channel's command mailbox, and the most publishes a channel queues for
+    /// its store; past it a publisher's connection is closed with `overloaded` (retryable).
+    /// Default 65,536.
+    pub fn channel_mailbox(mut self, n: usize) -> Self {
+        self.channel_mailbox = n;
+        self
+    }
+
     /// Validates and starts the service's threads. Call inside an actix system.
     pub fn build(self) -> Result<ChannelService, TransportError> {
         let invalid = |field: &'static str| {
@@ -161,6 +169,9 @@ impl ChannelServiceBuilder {
         }
         if self.max_in_flight_per_connection == 0 {
             return invalid("max_in_flight_per_connection");
+        }
+        if self.channel_mailbox == 0 {
+            return invalid("channel_mailbox");
         }
         if self.max_channels_per_connection == 0 {
             return invalid("max_channels_per_connection");
@@ -260,8 +271,9 @@ impl Inner {
         let (tx, rx) = actix::dev::channel::channel::<HubChannel>(self.channel_mailbox);
         let addr = Addr::new(tx);
         let (store, page, owned) = (self.store.clone(), self.page, name.to_owned());
+        let max_pending = self.channel_mailbox;
         arbiter.spawn_fn(move || {
-            Context::with_receiver(rx).run(HubChannel::new(owned, store, page));
+            Context::with_receiver(rx).run(HubChannel::new(owned, store, page, max_pending));
         });
         channels.insert(name.to_owned(), addr.clone());
         Ok(addr)

@@ -50,6 +50,16 @@ struct Pair {
     seen: HashMap<u64, String>,
 }
 
+/// One owed delivery that did not happen.
+struct Undelivered<'a> {
+    subscriber: u32,
+    publisher: u32,
+    seq: u64,
+    at: Option<&'a Position>,
+    /// Whether a gap the subscriber was told of covers it.
+    covered: bool,
+}
+
 /// Every message and delivery of a soak run.
 #[derive(Debug)]
 pub struct Ledger {
@@ -209,57 +219,64 @@ impl Ledger {
     /// Up to `n` silently lost deliveries, described (subscriber, publisher, seq, where the
     /// hub placed it, and the gaps the subscriber was told of), for whoever investigates.
     pub fn silent_losses(&self, n: usize) -> Vec<String> {
-        let mut out = Vec::new();
-        let no_gaps = Vec::new();
-        for (publisher, seqs) in self.acked.iter().enumerate() {
-            for subscriber in &self.subscribers_of[self.channel_of[publisher]] {
-                let seen = self.pairs.get(&(*subscriber, publisher as u32));
-                let gaps = self.gaps.get(subscriber).unwrap_or(&no_gaps);
-                let order = &self.epochs[self.channel_of[publisher]];
-                let mut sorted: Vec<_> = seqs.iter().collect();
-                sorted.sort_by_key(|(seq, _)| **seq);
-                for (seq, at) in sorted {
-                    if seen.is_some_and(|p| p.seen.contains_key(seq))
-                        || at
-                            .as_ref()
-                            .is_some_and(|at| gaps.iter().any(|g| g.covers(at, order)))
-                    {
-                        continue;
-                    }
-                    out.push(format!(
-                        "subscriber {subscriber} never got publisher {publisher}'s seq {seq} (acked at {at:?}); gaps told: {gaps:?}"
-                    ));
-                    if out.len() >= n {
-                        return out;
-                    }
-                }
-            }
-        }
-        out
+        let mut lost: Vec<Undelivered<'_>> = self.undelivered().filter(|u| !u.covered).collect();
+        lost.sort_by_key(|u| (u.publisher, u.subscriber, u.seq));
+        lost.into_iter()
+            .take(n)
+            .map(|u| {
+                let gaps = self.gaps.get(&u.subscriber).map(Vec::as_slice).unwrap_or(&[]);
+                format!(
+                    "subscriber {} never got publisher {}'s seq {} (acked at {:?}); gaps told: {gaps:?}",
+                    u.subscriber, u.publisher, u.seq, u.at
+                )
+            })
+            .collect()
+    }
+
+    /// Every owed delivery that did not happen, with whether a reported gap covers it.
+    fn undelivered(&self) -> impl Iterator<Item = Undelivered<'_>> + '_ {
+        self.acked
+            .iter()
+            .enumerate()
+            .flat_map(move |(publisher, seqs)| {
+                let channel = self.channel_of[publisher];
+                let order = &self.epochs[channel];
+                self.subscribers_of[channel]
+                    .iter()
+                    .flat_map(move |&subscriber| {
+                        let seen = self.pairs.get(&(subscriber, publisher as u32));
+                        let gaps = self.gaps.get(&subscriber).map(Vec::as_slice).unwrap_or(&[]);
+                        seqs.iter()
+                            .filter(move |(seq, _)| !seen.is_some_and(|p| p.seen.contains_key(seq)))
+                            .map(move |(seq, at)| Undelivered {
+                                subscriber,
+                                publisher: publisher as u32,
+                                seq: *seq,
+                                at: at.as_ref(),
+                                covered: at
+                                    .as_ref()
+                                    .is_some_and(|at| gaps.iter().any(|g| g.covers(at, order))),
+                            })
+                    })
+            })
     }
 
     /// The totals, with loss computed message by message.
     pub fn totals(&self) -> Totals {
-        let mut expected = 0u64;
-        let mut lost = 0u64;
-        let mut lost_in_gaps = 0u64;
-        let no_gaps = Vec::new();
-        for (publisher, seqs) in self.acked.iter().enumerate() {
-            let subscribers = &self.subscribers_of[self.channel_of[publisher]];
-            expected += seqs.len() as u64 * subscribers.len() as u64;
-            for subscriber in subscribers {
-                let seen = self.pairs.get(&(*subscriber, publisher as u32));
-                let gaps = self.gaps.get(subscriber).unwrap_or(&no_gaps);
-                let order = &self.epochs[self.channel_of[publisher]];
-                for (seq, at) in seqs {
-                    if seen.is_some_and(|p| p.seen.contains_key(seq)) {
-                        continue;
-                    }
-                    match at {
-                        Some(at) if gaps.iter().any(|g| g.covers(at, order)) => lost_in_gaps += 1,
-                        _ => lost += 1,
-                    }
-                }
+        let expected = self
+            .acked
+            .iter()
+            .enumerate()
+            .map(|(publisher, seqs)| {
+                seqs.len() as u64 * self.subscribers_of[self.channel_of[publisher]].len() as u64
+            })
+            .sum();
+        let (mut lost, mut lost_in_gaps) = (0u64, 0u64);
+        for u in self.undelivered() {
+            if u.covered {
+                lost_in_gaps += 1;
+            } else {
+                lost += 1;
             }
         }
         Totals {
