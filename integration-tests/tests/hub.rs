@@ -16,6 +16,50 @@ use tether_transport::{ConnectionState, Transport};
 
 const T: Duration = Duration::from_secs(5);
 
+/// A subscriber and a publisher on channel `steady` that keep going beside an attack.
+struct HealthyPair {
+    subscriber: Transport,
+    sub_events: EventLog,
+    publisher: Transport,
+    messages: tether_channels::ChannelEvents,
+    steady: tether_channels::Channel,
+}
+
+async fn healthy_pair(url: &str) -> HealthyPair {
+    use tether_channels::ChannelOptions;
+    use tether_integration_tests::harness::open_attached;
+    let (subscriber, sub_events) = bystander(url.to_owned()).await;
+    let (publisher, _) = bystander(url.to_owned()).await;
+    let (_, messages, _) = open_attached(&subscriber, "steady", ChannelOptions::default(), T)
+        .await
+        .unwrap();
+    let (steady, _, _) = open_attached(&publisher, "steady", ChannelOptions::publish_only(), T)
+        .await
+        .unwrap();
+    HealthyPair {
+        subscriber,
+        sub_events,
+        publisher,
+        messages,
+        steady,
+    }
+}
+
+/// Asserts the healthy subscriber received 1..=n, in order, and nothing else.
+async fn assert_received_in_order(messages: &mut tether_channels::ChannelEvents, n: u64) {
+    let got = tether_integration_tests::harness::collect_messages(messages, n as usize, T)
+        .await
+        .unwrap();
+    let values: Vec<u64> = got
+        .iter()
+        .map(|ev| match ev {
+            tether_channels::ChannelEvent::Message(m) => m.payload.decode().unwrap(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(values, (1..=n).collect::<Vec<_>>());
+}
+
 /// A healthy client beside every bad one: it must not see a single transition.
 async fn bystander(url: String) -> (Transport, EventLog) {
     let (transport, rx) = Transport::start_with_events(fast_client(url).build().unwrap());
@@ -218,20 +262,18 @@ async fn publish_sequence_numbers_outside_one_to_two_to_the_53_are_refused_for_t
 
 #[actix_rt::test]
 async fn oversized_identifiers_are_refused_with_a_typed_error_while_a_healthy_pair_goes_on() {
-    use tether_channels::{ChannelEvent, ChannelOptions};
-    use tether_integration_tests::harness::{collect_messages, open_attached, start_channel_hub};
+    use tether_integration_tests::harness::start_channel_hub;
     init_tracing();
     let hub = start_channel_hub(free_addr(), tether_channels::hub::Retention::default());
     let url = hub.ws_url();
     // The healthy pair: a subscriber and a publisher that keep going throughout.
-    let (sub_t, mut sub_events) = bystander(url.clone()).await;
-    let (pub_t, _pub_events) = bystander(url.clone()).await;
-    let (_s, mut messages, _) = open_attached(&sub_t, "steady", ChannelOptions::default(), T)
-        .await
-        .unwrap();
-    let (steady, _, _) = open_attached(&pub_t, "steady", ChannelOptions::publish_only(), T)
-        .await
-        .unwrap();
+    let HealthyPair {
+        subscriber: sub_t,
+        mut sub_events,
+        publisher: pub_t,
+        mut messages,
+        steady,
+    } = healthy_pair(&url).await;
 
     let long = "x".repeat(1024 * 1024 - 200);
     let mut published = 0u64;
@@ -292,17 +334,7 @@ async fn oversized_identifiers_are_refused_with_a_typed_error_while_a_healthy_pa
     ));
 
     // The healthy subscriber got everything, in order, and never saw a transition.
-    let got = collect_messages(&mut messages, published as usize, T)
-        .await
-        .unwrap();
-    let values: Vec<u64> = got
-        .iter()
-        .map(|ev| match ev {
-            ChannelEvent::Message(m) => m.payload.decode().unwrap(),
-            other => panic!("{other:?}"),
-        })
-        .collect();
-    assert_eq!(values, (1..=published).collect::<Vec<_>>());
+    assert_received_in_order(&mut messages, published).await;
     sub_events
         .expect_quiet(Duration::from_millis(100))
         .await
@@ -561,8 +593,6 @@ impl tether_channels::hub::HistoryStore for GatedStore {
 
 #[actix_rt::test]
 async fn a_store_that_stops_keeping_up_bounds_the_queued_publishes_and_no_other_channel_stalls() {
-    use tether_channels::{ChannelEvent, ChannelOptions};
-    use tether_integration_tests::harness::{collect_messages, open_attached};
     init_tracing();
     let (gate, open) = tokio::sync::watch::channel(false);
     let store = std::sync::Arc::new(GatedStore {
@@ -576,14 +606,13 @@ async fn a_store_that_stops_keeping_up_bounds_the_queued_publishes_and_no_other_
         .unwrap();
     let hub = tether_integration_tests::harness::start_hub_with(free_addr(), service);
     let url = hub.ws_url();
-    let (sub_t, _sub_events) = bystander(url.clone()).await;
-    let (pub_t, _pub_events) = bystander(url.clone()).await;
-    let (_s, mut messages, _) = open_attached(&sub_t, "steady", ChannelOptions::default(), T)
-        .await
-        .unwrap();
-    let (steady, _, _) = open_attached(&pub_t, "steady", ChannelOptions::publish_only(), T)
-        .await
-        .unwrap();
+    let HealthyPair {
+        subscriber: sub_t,
+        sub_events: _sub_events,
+        publisher: pub_t,
+        mut messages,
+        steady,
+    } = healthy_pair(&url).await;
 
     // Appends in the store (blocked), eight queued behind them: the next one is refused.
     let mut flood = attached(&url, "flood", "i", "slow", false, "p").await;
@@ -617,15 +646,7 @@ async fn a_store_that_stops_keeping_up_bounds_the_queued_publishes_and_no_other_
             .await
             .expect("the healthy channel goes on");
     }
-    let got = collect_messages(&mut messages, 20, T).await.unwrap();
-    let values: Vec<u64> = got
-        .iter()
-        .map(|ev| match ev {
-            ChannelEvent::Message(m) => m.payload.decode().unwrap(),
-            other => panic!("{other:?}"),
-        })
-        .collect();
-    assert_eq!(values, (1..=20).collect::<Vec<_>>());
+    assert_received_in_order(&mut messages, 20).await;
     gate.send_replace(true);
     sub_t.close().await;
     pub_t.close().await;
