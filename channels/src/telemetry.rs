@@ -20,6 +20,8 @@ pub const HUB_MESSAGES_STORED: &str = "tether_hub_messages_stored_total";
 pub const HUB_DELIVERIES: &str = "tether_hub_deliveries_total";
 /// Counter: history messages replayed to resuming subscribers.
 pub const HUB_REPLAYED: &str = "tether_hub_replayed_total";
+/// Counter: replay or catch-up pages that waited for a connection's socket to drain.
+pub const HUB_REPLAYS_PACED: &str = "tether_hub_replays_paced_total";
 /// Counter: connections closed because they could not keep up.
 pub const HUB_SLOW_CONSUMERS: &str = "tether_hub_slow_consumers_total";
 /// Gauge: channels on the hub.

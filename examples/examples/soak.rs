@@ -207,7 +207,7 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
             (
                 Hubs::Embedded {
                     hub: RefCell::new(Some(hub)),
-                    config,
+                    config: Box::new(config),
                 },
                 vec![bind],
                 path,
@@ -530,6 +530,8 @@ fn hub_config(
         .heartbeat(idle / 4, idle)
         .handler(Arc::new(service))
         .node_id(node_id)
+        // A graceful restart spreads the fleet's reconnects over this window.
+        .shutdown_retry(Duration::from_millis(100), Duration::from_secs(1))
         .build()?)
 }
 
@@ -674,7 +676,7 @@ enum Hubs {
     /// One hub in this process (its channel service survives restarts).
     Embedded {
         hub: RefCell<Option<HubHandle>>,
-        config: HubConfig,
+        config: Box<HubConfig>,
     },
     /// Hub processes.
     Processes(Nodes),
@@ -693,7 +695,7 @@ impl Hubs {
                     running.stop().await;
                 }
                 tokio::time::sleep(down).await;
-                match Hub::start(config.clone()) {
+                match Hub::start(HubConfig::clone(config)) {
                     Ok(h) => {
                         *hub.borrow_mut() = Some(h);
                         true

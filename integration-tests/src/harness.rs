@@ -32,13 +32,16 @@ pub fn free_addr() -> SocketAddr {
     listener.local_addr().expect("local address")
 }
 
-/// Hub settings for tests: one worker, heartbeat 250 ms, idle timeout 1 s, hello timeout 2 s.
+/// Hub settings for tests: one worker, heartbeat 250 ms, idle timeout 1 s, hello timeout 2 s;
+/// a stop tells clients to come back within 50–200 ms and waits at most 2 s for them to go.
 pub fn test_hub_config(bind: SocketAddr) -> HubConfigBuilder {
     HubConfig::builder()
         .bind(bind)
         .workers(1)
         .heartbeat(Duration::from_millis(250), Duration::from_secs(1))
         .hello_timeout(Duration::from_secs(2))
+        .shutdown_retry(Duration::from_millis(50), Duration::from_millis(200))
+        .drain_timeout(Duration::from_secs(2))
 }
 
 /// Starts a test hub on `bind` (port 0 for any). Must run inside an actix system.

@@ -324,6 +324,50 @@ pub struct ErrorFrame {
     /// The publish sequence number the error concerns, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+    /// With `shutting_down`: when to come back, `[min, max]` in milliseconds from now. A
+    /// client draws its reconnect moment uniformly in the window, so the hub (not luck) shapes
+    /// the connect rate a restart sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<RetryWindow>,
+}
+
+/// When to reconnect after a `shutting_down` error: a moment drawn uniformly between `min_ms`
+/// and `max_ms` from now. On the wire: `[min_ms, max_ms]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "[u64; 2]", into = "[u64; 2]")]
+pub struct RetryWindow {
+    /// Earliest, in milliseconds from receipt.
+    pub min_ms: u64,
+    /// Latest, in milliseconds from receipt (never below `min_ms`).
+    pub max_ms: u64,
+}
+
+impl From<[u64; 2]> for RetryWindow {
+    fn from([a, b]: [u64; 2]) -> Self {
+        RetryWindow {
+            min_ms: a.min(b),
+            max_ms: a.max(b),
+        }
+    }
+}
+
+impl From<RetryWindow> for [u64; 2] {
+    fn from(w: RetryWindow) -> Self {
+        [w.min_ms, w.max_ms]
+    }
+}
+
+impl RetryWindow {
+    /// A window from `min` to `max` (swapped if given the other way round).
+    pub fn new(min: std::time::Duration, max: std::time::Duration) -> Self {
+        RetryWindow::from([min.as_millis() as u64, max.as_millis() as u64])
+    }
+
+    /// A moment in the window for `unit` drawn uniformly in `[0, 1)`.
+    pub fn pick(&self, unit: f64) -> std::time::Duration {
+        let span = (self.max_ms - self.min_ms) as f64;
+        std::time::Duration::from_millis(self.min_ms + (span * unit.clamp(0.0, 1.0)) as u64)
+    }
 }
 
 impl ErrorFrame {
@@ -336,6 +380,7 @@ impl ErrorFrame {
             message: err.to_string(),
             channel: None,
             seq: None,
+            retry_after_ms: None,
         }
     }
 
@@ -725,6 +770,10 @@ mod tests {
                 message: "no".into(),
                 channel: Some("room".into()),
                 seq: Some(3),
+                retry_after_ms: Some(RetryWindow {
+                    min_ms: 500,
+                    max_ms: 5000,
+                }),
             }),
             Frame::Attach(Attach {
                 channel: "room".into(),

@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::breaker::{BreakerState, CircuitBreaker};
+use crate::protocol::RetryWindow;
 
 /// How delays grow between attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -297,6 +298,25 @@ impl ReconnectManager {
         self.on_failure(now)
     }
 
+    /// The hub said it is stopping (`shutting_down` with a retry window) and the connection
+    /// ended: the next attempt goes out at a moment drawn uniformly in `window`, so that the
+    /// fleet comes back at the rate the hub chose. A graceful stop is not a failure: the breaker
+    /// and the backoff sequence start afresh (a hub still down when the attempt goes out
+    /// fails it, and the sequence applies from there). The manual strategy still waits.
+    pub fn on_hub_shutdown(&mut self, _now: Instant, window: RetryWindow) -> NextStep {
+        self.connected_at = None;
+        self.breaker.close();
+        self.reset_sequence();
+        if self.policy.strategy == ReconnectStrategy::Manual {
+            return NextStep::WaitForManual;
+        }
+        let unit: f64 = self.rng.random_range(0.0..1.0);
+        NextStep::Retry {
+            delay: window.pick(unit),
+            attempt: 1,
+        }
+    }
+
     /// A connection attempt failed at `now` (refused, timed out, rejected with a retryable
     /// error).
     pub fn on_attempt_failed(&mut self, now: Instant) -> NextStep {
@@ -413,6 +433,36 @@ impl ReconnectManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stopping_hub_spreads_reconnects_uniformly_over_its_window() {
+        let window = RetryWindow {
+            min_ms: 1_000,
+            max_ms: 5_000,
+        };
+        let now = Instant::now();
+        let mut buckets = [0u32; 4];
+        for seed in 0..2_000 {
+            let mut m = ReconnectManager::new(ReconnectPolicy::default(), Some(seed));
+            // Even after failures, a graceful stop starts afresh.
+            m.begin_attempt(now);
+            m.on_attempt_failed(now);
+            match m.on_hub_shutdown(now, window) {
+                NextStep::Retry { delay, attempt } => {
+                    assert_eq!(attempt, 1);
+                    let ms = delay.as_millis() as u64;
+                    assert!((1_000..=5_000).contains(&ms), "{ms} ms");
+                    buckets[((ms - 1_000) / 1_000).min(3) as usize] += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(m.breaker_state(), BreakerState::Closed);
+        }
+        // Uniform: each quarter of the window gets about a quarter of the fleet.
+        for b in buckets {
+            assert!((400..600).contains(&b), "{buckets:?}");
+        }
+    }
 
     fn manager(policy: ReconnectPolicy) -> ReconnectManager {
         ReconnectManager::new(policy, Some(7))

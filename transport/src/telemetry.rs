@@ -28,6 +28,11 @@ pub const HUB_HANDSHAKES: &str = "tether_hub_handshakes_total";
 pub const HUB_FRAMES_REJECTED: &str = "tether_hub_frames_rejected_total";
 /// Counter: hub connections closed because the client went silent.
 pub const HUB_IDLE_TIMEOUTS: &str = "tether_hub_idle_timeouts_total";
+/// Counter: frames refused from their header for declaring more than the frame limit.
+pub const HUB_OVERSIZED_FRAMES: &str = "tether_hub_oversized_frames_total";
+/// Counter: hub connections reset because their writer made no progress for the write
+/// timeout (the peer stopped reading).
+pub const HUB_WRITE_STALLS: &str = "tether_hub_write_stalls_total";
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -79,6 +84,14 @@ fn describe() {
     describe_counter!(HUB_HANDSHAKES, "Hub handshakes by result");
     describe_counter!(HUB_FRAMES_REJECTED, "Frames refused by the hub, by code");
     describe_counter!(HUB_IDLE_TIMEOUTS, "Hub connections closed for silence");
+    describe_counter!(
+        HUB_OVERSIZED_FRAMES,
+        "Frames refused from their header for exceeding the frame limit"
+    );
+    describe_counter!(
+        HUB_WRITE_STALLS,
+        "Hub connections reset because the peer stopped reading"
+    );
 }
 /// Counter: error frames clients sent to the hub (logged a few per minute per connection).
 pub const HUB_CLIENT_ERRORS: &str = "tether_hub_client_errors_total";

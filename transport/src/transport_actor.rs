@@ -19,7 +19,7 @@ use crate::config::TransportConfig;
 use crate::error::TransportError;
 use crate::events::{event_channel, EventReceiver, DEFAULT_EVENT_CAPACITY};
 use crate::protocol::{
-    Frame, Hello, InstanceId, SessionId, CLOSE_SESSION_TAKEN_OVER, PROTOCOL_VERSION,
+    ErrorCode, Frame, Hello, InstanceId, SessionId, CLOSE_SESSION_TAKEN_OVER, PROTOCOL_VERSION,
 };
 use crate::reconnect::{NextStep, ReconnectManager, Stability};
 use crate::state::{ConnectionFsm, ConnectionState, ConnectionStateChanged, TransitionReason};
@@ -155,6 +155,8 @@ pub struct TransportActor {
     reconnect_count: u64,
     ever_connected: bool,
     last_error: Option<TransportError>,
+    /// The hub said it is stopping, with when to come back.
+    hub_stopping: Option<crate::protocol::RetryWindow>,
     connected_since: Option<SystemTime>,
     lost_at: Option<Instant>,
     instance: InstanceId,
@@ -192,6 +194,7 @@ impl TransportActor {
             reconnect_count: 0,
             ever_connected: false,
             last_error: None,
+            hub_stopping: None,
             connected_since: None,
             lost_at: None,
             instance: InstanceId::random(),
@@ -493,7 +496,16 @@ impl TransportActor {
             );
             return;
         }
-        let (step, reason) = if established {
+        let stopping = self.hub_stopping.take();
+        let (step, reason) = if let (true, Some(window)) = (established, stopping) {
+            // A graceful stop: come back when the hub said, not all at once.
+            self.failover_left = self.config.endpoints.len().saturating_sub(1);
+            tracing::info!(parent: &self.span, ?window, "hub stopping; reconnecting within its window");
+            (
+                self.manager.on_hub_shutdown(now, window),
+                TransitionReason::ConnectionLost(error),
+            )
+        } else if established {
             self.failover_left = self.config.endpoints.len().saturating_sub(1);
             (
                 self.manager.on_connection_lost(now),
@@ -605,6 +617,9 @@ impl Handler<WsEvent> for TransportActor {
                 }
                 Frame::Error(err) => {
                     tracing::warn!(parent: &self.span, conn_id, code = %err.code, message = %err.message, "hub reported an error");
+                    if err.code == ErrorCode::ShuttingDown {
+                        self.hub_stopping = err.retry_after_ms;
+                    }
                     self.last_error = Some(err.into_error());
                 }
                 other => {

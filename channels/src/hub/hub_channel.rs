@@ -17,7 +17,10 @@
 //! * **Attach with resume** reads history page by page and sends it to that subscriber alone
 //!   until it reaches `delivered`, then the subscriber turns live. Its `attached` frame states
 //!   the head and replay count at the moment of the attach; whatever the channel fans out while
-//!   the subscriber catches up follows the replay in order.
+//!   the subscriber catches up follows the replay in order. Each page is paid for from the
+//!   connection's outbound budget *before* it is read ([`SessionOutbox::reserve_replay`]): a
+//!   connection whose socket does not drain stops its replays instead of piling pages up, and
+//!   a re-attach of the same channel starts over instead of stacking a second replay.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +29,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytestring::ByteString;
-use tether_transport::hub::{Outbound, SessionOutbox};
+use tether_transport::hub::{Outbound, ReplayReservation, SessionOutbox};
 use tether_transport::protocol::{
     Ack, Attached, Detached, Epoch, ErrorCode, ErrorFrame, Frame, Message as MessageFrame, Offset,
     Payload, Position,
@@ -88,6 +91,21 @@ pub struct PublishCommand {
     pub reply: SessionOutbox,
 }
 
+/// A connection's outbound budget has room for the replay page a subscriber waits to read.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ReplayRoom {
+    conn_id: u64,
+    generation: u64,
+}
+
+/// The first replay read of an attach, waiting for room in the connection's budget.
+struct AttachRead {
+    msg: Subscribe,
+    from: Position,
+    after: Offset,
+}
+
 /// The store has news about the channel (coalesced in [`Notices`]).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -111,6 +129,8 @@ struct Subscriber {
     next: Offset,
     /// Distinguishes a re-attach of the same connection from the attach a read answers.
     generation: u64,
+    /// The attach's first read, when it waits for room in the connection's budget.
+    attach_read: Option<AttachRead>,
 }
 
 /// One append batch sent to the store.
@@ -490,13 +510,58 @@ impl HubChannel {
         } else {
             Offset(0)
         };
-        let read = self.store.read(&self.name, self.seen(), after, self.page);
+        self.read_attach_page(ctx, AttachRead { msg, from, after }, generation);
+    }
+
+    /// Reserves room for one replay page in the connection's budget; `None` (and a
+    /// [`ReplayRoom`] later) when its socket has not drained enough yet.
+    fn reserve_page(
+        &self,
+        ctx: &mut Context<Self>,
+        outbox: &SessionOutbox,
+        conn_id: u64,
+        generation: u64,
+    ) -> Option<ReplayReservation> {
+        let bytes = self.page.max_bytes.min(outbox.replay_share());
+        let addr = ctx.address();
+        outbox.reserve_replay(
+            bytes,
+            Box::new(move || {
+                addr.do_send(ReplayRoom {
+                    conn_id,
+                    generation,
+                })
+            }),
+        )
+    }
+
+    /// The limits of a page read into `reservation`.
+    fn page_for(&self, reservation: &ReplayReservation) -> PageLimit {
+        PageLimit {
+            max_messages: self.page.max_messages,
+            max_bytes: reservation.bytes(),
+        }
+    }
+
+    fn read_attach_page(&mut self, ctx: &mut Context<Self>, read: AttachRead, generation: u64) {
+        let conn_id = read.msg.conn_id;
+        let Some(reservation) = self.reserve_page(ctx, &read.msg.outbox, conn_id, generation)
+        else {
+            metrics::counter!(telemetry::HUB_REPLAYS_PACED).increment(1);
+            if let Some(sub) = self.subscribers.get_mut(&conn_id) {
+                sub.attach_read = Some(read);
+            }
+            return;
+        };
+        let AttachRead { msg, from, after } = read;
+        let page = self.page_for(&reservation);
+        let read = self.store.read(&self.name, self.seen(), after, page);
         ctx.spawn(read.into_actor(self).map(move |result, act, ctx| {
             if act.subscribers.get(&msg.conn_id).map(|s| s.generation) != Some(generation) {
-                return; // detached or re-attached meanwhile
+                return; // detached or re-attached meanwhile (the reservation goes back)
             }
             match result {
-                Ok(page) => act.on_attach_page(ctx, msg, from, page),
+                Ok(page) => act.on_attach_page(ctx, msg, from, page, reservation),
                 Err(e) => {
                     metrics::counter!(telemetry::HUB_STORE_ERRORS, "op" => "read").increment(1);
                     act.subscribers.remove(&msg.conn_id);
@@ -521,6 +586,7 @@ impl HubChannel {
                 live,
                 next: self.delivered,
                 generation: self.generation,
+                attach_read: None,
             },
         );
         self.watch(ctx);
@@ -560,6 +626,7 @@ impl HubChannel {
         msg: Subscribe,
         from: Position,
         page: Page,
+        reservation: ReplayReservation,
     ) {
         let before = self.epoch.clone();
         self.adopt(&page.epoch, page.head, page.first);
@@ -575,7 +642,7 @@ impl HubChannel {
             self.pump(ctx);
             return;
         }
-        self.finish_attach(ctx, msg, from, page);
+        self.finish_attach(ctx, msg, from, page, reservation);
     }
 
     fn finish_attach(
@@ -584,6 +651,7 @@ impl HubChannel {
         msg: Subscribe,
         from: Position,
         page: Page,
+        reservation: ReplayReservation,
     ) {
         let Some(epoch) = self.epoch.clone() else {
             return;
@@ -608,10 +676,11 @@ impl HubChannel {
             .collect();
         let mut batch = Vec::with_capacity(messages.len() + 1);
         batch.push(attached);
-        self.send_catch_up(ctx, msg.conn_id, generation, batch, &messages);
+        self.send_catch_up(ctx, msg.conn_id, generation, batch, &messages, reservation);
     }
 
-    /// Sends `frames` plus `messages` to a catching-up subscriber, then continues.
+    /// Sends `frames` plus `messages` to a catching-up subscriber, paid for by `reservation`,
+    /// then continues.
     fn send_catch_up(
         &mut self,
         ctx: &mut Context<Self>,
@@ -619,6 +688,7 @@ impl HubChannel {
         generation: u64,
         mut frames: Vec<ByteString>,
         messages: &[StoredMessage],
+        reservation: ReplayReservation,
     ) {
         let Some(epoch) = self.epoch.clone() else {
             return;
@@ -631,7 +701,7 @@ impl HubChannel {
             sub.next = last.offset;
         }
         metrics::counter!(telemetry::HUB_REPLAYED).increment(messages.len() as u64);
-        if !frames.is_empty() && sub.outbox.send_batch(frames).is_err() {
+        if !frames.is_empty() && sub.outbox.send_replay(frames, reservation).is_err() {
             let outbox = sub.outbox.clone();
             self.kick_slow(conn_id, &outbox);
             return;
@@ -650,7 +720,13 @@ impl HubChannel {
             return;
         }
         let after = sub.next;
-        let read = self.store.read(&self.name, self.seen(), after, self.page);
+        let outbox = sub.outbox.clone();
+        let Some(reservation) = self.reserve_page(ctx, &outbox, conn_id, generation) else {
+            metrics::counter!(telemetry::HUB_REPLAYS_PACED).increment(1);
+            return; // a ReplayRoom continues it
+        };
+        let page = self.page_for(&reservation);
+        let read = self.store.read(&self.name, self.seen(), after, page);
         ctx.spawn(read.into_actor(self).map(move |result, act, ctx| {
             if act.subscribers.get(&conn_id).map(|s| s.generation) != Some(generation) {
                 return;
@@ -676,7 +752,14 @@ impl HubChannel {
                             sub.next = delivered;
                         }
                     }
-                    act.send_catch_up(ctx, conn_id, generation, Vec::new(), &messages);
+                    act.send_catch_up(
+                        ctx,
+                        conn_id,
+                        generation,
+                        Vec::new(),
+                        &messages,
+                        reservation,
+                    );
                 }
                 Err(e) => {
                     metrics::counter!(telemetry::HUB_STORE_ERRORS, "op" => "read").increment(1);
@@ -947,6 +1030,23 @@ impl Handler<PublishCommand> for HubChannel {
         }
         self.pending.push_back(msg);
         self.append_next(ctx);
+    }
+}
+
+impl Handler<ReplayRoom> for HubChannel {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReplayRoom, ctx: &mut Context<Self>) {
+        let Some(sub) = self.subscribers.get_mut(&msg.conn_id) else {
+            return;
+        };
+        if sub.generation != msg.generation || sub.live {
+            return;
+        }
+        match sub.attach_read.take() {
+            Some(read) => self.read_attach_page(ctx, read, msg.generation),
+            None => self.caught_up_or_continue(ctx, msg.conn_id, msg.generation),
+        }
     }
 }
 

@@ -3,11 +3,16 @@
 //! A [`SessionHandler`] is shared by the whole hub; for each connection that completes its
 //! handshake it opens one [`ConnectionHandler`], which lives inside that connection's session
 //! actor and sees every later frame in order. Frames go back through the connection's
-//! [`SessionOutbox`], whose mailbox is bounded: a connection that cannot keep up is closed
-//! (it resumes from history when it returns), never allowed to grow the hub's memory.
+//! [`SessionOutbox`], charged to the connection's [`OutboundBudget`] in bytes: a connection
+//! that cannot keep up is closed (it resumes from history when it returns), never allowed to
+//! grow the hub's memory; replays wait for room instead ([`SessionOutbox::reserve_replay`]).
+
+use std::sync::Arc;
 
 use actix::{Message, Recipient};
 use bytestring::ByteString;
+
+use super::budget::{DrainWaker, OutboundBudget};
 
 use crate::error::TransportError;
 use crate::protocol::{ClientId, Frame, InstanceId, SessionId};
@@ -35,9 +40,8 @@ pub struct Outbound {
     pub completes_publish: bool,
 }
 
-/// Several encoded frames for a connection, written in order, taking one mailbox slot: a
-/// resume's history replay is one batch, so its size is bounded by the history retention, not
-/// by the connection's outbound queue.
+/// Several encoded frames for a connection, written in order, taking one mailbox slot (a page
+/// of a replay, or one fan-out of several messages).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub struct OutboundBatch {
@@ -57,11 +61,50 @@ pub struct SessionOutbox {
     frames: Recipient<Outbound>,
     batches: Recipient<OutboundBatch>,
     kick: Recipient<Kick>,
+    budget: Arc<OutboundBudget>,
 }
 
-/// The connection's outbound mailbox is full: it is not reading fast enough.
+/// The connection's outbound budget (or mailbox) is full: it is not reading fast enough.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutboxFull;
+
+/// Bytes of a connection's budget held for one replay page, taken before the page is read
+/// ([`SessionOutbox::reserve_replay`]); given back when dropped unused.
+pub struct ReplayReservation {
+    budget: Arc<OutboundBudget>,
+    bytes: usize,
+}
+
+impl ReplayReservation {
+    /// The bytes reserved (read at most about this much).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Turns the reservation into the charge of `actual` bytes of frames.
+    fn settle(self, actual: usize) {
+        if actual > self.bytes {
+            self.budget.charge(actual - self.bytes);
+        } else {
+            self.budget.release(self.bytes - actual);
+        }
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for ReplayReservation {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
+impl std::fmt::Debug for ReplayReservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayReservation")
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
 
 impl SessionOutbox {
     /// An outbox over a session actor's recipients.
@@ -70,12 +113,14 @@ impl SessionOutbox {
         frames: Recipient<Outbound>,
         batches: Recipient<OutboundBatch>,
         kick: Recipient<Kick>,
+        budget: Arc<OutboundBudget>,
     ) -> Self {
         SessionOutbox {
             conn_id,
             frames,
             batches,
             kick,
+            budget,
         }
     }
 
@@ -84,22 +129,86 @@ impl SessionOutbox {
         self.conn_id
     }
 
-    /// Queues a frame. `Err(OutboxFull)` when the connection's bounded mailbox is full; the
-    /// caller should [`SessionOutbox::kick`] it. A closed connection is not an error: there is
-    /// nobody left to tell.
+    /// Queues a frame. `Err(OutboxFull)` when it does not fit the connection's outbound budget
+    /// (or its mailbox); the caller should [`SessionOutbox::kick`] it. A closed connection is
+    /// not an error: there is nobody left to tell.
     pub fn send(&self, out: Outbound) -> Result<(), OutboxFull> {
+        let bytes = out.text.len();
+        if !self.budget.try_charge(bytes) {
+            return Err(OutboxFull);
+        }
         match self.frames.try_send(out) {
-            Ok(()) | Err(actix::dev::SendError::Closed(_)) => Ok(()),
-            Err(actix::dev::SendError::Full(_)) => Err(OutboxFull),
+            Ok(()) => Ok(()),
+            Err(actix::dev::SendError::Closed(_)) => {
+                self.budget.release(bytes);
+                Ok(())
+            }
+            Err(actix::dev::SendError::Full(_)) => {
+                self.budget.release(bytes);
+                Err(OutboxFull)
+            }
         }
     }
 
-    /// Queues several frames as one batch (same bound, one slot).
+    /// Queues several frames as one batch (same budget, one mailbox slot).
     pub fn send_batch(&self, texts: Vec<ByteString>) -> Result<(), OutboxFull> {
-        match self.batches.try_send(OutboundBatch { texts }) {
-            Ok(()) | Err(actix::dev::SendError::Closed(_)) => Ok(()),
-            Err(actix::dev::SendError::Full(_)) => Err(OutboxFull),
+        let bytes: usize = texts.iter().map(|t| t.len()).sum();
+        if !self.budget.try_charge(bytes) {
+            return Err(OutboxFull);
         }
+        self.send_charged_batch(texts, bytes)
+    }
+
+    fn send_charged_batch(&self, texts: Vec<ByteString>, bytes: usize) -> Result<(), OutboxFull> {
+        match self.batches.try_send(OutboundBatch { texts }) {
+            Ok(()) => Ok(()),
+            Err(actix::dev::SendError::Closed(_)) => {
+                self.budget.release(bytes);
+                Ok(())
+            }
+            Err(actix::dev::SendError::Full(_)) => {
+                self.budget.release(bytes);
+                Err(OutboxFull)
+            }
+        }
+    }
+
+    /// Reserves about `bytes` of the connection's replay share (half its budget) before a
+    /// replay or catch-up page is read. `None` when the share is taken: `waker` then runs once
+    /// the connection's socket has drained enough (or the connection is gone), and the caller
+    /// tries again. A page larger than the share goes alone on an otherwise idle connection.
+    pub fn reserve_replay(&self, bytes: usize, waker: DrainWaker) -> Option<ReplayReservation> {
+        let bytes = bytes.max(1);
+        if self.budget.try_reserve_replay(bytes, waker) {
+            Some(ReplayReservation {
+                budget: self.budget.clone(),
+                bytes,
+            })
+        } else {
+            None
+        }
+    }
+
+    /// The largest page worth reserving: the connection's replay share.
+    pub fn replay_share(&self) -> usize {
+        self.budget.replay_limit()
+    }
+
+    /// Queues a replay page paid for by `reservation` (what the page's frames add beyond it is
+    /// charged; what they leave is given back).
+    pub fn send_replay(
+        &self,
+        texts: Vec<ByteString>,
+        reservation: ReplayReservation,
+    ) -> Result<(), OutboxFull> {
+        let bytes: usize = texts.iter().map(|t| t.len()).sum();
+        reservation.settle(bytes);
+        self.send_charged_batch(texts, bytes)
+    }
+
+    /// Bytes queued for this connection and not yet written to its socket.
+    pub fn pending_bytes(&self) -> usize {
+        self.budget.pending()
     }
 
     /// Closes the connection with `error` (sent as an error frame first).
@@ -109,7 +218,7 @@ impl SessionOutbox {
 
     /// Whether the connection is still open.
     pub fn is_open(&self) -> bool {
-        self.frames.connected()
+        self.frames.connected() && !self.budget.is_closed()
     }
 }
 

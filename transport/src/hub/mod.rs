@@ -2,14 +2,18 @@
 //! [`HubSession`] actor per connection), `/health` and `/metrics`.
 
 pub mod auth;
+pub mod budget;
 pub mod handler;
 pub mod session;
 pub mod sessions;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use std::collections::HashMap;
 
 use actix::Recipient;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
@@ -21,11 +25,12 @@ use crate::heartbeat::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_IDLE_TIMEOUT};
 use crate::telemetry;
 
 pub use auth::{AllowAll, AuthRejection, Authenticator, StaticTokens};
+pub use budget::{OutboundBudget, DEFAULT_OUTBOUND_BUDGET};
 pub use handler::{
     ConnInfo, ConnectionHandler, FrameRejection, HandlerHealth, Kick, NoChannels, Outbound,
-    OutboundBatch, OutboxFull, SessionHandler, SessionOutbox,
+    OutboundBatch, OutboxFull, ReplayReservation, SessionHandler, SessionOutbox,
 };
-pub use session::{Evict, HubSession};
+pub use session::{Evict, HubSession, ShutDown};
 pub use sessions::{SessionTable, DEFAULT_SESSION_TTL};
 
 /// Default address the hub listens on: 127.0.0.1:8080.
@@ -39,6 +44,16 @@ pub const DEFAULT_HUB_MAX_FRAME_SIZE: usize = 1024 * 1024;
 
 /// Default capacity of a connection's outbound mailbox: 16,384 frames.
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 16_384;
+/// Default time frames may wait with the socket taking none before the connection is reset:
+/// 10 s.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a close handshake may take before the connection is reset: 2 s.
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default time [`HubHandle::stop`] waits for clients to leave: 10 s.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default window in which clients of a stopping hub come back: 1 s to 10 s.
+pub const DEFAULT_SHUTDOWN_RETRY: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(10));
 
 /// Hub configuration. Build it with [`HubConfig::builder`].
 #[derive(Clone)]
@@ -66,6 +81,17 @@ pub struct HubConfig {
     /// Capacity of each connection's outbound mailbox, in frames. A connection that falls this
     /// far behind is closed as a slow consumer (it resumes from history when it returns).
     pub outbound_queue: usize,
+    /// Bytes that may be queued for one connection (live fan-out, acks, replay and catch-up
+    /// together) before it is closed as a slow consumer; replays use at most half of it.
+    pub outbound_budget: usize,
+    /// Frames may wait this long with the socket taking none before the connection is reset.
+    pub write_timeout: Duration,
+    /// A close handshake may take this long before the connection is reset.
+    pub close_timeout: Duration,
+    /// [`HubHandle::stop`] waits this long for clients to leave before it drops the rest.
+    pub drain_timeout: Duration,
+    /// The window sent with `shutting_down`, in which clients come back.
+    pub shutdown_retry: crate::protocol::RetryWindow,
     /// This node's name among several hub nodes (in `/health` and the logs).
     pub node_id: String,
 }
@@ -82,6 +108,11 @@ impl std::fmt::Debug for HubConfig {
             .field("session_ttl", &self.session_ttl)
             .field("workers", &self.workers)
             .field("outbound_queue", &self.outbound_queue)
+            .field("outbound_budget", &self.outbound_budget)
+            .field("write_timeout", &self.write_timeout)
+            .field("close_timeout", &self.close_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("shutdown_retry", &self.shutdown_retry)
             .field("node_id", &self.node_id)
             .finish_non_exhaustive()
     }
@@ -105,6 +136,14 @@ impl HubConfig {
                 authenticator: Arc::new(AllowAll),
                 handler: Arc::new(NoChannels),
                 outbound_queue: DEFAULT_OUTBOUND_QUEUE,
+                outbound_budget: DEFAULT_OUTBOUND_BUDGET,
+                write_timeout: DEFAULT_WRITE_TIMEOUT,
+                close_timeout: DEFAULT_CLOSE_TIMEOUT,
+                drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+                shutdown_retry: crate::protocol::RetryWindow::new(
+                    DEFAULT_SHUTDOWN_RETRY.0,
+                    DEFAULT_SHUTDOWN_RETRY.1,
+                ),
                 node_id: format!("hub-{}", std::process::id()),
             },
         }
@@ -180,6 +219,43 @@ impl HubConfigBuilder {
         self
     }
 
+    /// Bytes that may be queued for one connection — live fan-out, acks, history replay and
+    /// catch-up together — before it is closed as a `slow_consumer`. Replays and catch-up
+    /// take at most half of it and are read from the store page by page as the socket
+    /// drains. Default 4 MiB; at least 64 KiB.
+    pub fn outbound_budget(mut self, bytes: usize) -> Self {
+        self.config.outbound_budget = bytes;
+        self
+    }
+
+    /// How long frames may wait with the socket taking none (the peer stopped reading) before
+    /// the connection is reset at the TCP level. Default 10 s.
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.config.write_timeout = timeout;
+        self
+    }
+
+    /// How long a close handshake may take (the peer reading what is queued and answering the
+    /// close frame) before the connection is reset. Default 2 s.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.config.close_timeout = timeout;
+        self
+    }
+
+    /// How long [`HubHandle::stop`] waits for clients to leave after telling them
+    /// `shutting_down`. Default 10 s.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// The window sent with `shutting_down`: each client reconnects at a moment drawn
+    /// uniformly in it, so a restart sees a connect rate the hub chose. Default 1 s to 10 s.
+    pub fn shutdown_retry(mut self, min: Duration, max: Duration) -> Self {
+        self.config.shutdown_retry = crate::protocol::RetryWindow::new(min, max);
+        self
+    }
+
     /// This node's name among several hub nodes, shown in `/health` and the logs. Default
     /// `hub-{process id}`.
     pub fn node_id(mut self, id: impl Into<String>) -> Self {
@@ -217,6 +293,15 @@ impl HubConfigBuilder {
         if c.outbound_queue == 0 {
             return invalid("outbound_queue", "must be at least 1");
         }
+        if c.outbound_budget < 64 * 1024 {
+            return invalid("outbound_budget", "must be at least 64 KiB");
+        }
+        if c.write_timeout < Duration::from_millis(100) {
+            return invalid("write_timeout", "must be at least 100 ms");
+        }
+        if c.close_timeout.is_zero() {
+            return invalid("close_timeout", "must be greater than zero");
+        }
         if c.workers == 0 {
             return invalid("workers", "must be at least 1");
         }
@@ -242,6 +327,8 @@ pub struct HubState {
     shutting_down: AtomicBool,
     /// Sessions, with the connection that owns each.
     pub sessions: Mutex<SessionTable<Recipient<Evict>>>,
+    /// Every open connection's session actor, to tell them the hub is stopping.
+    live: Mutex<HashMap<u64, Recipient<ShutDown>>>,
     prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
@@ -249,6 +336,7 @@ impl HubState {
     fn new(config: HubConfig) -> Self {
         HubState {
             sessions: Mutex::new(SessionTable::new(config.session_ttl)),
+            live: Mutex::new(HashMap::new()),
             config,
             started_at: Instant::now(),
             connections: AtomicUsize::new(0),
@@ -275,6 +363,12 @@ impl HubState {
         let now = self.connections.fetch_sub(1, Ordering::Relaxed) - 1;
         metrics::gauge!(telemetry::HUB_CONNECTIONS).set(now as f64);
         self.connections_watch.send_replace(now);
+    }
+
+    pub(crate) fn live_sessions(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, Recipient<ShutDown>>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Locks the session table, recovering from a poisoned lock (a panicking session must not
@@ -325,6 +419,23 @@ impl Hub {
         .workers(config.workers)
         // Small frames (acks, messages) must not wait for Nagle and delayed ACKs.
         .tcp_nodelay(true)
+        // A second handle on each connection's socket: a session resets a peer that stopped
+        // reading (the dispatcher, blocked in its write, cannot).
+        .on_connect(|conn, ext| {
+            if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                match wire::ConnSocket::new(tcp) {
+                    Ok(socket) => {
+                        ext.insert(socket);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot take a handle on a connection's socket")
+                    }
+                }
+            }
+        })
+        // The TCP connection ends right after the close handshake (the default lingers 1 s
+        // waiting for the peer to hang up first); the session bounds a peer that never reads.
+        .client_disconnect_timeout(Duration::ZERO)
         .shutdown_timeout(1)
         .disable_signals()
         .bind(config.bind)
@@ -384,12 +495,37 @@ impl HubHandle {
         &self.state
     }
 
-    /// Stops the hub at once: the listener closes and every connection is dropped (clients see
-    /// their connection end and reconnect). Resolves once the workers have stopped.
+    /// Stops the hub gracefully: no new connection is accepted; every client is sent
+    /// `shutting_down` with the configured retry window and a close frame (1001); the hub
+    /// waits up to the drain timeout for them to leave, then drops whatever is left and stops
+    /// its workers. Resolves once the workers have stopped.
     pub async fn stop(self) {
         self.state.shutting_down.store(true, Ordering::Relaxed);
+        let retry = self.state.config.shutdown_retry;
+        let live: Vec<Recipient<ShutDown>> = self.state.live_sessions().values().cloned().collect();
+        tracing::info!(addr = %self.addr, connections = live.len(), ?retry, "hub stopping: telling clients");
+        for session in live {
+            session.do_send(ShutDown { retry });
+        }
+        let mut connections = self.watch_connections();
+        let drained = tokio::time::timeout(
+            self.state.config.drain_timeout,
+            connections.wait_for(|n| *n == 0),
+        )
+        .await;
+        if drained.is_err() {
+            tracing::warn!(addr = %self.addr, left = self.connection_count(), "drain timeout: dropping the remaining connections");
+        }
         self.handle.stop(false).await;
         tracing::info!(addr = %self.addr, "hub stopped");
+    }
+
+    /// Stops the hub at once, without telling anybody: the listener closes and every
+    /// connection is dropped, as a crash would (for tests of crash recovery).
+    pub async fn kill(self) {
+        self.state.shutting_down.store(true, Ordering::Relaxed);
+        self.handle.stop(false).await;
+        tracing::info!(addr = %self.addr, "hub killed");
     }
 }
 

@@ -1,7 +1,10 @@
 //! The hub's per-connection session actor.
 //!
-//! This module is the only user of `actix-web-actors` (deprecated upstream; its successor is
-//! `actix-ws`): replacing it touches this file alone.
+//! The actor runs on its own mailbox and timers, over the I/O pieces of [`super::wire`]: it is
+//! never frozen by a peer that stops reading (as actix-web-actors' context was, whose actor is
+//! polled by the response body), so its slow-consumer kick, write-stall timer and idle timer
+//! always run, and a connection that cannot be written to is reset at the TCP level within a
+//! bounded time.
 //!
 //! Life of a connection: the client must send a valid hello within the hello timeout; the
 //! authenticator decides; the session table opens or resumes a session and the hub answers with
@@ -12,22 +15,26 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
+use actix_http::ws::{CloseCode, CloseReason, Frame as WsFrame, Message as WsMessage};
+use actix_web::body::MessageBody as _;
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_web_actors::ws;
+use bytes::Bytes;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::auth::AuthRejection;
+use super::budget::OutboundBudget;
 use super::handler::{
     ConnInfo, ConnectionHandler, FrameRejection, Kick, Outbound, OutboundBatch, SessionOutbox,
 };
+use super::wire::{ConnSocket, Inbound, InboundError, OutboundPipe};
 use super::HubState;
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
 use crate::protocol::{
-    check_identifier, close_reason_text, ClientId, ErrorCode, ErrorFrame, Frame, Hello, SessionId,
-    Welcome, CLOSE_SESSION_TAKEN_OVER, MAX_ID_LEN, MAX_TOKEN_LEN,
+    check_identifier, close_reason_text, ClientId, ErrorCode, ErrorFrame, Frame, Hello,
+    RetryWindow, SessionId, Welcome, CLOSE_SESSION_TAKEN_OVER, MAX_ID_LEN, MAX_TOKEN_LEN,
 };
 use crate::telemetry;
 
@@ -35,6 +42,20 @@ use crate::telemetry;
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub struct Evict;
+
+/// Tells a session actor that the hub is stopping: it sends `shutting_down` with the window
+/// in which the client should come back, then closes with 1001.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ShutDown {
+    /// When the client should reconnect (it picks a moment in the window at random).
+    pub retry: RetryWindow,
+}
+
+/// The response body went away (the connection is closed).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+struct Gone;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -59,6 +80,15 @@ pub struct HubSession {
     /// Frames pipelined behind the hello, served after the welcome.
     early: Vec<Frame>,
     early_bytes: usize,
+    /// Where frames for the client go.
+    pipe: OutboundPipe,
+    budget: Arc<OutboundBudget>,
+    /// The connection's TCP socket, to reset a peer that does not read.
+    socket: Option<ConnSocket>,
+    /// Armed while frames wait for the writer.
+    stall_timer: Option<SpawnHandle>,
+    /// The peer sent its close frame.
+    peer_closed: bool,
     span: tracing::Span,
 }
 
@@ -133,7 +163,13 @@ pub(crate) fn start(
     req: &HttpRequest,
     stream: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
+    let mut response = actix_http::ws::handshake(req.head())?;
     let max = state.config.max_frame_size;
+    let budget = Arc::new(OutboundBudget::new(state.config.outbound_budget));
+    let (pipe, body) = OutboundPipe::new(budget.clone());
+    let response: HttpResponse = response
+        .message_body(actix_web::body::BodyStream::new(body).boxed())?
+        .into();
     let conn_id = state.connection_opened();
     let peer = req.peer_addr();
     let span =
@@ -148,32 +184,30 @@ pub(crate) fn start(
             state.config.idle_timeout,
             Instant::now(),
         ),
-        state: state.clone(),
+        state,
         phase: Phase::AwaitingHello,
         client_id: None,
         session: None,
         heartbeat_timer: None,
         handler: None,
+        pipe,
+        budget,
+        socket: req.conn_data::<ConnSocket>().cloned(),
+        stall_timer: None,
+        peer_closed: false,
         span,
     };
-    let result = ws::WsResponseBuilder::new(session, req, stream)
-        .frame_size(max)
-        .start();
-    if result.is_err() {
-        // The actor never started, so its `stopped` will not run.
-        state.connection_closed();
-    }
-    result
+    let inbound = Inbound::new(stream, max);
+    HubSession::create(move |ctx| {
+        ctx.add_stream(inbound);
+        session
+    });
+    Ok(response)
 }
 
 impl HubSession {
     /// Sends `error` as a frame, then closes with `code` and stops.
-    fn fail(
-        &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
-        error: TransportError,
-        code: ws::CloseCode,
-    ) {
+    fn fail(&mut self, ctx: &mut Context<Self>, error: TransportError, code: CloseCode) {
         tracing::debug!(parent: &self.span, %error, "closing connection");
         self.send_error(ctx, &error, None);
         self.close(ctx, code, Some(error.to_string()));
@@ -181,7 +215,7 @@ impl HubSession {
 
     fn send_error(
         &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Context<Self>,
         error: &TransportError,
         about: Option<(String, Option<u64>)>,
     ) {
@@ -191,26 +225,90 @@ impl HubSession {
         if let Some((channel, seq)) = about {
             frame = frame.about(&channel, seq);
         }
-        ctx.text(Frame::Error(frame).encode());
+        self.send_text(ctx, Frame::Error(frame).encode().into());
     }
 
-    fn close(
-        &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
-        code: ws::CloseCode,
-        description: Option<String>,
-    ) {
+    /// Queues a frame of the session's own (welcome, error), charged to the budget.
+    fn send_text(&mut self, ctx: &mut Context<Self>, text: bytestring::ByteString) {
+        self.budget.charge(text.len());
+        let charged = text.len();
+        self.push(ctx, WsMessage::Text(text), charged);
+    }
+
+    /// Hands a frame to the writer, watching that the writer keeps taking them.
+    fn push(&mut self, ctx: &mut Context<Self>, message: WsMessage, charged: usize) {
+        self.pipe.push(message, charged);
+        if self.stall_timer.is_none() {
+            let after = self.state.config.write_timeout;
+            self.arm_stall_timer(ctx, after);
+        }
+    }
+
+    /// Resets a connection whose writer made no progress for the write timeout: its peer does
+    /// not read, and no close frame could reach it.
+    fn arm_stall_timer(&mut self, ctx: &mut Context<Self>, after: Duration) {
+        self.stall_timer = Some(ctx.run_later(after, |act, ctx| {
+            act.stall_timer = None;
+            let limit = act.state.config.write_timeout;
+            let stalled = act.pipe.stalled_for(Instant::now());
+            if stalled.is_zero() {
+                return; // nothing waits: re-armed by the next frame
+            }
+            if stalled < limit {
+                act.arm_stall_timer(ctx, limit - stalled);
+                return;
+            }
+            metrics::counter!(telemetry::HUB_WRITE_STALLS).increment(1);
+            tracing::warn!(parent: &act.span, ?stalled, pending = act.budget.pending(), "client stopped reading; resetting the connection");
+            act.abort(ctx);
+        }));
+    }
+
+    /// Ends the connection at the TCP level at once (nothing more can be said to the peer).
+    fn abort(&mut self, ctx: &mut Context<Self>) {
         self.phase = Phase::Closing;
-        let description = description.map(|d| close_reason_text(&d));
-        ctx.close(Some(ws::CloseReason { code, description }));
+        self.pipe.clear();
+        self.pipe.finish();
+        if let Some(socket) = &self.socket {
+            socket.abort();
+        }
         ctx.stop();
     }
 
-    fn schedule_heartbeat(
-        &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
-        after: std::time::Duration,
-    ) {
+    /// Starts the close handshake: a close frame, then the connection ends once the peer
+    /// answers (or at once if it already closed), and is reset if it has not within the close
+    /// timeout.
+    fn close(&mut self, ctx: &mut Context<Self>, code: CloseCode, description: Option<String>) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        self.phase = Phase::Closing;
+        let description = description.map(|d| close_reason_text(&d));
+        self.push(
+            ctx,
+            WsMessage::Close(Some(CloseReason { code, description })),
+            0,
+        );
+        let timeout = self.state.config.close_timeout;
+        ctx.run_later(timeout, |act, ctx| {
+            tracing::debug!(parent: &act.span, "the close did not complete in time; resetting the connection");
+            act.abort(ctx);
+        });
+        if self.peer_closed {
+            self.finish(ctx);
+        }
+    }
+
+    /// The close handshake is done: the writer sends what is queued and shuts the connection
+    /// down; the actor stops when the connection is gone.
+    fn finish(&mut self, ctx: &mut Context<Self>) {
+        self.pipe.finish();
+        if self.pipe.is_gone() {
+            ctx.stop();
+        }
+    }
+
+    fn schedule_heartbeat(&mut self, ctx: &mut Context<Self>, after: std::time::Duration) {
         if let Some(h) = self.heartbeat_timer.take() {
             ctx.cancel_future(h);
         }
@@ -219,27 +317,27 @@ impl HubSession {
             match act.heartbeat.poll(Instant::now()) {
                 HeartbeatAction::Continue { ping, next_check } => {
                     if ping {
-                        ctx.ping(b"");
+                        act.push(ctx, WsMessage::Ping(Bytes::new()), 0);
                     }
                     act.schedule_heartbeat(ctx, next_check);
                 }
                 HeartbeatAction::TimedOut { silent_for } => {
                     metrics::counter!(telemetry::HUB_IDLE_TIMEOUTS).increment(1);
                     tracing::info!(parent: &act.span, ?silent_for, "client silent; closing");
-                    act.close(ctx, ws::CloseCode::Away, Some("idle timeout".into()));
+                    act.close(ctx, CloseCode::Away, Some("idle timeout".into()));
                 }
             }
         }));
     }
 
-    fn on_text(&mut self, ctx: &mut ws::WebsocketContext<Self>, text: &str) {
+    fn on_text(&mut self, ctx: &mut Context<Self>, text: &str) {
         let frame = match Frame::decode(text, self.state.config.max_frame_size) {
             Ok(frame) => frame,
             Err(error) => {
                 let code = match error {
-                    TransportError::FrameTooLarge { .. } => ws::CloseCode::Size,
-                    TransportError::UnsupportedVersion { .. } => ws::CloseCode::Policy,
-                    _ => ws::CloseCode::Protocol,
+                    TransportError::FrameTooLarge { .. } => CloseCode::Size,
+                    TransportError::UnsupportedVersion { .. } => CloseCode::Policy,
+                    _ => CloseCode::Protocol,
                 };
                 if matches!(error, TransportError::UnsupportedVersion { .. }) {
                     metrics::counter!(telemetry::HUB_HANDSHAKES, "result" => "rejected")
@@ -262,7 +360,7 @@ impl HubSession {
                         expected: "at most 64 frames (256 KiB) before the welcome",
                         got: frame.kind().to_owned(),
                     };
-                    self.fail(ctx, error, ws::CloseCode::Policy);
+                    self.fail(ctx, error, CloseCode::Policy);
                     return;
                 }
                 self.early.push(frame);
@@ -278,13 +376,13 @@ impl HubSession {
                     expected,
                     got: frame.kind().to_owned(),
                 };
-                self.fail(ctx, error, ws::CloseCode::Protocol);
+                self.fail(ctx, error, CloseCode::Protocol);
             }
         }
     }
 
     /// A frame after the welcome.
-    fn on_open_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: Frame) {
+    fn on_open_frame(&mut self, ctx: &mut Context<Self>, frame: Frame) {
         match frame {
             Frame::Error(err) => {
                 metrics::counter!(telemetry::HUB_CLIENT_ERRORS).increment(1);
@@ -299,7 +397,7 @@ impl HubSession {
                     expected: "a channel frame",
                     got: frame.kind().to_owned(),
                 };
-                self.fail(ctx, error, ws::CloseCode::Protocol);
+                self.fail(ctx, error, CloseCode::Protocol);
             }
             frame => {
                 let Some(handler) = self.handler.as_mut() else {
@@ -313,9 +411,9 @@ impl HubSession {
                 {
                     if closes {
                         let code = match error.category() {
-                            crate::error::ErrorCategory::Service => ws::CloseCode::Again,
-                            crate::error::ErrorCategory::Protocol => ws::CloseCode::Protocol,
-                            _ => ws::CloseCode::Policy,
+                            crate::error::ErrorCategory::Service => CloseCode::Again,
+                            crate::error::ErrorCategory::Protocol => CloseCode::Protocol,
+                            _ => CloseCode::Policy,
                         };
                         self.send_error(ctx, &error, about);
                         self.close(ctx, code, Some(error.to_string()));
@@ -327,7 +425,7 @@ impl HubSession {
         }
     }
 
-    fn on_hello(&mut self, ctx: &mut ws::WebsocketContext<Self>, hello: Hello) {
+    fn on_hello(&mut self, ctx: &mut Context<Self>, hello: Hello) {
         // Identifiers are bounded before anything keeps them (the session table holds the
         // client id for the session lifetime).
         let checked = check_identifier("client_id", &hello.client_id.0, MAX_ID_LEN, true)
@@ -345,7 +443,7 @@ impl HubSession {
             });
         if let Err(error) = checked {
             metrics::counter!(telemetry::HUB_HANDSHAKES, "result" => "invalid").increment(1);
-            self.fail(ctx, error, ws::CloseCode::Policy);
+            self.fail(ctx, error, CloseCode::Policy);
             return;
         }
         self.phase = Phase::Authenticating;
@@ -372,13 +470,13 @@ impl HubSession {
                         },
                         AuthRejection::Invalid(message) => TransportError::AuthRejected { message },
                     };
-                    act.fail(ctx, error, ws::CloseCode::Policy);
+                    act.fail(ctx, error, CloseCode::Policy);
                 }
             }
         }));
     }
 
-    fn welcome(&mut self, ctx: &mut ws::WebsocketContext<Self>, hello: Hello) {
+    fn welcome(&mut self, ctx: &mut Context<Self>, hello: Hello) {
         let opened = self.state.sessions().open(
             &hello.client_id,
             hello.resume.as_ref(),
@@ -406,7 +504,7 @@ impl HubSession {
             heartbeat_ms: self.state.config.heartbeat_interval.as_millis() as u64,
             idle_timeout_ms: self.state.config.idle_timeout.as_millis() as u64,
         });
-        ctx.text(welcome.encode());
+        self.send_text(ctx, welcome.encode().into());
         let info = ConnInfo {
             conn_id: self.conn_id,
             client_id: hello.client_id.clone(),
@@ -418,6 +516,7 @@ impl HubSession {
             ctx.address().recipient(),
             ctx.address().recipient(),
             ctx.address().recipient(),
+            self.budget.clone(),
         );
         self.handler = Some(self.state.config.handler.open(info, outbox));
         self.client_id = Some(hello.client_id);
@@ -435,10 +534,15 @@ impl HubSession {
 }
 
 impl Actor for HubSession {
-    type Context = ws::WebsocketContext<Self>;
+    type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.state.config.outbound_queue);
+        let addr = ctx.address();
+        self.pipe.on_gone(move || addr.do_send(Gone));
+        self.state
+            .live_sessions()
+            .insert(self.conn_id, ctx.address().recipient());
         let timeout = self.state.config.hello_timeout;
         ctx.run_later(timeout, move |act, ctx| {
             if matches!(act.phase, Phase::AwaitingHello | Phase::Authenticating) {
@@ -447,7 +551,7 @@ impl Actor for HubSession {
                     expected: "hello",
                     got: format!("nothing within {timeout:?}"),
                 };
-                act.fail(ctx, error, ws::CloseCode::Policy);
+                act.fail(ctx, error, CloseCode::Policy);
             }
         });
         let first = self.state.config.heartbeat_interval;
@@ -455,6 +559,20 @@ impl Actor for HubSession {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.state.live_sessions().remove(&self.conn_id);
+        self.pipe.finish();
+        self.budget.close();
+        if let (Some(socket), false) = (self.socket.take(), self.pipe.is_gone()) {
+            // The writer still has the connection: if it cannot finish within the close
+            // timeout (a peer that does not read), reset it.
+            let pipe = self.pipe.clone();
+            let timeout = self.state.config.close_timeout;
+            actix_rt::spawn(async move {
+                if tokio::time::timeout(timeout, pipe.gone()).await.is_err() {
+                    socket.abort();
+                }
+            });
+        }
         if let Some(mut handler) = self.handler.take() {
             handler.on_close();
         }
@@ -468,42 +586,104 @@ impl Actor for HubSession {
     }
 }
 
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for HubSession {
-    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+impl StreamHandler<Result<WsFrame, InboundError>> for HubSession {
+    fn handle(&mut self, item: Result<WsFrame, InboundError>, ctx: &mut Self::Context) {
         self.heartbeat.on_activity(Instant::now());
         match item {
-            Ok(ws::Message::Text(text)) => self.on_text(ctx, &text),
-            Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
-            Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
-            Ok(ws::Message::Close(reason)) => {
-                tracing::debug!(parent: &self.span, ?reason, "client closed");
-                self.phase = Phase::Closing;
-                ctx.close(reason);
-                ctx.stop();
+            Ok(WsFrame::Text(bytes)) => match std::str::from_utf8(&bytes) {
+                Ok(text) => {
+                    if self.phase != Phase::Closing {
+                        self.on_text(ctx, text)
+                    }
+                }
+                Err(e) => {
+                    let error = TransportError::MalformedFrame {
+                        reason: format!("text frame is not UTF-8: {e}"),
+                    };
+                    self.fail(ctx, error, CloseCode::Invalid);
+                }
+            },
+            Ok(WsFrame::Ping(payload)) => {
+                if self.phase != Phase::Closing {
+                    self.push(ctx, WsMessage::Pong(payload), 0);
+                }
             }
-            Ok(ws::Message::Binary(_)) | Ok(ws::Message::Continuation(_)) => {
+            Ok(WsFrame::Pong(_)) => {}
+            Ok(WsFrame::Close(reason)) => {
+                tracing::debug!(parent: &self.span, ?reason, "client closed");
+                self.peer_closed = true;
+                if self.phase == Phase::Closing {
+                    // It answered ours: the handshake is complete.
+                    self.finish(ctx);
+                } else {
+                    let code = reason.map(|r| r.code).unwrap_or(CloseCode::Normal);
+                    self.close(ctx, code, None);
+                }
+            }
+            Ok(WsFrame::Binary(_)) | Ok(WsFrame::Continuation(_)) => {
                 let error = TransportError::UnexpectedFrame {
                     expected: "a text frame (protocol v1 is JSON text)",
                     got: "binary or fragmented frame".into(),
                 };
-                self.fail(ctx, error, ws::CloseCode::Unsupported);
+                self.fail(ctx, error, CloseCode::Unsupported);
             }
-            Err(ws::ProtocolError::Overflow) => {
-                let max = self.state.config.max_frame_size;
-                let error = TransportError::FrameTooLarge { size: max + 1, max };
-                self.fail(ctx, error, ws::CloseCode::Size);
+            Err(InboundError::TooLarge { declared, max }) => {
+                metrics::counter!(telemetry::HUB_OVERSIZED_FRAMES).increment(1);
+                let size = usize::try_from(declared).unwrap_or(usize::MAX);
+                let error = TransportError::FrameTooLarge { size, max };
+                // Nothing more is read from this peer: the close answer cannot come.
+                self.peer_closed = true;
+                self.fail(ctx, error, CloseCode::Size);
             }
-            Err(e) => {
+            Err(InboundError::Protocol(e)) => {
                 let error = TransportError::MalformedFrame {
                     reason: e.to_string(),
                 };
-                self.fail(ctx, error, ws::CloseCode::Protocol);
+                self.peer_closed = true;
+                self.fail(ctx, error, CloseCode::Protocol);
+            }
+            Err(InboundError::Io(e)) => {
+                tracing::debug!(parent: &self.span, error = %e, "connection failed");
+                ctx.stop();
             }
         }
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
+        // The peer sent nothing more (it went away, or its close answer was the last frame).
+        self.peer_closed = true;
+        if self.phase == Phase::Closing {
+            self.finish(ctx);
+        } else {
+            ctx.stop();
+        }
+    }
+}
+
+impl Handler<Gone> for HubSession {
+    type Result = ();
+
+    fn handle(&mut self, _: Gone, ctx: &mut Self::Context) {
         ctx.stop();
+    }
+}
+
+impl Handler<ShutDown> for HubSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: ShutDown, ctx: &mut Self::Context) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        let mut frame = ErrorFrame::from_error(&TransportError::Remote {
+            code: ErrorCode::ShuttingDown,
+            category: crate::error::ErrorCategory::Service,
+            permanent: false,
+            message: "the hub is stopping; reconnect within the retry window".into(),
+        });
+        frame.retry_after_ms = Some(msg.retry);
+        self.send_text(ctx, Frame::Error(frame).encode().into());
+        self.close(ctx, CloseCode::Away, Some("hub shutting down".into()));
     }
 }
 
@@ -515,7 +695,7 @@ impl Handler<Evict> for HubSession {
         self.session = None;
         self.close(
             ctx,
-            ws::CloseCode::Other(CLOSE_SESSION_TAKEN_OVER),
+            CloseCode::Other(CLOSE_SESSION_TAKEN_OVER),
             Some("session resumed on another connection".into()),
         );
     }
@@ -525,13 +705,15 @@ impl Handler<Outbound> for HubSession {
     type Result = ();
 
     fn handle(&mut self, out: Outbound, ctx: &mut Self::Context) {
+        let charged = out.text.len();
         if self.phase != Phase::Open {
+            self.budget.release(charged);
             return;
         }
         if let Some(handler) = self.handler.as_mut() {
             handler.on_outbound(&out);
         }
-        ctx.text(out.text);
+        self.push(ctx, WsMessage::Text(out.text), charged);
     }
 }
 
@@ -540,10 +722,13 @@ impl Handler<OutboundBatch> for HubSession {
 
     fn handle(&mut self, batch: OutboundBatch, ctx: &mut Self::Context) {
         if self.phase != Phase::Open {
+            let charged: usize = batch.texts.iter().map(|t| t.len()).sum();
+            self.budget.release(charged);
             return;
         }
         for text in batch.texts {
-            ctx.text(text);
+            let charged = text.len();
+            self.push(ctx, WsMessage::Text(text), charged);
         }
     }
 }
@@ -556,7 +741,12 @@ impl Handler<Kick> for HubSession {
             return;
         }
         tracing::info!(parent: &self.span, %error, "closing connection");
-        self.fail(ctx, error, ws::CloseCode::Again);
+        if error.code() == ErrorCode::SlowConsumer {
+            // Its backlog is of no use: it resumes from history. The error and the close go
+            // out next, not after megabytes it cannot read.
+            self.pipe.clear();
+        }
+        self.fail(ctx, error, CloseCode::Again);
     }
 }
 

@@ -1,0 +1,594 @@
+//! The hub's WebSocket I/O under each session actor, on actix-http's WebSocket codec.
+//!
+//! The session actor is driven by its own mailbox and timers, never by the socket: what
+//! actix-web-actors could not do (its context is polled by the response body, so a peer that
+//! stops reading froze the actor, its kick and its idle timer). Three pieces:
+//!
+//! * [`FrameGuard`] reads every WebSocket frame *header* as the bytes arrive and refuses a frame
+//!   whose declared length exceeds the limit before its payload is buffered (actix-http's codec
+//!   checks only once the whole frame is in memory). A connection sending one costs at most the
+//!   frame limit plus one read.
+//! * [`Inbound`] turns the request payload into frames through the guard and the codec.
+//! * [`OutboundPipe`] is the response body: a queue of encoded frames charged to the
+//!   connection's [`OutboundBudget`] until the HTTP dispatcher takes them for the socket, with
+//!   a record of when the writer last made progress.
+//!
+//! [`ConnSocket`] is a second handle on the connection's TCP socket, taken when it is
+//! accepted: it lets the session end a connection whose peer never reads again (a reset, at
+//! the TCP level, which the dispatcher blocked in a write cannot do) and shut one down right
+//! after the close handshake.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use actix_codec::{Decoder, Encoder};
+use actix_http::ws::{Codec, Frame, Message, ProtocolError};
+use bytes::{Bytes, BytesMut};
+use futures::Stream;
+use tokio::time::Instant;
+
+use super::budget::OutboundBudget;
+
+/// Why the inbound stream ended with an error.
+#[derive(Debug)]
+pub enum InboundError {
+    /// A frame header declared more than the limit (the payload was not read).
+    TooLarge {
+        /// The declared payload length (for a fragmented message: the total so far).
+        declared: u64,
+        /// The limit.
+        max: usize,
+    },
+    /// Not a valid WebSocket frame (bad opcode, unmasked, bad control frame…).
+    Protocol(ProtocolError),
+    /// The connection failed under the stream.
+    Io(String),
+}
+
+/// A header declared more than the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Oversize {
+    /// The declared payload length (for a fragmented message: the total so far).
+    pub declared: u64,
+    /// Bytes of the fed chunk before the offending header.
+    pub before: usize,
+}
+
+/// Reads WebSocket frame headers as the bytes go by (RFC 6455 §5.2), without keeping payloads:
+/// pure, incremental, and checked before a single payload byte is buffered.
+#[derive(Debug, Clone)]
+pub struct FrameGuard {
+    max: usize,
+    header: [u8; 14],
+    have: usize,
+    /// Payload bytes of the current frame still to skip.
+    skip: u64,
+    /// Declared bytes of the fragmented message under way (`None`: none is).
+    fragmented: Option<u64>,
+}
+
+impl FrameGuard {
+    /// A guard refusing frames (and fragmented messages) over `max` payload bytes.
+    pub fn new(max: usize) -> Self {
+        FrameGuard {
+            max,
+            header: [0; 14],
+            have: 0,
+            skip: 0,
+            fragmented: None,
+        }
+    }
+
+    /// Feeds the next bytes of the stream. `Err` as soon as a header declares a frame (or a
+    /// fragmented message) over the limit; it says how many leading bytes of `bytes` belong to
+    /// frames before that header (they may still be served).
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<(), Oversize> {
+        let mut pos = 0;
+        let mut header_start = 0;
+        while pos < bytes.len() {
+            if self.skip > 0 {
+                let n = ((bytes.len() - pos) as u64).min(self.skip);
+                self.skip -= n;
+                pos += n as usize;
+                continue;
+            }
+            if self.have == 0 {
+                header_start = pos;
+            }
+            // Collect the header: 2 bytes, then as many as the length and mask need.
+            let need = self.header_len();
+            let take = (need - self.have).min(bytes.len() - pos);
+            self.header[self.have..self.have + take].copy_from_slice(&bytes[pos..pos + take]);
+            self.have += take;
+            pos += take;
+            if self.have < self.header_len() {
+                continue; // the length byte may have asked for more
+            }
+            if let Err(declared) = self.on_header() {
+                return Err(Oversize {
+                    declared,
+                    before: header_start,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn header_len(&self) -> usize {
+        if self.have < 2 {
+            return 2;
+        }
+        let masked = self.header[1] & 0x80 != 0;
+        let ext = match self.header[1] & 0x7F {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        2 + ext + if masked { 4 } else { 0 }
+    }
+
+    fn on_header(&mut self) -> Result<(), u64> {
+        let first = self.header[0];
+        let len = match self.header[1] & 0x7F {
+            126 => u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
+            127 => u64::from_be_bytes(self.header[2..10].try_into().expect("8 bytes")),
+            n => u64::from(n),
+        };
+        self.have = 0;
+        let fin = first & 0x80 != 0;
+        let opcode = first & 0x0F;
+        let control = opcode & 0x08 != 0;
+        if !control {
+            // Data frames: a continuation adds to the message under way; a text or binary
+            // frame starts one.
+            let total = match (opcode, self.fragmented) {
+                (0, Some(so_far)) => so_far.saturating_add(len),
+                _ => len,
+            };
+            if total > self.max as u64 {
+                return Err(total);
+            }
+            self.fragmented = if fin { None } else { Some(total) };
+        } else if len > self.max as u64 {
+            return Err(len);
+        }
+        self.skip = len;
+        Ok(())
+    }
+}
+
+/// The connection's frames, in order: the request payload through a [`FrameGuard`] and
+/// actix-http's codec. Buffers at most one frame (within the limit) plus one read.
+pub struct Inbound<S> {
+    payload: S,
+    guard: FrameGuard,
+    codec: Codec,
+    buf: BytesMut,
+    done: bool,
+    /// Reported once the frames before it are served.
+    oversize: Option<u64>,
+}
+
+impl<S> Inbound<S> {
+    /// Frames of `payload`, none over `max` bytes.
+    pub fn new(payload: S, max: usize) -> Self {
+        Inbound {
+            payload,
+            guard: FrameGuard::new(max),
+            codec: Codec::new().max_size(max),
+            buf: BytesMut::new(),
+            done: false,
+            oversize: None,
+        }
+    }
+}
+
+impl<S, E> Stream for Inbound<S>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    type Item = Result<Frame, InboundError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            match this.codec.decode(&mut this.buf) {
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) => {}
+                Err(e) => {
+                    this.done = true;
+                    this.buf.clear();
+                    return Poll::Ready(Some(Err(InboundError::Protocol(e))));
+                }
+            }
+            if let Some(declared) = this.oversize.take() {
+                this.buf.clear();
+                return Poll::Ready(Some(Err(InboundError::TooLarge {
+                    declared,
+                    max: this.guard.max,
+                })));
+            }
+            if this.done {
+                // A partial frame at the end of the stream: the peer went away mid-frame.
+                this.buf.clear();
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.payload).poll_next(cx) {
+                Poll::Ready(Some(Ok(bytes))) => {
+                    if let Err(over) = this.guard.feed(&bytes) {
+                        // Frames complete before the header are served; then the error.
+                        this.done = true;
+                        this.oversize = Some(over.declared);
+                        this.buf.extend_from_slice(&bytes[..over.before]);
+                        continue;
+                    }
+                    if this.buf.is_empty() {
+                        this.buf = BytesMut::from(bytes);
+                    } else {
+                        this.buf.extend_from_slice(&bytes);
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    this.buf.clear();
+                    return Poll::Ready(Some(Err(InboundError::Io(e.to_string()))));
+                }
+                Poll::Ready(None) => this.done = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+struct PipeState {
+    /// Encoded frames with what each was charged.
+    frames: VecDeque<(Bytes, usize)>,
+    /// No more frames: the body ends once the queue is empty.
+    finished: bool,
+    /// The dispatcher dropped the body: the connection is gone.
+    gone: bool,
+    waker: Option<Waker>,
+    /// When the writer last took a frame (or the queue was last empty).
+    last_progress: Instant,
+    /// Called once when the body is dropped.
+    on_gone: Option<Box<dyn FnOnce() + Send>>,
+}
+
+/// The sending half of a connection: frames go in here, the [`PipeBody`] hands them to the
+/// HTTP dispatcher as it can write them.
+#[derive(Clone)]
+pub struct OutboundPipe {
+    state: Arc<Mutex<PipeState>>,
+    budget: Arc<OutboundBudget>,
+    gone: Arc<tokio::sync::Notify>,
+}
+
+impl OutboundPipe {
+    /// A pipe charging `budget`, with its body (the WebSocket response's body).
+    pub fn new(budget: Arc<OutboundBudget>) -> (OutboundPipe, PipeBody) {
+        let state = Arc::new(Mutex::new(PipeState {
+            frames: VecDeque::new(),
+            finished: false,
+            gone: false,
+            waker: None,
+            last_progress: Instant::now(),
+            on_gone: None,
+        }));
+        let gone = Arc::new(tokio::sync::Notify::new());
+        (
+            OutboundPipe {
+                state: state.clone(),
+                budget: budget.clone(),
+                gone: gone.clone(),
+            },
+            PipeBody {
+                state,
+                budget,
+                gone,
+            },
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PipeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `f` runs once the dispatcher has dropped the body (the connection is gone).
+    pub fn on_gone(&self, f: impl FnOnce() + Send + 'static) {
+        let mut state = self.lock();
+        if state.gone {
+            drop(state);
+            f();
+        } else {
+            state.on_gone = Some(Box::new(f));
+        }
+    }
+
+    /// Queues `message`, encoded, already charged `charged` bytes to the budget. Dropped (and
+    /// released) when the pipe is finished or the connection gone.
+    pub fn push(&self, message: Message, charged: usize) {
+        let mut buf = BytesMut::new();
+        let mut codec = Codec::new();
+        if codec.encode(message, &mut buf).is_err() {
+            self.budget.release(charged);
+            return;
+        }
+        let mut state = self.lock();
+        if state.finished || state.gone {
+            drop(state);
+            self.budget.release(charged);
+            return;
+        }
+        if state.frames.is_empty() {
+            state.last_progress = Instant::now();
+        }
+        state.frames.push_back((buf.freeze(), charged));
+        if let Some(w) = state.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Drops every queued frame (a slow consumer's backlog: it resumes from history).
+    pub fn clear(&self) {
+        let dropped: usize = {
+            let mut state = self.lock();
+            state.last_progress = Instant::now();
+            state.frames.drain(..).map(|(_, charged)| charged).sum()
+        };
+        self.budget.release(dropped);
+    }
+
+    /// No more frames: the body ends once what is queued has been taken.
+    pub fn finish(&self) {
+        let mut state = self.lock();
+        state.finished = true;
+        if let Some(w) = state.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Whether the dispatcher dropped the body.
+    pub fn is_gone(&self) -> bool {
+        self.lock().gone
+    }
+
+    /// Resolves once the dispatcher has dropped the body.
+    pub async fn gone(&self) {
+        let notified = self.gone.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.is_gone() {
+            return;
+        }
+        notified.await;
+    }
+
+    /// How long frames have waited with no progress by the writer (zero when none wait).
+    pub fn stalled_for(&self, now: Instant) -> std::time::Duration {
+        let state = self.lock();
+        if state.frames.is_empty() {
+            std::time::Duration::ZERO
+        } else {
+            now.saturating_duration_since(state.last_progress)
+        }
+    }
+}
+
+/// The WebSocket response body over an [`OutboundPipe`].
+pub struct PipeBody {
+    state: Arc<Mutex<PipeState>>,
+    budget: Arc<OutboundBudget>,
+    gone: Arc<tokio::sync::Notify>,
+}
+
+impl Stream for PipeBody {
+    type Item = Result<Bytes, actix_web::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match state.frames.pop_front() {
+            Some((bytes, charged)) => {
+                state.last_progress = Instant::now();
+                drop(state);
+                self.budget.release(charged);
+                Poll::Ready(Some(Ok(bytes)))
+            }
+            None if state.finished => Poll::Ready(None),
+            None => {
+                state.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for PipeBody {
+    fn drop(&mut self) {
+        let (dropped, on_gone) = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.gone = true;
+            let dropped: usize = state.frames.drain(..).map(|(_, charged)| charged).sum();
+            (dropped, state.on_gone.take())
+        };
+        self.budget.release(dropped);
+        self.budget.close();
+        self.gone.notify_waiters();
+        if let Some(f) = on_gone {
+            f();
+        }
+    }
+}
+
+/// A second handle on a connection's TCP socket (a duplicated descriptor, so it can never
+/// reach another connection's socket), taken when the connection is accepted.
+#[derive(Debug, Clone)]
+pub struct ConnSocket(Arc<socket2::Socket>);
+
+impl ConnSocket {
+    /// A handle on the socket of `stream`.
+    pub fn new(stream: &impl std::os::fd::AsFd) -> std::io::Result<Self> {
+        let dup = stream.as_fd().try_clone_to_owned()?;
+        Ok(ConnSocket(Arc::new(socket2::Socket::from(dup))))
+    }
+
+    /// Shuts the connection down in both directions (after the close handshake: nothing more
+    /// is to be said; what was written still goes out first).
+    pub fn shutdown(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Resets the connection at once, discarding what the peer never read: for a peer that
+    /// stopped reading, whose writes no close frame can get past.
+    pub fn abort(&self) {
+        let _ = self.0.set_linger(Some(std::time::Duration::ZERO));
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(fin: bool, opcode: u8, len: u64, masked: bool) -> Vec<u8> {
+        let mut h = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        if len < 126 {
+            h.push(mask_bit | len as u8);
+        } else if len <= u64::from(u16::MAX) {
+            h.push(mask_bit | 126);
+            h.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            h.push(mask_bit | 127);
+            h.extend_from_slice(&len.to_be_bytes());
+        }
+        if masked {
+            // A zero mask leaves the payload as written.
+            h.extend_from_slice(&[0, 0, 0, 0]);
+        }
+        h
+    }
+
+    fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = header(fin, opcode, payload.len() as u64, true);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn frames_within_the_limit_pass_in_any_split() {
+        let mut stream = Vec::new();
+        for len in [0usize, 5, 125, 126, 1000, 65_535, 65_536, 100_000] {
+            stream.extend(frame(true, 1, &vec![b'x'; len]));
+        }
+        stream.extend(frame(true, 9, b"ping"));
+        for chunk in [1, 2, 3, 7, 13, 4096, stream.len()] {
+            let mut guard = FrameGuard::new(100_000);
+            for piece in stream.chunks(chunk) {
+                guard.feed(piece).expect("within the limit");
+            }
+            assert_eq!(guard.have, 0);
+            assert_eq!(guard.skip, 0);
+        }
+    }
+
+    #[test]
+    fn an_oversized_header_is_refused_before_its_payload() {
+        for declared in [64 * 1024 * 1024u64, 1 << 40, u64::MAX >> 1, 100_001] {
+            let mut guard = FrameGuard::new(100_000);
+            // Only the header: no payload byte has arrived.
+            let over = guard.feed(&header(true, 1, declared, true)).unwrap_err();
+            assert_eq!(over.declared, declared);
+        }
+        // Byte by byte too.
+        let mut guard = FrameGuard::new(1000);
+        let h = header(true, 2, 1 << 40, true);
+        let (last, rest) = h.split_last().unwrap();
+        for b in rest {
+            guard.feed(&[*b]).unwrap();
+        }
+        assert_eq!(guard.feed(&[*last]).unwrap_err().declared, 1 << 40);
+    }
+
+    #[test]
+    fn a_fragmented_message_counts_as_a_whole() {
+        let mut guard = FrameGuard::new(1000);
+        guard.feed(&frame(false, 1, &[b'a'; 600])).unwrap();
+        // A ping between fragments is allowed and does not count.
+        guard.feed(&frame(true, 9, b"")).unwrap();
+        assert_eq!(
+            guard
+                .feed(&header(true, 0, 401, true))
+                .unwrap_err()
+                .declared,
+            1001
+        );
+        // A finished message starts the count again.
+        let mut guard = FrameGuard::new(1000);
+        guard.feed(&frame(false, 1, &[b'a'; 600])).unwrap();
+        guard.feed(&frame(true, 0, &[b'a'; 400])).unwrap();
+        guard.feed(&frame(true, 1, &[b'a'; 1000])).unwrap();
+    }
+
+    #[test]
+    fn an_oversized_control_frame_is_refused() {
+        let mut guard = FrameGuard::new(1000);
+        let mut stream = frame(true, 1, b"ok");
+        stream.extend(header(true, 9, 5000, true));
+        let over = guard.feed(&stream).unwrap_err();
+        assert_eq!(over.declared, 5000);
+        assert_eq!(over.before, 2 + 4 + 2, "the frame before it is whole");
+    }
+
+    #[tokio::test]
+    async fn inbound_decodes_frames_and_stops_at_an_oversized_header() {
+        use futures::StreamExt;
+        let mut bytes = frame(true, 1, b"hello");
+        bytes.extend(header(true, 1, 1 << 40, true));
+        bytes.extend(vec![0u8; 10_000]);
+        let chunks: Vec<Result<Bytes, std::io::Error>> = bytes
+            .chunks(3000)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let mut inbound = Inbound::new(futures::stream::iter(chunks), 4096);
+        match inbound.next().await {
+            Some(Ok(Frame::Text(t))) => assert_eq!(&t[..], b"hello"),
+            other => panic!("{other:?}"),
+        }
+        match inbound.next().await {
+            Some(Err(InboundError::TooLarge { declared, max })) => {
+                assert_eq!(declared, 1 << 40);
+                assert_eq!(max, 4096);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(inbound.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_pipe_releases_the_budget_as_the_writer_takes_frames() {
+        use futures::StreamExt;
+        let budget = Arc::new(OutboundBudget::new(1000));
+        let (pipe, mut body) = OutboundPipe::new(budget.clone());
+        assert!(budget.try_charge(5));
+        pipe.push(Message::Text("hello".into()), 5);
+        assert!(budget.try_charge(5));
+        pipe.push(Message::Text("world".into()), 5);
+        assert_eq!(budget.pending(), 10);
+        let first = body.next().await.unwrap().unwrap();
+        assert_eq!(&first[2..], b"hello");
+        assert_eq!(budget.pending(), 5);
+        pipe.clear();
+        assert_eq!(budget.pending(), 0);
+        pipe.finish();
+        assert!(body.next().await.is_none());
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let g = gone.clone();
+        pipe.on_gone(move || g.store(true, std::sync::atomic::Ordering::SeqCst));
+        drop(body);
+        assert!(gone.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(budget.is_closed());
+    }
+}
