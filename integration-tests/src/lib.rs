@@ -6,6 +6,8 @@
 //!   restarted on demand (tests that need Redis use a real one and never skip).
 //! * [`process`]: child processes that die with their parent.
 //! * [`raw`]: a raw WebSocket peer, for tests that check exact frames, errors and close codes.
+//! * [`attack`]: a hostile peer on a bare TCP socket (lying frame headers, never reading), a
+//!   healthy publisher/subscriber pair to run beside attacks, and the process's peak memory.
 //! * [`harness`]: a real hub on loopback with test-speed timings, fast-retrying client
 //!   configurations, and an [`EventLog`](harness::EventLog) that waits for typed transitions
 //!   with a timeout.
@@ -15,6 +17,7 @@
 
 #![warn(missing_docs)]
 
+pub mod attack;
 pub mod harness;
 pub mod process;
 pub mod proxy;

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use awc::ws::{self, CloseCode};
 use futures::SinkExt as _;
+use tether_integration_tests::attack::{assert_received_in_order, connected, HealthyPair};
 use tether_integration_tests::harness::{
-    fast_client, free_addr, init_tracing, start_hub, test_hub_config, wait_for_connections,
-    EventLog,
+    free_addr, init_tracing, start_hub, test_hub_config, wait_for_connections, EventLog,
 };
 use tether_integration_tests::raw::{attached, error_and_close, hello, next_frame, raw, send};
 use tether_transport::hub::Hub;
@@ -16,59 +16,9 @@ use tether_transport::{ConnectionState, Transport};
 
 const T: Duration = Duration::from_secs(5);
 
-/// A subscriber and a publisher on channel `steady` that keep going beside an attack.
-struct HealthyPair {
-    subscriber: Transport,
-    sub_events: EventLog,
-    publisher: Transport,
-    messages: tether_channels::ChannelEvents,
-    steady: tether_channels::Channel,
-}
-
-async fn healthy_pair(url: &str) -> HealthyPair {
-    use tether_channels::ChannelOptions;
-    use tether_integration_tests::harness::open_attached;
-    let (subscriber, sub_events) = bystander(url.to_owned()).await;
-    let (publisher, _) = bystander(url.to_owned()).await;
-    let (_, messages, _) = open_attached(&subscriber, "steady", ChannelOptions::default(), T)
-        .await
-        .unwrap();
-    let (steady, _, _) = open_attached(&publisher, "steady", ChannelOptions::publish_only(), T)
-        .await
-        .unwrap();
-    HealthyPair {
-        subscriber,
-        sub_events,
-        publisher,
-        messages,
-        steady,
-    }
-}
-
-/// Asserts the healthy subscriber received 1..=n, in order, and nothing else.
-async fn assert_received_in_order(messages: &mut tether_channels::ChannelEvents, n: u64) {
-    let got = tether_integration_tests::harness::collect_messages(messages, n as usize, T)
-        .await
-        .unwrap();
-    let values: Vec<u64> = got
-        .iter()
-        .map(|ev| match ev {
-            tether_channels::ChannelEvent::Message(m) => m.payload.decode().unwrap(),
-            other => panic!("{other:?}"),
-        })
-        .collect();
-    assert_eq!(values, (1..=n).collect::<Vec<_>>());
-}
-
 /// A healthy client beside every bad one: it must not see a single transition.
 async fn bystander(url: String) -> (Transport, EventLog) {
-    let (transport, rx) = Transport::start_with_events(fast_client(url).build().unwrap());
-    let mut events = EventLog::new(rx);
-    events
-        .until_state(ConnectionState::Connected, T)
-        .await
-        .unwrap();
-    (transport, events)
+    connected(&url).await
 }
 
 #[actix_rt::test]
@@ -273,7 +223,7 @@ async fn oversized_identifiers_are_refused_with_a_typed_error_while_a_healthy_pa
         publisher: pub_t,
         mut messages,
         steady,
-    } = healthy_pair(&url).await;
+    } = HealthyPair::start(&url).await;
 
     let long = "x".repeat(1024 * 1024 - 200);
     let mut published = 0u64;
@@ -612,7 +562,7 @@ async fn a_store_that_stops_keeping_up_bounds_the_queued_publishes_and_no_other_
         publisher: pub_t,
         mut messages,
         steady,
-    } = healthy_pair(&url).await;
+    } = HealthyPair::start(&url).await;
 
     // Appends in the store (blocked), eight queued behind them: the next one is refused.
     let mut flood = attached(&url, "flood", "i", "slow", false, "p").await;
