@@ -247,11 +247,18 @@ impl HubChannel {
     }
 
     /// A channel-scoped error frame (the connection stays up).
-    fn send_error(&self, outbox: &SessionOutbox, error: &TransportError, seq: Option<u64>) {
+    /// `publish`: the sequence number and payload size of the publish it answers.
+    fn send_error(
+        &self,
+        outbox: &SessionOutbox,
+        error: &TransportError,
+        publish: Option<(u64, usize)>,
+    ) {
+        let seq = publish.map(|(seq, _)| seq);
         let frame = Frame::Error(ErrorFrame::from_error(error).about(&self.name, seq)).encode();
         let _ = outbox.send(Outbound {
             text: frame.into(),
-            completes_publish: seq.is_some(),
+            completes_publish: publish.map(|(_, bytes)| bytes),
         });
     }
 
@@ -448,7 +455,7 @@ impl HubChannel {
             let sent = if frames.len() == 1 {
                 sub.outbox.send(Outbound {
                     text: frames[0].clone(),
-                    completes_publish: false,
+                    completes_publish: None,
                 })
             } else {
                 sub.outbox.send_batch(frames.clone())
@@ -614,7 +621,7 @@ impl HubChannel {
         if replay == 0 {
             let _ = outbox.send(Outbound {
                 text: frame.clone(),
-                completes_publish: false,
+                completes_publish: None,
             });
         }
         frame
@@ -869,6 +876,7 @@ impl HubChannel {
         let mut stored = Vec::with_capacity(commands.len());
         let mut acks = Vec::with_capacity(commands.len());
         for (command, outcome) in commands.into_iter().zip(&appended.outcomes) {
+            let bytes = command.payload.len();
             let (offset, duplicate) = match outcome {
                 AppendOutcome::Stored(offset) => {
                     stored.push(StoredMessage {
@@ -883,7 +891,7 @@ impl HubChannel {
                     (*offset, true)
                 }
             };
-            acks.push((command.reply, command.seq, offset, duplicate));
+            acks.push((command.reply, command.seq, bytes, offset, duplicate));
         }
         metrics::counter!(telemetry::HUB_MESSAGES_STORED).increment(stored.len() as u64);
         let contiguous = stored
@@ -898,7 +906,7 @@ impl HubChannel {
             // from the store, in offset order.
             self.adopt(&appended.epoch, appended.head, Offset(1));
         }
-        for (reply, seq, offset, duplicate) in acks {
+        for (reply, seq, bytes, offset, duplicate) in acks {
             let ack = Frame::Ack(Ack {
                 channel: self.name.clone(),
                 seq,
@@ -909,7 +917,7 @@ impl HubChannel {
             .encode();
             let out = Outbound {
                 text: ack.into(),
-                completes_publish: true,
+                completes_publish: Some(bytes),
             };
             if reply.send(out).is_err() {
                 self.kick_slow(reply.conn_id(), &reply);
@@ -939,7 +947,11 @@ impl HubChannel {
             let conn_id = command.reply.conn_id();
             self.refused.insert(conn_id);
             if kicked.insert(conn_id) {
-                self.send_error(&command.reply, &refusal, Some(command.seq));
+                self.send_error(
+                    &command.reply,
+                    &refusal,
+                    Some((command.seq, command.payload.len())),
+                );
                 command.reply.kick(refusal.clone());
             }
         }
@@ -988,7 +1000,7 @@ impl Handler<Unsubscribe> for HubChannel {
             .encode();
             let out = Outbound {
                 text: detached.into(),
-                completes_publish: false,
+                completes_publish: None,
             };
             if reply.send(out).is_err() {
                 self.kick_slow(msg.conn_id, &reply);
@@ -1009,7 +1021,7 @@ impl Handler<PublishCommand> for HubChannel {
                 message: "an earlier publish of this connection was refused; reconnect and replay"
                     .into(),
             };
-            self.send_error(&msg.reply, &error, Some(msg.seq));
+            self.send_error(&msg.reply, &error, Some((msg.seq, msg.payload.len())));
             return;
         }
         if self.pending.len() >= self.max_pending {
@@ -1024,7 +1036,7 @@ impl Handler<PublishCommand> for HubChannel {
                 message: "channel is overloaded; reconnect and retry".into(),
             };
             self.refused.insert(conn_id);
-            self.send_error(&msg.reply, &error, Some(msg.seq));
+            self.send_error(&msg.reply, &error, Some((msg.seq, msg.payload.len())));
             msg.reply.kick(error);
             return;
         }

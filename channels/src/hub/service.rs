@@ -26,6 +26,9 @@ pub const DEFAULT_MAX_CHANNELS: usize = 100_000;
 pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 1_000;
 /// Default most publishes one connection may have awaiting their ack: 65,536.
 pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: usize = 65_536;
+/// Default most payload bytes of one connection's publishes awaiting their acks before the
+/// hub stops reading that connection: 8 MiB.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES_PER_CONNECTION: usize = 8 * 1024 * 1024;
 /// Default largest payload a publish may carry: 512 KiB. Larger ones are refused (permanently,
 /// for that publish) so that no stored message can exceed a client's frame limit.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 512 * 1024;
@@ -70,6 +73,7 @@ pub struct ChannelServiceBuilder {
     max_channels: usize,
     max_channels_per_connection: usize,
     max_in_flight_per_connection: usize,
+    max_in_flight_bytes_per_connection: usize,
     channel_mailbox: usize,
     dedupe_window: usize,
     max_producers: usize,
@@ -126,6 +130,14 @@ impl ChannelServiceBuilder {
         self
     }
 
+    /// Most payload bytes of one connection's publishes awaiting their acks. Past it the hub
+    /// stops reading that connection's socket (TCP backpressure: the client's writes wait)
+    /// until acks bring it back under; nothing is refused. Default 8 MiB.
+    pub fn max_in_flight_bytes_per_connection(mut self, bytes: usize) -> Self {
+        self.max_in_flight_bytes_per_connection = bytes;
+        self
+    }
+
     /// Recent `(seq, offset)` pairs remembered per producer by the in-memory store, to re-ack
     /// replays with their original offset. Default 1024.
     pub fn dedupe_window(mut self, n: usize) -> Self {
@@ -170,6 +182,9 @@ impl ChannelServiceBuilder {
         if self.max_in_flight_per_connection == 0 {
             return invalid("max_in_flight_per_connection");
         }
+        if self.max_in_flight_bytes_per_connection == 0 {
+            return invalid("max_in_flight_bytes_per_connection");
+        }
         if self.channel_mailbox == 0 {
             return invalid("channel_mailbox");
         }
@@ -209,6 +224,7 @@ impl ChannelServiceBuilder {
                 max_channels: self.max_channels,
                 max_channels_per_connection: self.max_channels_per_connection,
                 max_in_flight: self.max_in_flight_per_connection,
+                max_in_flight_bytes: self.max_in_flight_bytes_per_connection,
                 channel_mailbox: self.channel_mailbox,
                 max_message_size: self.max_message_size,
             }),
@@ -225,6 +241,7 @@ struct Inner {
     max_channels: usize,
     max_channels_per_connection: usize,
     max_in_flight: usize,
+    max_in_flight_bytes: usize,
     channel_mailbox: usize,
     max_message_size: usize,
 }
@@ -298,6 +315,7 @@ impl ChannelService {
             max_channels: DEFAULT_MAX_CHANNELS,
             max_channels_per_connection: DEFAULT_MAX_CHANNELS_PER_CONNECTION,
             max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
+            max_in_flight_bytes_per_connection: DEFAULT_MAX_IN_FLIGHT_BYTES_PER_CONNECTION,
             channel_mailbox: DEFAULT_CHANNEL_MAILBOX,
             dedupe_window: DEFAULT_DEDUPE_WINDOW,
             max_producers: DEFAULT_MAX_PRODUCERS,
@@ -341,6 +359,7 @@ impl SessionHandler for ChannelService {
             inner: self.inner.clone(),
             attached: HashMap::new(),
             in_flight: 0,
+            in_flight_bytes: 0,
         })
     }
 }
@@ -368,6 +387,8 @@ struct ConnHandler {
     /// hello had no instance id: such a connection may subscribe but not publish).
     attached: HashMap<String, (Addr<HubChannel>, Option<ProducerKey>)>,
     in_flight: usize,
+    /// Payload bytes of the publishes awaiting their acks.
+    in_flight_bytes: usize,
 }
 
 impl ConnHandler {
@@ -480,7 +501,7 @@ impl ConnectionHandler for ConnHandler {
                         .encode();
                         let _ = self.outbox.send(Outbound {
                             text: text.into(),
-                            completes_publish: false,
+                            completes_publish: None,
                         });
                     }
                 }
@@ -544,6 +565,7 @@ impl ConnectionHandler for ConnHandler {
                     );
                     return Err(Self::reject(error, &name, Some(seq), true));
                 }
+                let bytes = publish.payload.len();
                 let command = PublishCommand {
                     producer,
                     seq,
@@ -554,6 +576,7 @@ impl ConnectionHandler for ConnHandler {
                     .try_send(command)
                     .map_err(|_| Self::overloaded(&name, Some(seq)))?;
                 self.in_flight += 1;
+                self.in_flight_bytes += bytes;
                 Ok(())
             }
             other => Err(FrameRejection {
@@ -568,9 +591,14 @@ impl ConnectionHandler for ConnHandler {
     }
 
     fn on_outbound(&mut self, out: &Outbound) {
-        if out.completes_publish {
+        if let Some(bytes) = out.completes_publish {
             self.in_flight = self.in_flight.saturating_sub(1);
+            self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
         }
+    }
+
+    fn wants_input(&self) -> bool {
+        self.in_flight_bytes < self.inner.max_in_flight_bytes
     }
 
     fn on_close(&mut self) {

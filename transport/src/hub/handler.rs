@@ -36,8 +36,9 @@ pub struct ConnInfo {
 pub struct Outbound {
     /// The frame's JSON text.
     pub text: ByteString,
-    /// Whether this frame answers a publish (ack or publish error), for in-flight accounting.
-    pub completes_publish: bool,
+    /// When this frame answers a publish (its ack, or an error about it): the payload bytes of
+    /// that publish, for the connection's in-flight accounting.
+    pub completes_publish: Option<usize>,
 }
 
 /// Several encoded frames for a connection, written in order, taking one mailbox slot (a page
@@ -264,6 +265,13 @@ pub trait ConnectionHandler: 'static {
     /// A frame other than the handshake arrived. An error is sent to the client as an error
     /// frame and, when permanent for the connection (`closes` true), the connection is closed.
     fn on_frame(&mut self, frame: Frame) -> Result<(), FrameRejection>;
+
+    /// Whether the connection should go on reading its socket. `false` (for example: too many
+    /// publish bytes awaiting their acks) stops reading — TCP backpressure on the client —
+    /// until a frame written to it (an ack) makes this `true` again. Default: always.
+    fn wants_input(&self) -> bool {
+        true
+    }
 
     /// A frame is about to be written to the client.
     fn on_outbound(&mut self, _out: &Outbound) {}

@@ -28,7 +28,7 @@ use super::budget::OutboundBudget;
 use super::handler::{
     ConnInfo, ConnectionHandler, FrameRejection, Kick, Outbound, OutboundBatch, SessionOutbox,
 };
-use super::wire::{ConnSocket, Inbound, InboundError, OutboundPipe};
+use super::wire::{ConnSocket, Inbound, InboundError, InboundGate, OutboundPipe};
 use super::HubState;
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
@@ -89,6 +89,8 @@ pub struct HubSession {
     stall_timer: Option<SpawnHandle>,
     /// The peer sent its close frame.
     peer_closed: bool,
+    /// Stops reading the socket while the handler wants no more input.
+    gate: InboundGate,
     span: tracing::Span,
 }
 
@@ -195,9 +197,14 @@ pub(crate) fn start(
         socket: req.conn_data::<ConnSocket>().cloned(),
         stall_timer: None,
         peer_closed: false,
+        gate: InboundGate::default(),
         span,
     };
     let inbound = Inbound::new(stream, max);
+    let session = HubSession {
+        gate: inbound.gate(),
+        ..session
+    };
     HubSession::create(move |ctx| {
         ctx.add_stream(inbound);
         session
@@ -314,6 +321,10 @@ impl HubSession {
         }
         self.heartbeat_timer = Some(ctx.run_later(after, |act, ctx| {
             act.heartbeat_timer = None;
+            if act.gate.is_paused() {
+                // We are not reading it (backpressure): its silence is ours.
+                act.heartbeat.on_activity(Instant::now());
+            }
             match act.heartbeat.poll(Instant::now()) {
                 HeartbeatAction::Continue { ping, next_check } => {
                     if ping {
@@ -403,11 +414,16 @@ impl HubSession {
                 let Some(handler) = self.handler.as_mut() else {
                     return;
                 };
+                let result = handler.on_frame(frame);
+                if !handler.wants_input() {
+                    // Backpressure: read nothing more until acks bring it back under.
+                    self.gate.pause();
+                }
                 if let Err(FrameRejection {
                     error,
                     about,
                     closes,
-                }) = handler.on_frame(frame)
+                }) = result
                 {
                     if closes {
                         let code = match error.category() {
@@ -712,6 +728,9 @@ impl Handler<Outbound> for HubSession {
         }
         if let Some(handler) = self.handler.as_mut() {
             handler.on_outbound(&out);
+            if out.completes_publish.is_some() && handler.wants_input() && self.gate.is_paused() {
+                self.gate.resume();
+            }
         }
         self.push(ctx, WsMessage::Text(out.text), charged);
     }

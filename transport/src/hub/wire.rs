@@ -159,9 +159,51 @@ impl FrameGuard {
     }
 }
 
+/// Stops and restarts an [`Inbound`]'s reading (backpressure: a connection whose publishes
+/// wait for the store is not read until they are acknowledged, so its client's TCP writes wait
+/// instead of the hub buffering them).
+#[derive(Debug, Clone, Default)]
+pub struct InboundGate(Arc<Mutex<GateState>>);
+
+#[derive(Debug, Default)]
+struct GateState {
+    paused: bool,
+    waker: Option<Waker>,
+}
+
+impl InboundGate {
+    /// Stops reading after the frame being handled.
+    pub fn pause(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).paused = true;
+    }
+
+    /// Reads again.
+    pub fn resume(&self) {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        state.paused = false;
+        if let Some(w) = state.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Whether reading is stopped.
+    pub fn is_paused(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).paused
+    }
+
+    fn blocks(&self, cx: &Context<'_>) -> bool {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if state.paused {
+            state.waker = Some(cx.waker().clone());
+        }
+        state.paused
+    }
+}
+
 /// The connection's frames, in order: the request payload through a [`FrameGuard`] and
 /// actix-http's codec. Buffers at most one frame (within the limit) plus one read.
 pub struct Inbound<S> {
+    gate: InboundGate,
     payload: S,
     guard: FrameGuard,
     codec: Codec,
@@ -175,6 +217,7 @@ impl<S> Inbound<S> {
     /// Frames of `payload`, none over `max` bytes.
     pub fn new(payload: S, max: usize) -> Self {
         Inbound {
+            gate: InboundGate::default(),
             payload,
             guard: FrameGuard::new(max),
             codec: Codec::new().max_size(max),
@@ -182,6 +225,11 @@ impl<S> Inbound<S> {
             done: false,
             oversize: None,
         }
+    }
+
+    /// The gate that stops and restarts this reader.
+    pub fn gate(&self) -> InboundGate {
+        self.gate.clone()
     }
 }
 
@@ -194,6 +242,9 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        if this.gate.blocks(cx) {
+            return Poll::Pending;
+        }
         loop {
             match this.codec.decode(&mut this.buf) {
                 Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
