@@ -82,6 +82,17 @@ impl HostilePeer {
         self.stream.write_all(&out).await
     }
 
+    /// `texts` as client text frames, ready for [`HostilePeer::send_raw`].
+    pub fn frame_texts(&mut self, texts: &[String]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        for text in texts {
+            self.codec
+                .encode(Message::Text(text.clone().into()), &mut out)
+                .expect("encode");
+        }
+        out.to_vec()
+    }
+
     /// Sends bytes as they are.
     pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(bytes).await
@@ -278,4 +289,69 @@ fn status_kib(field: &str) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .expect("a memory figure")
+}
+
+/// The in-memory store, except that appends on channel `slow` wait until the gate opens (a
+/// store that has stopped keeping up).
+pub struct GatedStore {
+    inner: tether_channels::hub::MemoryHistory,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl GatedStore {
+    /// Appends on `slow` wait until `open` says `true`.
+    pub fn new(open: tokio::sync::watch::Receiver<bool>) -> Self {
+        GatedStore {
+            inner: tether_channels::hub::MemoryHistory::default(),
+            open,
+        }
+    }
+}
+
+impl tether_channels::hub::HistoryStore for GatedStore {
+    fn append(
+        &self,
+        channel: &str,
+        seen: Option<tether_transport::protocol::Position>,
+        fence: tether_channels::hub::Fence,
+        batch: Vec<tether_channels::hub::AppendRequest>,
+    ) -> futures::future::BoxFuture<
+        'static,
+        Result<tether_channels::hub::Appended, tether_channels::ChannelError>,
+    > {
+        let done = self.inner.append(channel, seen, fence, batch);
+        let mut open = self.open.clone();
+        let gated = channel == "slow";
+        Box::pin(async move {
+            if gated {
+                let _ = open.wait_for(|o| *o).await;
+            }
+            done.await
+        })
+    }
+
+    fn read(
+        &self,
+        channel: &str,
+        seen: Option<tether_transport::protocol::Position>,
+        after: tether_transport::protocol::Offset,
+        limit: tether_channels::hub::PageLimit,
+    ) -> futures::future::BoxFuture<
+        'static,
+        Result<tether_channels::hub::Page, tether_channels::ChannelError>,
+    > {
+        self.inner.read(channel, seen, after, limit)
+    }
+
+    fn watch(&self, channel: &str, sink: tether_channels::hub::NoticeSink) {
+        self.inner.watch(channel, sink)
+    }
+
+    fn unwatch(&self, channel: &str) {
+        self.inner.unwatch(channel)
+    }
+
+    fn health(&self) -> tether_channels::hub::StoreHealth {
+        self.inner.health()
+    }
 }

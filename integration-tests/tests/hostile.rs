@@ -10,7 +10,8 @@ use actix_http::ws::Frame as WsFrame;
 use tether_channels::hub::{ChannelService, Retention};
 use tether_channels::ChannelOptions;
 use tether_integration_tests::attack::{
-    connected, current_rss, frame_header, peak_rss, reset_peak_rss, HealthyPair, HostilePeer, Read,
+    connected, current_rss, frame_header, peak_rss, reset_peak_rss, GatedStore, HealthyPair,
+    HostilePeer, Read,
 };
 use tether_integration_tests::harness::{
     free_addr, init_tracing, open_attached, test_hub_config, wait_for_connections,
@@ -221,6 +222,93 @@ async fn repeated_resumes_from_the_start_are_paced_by_the_outbound_budget() {
         "healthy publish waited {stall:?}"
     );
     pair.assert_received_in_order(50).await;
+}
+
+/// The hub's counter `name` from its `/metrics`.
+async fn hub_counter(hub: &HubHandle, name: &str) -> u64 {
+    let url = format!("http://{}/metrics", hub.local_addr());
+    let mut response = awc::Client::new().get(url).send().await.expect("/metrics");
+    let body = response.body().await.expect("metrics body");
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+#[actix_rt::test]
+async fn a_publisher_outrunning_a_stalled_store_is_held_back_by_tcp_not_by_hub_memory() {
+    init_tracing();
+    let _turn = MEASURING.lock().await;
+    let (gate, open) = tokio::sync::watch::channel(false);
+    let service = ChannelService::builder()
+        .store(Arc::new(GatedStore::new(open)))
+        .max_in_flight_bytes_per_connection(MIB as usize)
+        .build()
+        .unwrap();
+    let hub = Hub::start(
+        test_hub_config(free_addr())
+            .handler(Arc::new(service))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let mut pair = HealthyPair::start(&hub.ws_url()).await;
+    let mut publisher = HostilePeer::connect(hub.local_addr(), "/ws", None).await;
+    publisher.hello("eager").await;
+    publisher
+        .send_text(r#"{"type":"attach","channel":"slow","subscribe":false,"producer":"p"}"#)
+        .await
+        .unwrap();
+    match text_frame(&publisher.next_frame(T).await) {
+        Some(Frame::Attached(_)) => {}
+        other => panic!("expected attached, got {other:?}"),
+    }
+    // 12 MiB of publishes at a store that answers nothing, framed before measuring.
+    let blob = "s".repeat(256 * 1024);
+    let publishes: Vec<String> = (1..=48)
+        .map(|seq| {
+            format!(r#"{{"type":"publish","channel":"slow","seq":{seq},"payload":"{blob}"}}"#)
+        })
+        .collect();
+    let bytes = publisher.frame_texts(&publishes);
+    drop(publishes);
+    let paused_before = hub_counter(&hub, "tether_hub_reads_paused_total").await;
+    reset_peak_rss();
+    let before = current_rss();
+    let writer = actix_rt::spawn(async move {
+        publisher.send_raw(&bytes).await.expect("written once read");
+        publisher
+    });
+    // The hub stops reading the publisher once 1 MiB waits for the store.
+    let deadline = tokio::time::Instant::now() + T;
+    while hub_counter(&hub, "tether_hub_reads_paused_total").await <= paused_before {
+        assert!(tokio::time::Instant::now() < deadline, "never paused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stall = pair.publish_acked(1, 30).await;
+    let grown = peak_rss().saturating_sub(before);
+    tracing::info!(grown, ?stall, "publisher held back");
+    // Without the bound the hub would hold all 12 MiB; the rest waits in TCP buffers.
+    assert!(grown < 8 * MIB, "peak memory grew by {grown} bytes");
+    // The store comes back: everything is read, stored once and acknowledged in order.
+    gate.send_replace(true);
+    let mut publisher = writer.await.unwrap();
+    let mut acked = Vec::new();
+    while acked.len() < 48 {
+        match text_frame(&publisher.next_frame(T).await) {
+            Some(Frame::Ack(ack)) => {
+                assert!(!ack.duplicate);
+                acked.push(ack.seq);
+            }
+            Some(other) => panic!("{other:?}"),
+            None => {}
+        }
+    }
+    assert_eq!(acked, (1..=48).collect::<Vec<u64>>());
+    assert!(stall < Duration::from_secs(1), "{stall:?}");
+    pair.assert_received_in_order(30).await;
 }
 
 #[actix_rt::test]

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use awc::ws::{self, CloseCode};
 use futures::SinkExt as _;
-use tether_integration_tests::attack::{assert_received_in_order, connected, HealthyPair};
+use tether_integration_tests::attack::{
+    assert_received_in_order, connected, GatedStore, HealthyPair,
+};
 use tether_integration_tests::harness::{
     free_addr, init_tracing, start_hub, test_hub_config, wait_for_connections, EventLog,
 };
@@ -486,69 +488,11 @@ async fn more_than_64_frames_before_the_welcome_close_the_connection() {
     hub.stop().await;
 }
 
-/// The in-memory store, except that appends on channel `slow` wait until the gate opens (a
-/// store that has stopped keeping up).
-struct GatedStore {
-    inner: tether_channels::hub::MemoryHistory,
-    open: tokio::sync::watch::Receiver<bool>,
-}
-
-impl tether_channels::hub::HistoryStore for GatedStore {
-    fn append(
-        &self,
-        channel: &str,
-        seen: Option<tether_transport::protocol::Position>,
-        fence: tether_channels::hub::Fence,
-        batch: Vec<tether_channels::hub::AppendRequest>,
-    ) -> futures::future::BoxFuture<
-        'static,
-        Result<tether_channels::hub::Appended, tether_channels::ChannelError>,
-    > {
-        let done = self.inner.append(channel, seen, fence, batch);
-        let mut open = self.open.clone();
-        let gated = channel == "slow";
-        Box::pin(async move {
-            if gated {
-                let _ = open.wait_for(|o| *o).await;
-            }
-            done.await
-        })
-    }
-
-    fn read(
-        &self,
-        channel: &str,
-        seen: Option<tether_transport::protocol::Position>,
-        after: tether_transport::protocol::Offset,
-        limit: tether_channels::hub::PageLimit,
-    ) -> futures::future::BoxFuture<
-        'static,
-        Result<tether_channels::hub::Page, tether_channels::ChannelError>,
-    > {
-        self.inner.read(channel, seen, after, limit)
-    }
-
-    fn watch(&self, channel: &str, sink: tether_channels::hub::NoticeSink) {
-        self.inner.watch(channel, sink)
-    }
-
-    fn unwatch(&self, channel: &str) {
-        self.inner.unwatch(channel)
-    }
-
-    fn health(&self) -> tether_channels::hub::StoreHealth {
-        self.inner.health()
-    }
-}
-
 #[actix_rt::test]
 async fn a_store_that_stops_keeping_up_bounds_the_queued_publishes_and_no_other_channel_stalls() {
     init_tracing();
     let (gate, open) = tokio::sync::watch::channel(false);
-    let store = std::sync::Arc::new(GatedStore {
-        inner: tether_channels::hub::MemoryHistory::default(),
-        open,
-    });
+    let store = std::sync::Arc::new(GatedStore::new(open));
     let service = tether_channels::hub::ChannelService::builder()
         .store(store)
         .channel_mailbox(8)

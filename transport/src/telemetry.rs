@@ -33,6 +33,9 @@ pub const HUB_OVERSIZED_FRAMES: &str = "tether_hub_oversized_frames_total";
 /// Counter: hub connections reset because their writer made no progress for the write
 /// timeout (the peer stopped reading).
 pub const HUB_WRITE_STALLS: &str = "tether_hub_write_stalls_total";
+/// Counter: times the hub stopped reading a connection (backpressure: too many publish bytes
+/// awaiting their acks).
+pub const HUB_READS_PAUSED: &str = "tether_hub_reads_paused_total";
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -87,6 +90,10 @@ fn describe() {
     describe_counter!(
         HUB_OVERSIZED_FRAMES,
         "Frames refused from their header for exceeding the frame limit"
+    );
+    describe_counter!(
+        HUB_READS_PAUSED,
+        "Times the hub stopped reading a connection for backpressure"
     );
     describe_counter!(
         HUB_WRITE_STALLS,

@@ -415,8 +415,9 @@ impl HubSession {
                     return;
                 };
                 let result = handler.on_frame(frame);
-                if !handler.wants_input() {
+                if !handler.wants_input() && !self.gate.is_paused() {
                     // Backpressure: read nothing more until acks bring it back under.
+                    metrics::counter!(telemetry::HUB_READS_PAUSED).increment(1);
                     self.gate.pause();
                 }
                 if let Err(FrameRejection {
