@@ -187,7 +187,9 @@ fn answers_as(addr: SocketAddr, pid: u32) -> bool {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    if stream.write_all(b"INFO server\r\n").is_err() {
+    // INFO answers while the dataset is still loading (other commands get -LOADING then):
+    // ready means ours, and done loading.
+    if stream.write_all(b"INFO\r\n").is_err() {
         return false;
     }
     let mut reply = Vec::new();
@@ -198,7 +200,8 @@ fn answers_as(addr: SocketAddr, pid: u32) -> bool {
             break;
         }
         reply.extend_from_slice(&buf[..n]);
-        if String::from_utf8_lossy(&reply).contains(&needle) {
+        let text = String::from_utf8_lossy(&reply);
+        if text.contains(&needle) && text.contains("\r\nloading:0\r\n") {
             return true;
         }
         if reply.len() > 64 * 1024 {
@@ -224,7 +227,11 @@ mod tests {
         let mut redis = RedisServer::start_with(Persistence::AofAlways).expect("redis starts");
         assert!(redis.command("SET k v").unwrap().starts_with("+OK"));
         redis.restart().unwrap();
-        assert!(redis.command("GET k").unwrap().contains('v'));
+        let got = redis.command("GET k").unwrap();
+        assert!(
+            got.contains('v'),
+            "after the restart GET k answered {got:?}"
+        );
         let mut volatile = RedisServer::start().unwrap();
         volatile.command("SET k v").unwrap();
         volatile.restart().unwrap();
