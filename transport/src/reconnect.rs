@@ -299,21 +299,18 @@ impl ReconnectManager {
     }
 
     /// The hub said it is stopping (`shutting_down` with a retry window) and the connection
-    /// ended: the next attempt goes out at a moment drawn uniformly in `window`, so that the
-    /// fleet comes back at the rate the hub chose. A graceful stop is not a failure: the breaker
-    /// and the backoff sequence start afresh (a hub still down when the attempt goes out
-    /// fails it, and the sequence applies from there). The manual strategy still waits.
-    pub fn on_hub_shutdown(&mut self, _now: Instant, window: RetryWindow) -> NextStep {
-        self.connected_at = None;
-        self.breaker.close();
-        self.reset_sequence();
-        if self.policy.strategy == ReconnectStrategy::Manual {
-            return NextStep::WaitForManual;
-        }
-        let unit: f64 = self.rng.random_range(0.0..1.0);
-        NextStep::Retry {
-            delay: window.pick(unit),
-            attempt: 1,
+    /// ended at `now`: the next attempt goes out at a moment drawn uniformly in `window`, so
+    /// that the fleet comes back at the rate the hub chose — never sooner than the rules for a
+    /// lost connection allow (a connection that died young still counts as flapping and waits
+    /// out its backoff step; an open breaker still suspends).
+    pub fn on_hub_shutdown(&mut self, now: Instant, window: RetryWindow) -> NextStep {
+        let pick = window.pick(self.rng.random_range(0.0..1.0));
+        match self.on_connection_lost(now) {
+            NextStep::Retry { delay, attempt } => NextStep::Retry {
+                delay: delay.max(pick),
+                attempt,
+            },
+            other => other,
         }
     }
 
@@ -444,10 +441,11 @@ mod tests {
         let mut buckets = [0u32; 4];
         for seed in 0..2_000 {
             let mut m = ReconnectManager::new(ReconnectPolicy::default(), Some(seed));
-            // Even after failures, a graceful stop starts afresh.
             m.begin_attempt(now);
-            m.on_attempt_failed(now);
-            match m.on_hub_shutdown(now, window) {
+            m.on_connected(now);
+            // Stable for a minute, then told the hub is stopping.
+            let later = now + Duration::from_secs(60);
+            match m.on_hub_shutdown(later, window) {
                 NextStep::Retry { delay, attempt } => {
                     assert_eq!(attempt, 1);
                     let ms = delay.as_millis() as u64;
@@ -456,11 +454,26 @@ mod tests {
                 }
                 other => panic!("{other:?}"),
             }
-            assert_eq!(m.breaker_state(), BreakerState::Closed);
         }
         // Uniform: each quarter of the window gets about a quarter of the fleet.
         for b in buckets {
             assert!((400..600).contains(&b), "{buckets:?}");
+        }
+    }
+
+    #[test]
+    fn a_stop_right_after_connecting_still_counts_as_flapping() {
+        let window = RetryWindow {
+            min_ms: 10,
+            max_ms: 20,
+        };
+        let now = Instant::now();
+        let mut m = manager(no_jitter());
+        m.begin_attempt(now);
+        m.on_connected(now);
+        match m.on_hub_shutdown(now + Duration::from_millis(100), window) {
+            NextStep::Retry { delay, .. } => assert_eq!(delay, Duration::from_secs(1)),
+            other => panic!("{other:?}"),
         }
     }
 
