@@ -18,7 +18,8 @@ pub enum ErrorCategory {
     Network,
     /// The wire protocol: malformed frames, unknown versions, unexpected frames.
     Protocol,
-    /// Authentication: missing or rejected tokens.
+    /// Authentication: missing or rejected tokens; a hub certificate the client does not trust
+    /// (the hub failed to prove who it is).
     Auth,
     /// Channel subscriptions: not authorized, unknown channel, bad resume point.
     Subscription,
@@ -74,6 +75,28 @@ pub enum TransportError {
     HeartbeatTimeout {
         /// How long the connection had been silent when it was given up.
         silent_for: Duration,
+    },
+    /// The client refused the hub's TLS certificate: not issued by a trusted root, not valid for
+    /// the endpoint's host name, expired or not yet valid, revoked, malformed, or none presented.
+    /// Permanent (the connection goes `Failed`): the same certificate is refused on every
+    /// attempt until the client's trust (`tls_ca_file`, `TETHER_TLS_CA_FILE`, …) or the hub's
+    /// certificate changes; a manual reconnect tries again.
+    #[error("TLS certificate of {endpoint} refused: {reason}")]
+    TlsCertificate {
+        /// The endpoint URL that was tried.
+        endpoint: String,
+        /// What the certificate verifier said.
+        reason: String,
+    },
+    /// The TLS handshake failed for another reason than the certificate: the peer does not
+    /// speak TLS on that port, sent an alert, or has no protocol version or cipher suite in
+    /// common. Retryable (the circuit breaker stops a loop).
+    #[error("TLS handshake with {endpoint} failed: {reason}")]
+    TlsHandshake {
+        /// The endpoint URL that was tried.
+        endpoint: String,
+        /// What rustls said.
+        reason: String,
     },
     /// The peer closed the connection or the socket failed. Retryable.
     #[error("connection closed: {reason} (code {code:?})")]
@@ -181,8 +204,11 @@ impl TransportError {
             TransportError::Connect { .. }
             | TransportError::HandshakeTimeout { .. }
             | TransportError::HeartbeatTimeout { .. }
+            | TransportError::TlsHandshake { .. }
             | TransportError::ConnectionClosed { .. } => ErrorCategory::Network,
-            TransportError::AuthRejected { .. } => ErrorCategory::Auth,
+            TransportError::AuthRejected { .. } | TransportError::TlsCertificate { .. } => {
+                ErrorCategory::Auth
+            }
             TransportError::UnsupportedVersion { .. }
             | TransportError::MalformedFrame { .. }
             | TransportError::FrameTooLarge { .. }
@@ -204,12 +230,14 @@ impl TransportError {
             TransportError::Connect { .. }
             | TransportError::HandshakeTimeout { .. }
             | TransportError::HeartbeatTimeout { .. }
+            | TransportError::TlsHandshake { .. }
             | TransportError::ConnectionClosed { .. }
             | TransportError::MalformedFrame { .. }
             | TransportError::FrameTooLarge { .. }
             | TransportError::UnexpectedFrame { .. }
             | TransportError::RateLimited { .. } => false,
             TransportError::AuthRejected { .. }
+            | TransportError::TlsCertificate { .. }
             | TransportError::UnsupportedVersion { .. }
             | TransportError::InvalidIdentifier { .. }
             | TransportError::InvalidConfig { .. }
@@ -226,6 +254,8 @@ impl TransportError {
             TransportError::Connect { .. }
             | TransportError::HandshakeTimeout { .. }
             | TransportError::HeartbeatTimeout { .. }
+            | TransportError::TlsCertificate { .. }
+            | TransportError::TlsHandshake { .. }
             | TransportError::ConnectionClosed { .. } => ErrorCode::Network,
             TransportError::AuthRejected { .. } => ErrorCode::AuthRejected,
             TransportError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,

@@ -49,6 +49,7 @@ pub mod reconnect;
 pub mod state;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 pub mod transport_actor;
 pub mod ws_actor;
 
