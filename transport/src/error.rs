@@ -79,8 +79,9 @@ pub enum TransportError {
     /// The client refused the hub's TLS certificate: not issued by a trusted root, not valid for
     /// the endpoint's host name, expired or not yet valid, revoked, malformed, or none presented.
     /// Permanent (the connection goes `Failed`): the same certificate is refused on every
-    /// attempt until the client's trust (`tls_ca_file`, `TETHER_TLS_CA_FILE`, …) or the hub's
-    /// certificate changes; a manual reconnect tries again.
+    /// attempt until the hub's certificate changes (then a manual reconnect tries again) or the
+    /// client is configured to trust it (`tls_ca_file`, `TETHER_TLS_CA_FILE`, … in a new
+    /// configuration).
     #[error("TLS certificate of {endpoint} refused: {reason}")]
     TlsCertificate {
         /// The endpoint URL that was tried.
