@@ -8,14 +8,23 @@
 //! curl http://127.0.0.1:8081/health
 //! curl http://127.0.0.1:8081/metrics
 //! ```
+//!
+//! TLS (`wss://`): a PEM certificate chain and key, by flag or by `TETHER_HUB_TLS_CERT` /
+//! `TETHER_HUB_TLS_KEY`:
+//!
+//! ```text
+//! cargo run --release --example hub -- --bind 0.0.0.0:8443 --tls-cert hub.crt --tls-key hub.key
+//! TETHER_HUB_TLS_CERT=hub.crt TETHER_HUB_TLS_KEY=hub.key cargo run --release --example hub
+//! ```
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use tether_channels::hub::{ChannelService, RedisStore, Retention};
-use tether_transport::hub::{Hub, HubConfig, StaticTokens};
+use tether_transport::hub::{Hub, HubConfigBuilder, StaticTokens};
 
 /// Runs a Tether hub until Ctrl-C or SIGTERM.
 #[derive(Parser, Debug)]
@@ -51,6 +60,13 @@ struct Args {
     /// This node's name (in /health and the logs). Default: hub-{pid}.
     #[arg(long)]
     node_id: Option<String>,
+    /// Serve TLS (wss://) with this PEM certificate chain (leaf first). Needs --tls-key.
+    /// Default: TETHER_HUB_TLS_CERT, else plain ws://.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert. Default: TETHER_HUB_TLS_KEY.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[actix::main]
@@ -74,7 +90,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         other => return Err(format!("--store {other:?}: expected memory or redis://…").into()),
     }
-    let mut builder = HubConfig::builder()
+    let mut builder = HubConfigBuilder::from_env()?
         .bind(args.bind)
         .handler(Arc::new(channels.build()?))
         .heartbeat(
@@ -87,12 +103,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(node_id) = args.node_id {
         builder = builder.node_id(node_id);
     }
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        builder = builder.tls_files(cert, key);
+    }
     if !args.token.is_empty() {
         builder = builder.authenticator(StaticTokens::new(args.token));
     }
     let hub = Hub::start(builder.build()?)?;
+    let http = match hub.state().config.tls {
+        Some(_) => "https",
+        None => "http",
+    };
     println!(
-        "hub {} listening on {} (store: {}; health: http://{}/health)",
+        "hub {} listening on {} (store: {}; health: {http}://{}/health)",
         hub.state().config.node_id,
         hub.ws_url(),
         args.store,

@@ -14,6 +14,14 @@
 //!     --faults cut@5s,kill-node@7s,restart@13s
 //! ```
 //!
+//! Over TLS: `--tls` makes a self-signed certificate at start; the hubs (embedded or processes)
+//! serve it, the clients trust it and connect with `wss://` through the fault proxies (which
+//! forward the encrypted bytes as they are):
+//!
+//! ```text
+//! cargo run --release --example soak -- --duration 15 --clients 6 --channels 2 --rate 100 --tls
+//! ```
+//!
 //! Exit status: 0 when nothing was silently lost, duplicated or reordered (and, where history
 //! is durable, no discontinuity was reported); 1 otherwise; 2 when the run could not be set up.
 //!
@@ -46,8 +54,8 @@ use tether_examples::soak::resources;
 use tether_examples::soak::timeline::{Percentiles, Timeline, Transition};
 use tether_integration_tests::harness::free_addr;
 use tether_integration_tests::process::die_with_parent;
-use tether_integration_tests::{FaultProxy, RedisServer};
-use tether_transport::hub::{Hub, HubConfig, HubHandle};
+use tether_integration_tests::{FaultProxy, RedisServer, TestCert};
+use tether_transport::hub::{Hub, HubConfig, HubConfigBuilder, HubHandle};
 use tether_transport::protocol::Payload;
 use tether_transport::{Transport, TransportConfig};
 
@@ -104,6 +112,11 @@ struct Args {
     /// run) or a Redis URL (`redis://host:port`).
     #[arg(long, default_value = "memory")]
     store: String,
+    /// Serve and connect over TLS: a self-signed certificate is made at start, the hubs serve
+    /// it (hub processes get it through TETHER_HUB_TLS_CERT / TETHER_HUB_TLS_KEY), the clients
+    /// trust it and connect with wss://.
+    #[arg(long)]
+    tls: bool,
     /// Internal: serve one hub node on this address (how `--hub-nodes` starts its processes).
     #[arg(long, hide = true)]
     serve_hub: Option<SocketAddr>,
@@ -195,13 +208,28 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
     if args.hub_url.is_some() && args.hub_nodes > 0 {
         return Err("--hub-url and --hub-nodes exclude each other".into());
     }
+    if args.hub_url.is_some() && args.tls {
+        return Err("--tls makes its own certificate for its own hubs: not with --hub-url".into());
+    }
+    // One certificate for the run, for every hub (the clients trust it).
+    let tls = args.tls.then(|| SoakTls::new()).transpose()?;
     let (hubs, upstreams, path) = match &args.hub_url {
         Some(url) => {
             let (addr, path) = upstream_of(url)?;
             (Hubs::External, vec![addr], path)
         }
         None if args.hub_nodes == 0 => {
-            let config = hub_config(free_addr(), idle, channel_service(&store)?, "embedded")?;
+            let base = match &tls {
+                Some(tls) => tls.cert.serve(HubConfig::builder()),
+                None => HubConfig::builder(),
+            };
+            let config = hub_config(
+                base,
+                free_addr(),
+                idle,
+                channel_service(&store)?,
+                "embedded",
+            )?;
             let hub = Hub::start(config.clone())?;
             let (bind, path) = (config.bind, config.ws_path.clone());
             (
@@ -214,7 +242,12 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
             )
         }
         None => {
-            let nodes = Nodes::new(args.hub_nodes, &store, args.idle_timeout_ms)?;
+            let nodes = Nodes::new(
+                args.hub_nodes,
+                &store,
+                args.idle_timeout_ms,
+                tls.as_ref().map(|t| t.files.clone()),
+            )?;
             for i in 0..args.hub_nodes as usize {
                 nodes.start(i).await?;
             }
@@ -227,9 +260,10 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
         .iter()
         .map(|addr| FaultProxy::start(*addr).map(Rc::new))
         .collect::<Result<Vec<_>, _>>()?;
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
     let urls: Vec<String> = proxies
         .iter()
-        .map(|p| format!("ws://{}{}", p.local_addr(), path))
+        .map(|p| format!("{scheme}://{}{}", p.local_addr(), path))
         .collect();
 
     // Clients, each recording its transitions and deliveries.
@@ -246,6 +280,9 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
         let mut builder = TransportConfig::builder(urls[first].clone());
         for k in 1..urls.len() {
             builder = builder.endpoint(urls[(first + k) % urls.len()].clone());
+        }
+        if let Some(tls) = &tls {
+            builder = tls.cert.trust(builder);
         }
         let config = builder
             .heartbeat(heartbeat, idle)
@@ -456,6 +493,7 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
             hub_nodes: args.hub_nodes,
             continuity_expected: !(store == StoreChoice::Memory && args.hub_nodes > 0),
             hub_restart_failures: restart_failures.get(),
+            tls: tls.is_some(),
         };
         print!("{}", report.text());
         if let Some(path) = &args.json {
@@ -518,13 +556,40 @@ fn channel_service(store: &StoreChoice) -> Result<ChannelService, Box<dyn std::e
     Ok(builder.build()?)
 }
 
+/// The run's certificate, and the files hub processes read it from (removed when dropped).
+struct SoakTls {
+    cert: TestCert,
+    dir: PathBuf,
+    files: (PathBuf, PathBuf),
+}
+
+impl SoakTls {
+    fn new() -> Result<Self, String> {
+        let cert = TestCert::localhost();
+        let dir = std::env::temp_dir().join(format!("tether-soak-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let files = cert
+            .write_to(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(SoakTls { cert, dir, files })
+    }
+}
+
+impl Drop for SoakTls {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `base` (the TLS identity, if any) with the soak's hub settings.
 fn hub_config(
+    base: HubConfigBuilder,
     bind: SocketAddr,
     idle: Duration,
     service: ChannelService,
     node_id: &str,
 ) -> Result<HubConfig, Box<dyn std::error::Error>> {
-    Ok(HubConfig::builder()
+    Ok(base
         .bind(bind)
         .workers(1)
         .heartbeat(idle / 4, idle)
@@ -544,7 +609,14 @@ async fn serve_hub(bind: SocketAddr, args: &Args) -> Result<(), Box<dyn std::err
     };
     let idle = Duration::from_millis(args.idle_timeout_ms.max(40));
     let node_id = args.node_id.clone().unwrap_or_else(|| "node".into());
-    let hub = Hub::start(hub_config(bind, idle, channel_service(&store)?, &node_id)?)?;
+    // TLS, when the soak runs with --tls, comes through TETHER_HUB_TLS_CERT / _KEY.
+    let hub = Hub::start(hub_config(
+        HubConfigBuilder::from_env()?,
+        bind,
+        idle,
+        channel_service(&store)?,
+        &node_id,
+    )?)?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -565,12 +637,19 @@ struct Node {
 struct Nodes {
     exe: PathBuf,
     common: Vec<String>,
+    /// The certificate chain and key files when the nodes serve TLS.
+    tls: Option<(PathBuf, PathBuf)>,
     nodes: RefCell<Vec<Node>>,
     next_victim: Cell<usize>,
 }
 
 impl Nodes {
-    fn new(n: u32, store: &StoreChoice, idle_timeout_ms: u64) -> Result<Self, String> {
+    fn new(
+        n: u32,
+        store: &StoreChoice,
+        idle_timeout_ms: u64,
+        tls: Option<(PathBuf, PathBuf)>,
+    ) -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
         let store = match store {
             StoreChoice::Memory => "memory".to_owned(),
@@ -592,6 +671,7 @@ impl Nodes {
         Ok(Nodes {
             exe,
             common,
+            tls,
             nodes: RefCell::new(nodes),
             next_victim: Cell::new(0),
         })
@@ -612,7 +692,16 @@ impl Nodes {
             let nodes = self.nodes.borrow();
             (nodes[i].addr, nodes[i].id.clone())
         };
-        let child = tokio::process::Command::new(&self.exe)
+        let mut command = tokio::process::Command::new(&self.exe);
+        match &self.tls {
+            Some((cert, key)) => command
+                .env("TETHER_HUB_TLS_CERT", cert)
+                .env("TETHER_HUB_TLS_KEY", key),
+            None => command
+                .env_remove("TETHER_HUB_TLS_CERT")
+                .env_remove("TETHER_HUB_TLS_KEY"),
+        };
+        let child = command
             .arg("--serve-hub")
             .arg(addr.to_string())
             .arg("--node-id")

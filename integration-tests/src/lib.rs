@@ -11,6 +11,7 @@
 //! * [`harness`]: a real hub on loopback with test-speed timings, fast-retrying client
 //!   configurations, and an [`EventLog`](harness::EventLog) that waits for typed transitions
 //!   with a timeout.
+//! * [`TestCert`]: a self-signed certificate made at run time, for hubs that serve TLS.
 //!
 //! Used by the integration tests, the examples and the soak tool. Not part of Tether's public
 //! API and never published.
@@ -23,6 +24,8 @@ pub mod process;
 pub mod proxy;
 pub mod raw;
 pub mod redis_server;
+pub mod tls;
 
 pub use proxy::{FaultProxy, ProxyStats};
 pub use redis_server::{Persistence, RedisServer};
+pub use tls::TestCert;

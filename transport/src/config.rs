@@ -1,6 +1,7 @@
 //! Client configuration: [`TransportConfig`], built and validated by [`TransportConfigBuilder`],
 //! also readable from `TETHER_*` environment variables.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -9,6 +10,7 @@ use crate::error::TransportError;
 use crate::heartbeat::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_IDLE_TIMEOUT};
 use crate::protocol::{check_identifier, ClientId, MAX_ID_LEN, MAX_TOKEN_LEN};
 use crate::reconnect::{OnExhausted, ReconnectPolicy, ReconnectStrategy};
+use crate::tls::{ClientTrust, Material};
 
 /// Default time allowed for TCP connect + WebSocket upgrade + hello/welcome: 10 s.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,6 +39,8 @@ pub struct TransportConfig {
     pub max_frame_size: usize,
     /// Seed for the jitter generator (reproducible runs); `None` seeds from the OS.
     pub seed: Option<u64>,
+    /// What `wss://` endpoints are checked against. Default: the built-in webpki roots.
+    pub tls: ClientTrust,
 }
 
 impl TransportConfig {
@@ -72,6 +76,8 @@ pub struct TransportConfigBuilder {
     handshake_timeout: Duration,
     max_frame_size: usize,
     seed: Option<u64>,
+    tls_builtin_roots: bool,
+    tls_roots: Vec<Material>,
 }
 
 impl TransportConfigBuilder {
@@ -86,6 +92,8 @@ impl TransportConfigBuilder {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             seed: None,
+            tls_builtin_roots: true,
+            tls_roots: Vec::new(),
         }
     }
 
@@ -204,14 +212,60 @@ impl TransportConfigBuilder {
         self
     }
 
+    /// Also trusts the CA certificates in `pem` (one or more `CERTIFICATE` sections) for
+    /// `wss://` endpoints — a private CA, or a hub's self-signed certificate. Checked at
+    /// `build`. Default: none (the built-in roots only).
+    ///
+    /// ```no_run
+    /// # fn demo() -> Result<(), tether_transport::TransportError> {
+    /// use tether_transport::TransportConfig;
+    ///
+    /// let ca = std::fs::read("/etc/tether/ca.pem").unwrap();
+    /// let config = TransportConfig::builder("wss://hub.example.com/ws")
+    ///     .tls_root_certificates(ca)
+    ///     .tls_builtin_roots(false) // trust the private CA only
+    ///     .build()?;
+    /// # let _ = config; Ok(()) }
+    /// ```
+    pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_roots
+            .push(Material::pem("tls_root_certificates", pem));
+        self
+    }
+
+    /// Also trusts one CA certificate given as DER. Checked at `build`. Default: none.
+    pub fn tls_root_certificate_der(mut self, der: impl Into<Vec<u8>>) -> Self {
+        self.tls_roots
+            .push(Material::der("tls_root_certificate_der", der));
+        self
+    }
+
+    /// Also trusts the CA certificates in the PEM file at `path`, read at `build`. Default:
+    /// none.
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_roots.push(Material::pem_file("tls_ca_file", path));
+        self
+    }
+
+    /// Whether the built-in webpki (Mozilla) roots are trusted besides the added CA
+    /// certificates. Default: `true`. With `false`, only the added ones are (a private PKI);
+    /// `build` then refuses a `wss://` endpoint with nothing to trust.
+    pub fn tls_builtin_roots(mut self, trust: bool) -> Self {
+        self.tls_builtin_roots = trust;
+        self
+    }
+
     /// Overrides settings from `TETHER_*` variables looked up through `lookup`:
     /// `TETHER_ENDPOINTS` (comma-separated, replaces the list), `TETHER_CLIENT_ID`,
     /// `TETHER_TOKEN`, `TETHER_RECONNECT_STRATEGY`, `TETHER_MAX_RECONNECT_ATTEMPTS` (0 = never
     /// suspend), `TETHER_RECONNECT_BASE_DELAY_MS`, `TETHER_RECONNECT_MAX_DELAY_MS`,
     /// `TETHER_RECONNECT_MULTIPLIER`, `TETHER_RECONNECT_JITTER`, `TETHER_SUSPEND_INTERVAL_MS`,
     /// `TETHER_STABILITY_WINDOW_MS`, `TETHER_HEARTBEAT_INTERVAL_MS`, `TETHER_IDLE_TIMEOUT_MS`,
-    /// `TETHER_HANDSHAKE_TIMEOUT_MS`, `TETHER_MAX_FRAME_BYTES`. An unparsable value is an
-    /// [`TransportError::InvalidConfig`] naming the variable.
+    /// `TETHER_HANDSHAKE_TIMEOUT_MS`, `TETHER_MAX_FRAME_BYTES`, `TETHER_TLS_CA_FILE` (a PEM
+    /// file of CA certificates, trusted in addition to those set on the builder),
+    /// `TETHER_TLS_BUILTIN_ROOTS` (`true`/`false`). An unparsable value is an
+    /// [`TransportError::InvalidConfig`] naming the variable (a CA file that cannot be read or
+    /// parsed too, at `build`).
     pub fn apply_env(
         mut self,
         lookup: impl Fn(&str) -> Option<String>,
@@ -298,6 +352,16 @@ impl TransportConfigBuilder {
         {
             self.max_frame_size = n;
         }
+        if let Some(path) = lookup("TETHER_TLS_CA_FILE").filter(|p| !p.trim().is_empty()) {
+            self.tls_roots
+                .push(Material::pem_file("TETHER_TLS_CA_FILE", path.trim()));
+        }
+        if let Some(trust) = parse::<bool>(
+            "TETHER_TLS_BUILTIN_ROOTS",
+            lookup("TETHER_TLS_BUILTIN_ROOTS"),
+        )? {
+            self.tls_builtin_roots = trust;
+        }
         Ok(self)
     }
 
@@ -373,6 +437,9 @@ impl TransportConfigBuilder {
         if self.max_frame_size < 1024 {
             return invalid("max_frame_size", "must be at least 1024 bytes".into());
         }
+        // A TLS client is built only when some endpoint needs one: ws:// costs nothing.
+        let needs_tls = self.endpoints.iter().any(|url| url.starts_with("wss://"));
+        let tls = ClientTrust::build(self.tls_builtin_roots, &self.tls_roots, needs_tls)?;
         Ok(TransportConfig {
             endpoints: self.endpoints,
             client_id: self.client_id.unwrap_or_else(ClientId::random),
@@ -383,6 +450,7 @@ impl TransportConfigBuilder {
             handshake_timeout: self.handshake_timeout,
             max_frame_size: self.max_frame_size,
             seed: self.seed,
+            tls,
         })
     }
 }
@@ -497,6 +565,96 @@ mod tests {
         assert_eq!(c.reconnect.jitter, 0.1);
         assert_eq!(c.reconnect.strategy, ReconnectStrategy::Linear);
         assert_eq!(c.idle_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_ws_only_configuration_builds_no_tls_client() {
+        let c = TransportConfig::builder(URL).build().unwrap();
+        assert!(c.tls.rustls_config().is_none());
+        assert!(c.tls.builtin_roots());
+        // Nothing to trust is fine while no endpoint is wss://.
+        let c = TransportConfig::builder(URL)
+            .tls_builtin_roots(false)
+            .build()
+            .unwrap();
+        assert!(c.tls.rustls_config().is_none());
+    }
+
+    #[test]
+    fn a_wss_endpoint_gets_the_builtin_roots_and_the_added_cas() {
+        let c = TransportConfig::builder("wss://hub.example.com/ws")
+            .build()
+            .unwrap();
+        assert!(c.tls.rustls_config().is_some());
+        assert!(c.tls.extra_roots().is_empty());
+
+        let ca = rcgen::generate_simple_self_signed(vec!["hub.example.com".to_owned()]).unwrap();
+        let c = TransportConfig::builder("wss://hub.example.com/ws")
+            .tls_root_certificates(ca.cert.pem())
+            .tls_root_certificate_der(ca.cert.der().to_vec())
+            .tls_builtin_roots(false)
+            .build()
+            .unwrap();
+        assert_eq!(c.tls.extra_roots().len(), 2);
+        assert!(c.tls.rustls_config().is_some());
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["tls"]["extra_roots"], 2);
+        assert_eq!(json["tls"]["builtin_roots"], false);
+    }
+
+    #[test]
+    fn tls_settings_are_validated_at_build_time() {
+        let wss = || TransportConfig::builder("wss://127.0.0.1:1/ws");
+        assert_eq!(
+            field_of(wss().tls_builtin_roots(false).build()),
+            "tls_builtin_roots"
+        );
+        assert_eq!(
+            field_of(wss().tls_root_certificates("no pem here").build()),
+            "tls_root_certificates"
+        );
+        assert_eq!(
+            field_of(wss().tls_ca_file("/nonexistent/tether-ca.pem").build()),
+            "tls_ca_file"
+        );
+    }
+
+    #[test]
+    fn tls_trust_comes_from_the_environment_too() {
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let path =
+            std::env::temp_dir().join(format!("tether-config-test-ca-{}.pem", std::process::id()));
+        std::fs::write(&path, ca.cert.pem()).unwrap();
+        let env: HashMap<&str, String> = [
+            ("TETHER_TLS_CA_FILE", path.display().to_string()),
+            ("TETHER_TLS_BUILTIN_ROOTS", "false".to_owned()),
+        ]
+        .into_iter()
+        .collect();
+        let c = TransportConfig::builder("wss://localhost:1/ws")
+            .apply_env(|k| env.get(k).cloned())
+            .unwrap()
+            .build()
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(c.tls.extra_roots().len(), 1);
+        assert!(!c.tls.builtin_roots());
+
+        let missing = TransportConfig::builder("wss://localhost:1/ws")
+            .apply_env(|k| (k == "TETHER_TLS_CA_FILE").then(|| "/nonexistent/ca.pem".to_owned()))
+            .unwrap()
+            .build();
+        assert_eq!(field_of(missing), "TETHER_TLS_CA_FILE");
+        let err = TransportConfig::builder(URL)
+            .apply_env(|k| (k == "TETHER_TLS_BUILTIN_ROOTS").then(|| "maybe".to_owned()))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            TransportError::InvalidConfig {
+                field: "TETHER_TLS_BUILTIN_ROOTS",
+                ..
+            }
+        ));
     }
 
     #[test]

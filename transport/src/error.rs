@@ -18,7 +18,8 @@ pub enum ErrorCategory {
     Network,
     /// The wire protocol: malformed frames, unknown versions, unexpected frames.
     Protocol,
-    /// Authentication: missing or rejected tokens.
+    /// Authentication: missing or rejected tokens; a hub certificate the client does not trust
+    /// (the hub failed to prove who it is).
     Auth,
     /// Channel subscriptions: not authorized, unknown channel, bad resume point.
     Subscription,
@@ -74,6 +75,29 @@ pub enum TransportError {
     HeartbeatTimeout {
         /// How long the connection had been silent when it was given up.
         silent_for: Duration,
+    },
+    /// The client refused the hub's TLS certificate: not issued by a trusted root, not valid for
+    /// the endpoint's host name, expired or not yet valid, revoked, malformed, or none presented.
+    /// Permanent (the connection goes `Failed`): the same certificate is refused on every
+    /// attempt until the hub's certificate changes (then a manual reconnect tries again) or the
+    /// client is configured to trust it (`tls_ca_file`, `TETHER_TLS_CA_FILE`, … in a new
+    /// configuration).
+    #[error("TLS certificate of {endpoint} refused: {reason}")]
+    TlsCertificate {
+        /// The endpoint URL that was tried.
+        endpoint: String,
+        /// What the certificate verifier said.
+        reason: String,
+    },
+    /// The TLS handshake failed for another reason than the certificate: the peer does not
+    /// speak TLS on that port, sent an alert, or has no protocol version or cipher suite in
+    /// common. Retryable (the circuit breaker stops a loop).
+    #[error("TLS handshake with {endpoint} failed: {reason}")]
+    TlsHandshake {
+        /// The endpoint URL that was tried.
+        endpoint: String,
+        /// What rustls said.
+        reason: String,
     },
     /// The peer closed the connection or the socket failed. Retryable.
     #[error("connection closed: {reason} (code {code:?})")]
@@ -181,8 +205,11 @@ impl TransportError {
             TransportError::Connect { .. }
             | TransportError::HandshakeTimeout { .. }
             | TransportError::HeartbeatTimeout { .. }
+            | TransportError::TlsHandshake { .. }
             | TransportError::ConnectionClosed { .. } => ErrorCategory::Network,
-            TransportError::AuthRejected { .. } => ErrorCategory::Auth,
+            TransportError::AuthRejected { .. } | TransportError::TlsCertificate { .. } => {
+                ErrorCategory::Auth
+            }
             TransportError::UnsupportedVersion { .. }
             | TransportError::MalformedFrame { .. }
             | TransportError::FrameTooLarge { .. }
@@ -204,12 +231,14 @@ impl TransportError {
             TransportError::Connect { .. }
             | TransportError::HandshakeTimeout { .. }
             | TransportError::HeartbeatTimeout { .. }
+            | TransportError::TlsHandshake { .. }
             | TransportError::ConnectionClosed { .. }
             | TransportError::MalformedFrame { .. }
             | TransportError::FrameTooLarge { .. }
             | TransportError::UnexpectedFrame { .. }
             | TransportError::RateLimited { .. } => false,
             TransportError::AuthRejected { .. }
+            | TransportError::TlsCertificate { .. }
             | TransportError::UnsupportedVersion { .. }
             | TransportError::InvalidIdentifier { .. }
             | TransportError::InvalidConfig { .. }
@@ -226,6 +255,8 @@ impl TransportError {
             TransportError::Connect { .. }
             | TransportError::HandshakeTimeout { .. }
             | TransportError::HeartbeatTimeout { .. }
+            | TransportError::TlsCertificate { .. }
+            | TransportError::TlsHandshake { .. }
             | TransportError::ConnectionClosed { .. } => ErrorCode::Network,
             TransportError::AuthRejected { .. } => ErrorCode::AuthRejected,
             TransportError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,

@@ -10,6 +10,11 @@
 //!   [`ConnectionStateChanged`] message.
 //! * Hub: [`hub::Hub`] serves the WebSocket endpoint (handshake, authentication, heartbeats,
 //!   resumable sessions), `/health` and `/metrics`.
+//! * TLS on both ends ([`tls`], rustls with the `ring` provider): a client trusts the built-in
+//!   webpki roots plus the CAs given to its builder (`tls_ca_file`, `TETHER_TLS_CA_FILE`, …) for
+//!   `wss://` endpoints; a hub serves `wss://` with `HubConfig::builder().tls(…)` or
+//!   `TETHER_HUB_TLS_CERT` / `TETHER_HUB_TLS_KEY`. A hub certificate the client refuses is
+//!   [`TransportError::TlsCertificate`], permanent.
 //!
 //! The rules live in plain structs tested without sockets: [`state`] (the transition table),
 //! [`reconnect`], [`breaker`], [`heartbeat`], [`protocol`]. The actors only translate messages
@@ -49,6 +54,7 @@ pub mod reconnect;
 pub mod state;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 pub mod transport_actor;
 pub mod ws_actor;
 

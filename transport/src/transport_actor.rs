@@ -298,7 +298,11 @@ impl TransportActor {
             handshake_timeout: self.config.handshake_timeout,
             max_frame_size: self.config.max_frame_size,
         };
-        let client = self.client.get_or_insert_with(websocket_client).clone();
+        let tls = self.config.tls.rustls_config().cloned();
+        let client = self
+            .client
+            .get_or_insert_with(|| websocket_client(tls))
+            .clone();
         let id = self.next_conn_id;
         tracing::debug!(parent: &self.span, conn_id = id, attempt, %endpoint, "opening connection");
         let ws = WebSocketActor::new(
@@ -553,8 +557,9 @@ impl TransportActor {
 }
 
 /// The HTTP client for WebSocket upgrades: HTTP/1.1, and TCP_NODELAY on every socket so that
-/// small frames (publishes, acks) are not held back by Nagle's algorithm.
-fn websocket_client() -> awc::Client {
+/// small frames (publishes, acks) are not held back by Nagle's algorithm. `tls` serves the
+/// `wss://` endpoints; without it (every endpoint `ws://`) the client has no TLS at all.
+fn websocket_client(tls: Option<std::sync::Arc<rustls::ClientConfig>>) -> awc::Client {
     use actix_service::ServiceExt as _;
     type Tcp = actix_tls::connect::Connection<awc::http::Uri, actix_rt::net::TcpStream>;
     let tcp = actix_tls::connect::Connector::default()
@@ -565,10 +570,14 @@ fn websocket_client() -> awc::Client {
             }
             conn
         });
-    awc::Client::builder()
-        .max_http_version(awc::http::Version::HTTP_11)
-        .connector(awc::Connector::new().connector(tcp))
-        .finish()
+    // HTTP/1.1 only: the TLS configuration offers just `http/1.1` by ALPN, and a plain
+    // connection never upgrades to h2 (awc's `max_http_version` would replace the TLS
+    // configuration with its own default, so it is not used).
+    let mut connector = awc::Connector::new().connector(tcp);
+    if let Some(tls) = tls {
+        connector = connector.rustls_0_23(tls);
+    }
+    awc::Client::builder().connector(connector).finish()
 }
 
 impl Actor for TransportActor {

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
 use crate::protocol::{Frame, Hello, Welcome};
+use crate::tls::HandshakeFailure;
 use crate::transport_actor::{ChannelLink, ChannelRoutes};
 
 type WsSink = SplitSink<actix_codec::Framed<BoxedSocket, ws::Codec>, ws::Message>;
@@ -307,10 +308,10 @@ impl Actor for WebSocketActor {
                     act.schedule_heartbeat(ctx, first_check);
                 }
                 Err(e) => {
-                    let error = TransportError::Connect {
-                        endpoint: act.endpoint.clone(),
-                        message: e.to_string(),
-                    };
+                    let error = connect_error(&act.endpoint, &e);
+                    if let TransportError::TlsCertificate { reason, .. } = &error {
+                        tracing::warn!(conn_id = act.conn_id, endpoint = %act.endpoint, %reason, "hub certificate refused");
+                    }
                     act.end(ctx, error, None);
                 }
             }
@@ -330,6 +331,22 @@ impl Actor for WebSocketActor {
             established: self.established,
             error,
         });
+    }
+}
+
+/// The typed error for a failed connect + upgrade: a TLS handshake failure (rustls' error inside
+/// the connector's I/O error) is [`TransportError::TlsCertificate`] or
+/// [`TransportError::TlsHandshake`]; anything else [`TransportError::Connect`].
+fn connect_error(endpoint: &str, error: &awc::error::WsClientError) -> TransportError {
+    use awc::error::{ConnectError, SendRequestError, WsClientError};
+    if let WsClientError::SendRequest(SendRequestError::Connect(ConnectError::Io(io))) = error {
+        if let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+            return HandshakeFailure::error(endpoint, tls);
+        }
+    }
+    TransportError::Connect {
+        endpoint: endpoint.to_owned(),
+        message: error.to_string(),
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Report {
     pub continuity_expected: bool,
     /// Hub restarts (restart, kill-node) after which the hub did not come back.
     pub hub_restart_failures: u64,
+    /// Whether clients and hubs spoke TLS (`wss://`, `--tls`).
+    pub tls: bool,
 }
 
 impl Report {
@@ -105,8 +107,13 @@ impl Report {
         };
         let _ = writeln!(
             s,
-            "Tether soak: {} clients on {} channels for {:.1} s (seed {}); {hubs}, {} store",
-            self.clients, self.channels, self.duration_s, self.seed, self.store
+            "Tether soak: {} clients on {} channels for {:.1} s (seed {}); {hubs}, {} store{}",
+            self.clients,
+            self.channels,
+            self.duration_s,
+            self.seed,
+            self.store,
+            if self.tls { ", over TLS" } else { "" }
         );
         let _ = writeln!(s, "  faults        {faults}  [{}]", self.fault_spec);
         let _ = writeln!(
@@ -357,6 +364,7 @@ mod tests {
             hub_nodes: 0,
             continuity_expected: true,
             hub_restart_failures: 0,
+            tls: false,
         }
     }
 
@@ -392,6 +400,15 @@ mod tests {
             }
         }
         assert_eq!(json["faults"]["cut"], 2);
+        assert_eq!(json["tls"], false);
+    }
+
+    #[test]
+    fn the_header_says_when_the_run_was_over_tls() {
+        let mut r = report();
+        assert!(!r.text().contains("TLS"));
+        r.tls = true;
+        assert!(r.text().lines().next().unwrap().ends_with(", over TLS"));
     }
 
     #[test]

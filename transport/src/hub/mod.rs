@@ -9,6 +9,7 @@ pub mod sessions;
 pub mod wire;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +24,7 @@ use tokio::time::Instant;
 use crate::error::TransportError;
 use crate::heartbeat::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_IDLE_TIMEOUT};
 use crate::telemetry;
+use crate::tls::{HubTls, Material};
 
 pub use auth::{AllowAll, AuthRejection, Authenticator, StaticTokens};
 pub use budget::{OutboundBudget, DEFAULT_OUTBOUND_BUDGET};
@@ -94,6 +96,8 @@ pub struct HubConfig {
     pub shutdown_retry: crate::protocol::RetryWindow,
     /// This node's name among several hub nodes (in `/health` and the logs).
     pub node_id: String,
+    /// The listener's TLS identity; `None` (the default) serves plain `ws://`.
+    pub tls: Option<HubTls>,
 }
 
 impl std::fmt::Debug for HubConfig {
@@ -114,6 +118,7 @@ impl std::fmt::Debug for HubConfig {
             .field("drain_timeout", &self.drain_timeout)
             .field("shutdown_retry", &self.shutdown_retry)
             .field("node_id", &self.node_id)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -145,7 +150,9 @@ impl HubConfig {
                     DEFAULT_SHUTDOWN_RETRY.1,
                 ),
                 node_id: format!("hub-{}", std::process::id()),
+                tls: None,
             },
+            tls: None,
         }
     }
 }
@@ -154,6 +161,8 @@ impl HubConfig {
 #[derive(Clone)]
 pub struct HubConfigBuilder {
     config: HubConfig,
+    /// Certificate chain and key, loaded and checked at `build`.
+    tls: Option<(Material, Material)>,
 }
 
 impl HubConfigBuilder {
@@ -263,8 +272,81 @@ impl HubConfigBuilder {
         self
     }
 
+    /// Serves `wss://` (TLS over the same port, `/health` and `/metrics` too) with this PEM
+    /// certificate chain (leaf first, then intermediates) and PEM private key (PKCS#8, PKCS#1
+    /// or SEC1). Checked at `build`: bad PEM or a key that does not belong to the leaf is
+    /// [`TransportError::InvalidConfig`]. Default: no TLS (plain `ws://`).
+    ///
+    /// ```no_run
+    /// # fn demo() -> Result<(), tether_transport::TransportError> {
+    /// use tether_transport::hub::HubConfig;
+    ///
+    /// let chain = std::fs::read("/etc/tether/hub.crt").unwrap();
+    /// let key = std::fs::read("/etc/tether/hub.key").unwrap();
+    /// let config = HubConfig::builder().tls(chain, key).build()?;
+    /// assert!(config.tls.is_some());
+    /// # Ok(()) }
+    /// ```
+    pub fn tls(mut self, cert_chain_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        self.tls = Some((
+            Material::pem("tls_cert", cert_chain_pem),
+            Material::pem("tls_key", key_pem),
+        ));
+        self
+    }
+
+    /// Like [`HubConfigBuilder::tls`], with the PEM read from these files at `build`.
+    pub fn tls_files(mut self, cert_chain: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls = Some((
+            Material::pem_file("tls_cert", cert_chain),
+            Material::pem_file("tls_key", key),
+        ));
+        self
+    }
+
+    /// Overrides settings from `TETHER_HUB_*` variables looked up through `lookup`:
+    /// `TETHER_HUB_TLS_CERT` and `TETHER_HUB_TLS_KEY` (paths of the PEM certificate chain and
+    /// key, as [`HubConfigBuilder::tls_files`]; both or neither). Only one of the two is an
+    /// [`TransportError::InvalidConfig`] naming the missing one; files that cannot be read or
+    /// parsed are one too, at `build`.
+    pub fn apply_env(
+        mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, TransportError> {
+        let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        match (var("TETHER_HUB_TLS_CERT"), var("TETHER_HUB_TLS_KEY")) {
+            (Some(cert), Some(key)) => {
+                self.tls = Some((
+                    Material::pem_file("TETHER_HUB_TLS_CERT", cert.trim()),
+                    Material::pem_file("TETHER_HUB_TLS_KEY", key.trim()),
+                ));
+            }
+            (Some(_), None) => {
+                return Err(TransportError::InvalidConfig {
+                    field: "TETHER_HUB_TLS_KEY",
+                    reason: "TETHER_HUB_TLS_CERT is set: the key must be given too".into(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(TransportError::InvalidConfig {
+                    field: "TETHER_HUB_TLS_CERT",
+                    reason: "TETHER_HUB_TLS_KEY is set: the certificate chain must be given too"
+                        .into(),
+                })
+            }
+            (None, None) => {}
+        }
+        Ok(self)
+    }
+
+    /// [`HubConfig::builder`] with [`HubConfigBuilder::apply_env`] applied to the process
+    /// environment.
+    pub fn from_env() -> Result<Self, TransportError> {
+        HubConfig::builder().apply_env(|key| std::env::var(key).ok())
+    }
+
     /// Validates and builds.
-    pub fn build(self) -> Result<HubConfig, TransportError> {
+    pub fn build(mut self) -> Result<HubConfig, TransportError> {
         let c = &self.config;
         let invalid = |field: &'static str, reason: &str| {
             Err(TransportError::InvalidConfig {
@@ -311,6 +393,9 @@ impl HubConfigBuilder {
                 "node_id",
                 "must be 1 to 128 bytes without control characters",
             );
+        }
+        if let Some((cert_chain, key)) = &self.tls {
+            self.config.tls = Some(HubTls::load(cert_chain, key)?);
         }
         Ok(self.config)
     }
@@ -422,7 +507,12 @@ impl Hub {
         // A second handle on each connection's socket: a session resets a peer that stopped
         // reading (the dispatcher, blocked in its write, cannot).
         .on_connect(|conn, ext| {
-            if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            type Tcp = actix_web::rt::net::TcpStream;
+            type Tls = actix_tls::accept::rustls_0_23::TlsStream<Tcp>;
+            let tcp = conn
+                .downcast_ref::<Tcp>()
+                .or_else(|| conn.downcast_ref::<Tls>().map(|tls| tls.get_ref().0));
+            if let Some(tcp) = tcp {
                 match wire::ConnSocket::new(tcp) {
                     Ok(socket) => {
                         ext.insert(socket);
@@ -437,8 +527,11 @@ impl Hub {
         // waiting for the peer to hang up first); the session bounds a peer that never reads.
         .client_disconnect_timeout(Duration::ZERO)
         .shutdown_timeout(1)
-        .disable_signals()
-        .bind(config.bind)
+        .disable_signals();
+        let server = match &config.tls {
+            Some(tls) => server.bind_rustls_0_23(config.bind, (**tls.rustls_config()).clone()),
+            None => server.bind(config.bind),
+        }
         .map_err(|e| TransportError::HubStart {
             message: format!("bind {}: {e}", config.bind),
         })?;
@@ -452,7 +545,7 @@ impl Hub {
         let server = server.run();
         let handle = server.handle();
         actix_rt::spawn(server);
-        tracing::info!(%addr, path = %config.ws_path, node_id = %config.node_id, "hub listening");
+        tracing::info!(%addr, path = %config.ws_path, node_id = %config.node_id, tls = config.tls.is_some(), "hub listening");
         Ok(HubHandle {
             addr,
             handle,
@@ -474,9 +567,14 @@ impl HubHandle {
         self.addr
     }
 
-    /// The WebSocket URL clients connect to.
+    /// The WebSocket URL clients connect to: `wss://` when the hub serves TLS, `ws://`
+    /// otherwise.
     pub fn ws_url(&self) -> String {
-        format!("ws://{}{}", self.addr, self.state.config.ws_path)
+        let scheme = match self.state.config.tls {
+            Some(_) => "wss",
+            None => "ws",
+        };
+        format!("{scheme}://{}{}", self.addr, self.state.config.ws_path)
     }
 
     /// Open WebSocket connections.
@@ -594,5 +692,94 @@ mod tests {
         assert!(HubConfig::builder().node_id("").build().is_err());
         assert!(HubConfig::builder().node_id("a\nb").build().is_err());
         assert!(HubConfig::builder().node_id("eu-1").build().is_ok());
+    }
+
+    fn field_of(result: Result<HubConfig, TransportError>) -> &'static str {
+        match result {
+            Err(TransportError::InvalidConfig { field, .. }) => field,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn hub_tls_is_checked_at_build() {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let (chain, key) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+        assert!(HubConfig::builder().build().unwrap().tls.is_none());
+        let config = HubConfig::builder()
+            .tls(chain.clone(), key.clone())
+            .build()
+            .unwrap();
+        assert_eq!(config.tls.as_ref().map(HubTls::chain_len), Some(1));
+        assert_eq!(
+            field_of(HubConfig::builder().tls("garbage", key.clone()).build()),
+            "tls_cert"
+        );
+        assert_eq!(
+            field_of(HubConfig::builder().tls(chain.clone(), "garbage").build()),
+            "tls_key"
+        );
+        assert_eq!(
+            field_of(
+                HubConfig::builder()
+                    .tls_files("/nonexistent/hub.crt", "/nonexistent/hub.key")
+                    .build()
+            ),
+            "tls_cert"
+        );
+    }
+
+    #[test]
+    fn hub_tls_comes_from_the_environment() {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let dir = std::env::temp_dir();
+        let pid = std::process::id();
+        let chain_path = dir.join(format!("tether-hub-test-{pid}.crt"));
+        let key_path = dir.join(format!("tether-hub-test-{pid}.key"));
+        std::fs::write(&chain_path, cert.cert.pem()).unwrap();
+        std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+        let env = |cert: Option<&std::path::Path>, key: Option<&std::path::Path>| {
+            let (cert, key) = (
+                cert.map(|p| p.display().to_string()),
+                key.map(|p| p.display().to_string()),
+            );
+            move |k: &str| match k {
+                "TETHER_HUB_TLS_CERT" => cert.clone(),
+                "TETHER_HUB_TLS_KEY" => key.clone(),
+                _ => None,
+            }
+        };
+        let built = HubConfig::builder()
+            .apply_env(env(Some(&chain_path), Some(&key_path)))
+            .unwrap()
+            .build();
+        // A key file where the chain should be is named by its variable.
+        let swapped = HubConfig::builder()
+            .apply_env(env(Some(&key_path), Some(&key_path)))
+            .unwrap()
+            .build();
+        std::fs::remove_file(&chain_path).unwrap();
+        std::fs::remove_file(&key_path).unwrap();
+        assert!(built.unwrap().tls.is_some());
+        assert_eq!(field_of(swapped), "TETHER_HUB_TLS_CERT");
+
+        let only_cert = HubConfig::builder().apply_env(env(Some(&chain_path), None));
+        assert!(matches!(
+            only_cert,
+            Err(TransportError::InvalidConfig {
+                field: "TETHER_HUB_TLS_KEY",
+                ..
+            })
+        ));
+        let only_key = HubConfig::builder().apply_env(env(None, Some(&key_path)));
+        assert!(matches!(
+            only_key,
+            Err(TransportError::InvalidConfig {
+                field: "TETHER_HUB_TLS_CERT",
+                ..
+            })
+        ));
+        let neither = HubConfig::builder().apply_env(env(None, None)).unwrap();
+        assert!(neither.build().unwrap().tls.is_none());
     }
 }
