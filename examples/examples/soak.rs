@@ -212,7 +212,7 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
         return Err("--tls makes its own certificate for its own hubs: not with --hub-url".into());
     }
     // One certificate for the run, for every hub (the clients trust it).
-    let tls = args.tls.then(|| SoakTls::new()).transpose()?;
+    let tls = args.tls.then(SoakTls::new).transpose()?;
     let (hubs, upstreams, path) = match &args.hub_url {
         Some(url) => {
             let (addr, path) = upstream_of(url)?;
