@@ -11,8 +11,8 @@ use tether_channels::{
 };
 use tether_transport::hub::{Hub, HubConfig, HubConfigBuilder, HubHandle};
 use tether_transport::{
-    event_channel, ConnectionState, ConnectionStateChanged, EventReceiver, Transport,
-    TransportConfig, TransportConfigBuilder,
+    event_channel, ConnectionState, ConnectionStateChanged, EventReceiver, StateEvent,
+    StateTransition, Transport, TransportConfig, TransportConfigBuilder,
 };
 
 /// Installs a `tracing` subscriber once (filter from `RUST_LOG`, default `warn`), writing
@@ -84,12 +84,15 @@ pub fn fast_client(url: impl Into<String>) -> TransportConfigBuilder {
 }
 
 /// Every event a transport (or channel) published, and a way to wait for the next ones.
-pub struct EventLog<M = ConnectionStateChanged> {
+///
+/// Tests check complete paths, so a lag notice (the receiver fell behind its capacity) is an
+/// error here rather than a skipped stretch.
+pub struct EventLog<M: StateTransition = ConnectionStateChanged> {
     rx: EventReceiver<M>,
     seen: Vec<M>,
 }
 
-impl<M: Clone + std::fmt::Debug> EventLog<M> {
+impl<M: StateTransition + std::fmt::Debug> EventLog<M> {
     /// Wraps the receiver from `Transport::start_with_events` or `event_channel`.
     pub fn new(rx: EventReceiver<M>) -> Self {
         EventLog {
@@ -108,11 +111,17 @@ impl<M: Clone + std::fmt::Debug> EventLog<M> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(ev)) => {
+                Ok(Some(StateEvent::Transition(ev))) => {
                     self.seen.push(ev.clone());
                     if pred(&ev) {
                         return Ok(ev);
                     }
+                }
+                Ok(Some(StateEvent::Lagged { missed, latest })) => {
+                    return Err(format!(
+                        "event log lagged: {missed} transitions missed before {latest:?}; seen {}",
+                        self.describe()
+                    ))
                 }
                 Ok(None) => return Err(format!("event stream ended; seen {}", self.describe())),
                 Err(_) => {
@@ -132,7 +141,7 @@ impl<M: Clone + std::fmt::Debug> EventLog<M> {
             Ok(None) => Ok(()),
             Ok(Some(ev)) => {
                 let msg = format!("unexpected event {ev:?}");
-                self.seen.push(ev);
+                self.seen.push(ev.into_transition());
                 Err(msg)
             }
         }

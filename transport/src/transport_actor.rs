@@ -804,8 +804,10 @@ impl Transport {
         }
     }
 
-    /// Starts the transport and returns a receiver of every state transition, the first one
-    /// included (bounded at [`DEFAULT_EVENT_CAPACITY`]).
+    /// Starts the transport and returns a receiver of its state transitions from the first one
+    /// on, bounded at [`DEFAULT_EVENT_CAPACITY`]: every transition in order, or — if the
+    /// receiver falls that far behind — a [`StateEvent::Lagged`](crate::StateEvent::Lagged)
+    /// with the count missed and the latest transition, then the ones after it.
     pub fn start_with_events(
         config: TransportConfig,
     ) -> (Transport, EventReceiver<ConnectionStateChanged>) {
