@@ -189,6 +189,60 @@ impl EventLog<ChannelStateChanged> {
     }
 }
 
+/// Reads `rx` until its stream ends (every publisher gone), for up to `timeout`.
+pub async fn read_to_end<M: StateTransition>(
+    rx: &mut EventReceiver<M>,
+    timeout: Duration,
+) -> Result<Vec<StateEvent<M>>, String> {
+    let mut read = Vec::new();
+    tokio::time::timeout(timeout, async {
+        while let Some(ev) = rx.recv().await {
+            read.push(ev);
+        }
+    })
+    .await
+    .map_err(|_| format!("stream did not end within {timeout:?}; read {}", read.len()))?;
+    Ok(read)
+}
+
+/// Checks what a (possibly slow) receiver read against the complete record of the same
+/// transitions: each one delivered at its place, or counted in a lag notice whose `latest` is
+/// the transition at the place the count leads to — and nothing left over. Returns how many lag
+/// notices there were.
+pub fn account_for<M: StateTransition + PartialEq + std::fmt::Debug>(
+    record: &[M],
+    read: &[StateEvent<M>],
+) -> Result<usize, String> {
+    let mut place = 0usize;
+    let mut lags = 0;
+    for (i, ev) in read.iter().enumerate() {
+        let skipped = usize::try_from(ev.missed()).map_err(|e| e.to_string())?;
+        if matches!(ev, StateEvent::Lagged { .. }) {
+            lags += 1;
+            if skipped == 0 {
+                return Err(format!("event {i}: a lag notice that skipped nothing"));
+            }
+        }
+        place += skipped;
+        match record.get(place) {
+            Some(expected) if expected == ev.transition() => place += 1,
+            other => {
+                return Err(format!(
+                    "event {i} ({ev:?}) should be transition {place} of the record: {other:?}"
+                ))
+            }
+        }
+    }
+    match place == record.len() {
+        true => Ok(lags),
+        false => Err(format!(
+            "{} of {} recorded transitions neither delivered nor counted as missed",
+            record.len() - place,
+            record.len()
+        )),
+    }
+}
+
 /// Starts a test hub serving channels on `bind`, with `retention` for its in-memory history.
 /// Must run inside an actix system.
 pub fn start_channel_hub(bind: SocketAddr, retention: Retention) -> HubHandle {
