@@ -81,7 +81,8 @@ pub async fn open_attached(
     let (channel, events) =
         Channel::open_with_state(transport, name, options, vec![recipient]).await?;
     let attached = tokio::time::timeout(timeout, async {
-        while let Some(change) = states.recv().await {
+        while let Some(event) = states.recv().await {
+            let change = event.transition();
             match change.to {
                 ChannelState::Attached => return Ok(()),
                 ChannelState::Failed => {

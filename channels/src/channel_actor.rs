@@ -19,7 +19,7 @@ use tether_transport::status::ChannelSummary;
 use tether_transport::transport_actor::{ChannelLink, QueryChannel};
 use tether_transport::ws_actor::{SendFrame, WebSocketActor};
 use tether_transport::{ReconnectManager, ReconnectPolicy, Transport, TransportError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::cursor::{ResumeCursor, Verdict};
@@ -158,6 +158,8 @@ pub struct ChannelActor {
     transport: Transport,
     options: ChannelOptions,
     state: ChannelState,
+    /// `state`, for readers that must not wait ([`Channel::state`]).
+    state_tx: watch::Sender<ChannelState>,
     outbox: OutgoingBuffer<Responder>,
     cursor: ResumeCursor,
     conn: Option<Addr<WebSocketActor>>,
@@ -192,6 +194,7 @@ impl ChannelActor {
             return false;
         }
         self.state = to;
+        self.state_tx.send_replace(to);
         tracing::info!(parent: &self.span, %from, %to, %reason, resumed, "channel state changed");
         let event = ChannelStateChanged {
             channel: self.name.clone(),
@@ -814,6 +817,7 @@ impl Handler<SubscribeState> for ChannelActor {
 pub struct Channel {
     name: String,
     addr: Addr<ChannelActor>,
+    state: watch::Receiver<ChannelState>,
 }
 
 impl std::fmt::Debug for Channel {
@@ -837,7 +841,9 @@ impl Channel {
     }
 
     /// Like [`Channel::open`], with state subscribers that see every transition from the
-    /// first one.
+    /// first one (an actor gets each in its mailbox; a Recipient from
+    /// [`tether_transport::event_channel`] holds a bounded number and tells a reader that fell
+    /// behind how many it missed, with the latest transition).
     pub async fn open_with_state(
         transport: &Transport,
         name: impl Into<String>,
@@ -857,6 +863,7 @@ impl Channel {
         let mailbox = options.limits.max_messages.max(16);
         let span =
             tracing::info_span!("channel", channel = %name, client_id = %transport.client_id());
+        let (state_tx, state) = watch::channel(ChannelState::Detached);
         let actor = ChannelActor {
             name: name.clone(),
             transport: transport.clone(),
@@ -865,6 +872,7 @@ impl Channel {
             events: options.subscribe.then_some(tx),
             options,
             state: ChannelState::Detached,
+            state_tx,
             cursor: ResumeCursor::new(),
             conn: None,
             state_subscribers,
@@ -900,7 +908,7 @@ impl Channel {
             addr.do_send(ChannelLink::Closed);
             return Err(e.into());
         }
-        Ok((Channel { name, addr }, ChannelEvents { rx }))
+        Ok((Channel { name, addr, state }, ChannelEvents { rx }))
     }
 
     /// The channel name.
@@ -936,9 +944,24 @@ impl Channel {
         }
     }
 
-    /// Subscribes `recipient` to every state transition from now on.
+    /// Subscribes `recipient` to every state transition from now on (see
+    /// [`Channel::open_with_state`] for what a slow one gets). The state it starts from is
+    /// [`Channel::state`].
     pub fn subscribe_state(&self, recipient: Recipient<ChannelStateChanged>) {
         self.addr.do_send(SubscribeState(recipient));
+    }
+
+    /// The channel's current state, without waiting. Updated before each transition is
+    /// published, so it may be ahead of events a subscriber has not read yet.
+    pub fn state(&self) -> ChannelState {
+        *self.state.borrow()
+    }
+
+    /// A `watch` receiver of the channel's state: read it at any time, or wait for a change
+    /// (`wait_for(|s| *s == ChannelState::Attached)`). Intermediate states between two reads
+    /// are not kept — the transition events are the complete record.
+    pub fn watch_state(&self) -> watch::Receiver<ChannelState> {
+        self.state.clone()
     }
 
     /// The channel's status.

@@ -143,6 +143,14 @@ pub struct ChannelStateChanged {
     pub resumed: bool,
 }
 
+impl tether_transport::StateTransition for ChannelStateChanged {
+    type State = ChannelState;
+
+    fn target(&self) -> ChannelState {
+        self.to
+    }
+}
+
 /// A transition the table refuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("invalid channel state transition {from} → {to}")]

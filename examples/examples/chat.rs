@@ -50,7 +50,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Channel::open(&transport, &args.room, ChannelOptions::default()).await?;
     actix_rt::spawn(async move {
         while let Some(change) = states.recv().await {
-            eprintln!("{}", tether_examples::describe_transition(start, &change));
+            eprintln!("{}", tether_examples::describe_event(start, &change));
         }
     });
     actix_rt::spawn(async move {

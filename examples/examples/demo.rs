@@ -45,8 +45,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let printer = actix_rt::spawn(async move {
         let mut recovered = Vec::new();
         let mut lost_at = None;
-        while let Some(ev) = events.recv().await {
-            println!("{}", tether_examples::describe_transition(start, &ev));
+        while let Some(event) = events.recv().await {
+            println!("{}", tether_examples::describe_event(start, &event));
+            let ev = event.transition();
             match ev.to {
                 ConnectionState::Disconnected if ev.from.is_up() => lost_at = Some(Instant::now()),
                 ConnectionState::Connected => {

@@ -291,7 +291,9 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
         let (transport, mut states) = Transport::start_with_events(config);
         let tl = timeline.clone();
         actix_rt::spawn(async move {
-            while let Some(ev) = states.recv().await {
+            while let Some(event) = states.recv().await {
+                // After a lag the latest transition says where the client is from then on.
+                let ev = event.transition();
                 tl.borrow_mut().transition(Transition {
                     at: start.elapsed(),
                     client: i,

@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use tether_transport::ConnectionStateChanged;
+use tether_transport::{ConnectionStateChanged, StateEvent};
 
 /// Installs a `tracing` subscriber: filter from `RUST_LOG`, default `warn` (the examples print
 /// their own output).
@@ -38,6 +38,19 @@ pub fn describe_transition(start: Instant, ev: &ConnectionStateChanged) -> Strin
         ev.time_in_previous.as_millis(),
         ev.reason
     )
+}
+
+/// [`describe_transition`] for what an event receiver yields: after a lag, a line saying how
+/// many transitions were missed, then the latest one.
+pub fn describe_event(start: Instant, ev: &StateEvent<ConnectionStateChanged>) -> String {
+    match ev {
+        StateEvent::Transition(t) => describe_transition(start, t),
+        StateEvent::Lagged { missed, latest } => format!(
+            "{:>8.3}s  ({missed} transitions missed: this reader fell behind)\n{}",
+            start.elapsed().as_secs_f64(),
+            describe_transition(start, latest)
+        ),
+    }
 }
 
 pub mod soak;

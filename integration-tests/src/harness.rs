@@ -11,8 +11,8 @@ use tether_channels::{
 };
 use tether_transport::hub::{Hub, HubConfig, HubConfigBuilder, HubHandle};
 use tether_transport::{
-    event_channel, ConnectionState, ConnectionStateChanged, EventReceiver, Transport,
-    TransportConfig, TransportConfigBuilder,
+    event_channel, ConnectionState, ConnectionStateChanged, EventReceiver, StateEvent,
+    StateTransition, Transport, TransportConfig, TransportConfigBuilder,
 };
 
 /// Installs a `tracing` subscriber once (filter from `RUST_LOG`, default `warn`), writing
@@ -87,12 +87,15 @@ pub fn fast_client(url: impl Into<String>) -> TransportConfigBuilder {
 }
 
 /// Every event a transport (or channel) published, and a way to wait for the next ones.
-pub struct EventLog<M = ConnectionStateChanged> {
+///
+/// Tests check complete paths, so a lag notice (the receiver fell behind its capacity) is an
+/// error here rather than a skipped stretch.
+pub struct EventLog<M: StateTransition = ConnectionStateChanged> {
     rx: EventReceiver<M>,
     seen: Vec<M>,
 }
 
-impl<M: Clone + std::fmt::Debug> EventLog<M> {
+impl<M: StateTransition + std::fmt::Debug> EventLog<M> {
     /// Wraps the receiver from `Transport::start_with_events` or `event_channel`.
     pub fn new(rx: EventReceiver<M>) -> Self {
         EventLog {
@@ -111,11 +114,17 @@ impl<M: Clone + std::fmt::Debug> EventLog<M> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(ev)) => {
+                Ok(Some(StateEvent::Transition(ev))) => {
                     self.seen.push(ev.clone());
                     if pred(&ev) {
                         return Ok(ev);
                     }
+                }
+                Ok(Some(StateEvent::Lagged { missed, latest })) => {
+                    return Err(format!(
+                        "event log lagged: {missed} transitions missed before {latest:?}; seen {}",
+                        self.describe()
+                    ))
                 }
                 Ok(None) => return Err(format!("event stream ended; seen {}", self.describe())),
                 Err(_) => {
@@ -135,7 +144,7 @@ impl<M: Clone + std::fmt::Debug> EventLog<M> {
             Ok(None) => Ok(()),
             Ok(Some(ev)) => {
                 let msg = format!("unexpected event {ev:?}");
-                self.seen.push(ev);
+                self.seen.push(ev.into_transition());
                 Err(msg)
             }
         }
@@ -180,6 +189,60 @@ impl EventLog<ChannelStateChanged> {
         timeout: Duration,
     ) -> Result<ChannelStateChanged, String> {
         self.until(timeout, |ev| ev.to == to).await
+    }
+}
+
+/// Reads `rx` until its stream ends (every publisher gone), for up to `timeout`.
+pub async fn read_to_end<M: StateTransition>(
+    rx: &mut EventReceiver<M>,
+    timeout: Duration,
+) -> Result<Vec<StateEvent<M>>, String> {
+    let mut read = Vec::new();
+    tokio::time::timeout(timeout, async {
+        while let Some(ev) = rx.recv().await {
+            read.push(ev);
+        }
+    })
+    .await
+    .map_err(|_| format!("stream did not end within {timeout:?}; read {}", read.len()))?;
+    Ok(read)
+}
+
+/// Checks what a (possibly slow) receiver read against the complete record of the same
+/// transitions: each one delivered at its place, or counted in a lag notice whose `latest` is
+/// the transition at the place the count leads to — and nothing left over. Returns how many lag
+/// notices there were.
+pub fn account_for<M: StateTransition + PartialEq + std::fmt::Debug>(
+    record: &[M],
+    read: &[StateEvent<M>],
+) -> Result<usize, String> {
+    let mut place = 0usize;
+    let mut lags = 0;
+    for (i, ev) in read.iter().enumerate() {
+        let skipped = usize::try_from(ev.missed()).map_err(|e| e.to_string())?;
+        if matches!(ev, StateEvent::Lagged { .. }) {
+            lags += 1;
+            if skipped == 0 {
+                return Err(format!("event {i}: a lag notice that skipped nothing"));
+            }
+        }
+        place += skipped;
+        match record.get(place) {
+            Some(expected) if expected == ev.transition() => place += 1,
+            other => {
+                return Err(format!(
+                    "event {i} ({ev:?}) should be transition {place} of the record: {other:?}"
+                ))
+            }
+        }
+    }
+    match place == record.len() {
+        true => Ok(lags),
+        false => Err(format!(
+            "{} of {} recorded transitions neither delivered nor counted as missed",
+            record.len() - place,
+            record.len()
+        )),
     }
 }
 

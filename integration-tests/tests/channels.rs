@@ -10,12 +10,12 @@ use tether_channels::{
     BufferLimits, ChannelError, ChannelEvent, ChannelOptions, ChannelReason, ChannelState,
 };
 use tether_integration_tests::harness::{
-    collect_messages, fast_client, free_addr, init_tracing, open_attached, start_channel_hub,
-    start_hub_with, ws_url, EventLog,
+    account_for, collect_messages, fast_client, free_addr, init_tracing, open_attached,
+    read_to_end, start_channel_hub, start_hub_with, ws_url, EventLog,
 };
 use tether_integration_tests::FaultProxy;
 use tether_transport::protocol::Offset;
-use tether_transport::{ConnectionState, Transport, TransportConfig};
+use tether_transport::{event_channel, ConnectionState, StateEvent, Transport, TransportConfig};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -802,5 +802,60 @@ async fn the_smallest_event_stream_still_delivers_everything_in_order() {
     assert_eq!(payloads(&got), (1..=20).collect::<Vec<_>>());
     subscriber.close().await;
     publisher.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_channel_state_subscriber_that_stops_reading_is_told_what_it_missed_and_where_things_stand(
+) {
+    init_tracing();
+    let hub = start_channel_hub(free_addr(), retention(100));
+    let proxy = FaultProxy::start(hub.local_addr()).unwrap();
+    let (transport, _) = start(client(ws_url(proxy.local_addr())));
+    let (complete, complete_rx) = event_channel(1024);
+    // Holds one unread transition; it reads nothing until the channel is detached.
+    let (slow, mut slow_rx) = event_channel(1);
+    let (channel, _events) = tether_channels::Channel::open_with_state(
+        &transport,
+        "room",
+        ChannelOptions::default(),
+        vec![complete, slow],
+    )
+    .await
+    .unwrap();
+    let mut states = EventLog::new(complete_rx);
+
+    states
+        .until_channel_state(ChannelState::Attached, T)
+        .await
+        .unwrap();
+    // The current state is readable without waiting, and already there when the event is.
+    assert_eq!(channel.state(), ChannelState::Attached);
+    proxy.cut_all();
+    states
+        .until_channel_state(ChannelState::Suspended, T)
+        .await
+        .unwrap();
+    states
+        .until_channel_state(ChannelState::Attached, T)
+        .await
+        .unwrap();
+    assert_eq!(*channel.watch_state().borrow(), ChannelState::Attached);
+    channel.detach().await;
+    states
+        .until_channel_state(ChannelState::Detached, T)
+        .await
+        .unwrap();
+    assert_eq!(channel.state(), ChannelState::Detached);
+
+    let read = read_to_end(&mut slow_rx, T).await.unwrap();
+    let lags = account_for(states.seen(), &read).unwrap();
+    assert!(lags >= 1, "a reader one transition deep lagged: {read:?}");
+    assert_eq!(
+        read.last().map(StateEvent::state),
+        Some(ChannelState::Detached)
+    );
+    assert_eq!(slow_rx.state(), Some(ChannelState::Detached));
+    transport.close().await;
     hub.stop().await;
 }

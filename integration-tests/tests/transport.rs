@@ -4,13 +4,14 @@
 use std::time::{Duration, Instant};
 
 use tether_integration_tests::harness::{
-    fast_client, free_addr, init_tracing, start_hub, test_hub_config, wait_for_connections, ws_url,
-    EventLog,
+    account_for, fast_client, free_addr, init_tracing, read_to_end, start_hub, test_hub_config,
+    wait_for_connections, ws_url, EventLog,
 };
 use tether_integration_tests::FaultProxy;
 use tether_transport::hub::{Hub, StaticTokens};
 use tether_transport::{
-    ConnectionState::*, ReconnectOutcome, TransitionReason, Transport, TransportError,
+    event_channel, ConnectionState::*, ReconnectOutcome, StateEvent, TransitionReason, Transport,
+    TransportError,
 };
 
 const T: Duration = Duration::from_secs(5);
@@ -48,6 +49,45 @@ async fn connects_and_reports_every_transition_in_order() {
 
     transport.close().await;
     events.until_state(Closed, T).await.unwrap();
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_state_subscriber_that_stops_reading_is_told_what_it_missed_and_where_things_stand() {
+    init_tracing();
+    let addr = free_addr();
+    let hub = start_hub(addr);
+    let (complete, complete_rx) = event_channel(1024);
+    // Holds one unread transition; it reads nothing until the transport is closed.
+    let (slow, mut slow_rx) = event_channel(1);
+    let transport = Transport::start_with_subscribers(
+        fast_client(ws_url(addr)).build().unwrap(),
+        vec![complete, slow],
+    );
+    let mut events = EventLog::new(complete_rx);
+
+    events.until_state(Connected, T).await.unwrap();
+    // The current state is readable without waiting, and already there when the event is.
+    assert_eq!(transport.state(), Connected);
+    hub.stop().await;
+    events.until_state(Disconnected, T).await.unwrap();
+    events.until_state(Connecting, T).await.unwrap();
+    events.until_state(Disconnected, T).await.unwrap();
+    let hub = start_hub(addr);
+    events.until_state(Connected, T).await.unwrap();
+    let mut watch = transport.watch_state();
+    assert_eq!(*watch.borrow_and_update(), Connected);
+    transport.close().await;
+    events.until_state(Closed, T).await.unwrap();
+    assert_eq!(transport.state(), Closed);
+    assert_eq!(*watch.borrow(), Closed);
+
+    let read = read_to_end(&mut slow_rx, T).await.unwrap();
+    let lags = account_for(events.seen(), &read).unwrap();
+    assert!(lags >= 1, "a reader one transition deep lagged: {read:?}");
+    // The last thing it learnt is where the transport ended.
+    assert_eq!(read.last().map(StateEvent::state), Some(Closed));
+    assert_eq!(slow_rx.state(), Some(Closed));
     hub.stop().await;
 }
 

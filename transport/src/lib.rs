@@ -7,7 +7,12 @@
 //!   connection) reconnects through the [`ReconnectManager`] — exponential backoff with ±25 %
 //!   jitter, an immediate jittered retry after a stable connection drops, a circuit breaker that
 //!   suspends to slow probes — and publishes every state change as a typed
-//!   [`ConnectionStateChanged`] message.
+//!   [`ConnectionStateChanged`] message. [`Transport::state`] reads the current state without
+//!   waiting.
+//! * Events: actors report transitions to actix `Recipient`s; [`event_channel`] bridges them to
+//!   an async [`EventReceiver`] that holds a bounded number and never skips silently — a reader
+//!   that falls behind gets a [`StateEvent::Lagged`] with how many it missed and the latest
+//!   transition, then the ones after it.
 //! * Hub: [`hub::Hub`] serves the WebSocket endpoint (handshake, authentication, heartbeats,
 //!   resumable sessions), `/health` and `/metrics`.
 //! * TLS on both ends ([`tls`], rustls with the `ring` provider): a client trusts the built-in
@@ -28,7 +33,11 @@
 //!     let hub = Hub::start(HubConfig::builder().bind("127.0.0.1:0".parse().unwrap()).build()?)?;
 //!     let config = TransportConfig::builder(hub.ws_url()).build()?;
 //!     let (transport, mut events) = Transport::start_with_events(config);
-//!     while let Some(change) = events.recv().await {
+//!     while let Some(event) = events.recv().await {
+//!         if event.missed() > 0 {
+//!             println!("({} transitions missed)", event.missed());
+//!         }
+//!         let change = event.transition();
 //!         println!("{} → {} ({})", change.from, change.to, change.reason);
 //!         if change.to.is_up() {
 //!             break;
@@ -60,7 +69,7 @@ pub mod ws_actor;
 
 pub use config::{TransportConfig, TransportConfigBuilder};
 pub use error::{ErrorCategory, TransportError};
-pub use events::{event_channel, EventReceiver};
+pub use events::{event_channel, EventReceiver, StateEvent, StateTransition};
 pub use reconnect::{ReconnectManager, ReconnectPolicy, ReconnectStrategy};
 pub use state::{ConnectionState, ConnectionStateChanged, TransitionReason};
 pub use status::TransportStatus;

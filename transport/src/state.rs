@@ -247,6 +247,14 @@ pub struct ConnectionStateChanged {
     pub time_in_previous: Duration,
 }
 
+impl crate::events::StateTransition for ConnectionStateChanged {
+    type State = ConnectionState;
+
+    fn target(&self) -> ConnectionState {
+        self.to
+    }
+}
+
 /// The pure state holder: current state, since when, and the table check. The actor owns one
 /// and asks it for every change.
 #[derive(Debug, Clone)]

@@ -18,8 +18,9 @@ pub const CONNECTION_STATE: &str = "tether_connection_state";
 pub const STATE_TRANSITIONS: &str = "tether_state_transitions_total";
 /// Histogram: seconds from losing an established connection to being connected again.
 pub const RECOVERY_SECONDS: &str = "tether_recovery_seconds";
-/// Counter: state events a slow subscriber's bounded queue could not take.
-pub const EVENTS_OVERFLOWED: &str = "tether_events_overflowed_total";
+/// Counter: lag notices — an event subscriber fell more than its capacity behind and was given
+/// the count it missed and the latest transition instead of the transitions themselves.
+pub const EVENTS_LAGGED: &str = "tether_events_lagged_total";
 /// Gauge: WebSocket connections open on the hub.
 pub const HUB_CONNECTIONS: &str = "tether_hub_connections";
 /// Counter, label `result` (`welcomed`, `resumed`, `rejected`, `timeout`): hub handshakes.
@@ -80,8 +81,8 @@ fn describe() {
         "Connection lost to connected again"
     );
     describe_counter!(
-        EVENTS_OVERFLOWED,
-        "State events dropped by a full subscriber queue"
+        EVENTS_LAGGED,
+        "Lag notices given to event subscribers that fell behind"
     );
     describe_gauge!(HUB_CONNECTIONS, "WebSocket connections open on the hub");
     describe_counter!(HUB_HANDSHAKES, "Hub handshakes by result");

@@ -12,6 +12,7 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
@@ -141,6 +142,8 @@ pub struct TransportActor {
     fsm: ConnectionFsm,
     manager: ReconnectManager,
     subscribers: Vec<Recipient<ConnectionStateChanged>>,
+    /// The current state, for readers that must not wait ([`Transport::state`]).
+    state_tx: watch::Sender<ConnectionState>,
     client: Option<awc::Client>,
     conn: Option<Connection>,
     next_conn_id: u64,
@@ -182,6 +185,7 @@ impl TransportActor {
             fsm: ConnectionFsm::new(Instant::now()),
             manager,
             subscribers,
+            state_tx: watch::Sender::new(ConnectionState::Initialized),
             client: None,
             conn: None,
             next_conn_id: 0,
@@ -207,6 +211,13 @@ impl TransportActor {
         }
     }
 
+    /// A receiver of the current state, updated before each transition is published (so it
+    /// may be ahead of events still queued for a subscriber). Still readable after the actor
+    /// stopped: it then holds the last state, `Closed`.
+    pub fn watch_state(&self) -> watch::Receiver<ConnectionState> {
+        self.state_tx.subscribe()
+    }
+
     /// Applies a transition through the table and publishes it. Refused transitions are logged
     /// and change nothing.
     fn transition(
@@ -229,6 +240,7 @@ impl TransportActor {
                     .increment(1.0);
                 metrics::counter!(telemetry::STATE_TRANSITIONS, "from" => event.from.as_str(), "to" => event.to.as_str())
                     .increment(1);
+                self.state_tx.send_replace(event.to);
                 self.subscribers.retain(|s| s.connected());
                 if event.from == ConnectionState::Failed {
                     for link in self.channels.borrow().values() {
@@ -804,6 +816,7 @@ pub struct Transport {
     addr: Addr<TransportActor>,
     client_id: crate::protocol::ClientId,
     max_frame_size: usize,
+    state: watch::Receiver<ConnectionState>,
 }
 
 impl Transport {
@@ -820,16 +833,20 @@ impl Transport {
     ) -> Transport {
         let client_id = config.client_id.clone();
         let max_frame_size = config.max_frame_size;
-        let addr = TransportActor::new(config, subscribers).start();
+        let actor = TransportActor::new(config, subscribers);
+        let state = actor.watch_state();
         Transport {
-            addr,
+            addr: actor.start(),
             client_id,
             max_frame_size,
+            state,
         }
     }
 
-    /// Starts the transport and returns a receiver of every state transition, the first one
-    /// included (bounded at [`DEFAULT_EVENT_CAPACITY`]).
+    /// Starts the transport and returns a receiver of its state transitions from the first one
+    /// on, bounded at [`DEFAULT_EVENT_CAPACITY`]: every transition in order, or — if the
+    /// receiver falls that far behind — a [`StateEvent::Lagged`](crate::StateEvent::Lagged)
+    /// with the count missed and the latest transition, then the ones after it.
     pub fn start_with_events(
         config: TransportConfig,
     ) -> (Transport, EventReceiver<ConnectionStateChanged>) {
@@ -874,9 +891,24 @@ impl Transport {
         self.max_frame_size
     }
 
-    /// Subscribes `recipient` to every transition from now on.
+    /// Subscribes `recipient` to every transition from now on (an actor gets each one in its
+    /// mailbox; a Recipient from [`event_channel`] bounds what it holds, see there). The state
+    /// it starts from is [`Transport::state`].
     pub fn subscribe(&self, recipient: Recipient<ConnectionStateChanged>) {
         self.addr.do_send(SubscribeState(recipient));
+    }
+
+    /// The current connection state, without waiting. Updated before each transition is
+    /// published, so it may be ahead of events a subscriber has not read yet.
+    pub fn state(&self) -> ConnectionState {
+        *self.state.borrow()
+    }
+
+    /// A `watch` receiver of the connection state: read it at any time, or wait for a change
+    /// (`wait_for(|s| s.is_up())`). Intermediate states between two reads are not kept — the
+    /// transition events are the complete record.
+    pub fn watch_state(&self) -> watch::Receiver<ConnectionState> {
+        self.state.clone()
     }
 
     /// A status snapshot. Fails only when the transport has been closed.

@@ -523,7 +523,7 @@ async fn failover(args: &Args, redis: &str) -> Result<Failover, BoxError> {
         .await?;
         within(SETUP_TIMEOUT, "failover client attach", async {
             while let Some(change) = channel_states.recv().await {
-                if change.to == ChannelState::Attached {
+                if change.state() == ChannelState::Attached {
                     return Ok(());
                 }
             }
@@ -533,7 +533,8 @@ async fn failover(args: &Args, redis: &str) -> Result<Failover, BoxError> {
         let lost = lost_at.clone();
         actix_rt::spawn(async move {
             while let Some(ev) = states.recv().await {
-                if ev.to == ConnectionState::Disconnected {
+                // After a lag the latest transition is enough: only the first loss is timed.
+                if ev.state() == ConnectionState::Disconnected {
                     let mut lost = lost.lock().unwrap_or_else(|p| p.into_inner());
                     lost[i].get_or_insert_with(Instant::now);
                 }
@@ -542,7 +543,7 @@ async fn failover(args: &Args, redis: &str) -> Result<Failover, BoxError> {
         let (lost, rec) = (lost_at.clone(), recovered.clone());
         actix_rt::spawn(async move {
             while let Some(change) = channel_states.recv().await {
-                if change.to == ChannelState::Attached {
+                if change.state() == ChannelState::Attached {
                     let at = lost.lock().unwrap_or_else(|p| p.into_inner())[i];
                     if let Some(at) = at {
                         rec.lock().unwrap_or_else(|p| p.into_inner())[i]
