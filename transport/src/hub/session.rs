@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::auth::AuthRejection;
+use super::auth::{AuthRejection, Identity};
 use super::handler::{
     ConnInfo, ConnectionHandler, FrameRejection, Kick, Outbound, OutboundBatch, SessionOutbox,
 };
@@ -359,7 +359,7 @@ impl HubSession {
                 return;
             }
             match result {
-                Ok(()) => act.welcome(ctx, hello),
+                Ok(identity) => act.welcome(ctx, hello, identity),
                 Err(rejection) => {
                     metrics::counter!(telemetry::HUB_HANDSHAKES, "result" => "rejected")
                         .increment(1);
@@ -378,8 +378,9 @@ impl HubSession {
         }));
     }
 
-    fn welcome(&mut self, ctx: &mut ws::WebsocketContext<Self>, hello: Hello) {
+    fn welcome(&mut self, ctx: &mut ws::WebsocketContext<Self>, hello: Hello, identity: Identity) {
         let opened = self.state.sessions().open(
+            &identity,
             &hello.client_id,
             hello.resume.as_ref(),
             self.conn_id,
@@ -398,7 +399,7 @@ impl HubSession {
             "welcomed"
         };
         metrics::counter!(telemetry::HUB_HANDSHAKES, "result" => result).increment(1);
-        tracing::info!(parent: &self.span, client_id = %hello.client_id, resumed = opened.resumed, "session open");
+        tracing::info!(parent: &self.span, %identity, client_id = %hello.client_id, resumed = opened.resumed, "session open");
         let welcome = Frame::Welcome(Welcome {
             v: hello.v,
             session: opened.session.clone(),
@@ -409,6 +410,7 @@ impl HubSession {
         ctx.text(welcome.encode());
         let info = ConnInfo {
             conn_id: self.conn_id,
+            identity,
             client_id: hello.client_id.clone(),
             instance: hello.instance.clone(),
             session: opened.session.clone(),
