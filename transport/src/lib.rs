@@ -8,8 +8,9 @@
 //!   jitter, an immediate jittered retry after a stable connection drops, a circuit breaker that
 //!   suspends to slow probes — and publishes every state change as a typed
 //!   [`ConnectionStateChanged`] message.
-//! * Hub: [`hub::Hub`] serves the WebSocket endpoint (handshake, authentication, heartbeats,
-//!   resumable sessions), `/health` and `/metrics`.
+//! * Hub: [`hub::Hub`] serves the WebSocket endpoint (handshake, authentication as an
+//!   [`hub::Identity`], heartbeats, resumable sessions that belong to their identity),
+//!   `/health` and `/metrics`.
 //!
 //! The rules live in plain structs tested without sockets: [`state`] (the transition table),
 //! [`reconnect`], [`breaker`], [`heartbeat`], [`protocol`]. The actors only translate messages

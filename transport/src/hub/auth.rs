@@ -131,7 +131,8 @@ pub struct StaticTokens {
 impl StaticTokens {
     /// An authenticator accepting any of `tokens`, each as the identity
     /// [`StaticTokens::token_identity`] names it: distinct per token, the same across restarts,
-    /// nodes and reorderings of the list, and not revealing the token.
+    /// nodes and reorderings of the list, and showing (in logs, in the store's keys) a hash of
+    /// the token rather than the token — as safe as the token is hard to guess.
     pub fn new<I, S>(tokens: I) -> Self
     where
         I: IntoIterator<Item = S>,
