@@ -9,8 +9,9 @@
 //!   once, in order — or a typed [`Discontinuity`] when history could not cover a gap.
 //! * Hub: [`hub::ChannelService`] plugs into a `tether_transport::hub::Hub`: one actor per
 //!   channel numbering messages (per-channel offsets and an epoch), storing history behind
-//!   [`hub::HistoryStore`], recognising replayed publishes, and fanning out each message encoded
-//!   once.
+//!   [`hub::HistoryStore`], recognising replayed publishes (per publisher, scoped by the identity
+//!   the hub's authenticator gave it: one identity's publishes are never taken for replays of
+//!   another's), and fanning out each message encoded once.
 //!
 //! The rules live in plain structs: [`outbox`] (publish buffer), [`cursor`] (resume and
 //! dedupe), [`state`] (the transition table), [`hub::log`] (numbering, idempotence, resume

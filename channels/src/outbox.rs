@@ -428,6 +428,7 @@ mod tests {
                 DedupeLimits::default(),
             );
             let producer = ProducerKey {
+                identity: tether_transport::hub::Identity::new("identity").unwrap(),
                 client: tether_transport::protocol::ClientId("client".into()),
                 instance: tether_transport::protocol::InstanceId("instance".into()),
                 producer: "handle".into(),

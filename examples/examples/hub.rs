@@ -32,7 +32,9 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     bind: SocketAddr,
-    /// Accept only clients presenting one of these tokens (repeatable). Default: accept all.
+    /// Accept only clients presenting one of these tokens (repeatable); each token is its own
+    /// identity (sessions and publish dedupe belong to it). Default: accept all, each client id
+    /// its own anonymous identity (development only: anyone can be any client).
     #[arg(long)]
     token: Vec<String>,
     /// Worker threads (default: one per core).

@@ -409,12 +409,16 @@ struct SlowAuth;
 impl tether_transport::hub::Authenticator for SlowAuth {
     fn authenticate(
         &self,
-        _client_id: &tether_transport::protocol::ClientId,
+        client_id: &tether_transport::protocol::ClientId,
         _token: Option<&str>,
-    ) -> futures::future::BoxFuture<'static, Result<(), tether_transport::hub::AuthRejection>> {
+    ) -> futures::future::BoxFuture<
+        'static,
+        Result<tether_transport::hub::Identity, tether_transport::hub::AuthRejection>,
+    > {
+        let identity = tether_transport::hub::Identity::anonymous(client_id);
         Box::pin(async {
             tokio::time::sleep(Duration::from_millis(150)).await;
-            Ok(())
+            Ok(identity)
         })
     }
 }

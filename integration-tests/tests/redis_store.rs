@@ -12,6 +12,7 @@ use tether_channels::hub::{
 };
 use tether_channels::ChannelError;
 use tether_integration_tests::{Persistence, RedisServer};
+use tether_transport::hub::Identity;
 use tether_transport::protocol::{ClientId, InstanceId, Offset, Payload, Position};
 
 const T: Duration = Duration::from_secs(10);
@@ -28,6 +29,7 @@ fn store(redis: &RedisServer, retention: Retention) -> Arc<RedisStore> {
 
 fn producer(name: &str) -> ProducerKey {
     ProducerKey {
+        identity: Identity::new("alice").unwrap(),
         client: ClientId(name.into()),
         instance: InstanceId("instance:1".into()),
         producer: "handle".into(),
@@ -196,6 +198,106 @@ async fn appends_number_dedupe_and_page() {
         .unwrap();
     assert!(position.messages.is_empty());
     assert_eq!(position.head, Offset(7));
+}
+
+/// `req` for a producer with the given identity and ids.
+fn req_of(identity: &str, client: &str, instance: &str, seq: u64) -> AppendRequest {
+    AppendRequest {
+        producer: ProducerKey {
+            identity: Identity::new(identity).unwrap(),
+            client: ClientId(client.into()),
+            instance: InstanceId(instance.into()),
+            producer: "handle".into(),
+        },
+        seq,
+        payload: Payload::from_json(&format!("\"{identity} {seq}\"")).unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn dedupe_state_belongs_to_an_identity_and_no_ids_forge_another_producer() {
+    let redis = RedisServer::start().expect("redis");
+    let s = store(&redis, Retention::default());
+    let stored = |a: &tether_channels::hub::Appended| a.outcomes.clone();
+    // alice's producer publishes 1 and 2.
+    let alice = s
+        .append(
+            "room",
+            None,
+            fresh(),
+            vec![req_of("alice", "c", "i", 1), req_of("alice", "c", "i", 2)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        stored(&alice),
+        [
+            AppendOutcome::Stored(Offset(1)),
+            AppendOutcome::Stored(Offset(2))
+        ]
+    );
+    // mallory presents the same client id, instance, handle and seqs: its own messages.
+    let mallory = s
+        .append(
+            "room",
+            None,
+            fresh(),
+            vec![
+                req_of("mallory", "c", "i", 1),
+                req_of("mallory", "c", "i", 2),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        stored(&mallory),
+        [
+            AppendOutcome::Stored(Offset(3)),
+            AppendOutcome::Stored(Offset(4))
+        ]
+    );
+    // Each one's replays are still recognised, against its own offsets.
+    let replays = s
+        .append(
+            "room",
+            None,
+            fresh(),
+            vec![req_of("alice", "c", "i", 2), req_of("mallory", "c", "i", 1)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        stored(&replays),
+        [
+            AppendOutcome::Duplicate(Some(Offset(2))),
+            AppendOutcome::Duplicate(Some(Offset(3)))
+        ]
+    );
+    // Ids that a plain join would merge with alice's (identity "alice", client "c", instance
+    // "i") are another producer.
+    let forged = s
+        .append(
+            "room",
+            None,
+            fresh(),
+            vec![
+                req_of("alice:c", "", "i", 1),
+                req_of("alice", "c:i", "", 1),
+                req_of("alice", "c\u{1f}i", "", 1),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        stored(&forged),
+        [
+            AppendOutcome::Stored(Offset(5)),
+            AppendOutcome::Stored(Offset(6)),
+            AppendOutcome::Stored(Offset(7))
+        ]
+    );
+    let page = s.read("room", None, Offset(0), all()).await.unwrap();
+    assert_eq!(page.messages.len(), 7);
 }
 
 #[tokio::test]

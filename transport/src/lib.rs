@@ -13,8 +13,9 @@
 //!   an async [`EventReceiver`] that holds a bounded number and never skips silently — a reader
 //!   that falls behind gets a [`StateEvent::Lagged`] with how many it missed and the latest
 //!   transition, then the ones after it.
-//! * Hub: [`hub::Hub`] serves the WebSocket endpoint (handshake, authentication, heartbeats,
-//!   resumable sessions), `/health` and `/metrics`.
+//! * Hub: [`hub::Hub`] serves the WebSocket endpoint (handshake, authentication as an
+//!   [`hub::Identity`], heartbeats, resumable sessions that belong to their identity),
+//!   `/health` and `/metrics`.
 //! * TLS on both ends ([`tls`], rustls with the `ring` provider): a client trusts the built-in
 //!   webpki roots plus the CAs given to its builder (`tls_ca_file`, `TETHER_TLS_CA_FILE`, …) for
 //!   `wss://` endpoints; a hub serves `wss://` with `HubConfig::builder().tls(…)` or

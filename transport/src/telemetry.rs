@@ -100,6 +100,13 @@ fn describe() {
         HUB_WRITE_STALLS,
         "Hub connections reset because the peer stopped reading"
     );
+    describe_counter!(
+        HUB_RESUMES_REFUSED,
+        "Session resumes refused (a new session issued), by reason"
+    );
 }
 /// Counter: error frames clients sent to the hub (logged a few per minute per connection).
 pub const HUB_CLIENT_ERRORS: &str = "tether_hub_client_errors_total";
+/// Counter, label `reason` (`unknown`: no such session or expired; `not_owner`: another
+/// identity's or client id's session): `hello.resume` not honoured, a new session issued.
+pub const HUB_RESUMES_REFUSED: &str = "tether_hub_resumes_refused_total";

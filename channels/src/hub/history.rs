@@ -422,6 +422,7 @@ mod tests {
 
     fn producer(name: &str) -> ProducerKey {
         ProducerKey {
+            identity: tether_transport::hub::Identity::new("alice").unwrap(),
             client: ClientId(name.into()),
             instance: InstanceId("i".into()),
             producer: String::new(),

@@ -2,8 +2,11 @@
 //! [`HubChannel`](super::hub_channel::HubChannel) actor and the stores drive them.
 //!
 //! * Offsets are assigned 1, 2, 3… per epoch, in the order a store appends publishes.
-//! * A publish is identified by `(producer, seq)`, where the producer is the client id, its
-//!   instance and the channel handle. Sequences from one producer only grow, so
+//! * A publish is identified by `(producer, seq)`, where the producer is the publisher's
+//!   identity (as the hub's authenticator established it), its client id, its instance and the
+//!   channel handle. The identity keeps publishers apart: the other parts are the client's say,
+//!   so without it anyone presenting another client's ids could have that client's later
+//!   publishes taken for replays. Sequences from one producer only grow, so
 //!   `seq <= highest` is a replay: it is acknowledged again (with the original offset while it
 //!   is remembered) and neither stored nor delivered.
 //! * A resume from `(epoch, offset)` replays exactly what follows, or — when the epoch changed
@@ -12,6 +15,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use tether_transport::hub::Identity;
 use tether_transport::protocol::{ClientId, Epoch, Gap, InstanceId, Offset, Position};
 use tokio::time::Instant;
 
@@ -23,9 +27,13 @@ pub const DEFAULT_MAX_PRODUCERS: usize = 100_000;
 /// Default time a silent producer is remembered: 24 hours (the history retention).
 pub const DEFAULT_PRODUCER_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// Identifies one publisher: a channel handle of one client process instance.
+/// Identifies one publisher: a channel handle of one client process instance, of one identity.
+/// Dedupe state is kept per producer, so one identity's publishes are never compared with
+/// another's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ProducerKey {
+    /// Who publishes, as the hub's authenticator established it.
+    pub identity: Identity,
     /// The client's id.
     pub client: ClientId,
     /// The client process instance.
@@ -36,7 +44,11 @@ pub struct ProducerKey {
 
 impl std::fmt::Display for ProducerKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}/{}", self.client, self.instance, self.producer)
+        write!(
+            f,
+            "{}/{}/{}/{}",
+            self.identity, self.client, self.instance, self.producer
+        )
     }
 }
 
@@ -205,6 +217,7 @@ mod tests {
 
     fn producer(name: &str) -> ProducerKey {
         ProducerKey {
+            identity: Identity::new("alice").unwrap(),
             client: ClientId(name.into()),
             instance: InstanceId("i".into()),
             producer: String::new(),
@@ -325,6 +338,24 @@ mod tests {
         assert_eq!(t.len(), 1000);
         assert!(t.check(&producer("p99999"), 1).is_some());
         assert_eq!(t.check(&producer("p0"), 1), None);
+    }
+
+    #[test]
+    fn one_identity_never_dedupes_against_another_with_the_same_ids() {
+        let mut t = DedupeTable::new(4, 10, DEFAULT_PRODUCER_TTL);
+        let now = Instant::now();
+        let alice = producer("c");
+        let mallory = ProducerKey {
+            identity: Identity::new("mallory").unwrap(),
+            ..alice.clone()
+        };
+        t.record(&alice, 1, Offset(1), now);
+        assert_eq!(t.check(&alice, 1), Some(Some(Offset(1))));
+        assert_eq!(t.check(&mallory, 1), None, "a new publish of mallory's");
+        t.record(&mallory, 1, Offset(2), now);
+        assert_eq!(t.check(&mallory, 1), Some(Some(Offset(2))));
+        assert_eq!(t.check(&alice, 1), Some(Some(Offset(1))));
+        assert_eq!(t.len(), 2);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! | `{prefix}:{len}:{channel}:s` | stream | the messages, one entry per append batch: id `{first offset}-0`, fields `t` (Redis time, ms), `c` (messages in it), then `m` (a payload) per message, offsets `first … first + c − 1` |
 //! | `{prefix}:{len}:{channel}:i` | list | one `"{first} {count} {bytes} {time}"` per entry, oldest first: what trimming needs without reading payloads |
 //! | `{prefix}:{len}:{channel}:m` | hash | `epoch`, `head` (last offset), `first` (oldest retained), `count` and `bytes` retained |
-//! | `{prefix}:{len}:{channel}:p:{producer}` | hash | dedupe state of one producer: `h` (highest seq), `e` (epoch), and `{seq}` → offset for the last `window` seqs; expires after the producer TTL |
+//! | `{prefix}:{len}:{channel}:p:{producer}` | hash | dedupe state of one producer: `h` (highest seq), `e` (epoch), and `{seq}` → offset for the last `window` seqs; expires after the producer TTL. `{producer}` is the identity, client id, instance and handle, each as `{byte length}:{bytes}` (e.g. `5:alice3:c-12:i10:`), so no identity or id can forge another producer's key |
 //! | `{prefix}:{len}:{channel}:f:{token}` | string | the last append number of one writer's pipelined appends ([`Fence`]); expires after 10 minutes |
 //! | `{prefix}:n:{channel}` | pub/sub channel | `{epoch} {head}` after every append that stored something |
 //!
@@ -58,7 +58,7 @@ use super::history::{
     AppendOutcome, AppendRequest, Appended, Fence, HistoryStore, NoticeSink, Page, PageLimit,
     Retention, StoreHealth, StoreNotice, StoredMessage,
 };
-use super::log::{DEFAULT_DEDUPE_WINDOW, DEFAULT_PRODUCER_TTL};
+use super::log::{ProducerKey, DEFAULT_DEDUPE_WINDOW, DEFAULT_PRODUCER_TTL};
 use crate::error::ChannelError;
 
 /// Default key prefix: `tether`.
@@ -577,13 +577,7 @@ impl RedisStore {
     }
 
     fn producer_key(&self, channel: &str, request: &AppendRequest) -> String {
-        let p = &request.producer;
-        // Unit separators: client ids, instances and producers may contain ':' but channel
-        // names and these parts are joined unambiguously.
-        self.key(
-            channel,
-            &format!("p:{}\u{1f}{}\u{1f}{}", p.client, p.instance, p.producer),
-        )
+        self.key(channel, &producer_suffix(&request.producer))
     }
 
     fn retention_args(&self) -> [u64; 3] {
@@ -593,6 +587,27 @@ impl RedisStore {
             self.retention.max_bytes as u64,
         ]
     }
+}
+
+/// The key suffix of a producer's dedupe hash: `p:` then its identity, client id, instance and
+/// handle, each as `{byte length}:{bytes}`. Every part is the peer's or the authenticator's
+/// choice and may hold any character (`:` included): length prefixes keep any two producers'
+/// keys apart whatever they hold.
+fn producer_suffix(p: &ProducerKey) -> String {
+    let parts = [
+        p.identity.as_str(),
+        p.client.0.as_str(),
+        p.instance.0.as_str(),
+        p.producer.as_str(),
+    ];
+    let mut out = String::with_capacity(2 + parts.iter().map(|s| s.len() + 4).sum::<usize>());
+    out.push_str("p:");
+    for part in parts {
+        out.push_str(&part.len().to_string());
+        out.push(':');
+        out.push_str(part);
+    }
+    out
 }
 
 fn seen_args(seen: &Option<Position>) -> (String, u64) {
@@ -984,6 +999,56 @@ impl Follower {
             .cloned();
         if let Some(sink) = sink {
             sink(notice);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_transport::hub::Identity;
+    use tether_transport::protocol::{ClientId, InstanceId};
+
+    fn key(identity: &str, client: &str, instance: &str, producer: &str) -> String {
+        producer_suffix(&ProducerKey {
+            identity: Identity::new(identity).unwrap(),
+            client: ClientId(client.into()),
+            instance: InstanceId(instance.into()),
+            producer: producer.into(),
+        })
+    }
+
+    #[test]
+    fn producer_keys_are_length_prefixed() {
+        assert_eq!(key("alice", "c-1", "i", ""), "p:5:alice3:c-11:i0:");
+    }
+
+    #[test]
+    fn no_choice_of_parts_forges_another_producers_key() {
+        // Pairs that naive joining (with ':', '/' or a separator inside a part) would merge.
+        let pairs = [
+            (key("a:b", "c", "i", "p"), key("a", "b:c", "i", "p")),
+            (key("a", "1:b", "i", "p"), key("a1", "b", "i", "p")),
+            (key("m", "c", "i1:p", ""), key("m", "c", "i", "p")),
+            (key("x", "c\u{1f}i", "p", ""), key("x", "c", "i\u{1f}p", "")),
+        ];
+        for (a, b) in pairs {
+            assert_ne!(a, b);
+        }
+    }
+
+    proptest::proptest! {
+        /// Over a tiny alphabet of digits and ':' (where any naive joining collides), two
+        /// producers have one key exactly when they are the same producer.
+        #[test]
+        fn producer_keys_are_one_to_one(
+            a in proptest::collection::vec("[1:a]{0,3}", 4),
+            b in proptest::collection::vec("[1:a]{0,3}", 4),
+        ) {
+            let id = |s: &str| format!("x{s}");
+            let ka = key(&id(&a[0]), &a[1], &a[2], &a[3]);
+            let kb = key(&id(&b[0]), &b[1], &b[2], &b[3]);
+            proptest::prop_assert_eq!(a == b, ka == kb);
         }
     }
 }

@@ -40,6 +40,30 @@ pub const DEFAULT_CHANNEL_MAILBOX: usize = 65_536;
 
 /// Decides whether a connection may attach to a channel (`subscribe` false: publish only).
 /// Runs on the connection's worker for every attach: keep it fast.
+///
+/// Decide from [`ConnInfo::identity`] — who the hub's authenticator says the connection is;
+/// the client id, instance and session are whatever the client sent:
+///
+/// ```
+/// use tether_channels::hub::ChannelService;
+/// use tether_transport::hub::ConnInfo;
+///
+/// // Each identity may use the channels under its own name, and "lobby".
+/// let builder = ChannelService::builder().authorizer(
+///     |conn: &ConnInfo, channel: &str, _subscribe: bool| {
+///         let own = channel
+///             .strip_prefix(conn.identity.as_str())
+///             .is_some_and(|rest| rest.starts_with('/'));
+///         if own || channel == "lobby" {
+///             Ok(())
+///         } else {
+///             Err("not yours".to_owned())
+///         }
+///     },
+/// );
+/// // builder.build() inside an actix system, then hand it to the hub.
+/// # drop(builder);
+/// ```
 pub trait ChannelAuthorizer: Send + Sync + 'static {
     /// `Err(reason)` refuses with a permanent `not_authorized` error for that channel only.
     fn authorize(&self, conn: &ConnInfo, channel: &str, subscribe: bool) -> Result<(), String>;
@@ -479,7 +503,10 @@ impl ConnectionHandler for ConnHandler {
                 channel
                     .try_send(subscribe)
                     .map_err(|_| Self::overloaded(&name, None))?;
+                // Scoped by the identity: another identity presenting the same ids is another
+                // producer (its publishes are never taken for replays of these).
                 let producer = self.conn.instance.clone().map(|instance| ProducerKey {
+                    identity: self.conn.identity.clone(),
                     client: self.conn.client_id.clone(),
                     instance,
                     producer: attach.producer.unwrap_or_default(),

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use actix::{Message, Recipient};
 use bytestring::ByteString;
 
+use super::auth::Identity;
 use super::budget::{DrainWaker, OutboundBudget};
 
 use crate::error::TransportError;
@@ -22,7 +23,11 @@ use crate::protocol::{ClientId, Frame, InstanceId, SessionId};
 pub struct ConnInfo {
     /// Hub-unique id of this physical connection.
     pub conn_id: u64,
-    /// The client's id from its hello.
+    /// Who the client is, as the hub's authenticator established it: what authorization
+    /// decisions should rest on (the client id, instance and session are the client's say).
+    /// The connection's session and publishes belong to it.
+    pub identity: Identity,
+    /// The client's id from its hello (not verified: any client may present any id).
     pub client_id: ClientId,
     /// The client's instance id from its hello (required for publishing).
     pub instance: Option<InstanceId>,

@@ -1,5 +1,10 @@
 //! The hub end of the transport: an actix-web server with the WebSocket route (one
 //! [`HubSession`] actor per connection), `/health` and `/metrics`.
+//!
+//! Each connection is authenticated as an [`Identity`] by the configured [`Authenticator`]
+//! ([`AllowAll`] by default: every client id its own anonymous identity, for development;
+//! [`StaticTokens`] for a fixed set of tokens). Sessions and publish dedupe state belong to
+//! that identity: one identity can never resume, evict or de-duplicate against another's.
 
 pub mod auth;
 pub mod budget;
@@ -26,7 +31,10 @@ use crate::heartbeat::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_IDLE_TIMEOUT};
 use crate::telemetry;
 use crate::tls::{HubTls, Material};
 
-pub use auth::{AllowAll, AuthRejection, Authenticator, StaticTokens};
+pub use auth::{
+    AllowAll, AuthRejection, Authenticator, Identity, StaticTokens, ANONYMOUS_PREFIX,
+    MAX_IDENTITY_LEN,
+};
 pub use budget::{OutboundBudget, DEFAULT_OUTBOUND_BUDGET};
 pub use handler::{
     ConnInfo, ConnectionHandler, FrameRejection, HandlerHealth, Kick, NoChannels, Outbound,

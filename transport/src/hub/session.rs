@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::auth::AuthRejection;
+use super::auth::{AuthRejection, Identity};
 use super::budget::OutboundBudget;
 use super::handler::{
     ConnInfo, ConnectionHandler, FrameRejection, Kick, Outbound, OutboundBatch, SessionOutbox,
@@ -474,7 +474,7 @@ impl HubSession {
                 return;
             }
             match result {
-                Ok(()) => act.welcome(ctx, hello),
+                Ok(identity) => act.welcome(ctx, hello, identity),
                 Err(rejection) => {
                     metrics::counter!(telemetry::HUB_HANDSHAKES, "result" => "rejected")
                         .increment(1);
@@ -493,8 +493,9 @@ impl HubSession {
         }));
     }
 
-    fn welcome(&mut self, ctx: &mut Context<Self>, hello: Hello) {
+    fn welcome(&mut self, ctx: &mut Context<Self>, hello: Hello, identity: Identity) {
         let opened = self.state.sessions().open(
+            &identity,
             &hello.client_id,
             hello.resume.as_ref(),
             self.conn_id,
@@ -513,7 +514,7 @@ impl HubSession {
             "welcomed"
         };
         metrics::counter!(telemetry::HUB_HANDSHAKES, "result" => result).increment(1);
-        tracing::info!(parent: &self.span, client_id = %hello.client_id, resumed = opened.resumed, "session open");
+        tracing::info!(parent: &self.span, %identity, client_id = %hello.client_id, resumed = opened.resumed, "session open");
         let welcome = Frame::Welcome(Welcome {
             v: hello.v,
             session: opened.session.clone(),
@@ -524,6 +525,7 @@ impl HubSession {
         self.send_text(ctx, welcome.encode().into());
         let info = ConnInfo {
             conn_id: self.conn_id,
+            identity,
             client_id: hello.client_id.clone(),
             instance: hello.instance.clone(),
             session: opened.session.clone(),
