@@ -18,6 +18,10 @@
 //!   until it reaches `delivered`, then the subscriber turns live. Its `attached` frame states
 //!   the head and replay count at the moment of the attach; whatever the channel fans out while
 //!   the subscriber catches up follows the replay in order.
+//! * **Expiry and fairness** (see [`idle`](super::idle)): a channel of a service that no
+//!   connection has attached, with nothing in progress, retires from the registry after its
+//!   idle TTL and stops; and a channel yields its thread after each turn of work, so that the
+//!   other channels on that thread are served in between.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,7 +41,9 @@ use super::history::{
     AppendOutcome, AppendRequest, Appended, Fence, HistoryStore, NoticeSink, Page, PageLimit,
     StoreNotice, StoredMessage,
 };
+use super::idle::{IdleClock, TurnBudget, DEFAULT_TURN_BUDGET};
 use super::log::{plan_resume, ProducerKey};
+use super::service::{ChannelLease, Retirement};
 use crate::error::ChannelError;
 use crate::telemetry;
 
@@ -49,6 +55,9 @@ const MAX_BATCH_BYTES: usize = 1024 * 1024;
 const MAX_APPENDS_IN_FLIGHT: usize = 2;
 /// Wait before reading the store again after a failed read.
 const READ_RETRY: Duration = Duration::from_millis(250);
+/// Most an idle channel waits to look again when work outlived its connections (an append to
+/// a slow store) at the end of its idle TTL.
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
 /// A connection attaches (or re-attaches) to the channel.
 #[derive(Message)]
@@ -157,6 +166,14 @@ pub struct HubChannel {
     refused: HashSet<u64>,
     notices: Arc<Notices>,
     watching: bool,
+    /// Connections that have the channel attached (subscribing or publish-only): while there
+    /// is one, the channel does not expire.
+    members: HashSet<u64>,
+    /// Its registry entry, when the channel belongs to a service (then it expires once idle).
+    lease: Option<ChannelLease>,
+    idle: IdleClock,
+    idle_timer: Option<SpawnHandle>,
+    turn: TurnBudget,
     span: tracing::Span,
 }
 
@@ -194,7 +211,100 @@ impl HubChannel {
             refused: HashSet::new(),
             notices: Arc::new(Notices::default()),
             watching: false,
+            members: HashSet::new(),
+            lease: None,
+            idle: IdleClock::new(Duration::MAX),
+            idle_timer: None,
+            turn: TurnBudget::new(DEFAULT_TURN_BUDGET),
             span,
+        }
+    }
+
+    /// Ties the channel to its service's registry: it expires after the lease's idle TTL.
+    pub(crate) fn with_lease(mut self, lease: ChannelLease) -> Self {
+        self.idle = IdleClock::new(lease.idle_ttl());
+        self.lease = Some(lease);
+        self
+    }
+
+    /// Work of the channel that has not finished (whether or not a connection waits for it).
+    fn in_progress(&self) -> bool {
+        !self.pending.is_empty()
+            || !self.in_flight.is_empty()
+            || !self.waiting.is_empty()
+            || !self.subscribers.is_empty()
+            || self.reading_position
+            || self.pumping
+    }
+
+    /// A connection attaches: the channel is in use.
+    fn member_arrived(&mut self, ctx: &mut Context<Self>, conn_id: u64) {
+        if let Some(lease) = &self.lease {
+            lease.attach_arrived();
+        }
+        self.members.insert(conn_id);
+        self.idle.in_use();
+        if let Some(timer) = self.idle_timer.take() {
+            ctx.cancel_future(timer);
+        }
+    }
+
+    /// A connection detached or closed; the last one starts the idle TTL.
+    fn member_left(&mut self, ctx: &mut Context<Self>, conn_id: u64) {
+        self.members.remove(&conn_id);
+        if self.members.is_empty() {
+            self.arm_idle_timer(ctx, None);
+        }
+    }
+
+    /// Looks at the idle channel again when its TTL runs out (or after `recheck`).
+    fn arm_idle_timer(&mut self, ctx: &mut Context<Self>, recheck: Option<Duration>) {
+        if self.lease.is_none() {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        self.idle.unused(now);
+        if let Some(timer) = self.idle_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        let wait = recheck.unwrap_or_else(|| self.idle.remaining(now).unwrap_or(self.idle.ttl()));
+        self.idle_timer = Some(ctx.run_later(wait, |act, ctx| act.on_idle_timer(ctx)));
+    }
+
+    /// The idle TTL ran out: retire, unless a connection or some work came meanwhile.
+    fn on_idle_timer(&mut self, ctx: &mut Context<Self>) {
+        self.idle_timer = None;
+        if !self.members.is_empty() {
+            return;
+        }
+        if !self.idle.expired(tokio::time::Instant::now()) {
+            self.arm_idle_timer(ctx, None);
+            return;
+        }
+        if self.in_progress() {
+            // Work that outlived its connections (an append to a slow store) finishes first.
+            self.arm_idle_timer(ctx, Some(IDLE_RECHECK.min(self.idle.ttl())));
+            return;
+        }
+        let Some(lease) = &self.lease else {
+            return;
+        };
+        match lease.retire() {
+            Retirement::Retired | Retirement::NotRegistered => {
+                tracing::debug!(parent: &self.span, "channel expired: unused for its idle TTL");
+                ctx.stop();
+            }
+            // Its Subscribe is in the mailbox and makes the channel in use; should it not,
+            // look again after another TTL.
+            Retirement::AttachOnItsWay => self.arm_idle_timer(ctx, None),
+        }
+    }
+
+    /// Yields the thread to the other channels on it once this one has worked for a turn.
+    fn pace(&mut self, ctx: &mut Context<Self>) {
+        if self.turn.spend(tokio::time::Instant::now()) && !ctx.waiting() {
+            metrics::counter!(telemetry::HUB_CHANNEL_YIELDS).increment(1);
+            ctx.wait(tokio::task::yield_now().into_actor(self));
         }
     }
 
@@ -401,6 +511,7 @@ impl HubChannel {
         }
         self.pump(ctx);
         self.retry_waiting(ctx);
+        self.pace(ctx);
     }
 
     /// Sends messages (contiguous after `delivered`, or after a trimmed range) to every live
@@ -773,6 +884,7 @@ impl HubChannel {
             self.draining = false;
         }
         self.append_next(ctx);
+        self.pace(ctx);
     }
 
     fn on_appended(
@@ -867,12 +979,12 @@ impl Actor for HubChannel {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        metrics::gauge!(telemetry::HUB_CHANNELS).increment(1.0);
         self.read_position(ctx);
+        // Unused until its first attach arrives (the registry counts it as a channel).
+        self.arm_idle_timer(ctx, None);
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
-        metrics::gauge!(telemetry::HUB_CHANNELS).decrement(1.0);
         if self.watching {
             self.store.unwatch(&self.name);
         }
@@ -883,14 +995,18 @@ impl Handler<Subscribe> for HubChannel {
     type Result = ();
 
     fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) {
+        self.member_arrived(ctx, msg.conn_id);
         self.attach(ctx, msg);
+        self.pace(ctx);
     }
 }
 
 impl Handler<Unsubscribe> for HubChannel {
     type Result = ();
 
-    fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Unsubscribe, ctx: &mut Context<Self>) {
+        self.member_left(ctx, msg.conn_id);
+        self.pace(ctx);
         self.subscribers.remove(&msg.conn_id);
         self.waiting.retain(|w| w.conn_id != msg.conn_id);
         if msg.reply.is_none() {
@@ -947,6 +1063,7 @@ impl Handler<PublishCommand> for HubChannel {
         }
         self.pending.push_back(msg);
         self.append_next(ctx);
+        self.pace(ctx);
     }
 }
 
@@ -954,6 +1071,7 @@ impl Handler<Wake> for HubChannel {
     type Result = ();
 
     fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
+        self.pace(ctx);
         self.notices.queued.store(false, Ordering::Release);
         let latest = self
             .notices
