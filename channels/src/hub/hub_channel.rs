@@ -41,14 +41,16 @@ use super::history::{
     AppendOutcome, AppendRequest, Appended, Fence, HistoryStore, NoticeSink, Page, PageLimit,
     StoreNotice, StoredMessage,
 };
-use super::idle::{IdleClock, TurnBudget, DEFAULT_TURN_BUDGET};
+use super::idle::{BatchSizer, IdleClock, TurnBudget, DEFAULT_BATCH_WORK, DEFAULT_TURN_BUDGET};
 use super::log::{plan_resume, ProducerKey};
 use super::service::{ChannelLease, Retirement};
 use crate::error::ChannelError;
 use crate::telemetry;
 
-/// Most publishes in one append batch.
+/// Most publishes in one append batch (fewer while messages cost more: [`BatchSizer`]).
 const MAX_BATCH_MESSAGES: usize = 512;
+/// Fewest publishes an append batch is cut down to.
+const MIN_BATCH_MESSAGES: usize = 8;
 /// Most payload bytes in one append batch (a batch always takes at least one publish).
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// Most append batches in the store at once per channel.
@@ -128,6 +130,8 @@ struct InFlight {
     commands: Vec<PublishCommand>,
     result: Option<Result<Appended, ChannelError>>,
     started: std::time::Instant,
+    /// Time the store call took on the channel's thread.
+    call: Duration,
 }
 
 /// One channel on a hub node.
@@ -174,6 +178,7 @@ pub struct HubChannel {
     idle: IdleClock,
     idle_timer: Option<SpawnHandle>,
     turn: TurnBudget,
+    batches: BatchSizer,
     span: tracing::Span,
 }
 
@@ -216,6 +221,7 @@ impl HubChannel {
             idle: IdleClock::new(Duration::MAX),
             idle_timer: None,
             turn: TurnBudget::new(DEFAULT_TURN_BUDGET),
+            batches: BatchSizer::new(DEFAULT_BATCH_WORK, MIN_BATCH_MESSAGES, MAX_BATCH_MESSAGES),
             span,
         }
     }
@@ -809,9 +815,10 @@ impl HubChannel {
         {
             let mut commands = Vec::new();
             let mut bytes = 0;
+            let max_messages = self.batches.limit();
             while let Some(next) = self.pending.front() {
                 if !commands.is_empty()
-                    && (commands.len() >= MAX_BATCH_MESSAGES
+                    && (commands.len() >= max_messages
                         || bytes + next.payload.len() > MAX_BATCH_BYTES)
                 {
                     break;
@@ -839,13 +846,15 @@ impl HubChannel {
                 token: self.fence_token.clone(),
                 number,
             };
+            let started = std::time::Instant::now();
+            let append = self.store.append(&self.name, self.seen(), fence, requests);
             self.in_flight.push_back(InFlight {
                 number,
                 commands,
                 result: None,
-                started: std::time::Instant::now(),
+                started,
+                call: started.elapsed(),
             });
-            let append = self.store.append(&self.name, self.seen(), fence, requests);
             ctx.spawn(
                 append
                     .into_actor(self)
@@ -870,13 +879,18 @@ impl HubChannel {
             let Some(InFlight {
                 commands,
                 result: Some(result),
+                call,
                 ..
             }) = self.in_flight.pop_front()
             else {
                 break;
             };
             match result {
-                Ok(appended) => self.on_appended(ctx, commands, appended),
+                Ok(appended) => {
+                    let (handling, messages) = (std::time::Instant::now(), commands.len());
+                    self.on_appended(ctx, commands, appended);
+                    self.batches.observe(messages, call + handling.elapsed());
+                }
                 Err(e) => self.on_append_failed(commands, &e),
             }
         }

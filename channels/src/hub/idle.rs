@@ -8,7 +8,14 @@
 //! * [`TurnBudget`]: channel actors share a few threads, and an actor handles every message in
 //!   its mailbox in one go unless it yields. A channel that has worked for
 //!   [`DEFAULT_TURN_BUDGET`] without a pause yields its thread, so a flooded channel delays
-//!   another channel on the same thread by about one turn, not by its whole backlog.
+//!   another channel on the same thread by a few dozen turns, not by its whole backlog. (A few
+//!   dozen: the thread's tokio `LocalSet` runs tasks woken on the thread itself — a channel that
+//!   yielded — before tasks woken from other threads — a channel a connection just sent a
+//!   publish — except on every 31st task, so a channel woken from a worker may wait about 30
+//!   turns. Hence short turns: 30 of them stay far below 100 ms.)
+//! * [`BatchSizer`]: handling one append batch (the store call, then its acks and fan-out)
+//!   cannot yield halfway, so batches are sized by what a message has been costing, to keep
+//!   that work near [`DEFAULT_BATCH_WORK`].
 
 use std::time::Duration;
 
@@ -19,8 +26,12 @@ use tokio::time::Instant;
 pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(5 * 60);
 
 /// Default longest a channel works on its thread before it yields to the other channels there:
-/// 1 ms.
-pub const DEFAULT_TURN_BUDGET: Duration = Duration::from_millis(1);
+/// 0.5 ms.
+pub const DEFAULT_TURN_BUDGET: Duration = Duration::from_micros(500);
+
+/// Default time the work of one append batch on the channel's thread should take (it cannot
+/// yield halfway): 1 ms.
+pub const DEFAULT_BATCH_WORK: Duration = Duration::from_millis(1);
 
 /// How long a channel has been unused, and whether that is long enough to expire it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +116,55 @@ impl TurnBudget {
     }
 }
 
+/// Sizes a channel's append batches from what its messages have been costing, so that the work
+/// of one batch stays near a target: large batches where messages are cheap (one store round
+/// trip for many), smaller ones where each costs more (a slow build, a wide fan-out).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchSizer {
+    target: Duration,
+    min: usize,
+    max: usize,
+    /// Moving average of one message's cost, in nanoseconds.
+    per_message: Option<f64>,
+}
+
+impl BatchSizer {
+    /// Batches of `min ..= max` messages whose work should take about `target`. Until a batch
+    /// has been measured, `max`.
+    pub fn new(target: Duration, min: usize, max: usize) -> Self {
+        let min = min.max(1);
+        BatchSizer {
+            target,
+            min,
+            max: max.max(min),
+            per_message: None,
+        }
+    }
+
+    /// The most messages the next batch should take.
+    pub fn limit(&self) -> usize {
+        match self.per_message {
+            None => self.max,
+            Some(cost) => {
+                let fits = self.target.as_nanos() as f64 / cost.max(1.0);
+                (fits as usize).clamp(self.min, self.max)
+            }
+        }
+    }
+
+    /// A batch of `messages` cost `took` on the channel's thread.
+    pub fn observe(&mut self, messages: usize, took: Duration) {
+        if messages == 0 {
+            return;
+        }
+        let sample = took.as_nanos() as f64 / messages as f64;
+        self.per_message = Some(match self.per_message {
+            None => sample,
+            Some(average) => (3.0 * average + sample) / 4.0,
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +210,27 @@ mod tests {
         assert!(!turn.spend(Instant::now()));
         tokio::time::advance(Duration::from_micros(1)).await;
         assert!(turn.spend(Instant::now()));
+    }
+
+    #[test]
+    fn batches_shrink_when_messages_cost_more_and_grow_back_when_they_cost_less() {
+        let mut sizer = BatchSizer::new(Duration::from_millis(2), 8, 512);
+        assert_eq!(sizer.limit(), 512, "unmeasured: the largest");
+        // 512 messages took 20 ms: 39 µs each, 2 ms holds 51.
+        sizer.observe(512, Duration::from_millis(20));
+        assert_eq!(sizer.limit(), 51);
+        // Dearer still (a wide fan-out): never below the minimum.
+        for _ in 0..20 {
+            sizer.observe(8, Duration::from_millis(10));
+        }
+        assert_eq!(sizer.limit(), 8);
+        // Cheap again: back to the largest within a few batches.
+        for _ in 0..30 {
+            sizer.observe(8, Duration::from_micros(8));
+        }
+        assert_eq!(sizer.limit(), 512);
+        // Nothing measured from an empty batch.
+        sizer.observe(0, Duration::from_secs(1));
+        assert_eq!(sizer.limit(), 512);
     }
 }

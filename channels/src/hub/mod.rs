@@ -16,7 +16,7 @@ pub use history::{
     AppendOutcome, AppendRequest, Appended, DedupeLimits, Fence, HistoryStore, MemoryHistory,
     NoticeSink, Page, PageLimit, Retention, StoreHealth, StoreNotice, StoredMessage,
 };
-pub use idle::{IdleClock, TurnBudget, DEFAULT_IDLE_TTL};
+pub use idle::{BatchSizer, IdleClock, TurnBudget, DEFAULT_IDLE_TTL};
 pub use log::ProducerKey;
 pub use redis_store::{RedisStore, RedisStoreBuilder};
 pub use service::{AllowAllChannels, ChannelAuthorizer, ChannelService, ChannelServiceBuilder};

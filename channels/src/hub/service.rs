@@ -4,8 +4,10 @@
 //! **Threads.** Channel actors run on the service's own threads (default: one per available
 //! core), each channel on the thread its name hashes to (with a per-process random key, so
 //! names cannot be picked to land beside a given channel). A channel yields its thread after
-//! about a millisecond of work ([`TurnBudget`](super::idle::TurnBudget)), so a flooded channel
-//! delays the others on its thread by about a turn, not by its backlog.
+//! half a millisecond of work ([`TurnBudget`](super::idle::TurnBudget)) and sizes its append
+//! batches to about a millisecond of work ([`BatchSizer`](super::idle::BatchSizer)), so a
+//! flooded channel delays the others on its thread by tens of milliseconds at most, not by
+//! its backlog.
 //!
 //! **Expiry.** A channel that no connection has attached and that has nothing in progress
 //! expires after its idle TTL (default 5 minutes, [`ChannelServiceBuilder::idle_ttl`]): the
@@ -799,6 +801,11 @@ mod tests {
 
     impl Actor for Sink {
         type Context = Context<Self>;
+
+        fn started(&mut self, ctx: &mut Context<Self>) {
+            // A session's mailbox holds its outbound queue; this one never refuses.
+            ctx.set_mailbox_capacity(1 << 20);
+        }
     }
 
     impl Handler<Outbound> for Sink {
@@ -1127,5 +1134,103 @@ mod tests {
                 .build()
                 .is_ok());
         });
+    }
+
+    /// The in-memory store, except that the first append on channel `hot` holds the channel's
+    /// thread until the test lets it go (a thread that was busy while a burst arrived).
+    struct HeldStore {
+        inner: MemoryHistory,
+        hold: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl HistoryStore for HeldStore {
+        fn append(
+            &self,
+            channel: &str,
+            seen: Option<Position>,
+            fence: super::super::history::Fence,
+            batch: Vec<super::super::history::AppendRequest>,
+        ) -> futures::future::BoxFuture<
+            'static,
+            Result<super::super::history::Appended, crate::ChannelError>,
+        > {
+            if channel == "hot" {
+                let held = self.hold.lock().unwrap().take();
+                if let Some(release) = held {
+                    let _ = release.recv();
+                }
+            }
+            self.inner.append(channel, seen, fence, batch)
+        }
+
+        fn read(
+            &self,
+            channel: &str,
+            seen: Option<Position>,
+            after: Offset,
+            limit: PageLimit,
+        ) -> futures::future::BoxFuture<
+            'static,
+            Result<super::super::history::Page, crate::ChannelError>,
+        > {
+            self.inner.read(channel, seen, after, limit)
+        }
+
+        fn watch(&self, channel: &str, sink: super::super::history::NoticeSink) {
+            self.inner.watch(channel, sink)
+        }
+
+        fn unwatch(&self, channel: &str) {
+            self.inner.unwatch(channel)
+        }
+
+        fn health(&self) -> super::super::history::StoreHealth {
+            self.inner.health()
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_flooded_channel_yields_its_thread_to_the_other_channels_there() {
+        let (release, hold) = std::sync::mpsc::channel();
+        let store = Arc::new(HeldStore {
+            inner: MemoryHistory::default(),
+            hold: Mutex::new(Some(hold)),
+        });
+        // One thread for every channel: the flooded one shares it with the healthy one.
+        let service = ChannelService::builder()
+            .store(store)
+            .threads(1)
+            .build()
+            .unwrap();
+        let mut healthy = Peer::open(&service, 1);
+        healthy.attach("steady", true, None);
+        healthy.attached().await;
+        let mut flood = Peer::open(&service, 2);
+        flood.attach("hot", false, None);
+        flood.attached().await;
+        // The first publish holds the thread; the burst queues behind it, and so does the
+        // healthy channel's next publish.
+        const BURST: u64 = 60_000;
+        for seq in 1..=BURST {
+            flood.publish("hot", seq);
+        }
+        healthy.publish("steady", 1);
+        let released = std::time::Instant::now();
+        release.send(()).unwrap();
+        healthy.acked(1, true).await;
+        let waited = released.elapsed();
+        // The flood is served all the same, in order.
+        for seq in 1..=BURST {
+            match flood.next().await {
+                Frame::Ack(ack) => assert_eq!(ack.seq, seq),
+                other => panic!("expected the ack of {seq}, got {other:?}"),
+            }
+        }
+        let flood_took = released.elapsed();
+        assert!(
+            waited < Duration::from_millis(100),
+            "the healthy channel waited {waited:?} behind a burst the flooded one took \
+             {flood_took:?} to serve"
+        );
     }
 }
