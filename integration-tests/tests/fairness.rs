@@ -281,3 +281,77 @@ async fn a_connection_flooding_one_channel_with_producers_does_not_stall_another
     publisher.close().await;
     hub.stop().await;
 }
+
+/// A Redis read takes from the stream only as many batches as its page has room for (one
+/// script holds up every other channel while it runs); paging through batches of every size
+/// still returns every message once, in order.
+#[tokio::test]
+async fn redis_pages_across_batches_of_every_size_return_every_message_once() {
+    use tether_channels::hub::{
+        AppendRequest, Fence, HistoryStore, PageLimit, ProducerKey, RedisStore,
+    };
+    use tether_transport::protocol::{ClientId, Epoch, InstanceId, Offset, Payload};
+
+    let redis = tether_integration_tests::RedisServer::start().expect("redis");
+    let store = RedisStore::builder(redis.url())
+        .response_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let producer = ProducerKey {
+        client: ClientId("c".into()),
+        instance: InstanceId("i".into()),
+        producer: String::new(),
+    };
+    let mut seq = 0u64;
+    for size in [1usize, 300, 1, 1, 50, 512, 2, 7, 1, 120] {
+        let batch = (0..size)
+            .map(|_| {
+                seq += 1;
+                AppendRequest {
+                    producer: producer.clone(),
+                    seq,
+                    // Sizes vary too: 10 to ~1,000 bytes.
+                    payload: Payload::from_value(&"x".repeat((seq as usize * 37) % 1000)).unwrap(),
+                }
+            })
+            .collect();
+        let fence = Fence {
+            token: Epoch::random().0,
+            number: 1,
+        };
+        store.append("mixed", None, fence, batch).await.unwrap();
+    }
+    for limit in [
+        PageLimit {
+            max_messages: 256,
+            max_bytes: 1024 * 1024,
+        },
+        PageLimit {
+            max_messages: 7,
+            max_bytes: usize::MAX,
+        },
+        PageLimit {
+            max_messages: 1000,
+            max_bytes: 3000,
+        },
+        PageLimit {
+            max_messages: 1,
+            max_bytes: 1,
+        },
+    ] {
+        let mut after = Offset(0);
+        let mut seen = Vec::new();
+        loop {
+            let page = store.read("mixed", None, after, limit).await.unwrap();
+            let Some(last) = page.messages.last() else {
+                break;
+            };
+            assert!(page.messages.len() <= limit.max_messages);
+            let bytes: usize = page.messages.iter().map(|m| m.payload.len()).sum();
+            assert!(page.messages.len() == 1 || bytes <= limit.max_bytes);
+            after = last.offset;
+            seen.extend(page.messages.iter().map(|m| m.offset.0));
+        }
+        assert_eq!(seen, (1..=seq).collect::<Vec<_>>(), "{limit:?}");
+    }
+}
