@@ -10,11 +10,14 @@
 //! * Hub: [`hub::ChannelService`] plugs into a `tether_transport::hub::Hub`: one actor per
 //!   channel numbering messages (per-channel offsets and an epoch), storing history behind
 //!   [`hub::HistoryStore`], recognising replayed publishes, and fanning out each message encoded
-//!   once.
+//!   once. Channels nobody has attached expire after an idle TTL (default 5 minutes, with their
+//!   in-memory history; Redis keys expire on their own TTL), and channels share the service's
+//!   threads in short turns so that one flooded channel cannot stall the others
+//!   ([`hub::idle`]).
 //!
 //! The rules live in plain structs: [`outbox`] (publish buffer), [`cursor`] (resume and
 //! dedupe), [`state`] (the transition table), [`hub::log`] (numbering, idempotence, resume
-//! plans), [`hub::history`].
+//! plans), [`hub::history`], [`hub::idle`] (expiry and turns).
 //!
 //! ```no_run
 //! use std::sync::Arc;
