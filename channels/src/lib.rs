@@ -11,11 +11,14 @@
 //!   channel numbering messages (per-channel offsets and an epoch), storing history behind
 //!   [`hub::HistoryStore`], recognising replayed publishes (per publisher, scoped by the identity
 //!   the hub's authenticator gave it: one identity's publishes are never taken for replays of
-//!   another's), and fanning out each message encoded once.
+//!   another's), and fanning out each message encoded once. Channels nobody has attached expire
+//!   after an idle TTL (default 5 minutes, with their in-memory history; Redis keys expire on
+//!   their own TTL), and channels share the service's threads in short turns so that one
+//!   flooded channel cannot stall the others ([`hub::idle`]).
 //!
 //! The rules live in plain structs: [`outbox`] (publish buffer), [`cursor`] (resume and
 //! dedupe), [`state`] (the transition table), [`hub::log`] (numbering, idempotence, resume
-//! plans), [`hub::history`].
+//! plans), [`hub::history`], [`hub::idle`] (expiry and turns).
 //!
 //! ```no_run
 //! use std::sync::Arc;

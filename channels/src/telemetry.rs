@@ -37,3 +37,9 @@ pub const HUB_EPOCH_CHANGES: &str = "tether_hub_epoch_changes_total";
 /// Counter: producers a full dedupe table forgot to make room (their later replays would be
 /// stored again).
 pub const HUB_PRODUCERS_FORGOTTEN: &str = "tether_hub_producers_forgotten_total";
+/// Counter: channels that expired (no connection attached, nothing in progress, for the idle
+/// TTL) and left the hub's registry.
+pub const HUB_CHANNELS_EXPIRED: &str = "tether_hub_channels_expired_total";
+/// Counter: times a channel yielded its thread to the other channels there after a full turn
+/// of work.
+pub const HUB_CHANNEL_YIELDS: &str = "tether_hub_channel_yields_total";

@@ -211,6 +211,15 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// Stops the notices of `channel`.
     fn unwatch(&self, channel: &str);
 
+    /// This hub node's actor for `channel` expired: no connection has it attached and nothing
+    /// of it is in progress. A store that keeps the channel in this process may forget it
+    /// ([`MemoryHistory`] drops its history, epoch and dedupe state: the next attach starts a
+    /// new epoch); a shared store keeps it for the other nodes and lets it expire on its own
+    /// ([`RedisStore`](super::redis_store::RedisStore): key TTLs). Called while the service
+    /// holds its channel registry's lock, before a new actor for the name can exist: keep it
+    /// cheap and never block. Default: nothing.
+    fn release(&self, _channel: &str) {}
+
     /// Whether the store answers, and why not.
     fn health(&self) -> StoreHealth;
 }
@@ -369,6 +378,14 @@ impl MemoryHistory {
         let c = channel.lock().unwrap_or_else(|p| p.into_inner());
         c.messages.len()
     }
+
+    /// Channels this store holds (retained history or not).
+    pub fn channel_count(&self) -> usize {
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
 }
 
 impl Default for MemoryHistory {
@@ -405,6 +422,19 @@ impl HistoryStore for MemoryHistory {
     fn watch(&self, _channel: &str, _sink: NoticeSink) {}
 
     fn unwatch(&self, _channel: &str) {}
+
+    /// Forgets the channel: its history, epoch and dedupe state go (a later attach starts a new
+    /// epoch, which a resuming subscriber is told of as a gap).
+    fn release(&self, channel: &str) {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        channels.remove(channel);
+        // The table gives memory back as channels expire (amortised: only once it is mostly
+        // empty).
+        let len = channels.len();
+        if channels.capacity() > 64 && len < channels.capacity() / 4 {
+            channels.shrink_to(len * 2);
+        }
+    }
 
     fn health(&self) -> StoreHealth {
         StoreHealth {
@@ -550,6 +580,25 @@ mod tests {
         assert_eq!(h.retained("c"), 2);
         let page = h.read_now("c", Offset(0), PageLimit::default(), now);
         assert_eq!(page.first, Offset(3));
+    }
+
+    #[test]
+    fn a_released_channel_is_forgotten_and_starts_a_new_epoch() {
+        let now = Instant::now();
+        let h = store(Retention::default());
+        let before = h.append_now("c", vec![req("a", 1)], now);
+        h.append_now("other", vec![req("a", 1)], now);
+        h.release("c");
+        assert_eq!(h.channel_count(), 1, "only the other channel is left");
+        let page = h.read_now("c", Offset(0), PageLimit::default(), now);
+        assert_ne!(page.epoch, before.epoch);
+        assert_eq!((page.head, page.first), (Offset(0), Offset(1)));
+        // Its dedupe state went with it: the same publish is new in the new epoch.
+        assert_eq!(
+            h.append_now("c", vec![req("a", 1)], now).outcomes,
+            [AppendOutcome::Stored(Offset(1))]
+        );
+        assert_eq!(h.retained("other"), 1);
     }
 
     #[test]

@@ -21,6 +21,10 @@
 //!   connection's outbound budget *before* it is read ([`SessionOutbox::reserve_replay`]): a
 //!   connection whose socket does not drain stops its replays instead of piling pages up, and
 //!   a re-attach of the same channel starts over instead of stacking a second replay.
+//! * **Expiry and fairness** (see [`idle`](super::idle)): a channel of a service that no
+//!   connection has attached, with nothing in progress, retires from the registry after its
+//!   idle TTL and stops; and a channel yields its thread after each turn of work, so that the
+//!   other channels on that thread are served in between.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,18 +44,25 @@ use super::history::{
     AppendOutcome, AppendRequest, Appended, Fence, HistoryStore, NoticeSink, Page, PageLimit,
     StoreNotice, StoredMessage,
 };
+use super::idle::{BatchSizer, IdleClock, TurnBudget, DEFAULT_BATCH_WORK, DEFAULT_TURN_BUDGET};
 use super::log::{plan_resume, ProducerKey};
+use super::service::{ChannelLease, Retirement};
 use crate::error::ChannelError;
 use crate::telemetry;
 
-/// Most publishes in one append batch.
+/// Most publishes in one append batch (fewer while messages cost more: [`BatchSizer`]).
 const MAX_BATCH_MESSAGES: usize = 512;
+/// Fewest publishes an append batch is cut down to.
+const MIN_BATCH_MESSAGES: usize = 8;
 /// Most payload bytes in one append batch (a batch always takes at least one publish).
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// Most append batches in the store at once per channel.
 const MAX_APPENDS_IN_FLIGHT: usize = 2;
 /// Wait before reading the store again after a failed read.
 const READ_RETRY: Duration = Duration::from_millis(250);
+/// Most an idle channel waits to look again when work outlived its connections (an append to
+/// a slow store) at the end of its idle TTL.
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
 /// A connection attaches (or re-attaches) to the channel.
 #[derive(Message)]
@@ -139,6 +150,8 @@ struct InFlight {
     commands: Vec<PublishCommand>,
     result: Option<Result<Appended, ChannelError>>,
     started: std::time::Instant,
+    /// Time the store call took on the channel's thread.
+    call: Duration,
 }
 
 /// One channel on a hub node.
@@ -177,6 +190,15 @@ pub struct HubChannel {
     refused: HashSet<u64>,
     notices: Arc<Notices>,
     watching: bool,
+    /// Connections that have the channel attached (subscribing or publish-only): while there
+    /// is one, the channel does not expire.
+    members: HashSet<u64>,
+    /// Its registry entry, when the channel belongs to a service (then it expires once idle).
+    lease: Option<ChannelLease>,
+    idle: IdleClock,
+    idle_timer: Option<SpawnHandle>,
+    turn: TurnBudget,
+    batches: BatchSizer,
     span: tracing::Span,
 }
 
@@ -214,7 +236,101 @@ impl HubChannel {
             refused: HashSet::new(),
             notices: Arc::new(Notices::default()),
             watching: false,
+            members: HashSet::new(),
+            lease: None,
+            idle: IdleClock::new(Duration::MAX),
+            idle_timer: None,
+            turn: TurnBudget::new(DEFAULT_TURN_BUDGET),
+            batches: BatchSizer::new(DEFAULT_BATCH_WORK, MIN_BATCH_MESSAGES, MAX_BATCH_MESSAGES),
             span,
+        }
+    }
+
+    /// Ties the channel to its service's registry: it expires after the lease's idle TTL.
+    pub(crate) fn with_lease(mut self, lease: ChannelLease) -> Self {
+        self.idle = IdleClock::new(lease.idle_ttl());
+        self.lease = Some(lease);
+        self
+    }
+
+    /// Work of the channel that has not finished (whether or not a connection waits for it).
+    fn in_progress(&self) -> bool {
+        !self.pending.is_empty()
+            || !self.in_flight.is_empty()
+            || !self.waiting.is_empty()
+            || !self.subscribers.is_empty()
+            || self.reading_position
+            || self.pumping
+    }
+
+    /// A connection attaches: the channel is in use.
+    fn member_arrived(&mut self, ctx: &mut Context<Self>, conn_id: u64) {
+        if let Some(lease) = &self.lease {
+            lease.attach_arrived();
+        }
+        self.members.insert(conn_id);
+        self.idle.in_use();
+        if let Some(timer) = self.idle_timer.take() {
+            ctx.cancel_future(timer);
+        }
+    }
+
+    /// A connection detached or closed; the last one starts the idle TTL.
+    fn member_left(&mut self, ctx: &mut Context<Self>, conn_id: u64) {
+        self.members.remove(&conn_id);
+        if self.members.is_empty() {
+            self.arm_idle_timer(ctx, None);
+        }
+    }
+
+    /// Looks at the idle channel again when its TTL runs out (or after `recheck`).
+    fn arm_idle_timer(&mut self, ctx: &mut Context<Self>, recheck: Option<Duration>) {
+        if self.lease.is_none() {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        self.idle.unused(now);
+        if let Some(timer) = self.idle_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        let wait = recheck.unwrap_or_else(|| self.idle.remaining(now).unwrap_or(self.idle.ttl()));
+        self.idle_timer = Some(ctx.run_later(wait, |act, ctx| act.on_idle_timer(ctx)));
+    }
+
+    /// The idle TTL ran out: retire, unless a connection or some work came meanwhile.
+    fn on_idle_timer(&mut self, ctx: &mut Context<Self>) {
+        self.idle_timer = None;
+        if !self.members.is_empty() {
+            return;
+        }
+        if !self.idle.expired(tokio::time::Instant::now()) {
+            self.arm_idle_timer(ctx, None);
+            return;
+        }
+        if self.in_progress() {
+            // Work that outlived its connections (an append to a slow store) finishes first.
+            self.arm_idle_timer(ctx, Some(IDLE_RECHECK.min(self.idle.ttl())));
+            return;
+        }
+        let Some(lease) = &self.lease else {
+            return;
+        };
+        match lease.retire() {
+            Retirement::Retired | Retirement::NotRegistered => {
+                tracing::debug!(parent: &self.span, "channel expired: unused for its idle TTL");
+                ctx.stop();
+            }
+            // Its Subscribe is in the mailbox and makes the channel in use; should it not,
+            // look again after another TTL.
+            Retirement::AttachOnItsWay => self.arm_idle_timer(ctx, None),
+        }
+    }
+
+    /// Yields the thread to the other channels on it once this one has worked for a turn.
+    fn pace(&mut self, ctx: &mut Context<Self>) {
+        if self.turn.spend(tokio::time::Instant::now()) && !ctx.waiting() {
+            metrics::counter!(telemetry::HUB_CHANNEL_YIELDS).increment(1);
+            ctx.wait(tokio::task::yield_now().into_actor(self));
         }
     }
 
@@ -428,6 +544,7 @@ impl HubChannel {
         }
         self.pump(ctx);
         self.retry_waiting(ctx);
+        self.pace(ctx);
     }
 
     /// Sends messages (contiguous after `delivered`, or after a trimmed range) to every live
@@ -788,9 +905,10 @@ impl HubChannel {
         {
             let mut commands = Vec::new();
             let mut bytes = 0;
+            let max_messages = self.batches.limit();
             while let Some(next) = self.pending.front() {
                 if !commands.is_empty()
-                    && (commands.len() >= MAX_BATCH_MESSAGES
+                    && (commands.len() >= max_messages
                         || bytes + next.payload.len() > MAX_BATCH_BYTES)
                 {
                     break;
@@ -818,13 +936,15 @@ impl HubChannel {
                 token: self.fence_token.clone(),
                 number,
             };
+            let started = std::time::Instant::now();
+            let append = self.store.append(&self.name, self.seen(), fence, requests);
             self.in_flight.push_back(InFlight {
                 number,
                 commands,
                 result: None,
-                started: std::time::Instant::now(),
+                started,
+                call: started.elapsed(),
             });
-            let append = self.store.append(&self.name, self.seen(), fence, requests);
             ctx.spawn(
                 append
                     .into_actor(self)
@@ -849,13 +969,18 @@ impl HubChannel {
             let Some(InFlight {
                 commands,
                 result: Some(result),
+                call,
                 ..
             }) = self.in_flight.pop_front()
             else {
                 break;
             };
             match result {
-                Ok(appended) => self.on_appended(ctx, commands, appended),
+                Ok(appended) => {
+                    let (handling, messages) = (std::time::Instant::now(), commands.len());
+                    self.on_appended(ctx, commands, appended);
+                    self.batches.observe(messages, call + handling.elapsed());
+                }
                 Err(e) => self.on_append_failed(commands, &e),
             }
         }
@@ -863,6 +988,7 @@ impl HubChannel {
             self.draining = false;
         }
         self.append_next(ctx);
+        self.pace(ctx);
     }
 
     fn on_appended(
@@ -962,12 +1088,12 @@ impl Actor for HubChannel {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        metrics::gauge!(telemetry::HUB_CHANNELS).increment(1.0);
         self.read_position(ctx);
+        // Unused until its first attach arrives (the registry counts it as a channel).
+        self.arm_idle_timer(ctx, None);
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
-        metrics::gauge!(telemetry::HUB_CHANNELS).decrement(1.0);
         if self.watching {
             self.store.unwatch(&self.name);
         }
@@ -978,14 +1104,18 @@ impl Handler<Subscribe> for HubChannel {
     type Result = ();
 
     fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) {
+        self.member_arrived(ctx, msg.conn_id);
         self.attach(ctx, msg);
+        self.pace(ctx);
     }
 }
 
 impl Handler<Unsubscribe> for HubChannel {
     type Result = ();
 
-    fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Unsubscribe, ctx: &mut Context<Self>) {
+        self.member_left(ctx, msg.conn_id);
+        self.pace(ctx);
         self.subscribers.remove(&msg.conn_id);
         self.waiting.retain(|w| w.conn_id != msg.conn_id);
         if msg.reply.is_none() {
@@ -1042,6 +1172,7 @@ impl Handler<PublishCommand> for HubChannel {
         }
         self.pending.push_back(msg);
         self.append_next(ctx);
+        self.pace(ctx);
     }
 }
 
@@ -1066,6 +1197,7 @@ impl Handler<Wake> for HubChannel {
     type Result = ();
 
     fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
+        self.pace(ctx);
         self.notices.queued.store(false, Ordering::Release);
         let latest = self
             .notices

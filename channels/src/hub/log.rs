@@ -61,10 +61,13 @@ struct ProducerState {
 
 /// Which `(producer, seq)` pairs a channel has already stored. Insert, lookup and eviction are
 /// O(1): producers are kept in least-recently-seen order, so the ones past their TTL and, when
-/// the table is full, the least recent one are found at one end.
+/// the table is full, the least recent one are found at one end. The table grows with the
+/// producers it holds (a bounded `LruCache` would allocate room for all `max_producers` in
+/// every channel up front).
 #[derive(Debug)]
 pub struct DedupeTable {
     producers: lru::LruCache<ProducerKey, ProducerState>,
+    max_producers: usize,
     window: usize,
     ttl: Duration,
 }
@@ -73,12 +76,9 @@ impl DedupeTable {
     /// A table remembering `window` recent offsets per producer, at most `max_producers`
     /// producers, each for `ttl` after it was last seen.
     pub fn new(window: usize, max_producers: usize, ttl: Duration) -> Self {
-        let capacity = std::num::NonZeroUsize::new(max_producers.max(1)).unwrap_or(
-            // max(1) is never zero; this default is never used.
-            std::num::NonZeroUsize::MIN,
-        );
         DedupeTable {
-            producers: lru::LruCache::new(capacity),
+            producers: lru::LruCache::unbounded(),
+            max_producers: max_producers.max(1),
             window: window.max(1),
             ttl,
         }
@@ -118,11 +118,13 @@ impl DedupeTable {
             recent,
             last_seen: now,
         };
-        if self.producers.push(producer.clone(), state).is_some() {
-            // The table was full: the least recently seen producer was forgotten (its later
+        if self.producers.len() >= self.max_producers {
+            // The table is full: the least recently seen producer is forgotten (its later
             // replays would be stored again). Counted, not logged: peers can cause it.
+            self.producers.pop_lru();
             metrics::counter!(crate::telemetry::HUB_PRODUCERS_FORGOTTEN).increment(1);
         }
+        self.producers.push(producer.clone(), state);
     }
 
     /// Number of producers remembered.

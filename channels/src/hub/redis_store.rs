@@ -13,6 +13,15 @@
 //! | `{prefix}:{len}:{channel}:f:{token}` | string | the last append number of one writer's pipelined appends ([`Fence`]); expires after 10 minutes |
 //! | `{prefix}:n:{channel}` | pub/sub channel | `{epoch} {head}` after every append that stored something |
 //!
+//! **Nothing is kept for ever.** The stream, index and meta keys of a channel expire together,
+//! the key TTL after the channel was last appended to or read (attaches, resumes, catch-ups and
+//! fan-out reads all count; default: the retention's maximum age, 24 h;
+//! [`RedisStoreBuilder::key_ttl`]). A channel nobody uses thus leaves Redis, and an attach to a
+//! channel that was never used creates only a meta hash that expires like the rest. When the
+//! keys of a channel expire its epoch goes with them: a client that resumes later gets a gap
+//! into a new epoch. Keep the key TTL longer than any absence clients should resume across
+//! (and at least the retention's age, or quiet channels lose history sooner than it says).
+//!
 //! Both operations are Lua scripts, so each is one atomic step on the Redis server:
 //!
 //! * **append**: checks the writer's fence; takes (or creates) the channel's epoch; for each
@@ -92,6 +101,14 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- The channel's keys expire together, `ttl` ms after this use (one absolute deadline, so none
+-- outlives the others).
+local function keep(now, ttl)
+  local at = string.format('%d', now + ttl)
+  redis.call('PEXPIREAT', stream, at)
+  redis.call('PEXPIREAT', meta, at)
+  redis.call('PEXPIREAT', index, at)
+end
 -- Drops whole batches, oldest first, while one is too old, or the count stays at or above the
 -- limit without it, or the bytes are over the limit. Returns bytes, count, first.
 local function trim(now, maxn, maxage, maxb, head, bytes, count, first)
@@ -122,8 +139,9 @@ end
 
 const APPEND: &str = r#"
 -- ARGV: candidate epoch, seen epoch, seen head, max messages, max age ms, max bytes,
---       dedupe window, producer ttl ms, notify channel, fence number, then (seq, payload) per
---       publish; KEYS[4]: the fence key; KEYS[4 + i]: the producer key of publish i.
+--       dedupe window, producer ttl ms, notify channel, fence number, key ttl ms, then
+--       (seq, payload) per publish; KEYS[4]: the fence key; KEYS[4 + i]: the producer key of
+--       publish i.
 -- The fence first: this append applies only if the writer's previous one did.
 local fence_key, fence = KEYS[4], tonumber(ARGV[10])
 if fence > 1 and redis.call('GET', fence_key) ~= tostring(fence - 1) then
@@ -140,7 +158,7 @@ local producers = {}
 local order = {}
 local entry = {}
 local batch_first, stored, size = head + 1, 0, 0
-local n = (#ARGV - 10) / 2
+local n = (#ARGV - 11) / 2
 for i = 1, n do
   local pkey = KEYS[4 + i]
   local st = producers[pkey]
@@ -150,7 +168,7 @@ for i = 1, n do
     producers[pkey] = st
     order[#order + 1] = pkey
   end
-  local seq_text = ARGV[9 + 2 * i]
+  local seq_text = ARGV[10 + 2 * i]
   local seq = tonumber(seq_text)
   if seq <= st.h then
     local off = st.new[seq]
@@ -161,7 +179,7 @@ for i = 1, n do
     out[2 * i - 1] = 0
     out[2 * i] = off or -1
   else
-    local payload = ARGV[10 + 2 * i]
+    local payload = ARGV[11 + 2 * i]
     head = head + 1
     stored = stored + 1
     size = size + #payload
@@ -196,6 +214,7 @@ bytes, count, first = trim(now, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(A
   head, bytes, count, first)
 redis.call('HSET', meta, 'head', tostring(head), 'bytes', tostring(bytes),
   'count', tostring(count), 'first', tostring(first))
+keep(now, tonumber(ARGV[11]))
 if stored > 0 then
   redis.call('PUBLISH', ARGV[9], epoch .. ' ' .. tostring(head))
 end
@@ -204,13 +223,15 @@ return {epoch, head, out}
 
 const READ: &str = r#"
 -- ARGV: candidate epoch, seen epoch, seen head, max messages, max age ms, max bytes,
---       after, page count, page bytes.
+--       after, page count, page bytes, key ttl ms.
 local epoch, head, bytes, count, first = ensure(ARGV[1], ARGV[2], tonumber(ARGV[3]))
-local b2, c2, f2 = trim(now_ms(), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
+local now = now_ms()
+local b2, c2, f2 = trim(now, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
   head, bytes, count, first)
 if c2 ~= count or f2 ~= first then
   redis.call('HSET', meta, 'bytes', tostring(b2), 'count', tostring(c2), 'first', tostring(f2))
 end
+keep(now, tonumber(ARGV[10]))
 first = f2
 local msgs = {}
 local want = tonumber(ARGV[8])
@@ -222,31 +243,38 @@ if want > 0 and from <= head then
   if #start > 0 then cursor = start[1][1] end
   local total, limit = 0, tonumber(ARGV[9])
   local done = false
+  -- Entries are whole append batches (up to 512 messages or 1 MiB each): take as many at a
+  -- time as the page still has room for, judging by the last one, so that one page never
+  -- pulls batches it will not use into the script (Redis serves nobody else meanwhile).
+  local step = 1
   while not done do
-    local entries = redis.call('XRANGE', stream, cursor, '+', 'COUNT', 8)
+    local entries = redis.call('XRANGE', stream, cursor, '+', 'COUNT', step)
     if #entries == 0 then break end
+    local last_count, last_bytes = 1, 1
     for _, e in ipairs(entries) do
       local base, f = offset_of(e[1]), e[2]
-      for k = 1, tonumber(f[4]) do
+      last_count, last_bytes = tonumber(f[4]), 0
+      for k = 1, last_count do
         local off = base + k - 1
-        if off >= from then
-          local p = f[4 + 2 * k]
+        local p = f[4 + 2 * k]
+        last_bytes = last_bytes + #p
+        if off >= from and not done then
           if #msgs > 0 and total + #p > limit then
             done = true
-            break
-          end
-          total = total + #p
-          msgs[#msgs + 1] = off
-          msgs[#msgs + 1] = p
-          if #msgs >= 2 * want then
-            done = true
-            break
+          else
+            total = total + #p
+            msgs[#msgs + 1] = off
+            msgs[#msgs + 1] = p
+            if #msgs >= 2 * want then done = true end
           end
         end
       end
       if done then break end
     end
     cursor = '(' .. entries[#entries][1]
+    local by_count = math.floor((want - #msgs / 2) / math.max(1, last_count))
+    local by_bytes = math.floor((limit - total) / math.max(1, last_bytes))
+    step = math.max(1, math.min(16, by_count, by_bytes))
   end
 end
 return {epoch, head, first, msgs}
@@ -260,6 +288,7 @@ pub struct RedisStoreBuilder {
     retention: Retention,
     dedupe_window: usize,
     producer_ttl: Duration,
+    key_ttl: Option<Duration>,
     response_timeout: Duration,
     connect_timeout: Duration,
     probe_interval: Duration,
@@ -288,6 +317,21 @@ impl RedisStoreBuilder {
     /// How long a silent producer's dedupe state is kept (a Redis key TTL). Default 24 h.
     pub fn producer_ttl(mut self, ttl: Duration) -> Self {
         self.producer_ttl = ttl;
+        self
+    }
+
+    /// How long a channel's keys (stream, index, meta) stay in Redis after the channel was last
+    /// appended to or read. Default: the retention's maximum age (24 h unless
+    /// [`Self::retention`] says otherwise); at least 1 ms.
+    ///
+    /// Expired keys take the channel's epoch with them: a client that resumes after them gets
+    /// a gap into a new epoch (a `Discontinuity`). Keep it longer than any absence clients
+    /// should resume across, and at least the retention's age (or a quiet channel's history
+    /// goes sooner than the retention says). Independent of a hub's idle TTL
+    /// ([`ChannelServiceBuilder::idle_ttl`](super::service::ChannelServiceBuilder::idle_ttl)),
+    /// which only stops that node's actor.
+    pub fn key_ttl(mut self, ttl: Duration) -> Self {
+        self.key_ttl = Some(ttl);
         self
     }
 
@@ -333,6 +377,10 @@ impl RedisStoreBuilder {
         if self.producer_ttl < Duration::from_millis(1) {
             return invalid("redis.producer_ttl", "must be at least 1 ms");
         }
+        let key_ttl = self.key_ttl.unwrap_or(self.retention.max_age);
+        if key_ttl < Duration::from_millis(1) {
+            return invalid("redis.key_ttl", "must be at least 1 ms");
+        }
         if self.response_timeout.is_zero() || self.connect_timeout.is_zero() {
             return invalid("redis.timeouts", "must be greater than zero");
         }
@@ -370,6 +418,7 @@ impl RedisStoreBuilder {
             retention: self.retention,
             dedupe_window: self.dedupe_window,
             producer_ttl: self.producer_ttl,
+            key_ttl,
             append: Arc::from(format!("{PRELUDE}{APPEND}")),
             read: Arc::from(format!("{PRELUDE}{READ}")),
             health,
@@ -443,6 +492,7 @@ pub struct RedisStore {
     retention: Retention,
     dedupe_window: usize,
     producer_ttl: Duration,
+    key_ttl: Duration,
     /// The append script's source (sent with `EVAL`: Redis caches it by its digest).
     append: Arc<str>,
     /// The read script's source.
@@ -562,6 +612,7 @@ impl RedisStore {
             retention: Retention::default(),
             dedupe_window: DEFAULT_DEDUPE_WINDOW,
             producer_ttl: DEFAULT_PRODUCER_TTL,
+            key_ttl: None,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             probe_interval: DEFAULT_PROBE_INTERVAL,
@@ -586,6 +637,11 @@ impl RedisStore {
             self.retention.max_age.as_millis().min(u64::MAX as u128) as u64,
             self.retention.max_bytes as u64,
         ]
+    }
+
+    /// The key TTL in ms, at most 2^50 (~35,000 years: Lua adds it to the time exactly).
+    fn key_ttl_ms(&self) -> u64 {
+        self.key_ttl.as_millis().min(1 << 50) as u64
     }
 }
 
@@ -748,7 +804,7 @@ impl HistoryStore for RedisStore {
         keys.extend(batch.iter().map(|r| self.producer_key(channel, r)));
         let (seen_epoch, seen_head) = seen_args(&seen);
         let [max_messages, max_age, max_bytes] = self.retention_args();
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(10 + 2 * batch.len());
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(11 + 2 * batch.len());
         args.push(Epoch::random().0.into_bytes());
         args.push(seen_epoch.into_bytes());
         for n in [
@@ -763,6 +819,7 @@ impl HistoryStore for RedisStore {
         }
         args.push(Self::notify_channel(&self.prefix, channel).into_bytes());
         args.push(fence.number.to_string().into_bytes());
+        args.push(self.key_ttl_ms().to_string().into_bytes());
         for request in &batch {
             args.push(request.seq.to_string().into_bytes());
             args.push(request.payload.json().as_bytes().to_vec());
@@ -807,6 +864,7 @@ impl HistoryStore for RedisStore {
             after.0,
             limit.max_messages as u64,
             limit.max_bytes as u64,
+            self.key_ttl_ms(),
         ] {
             args.push(n.to_string().into_bytes());
         }

@@ -1,9 +1,29 @@
 //! The hub's channel service: the [`SessionHandler`] that plugs channels into a hub, the
 //! registry of [`HubChannel`] actors, and per-channel authorization.
+//!
+//! **Threads.** Channel actors run on the service's own threads (default: one per available
+//! core), each channel on the thread its name hashes to (with a per-process random key, so
+//! names cannot be picked to land beside a given channel). A channel yields its thread after
+//! half a millisecond of work ([`TurnBudget`](super::idle::TurnBudget)) and sizes its append
+//! batches to about a millisecond of work ([`BatchSizer`](super::idle::BatchSizer)), so a
+//! flooded channel delays the others on its thread by tens of milliseconds at most, not by
+//! its backlog.
+//!
+//! **Expiry.** A channel that no connection has attached and that has nothing in progress
+//! expires after its idle TTL (default 5 minutes, [`ChannelServiceBuilder::idle_ttl`]): the
+//! registry forgets it, and the store is told ([`HistoryStore::release`]; the in-memory store
+//! drops its history, so a later attach finds a new epoch). The hand-over is airtight: an
+//! attach takes the channel's address and queues its `Subscribe` under the registry's lock,
+//! and a channel retires only under that lock, when no attach handed its address is still on
+//! its way and no connection has it attached. An attach racing with expiry thus reaches either
+//! the live channel or a new one, never a stopping one, and no publish can be sent to a
+//! stopping channel (publishing needs an attach).
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -16,8 +36,10 @@ use tether_transport::{ErrorCategory, TransportError};
 
 use super::history::{DedupeLimits, HistoryStore, MemoryHistory, PageLimit, Retention};
 use super::hub_channel::{HubChannel, PublishCommand, Subscribe, Unsubscribe};
+use super::idle::DEFAULT_IDLE_TTL;
 use super::log::{ProducerKey, DEFAULT_DEDUPE_WINDOW, DEFAULT_MAX_PRODUCERS, DEFAULT_PRODUCER_TTL};
 use crate::error::validate_name;
+use crate::telemetry;
 
 /// Default most channels one hub holds: 100,000.
 pub const DEFAULT_MAX_CHANNELS: usize = 100_000;
@@ -104,6 +126,7 @@ pub struct ChannelServiceBuilder {
     producer_ttl: Duration,
     threads: usize,
     max_message_size: usize,
+    idle_ttl: Duration,
 }
 
 impl ChannelServiceBuilder {
@@ -176,11 +199,27 @@ impl ChannelServiceBuilder {
         self
     }
 
-    /// Dedicated threads that run channel actors. Default 1. 0 runs each channel on the hub
-    /// worker that first attached it (fewer thread hops), but then a channel — and its
-    /// in-memory history — ends with that worker when the server stops.
+    /// Dedicated threads that run channel actors; each channel runs on the one its name hashes
+    /// to. Default: one per available core. 0 runs each channel on the hub worker that first
+    /// attached it (fewer thread hops), but then a channel — and its in-memory history — ends
+    /// with that worker when the server stops, and shares it with that worker's connections.
     pub fn threads(mut self, n: usize) -> Self {
         self.threads = n;
+        self
+    }
+
+    /// How long a channel that no connection has attached, and that has nothing in progress,
+    /// is kept before it expires. Default 5 minutes; at least 1 ms.
+    ///
+    /// An expired channel costs nothing until it is attached again. With the in-memory store
+    /// its history, epoch and dedupe state go with it: a subscriber that resumes later gets a
+    /// gap into a new epoch (a `Discontinuity`), and a publish replayed later is stored again
+    /// in the new epoch. Keep it longer than any absence of all of a channel's clients that
+    /// they should resume across without one. With a shared store (Redis) only this node's
+    /// actor goes; the channel's data stays for its key TTL
+    /// ([`RedisStoreBuilder::key_ttl`](super::redis_store::RedisStoreBuilder::key_ttl)).
+    pub fn idle_ttl(mut self, ttl: Duration) -> Self {
+        self.idle_ttl = ttl;
         self
     }
 
@@ -227,6 +266,12 @@ impl ChannelServiceBuilder {
         if self.page.max_messages == 0 {
             return invalid("page.max_messages");
         }
+        if self.idle_ttl < Duration::from_millis(1) {
+            return Err(TransportError::InvalidConfig {
+                field: "idle_ttl",
+                reason: "must be at least 1 ms".into(),
+            });
+        }
         let store = self.store.unwrap_or_else(|| {
             Arc::new(MemoryHistory::new(
                 self.retention,
@@ -240,8 +285,15 @@ impl ChannelServiceBuilder {
         let arbiters = (0..self.threads).map(|_| Arbiter::new()).collect();
         Ok(ChannelService {
             inner: Arc::new(Inner {
-                channels: Mutex::new(HashMap::new()),
+                registry: Arc::new(Registry {
+                    channels: Mutex::new(HashMap::new()),
+                    count: tokio::sync::watch::Sender::new(0),
+                    next_id: AtomicU64::new(1),
+                    store: store.clone(),
+                }),
                 arbiters,
+                placement: RandomState::new(),
+                idle_ttl: self.idle_ttl,
                 store,
                 page: self.page,
                 authorizer: self.authorizer,
@@ -256,9 +308,122 @@ impl ChannelServiceBuilder {
     }
 }
 
+/// One registered channel: its actor, and the attaches on their way to it.
+struct Entry {
+    addr: Addr<HubChannel>,
+    /// Tells this actor from later ones of the same name.
+    id: u64,
+    /// `Subscribe`s queued to the actor and not yet handled by it (incremented under the
+    /// registry's lock, decremented by the actor).
+    attaching: Arc<AtomicUsize>,
+}
+
+/// The channels of one service, by name.
+struct Registry {
+    channels: Mutex<HashMap<String, Entry>>,
+    /// The number of channels, for whoever waits for it.
+    count: tokio::sync::watch::Sender<usize>,
+    next_id: AtomicU64,
+    store: Arc<dyn HistoryStore>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes actor `id` of `name` if nothing can reach it any more. Called by the actor.
+    fn retire(&self, name: &str, id: u64) -> Retirement {
+        let mut channels = self.lock();
+        match channels.get(name) {
+            Some(entry) if entry.id == id => {
+                if entry.attaching.load(Ordering::Acquire) > 0 {
+                    return Retirement::AttachOnItsWay;
+                }
+            }
+            // Replaced (the registry found it dead) or gone: nobody new can reach it.
+            _ => return Retirement::NotRegistered,
+        }
+        channels.remove(name);
+        // Before any new actor of the name can exist (its first store call comes after this
+        // lock is released).
+        self.store.release(name);
+        let len = channels.len();
+        if channels.capacity() > 64 && len < channels.capacity() / 4 {
+            channels.shrink_to(len * 2);
+        }
+        self.count.send_replace(channels.len());
+        metrics::gauge!(telemetry::HUB_CHANNELS).decrement(1.0);
+        metrics::counter!(telemetry::HUB_CHANNELS_EXPIRED).increment(1);
+        Retirement::Retired
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let n = self.lock().len();
+        metrics::gauge!(telemetry::HUB_CHANNELS).decrement(n as f64);
+    }
+}
+
+/// What [`ChannelLease::retire`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retirement {
+    /// Removed from the registry: stop.
+    Retired,
+    /// An attach was handed this actor's address and is still on its way: stay.
+    AttachOnItsWay,
+    /// The registry holds another actor under the name (or none): stop.
+    NotRegistered,
+}
+
+/// A channel actor's tie to its registry entry: how it hears of attaches on their way, and how
+/// it retires.
+pub(crate) struct ChannelLease {
+    registry: Weak<Registry>,
+    name: String,
+    id: u64,
+    attaching: Arc<AtomicUsize>,
+    idle_ttl: Duration,
+}
+
+impl ChannelLease {
+    /// A `Subscribe` handed out by the registry has arrived.
+    pub(crate) fn attach_arrived(&self) {
+        // Saturating: a `Subscribe` sent to a bare actor was never counted.
+        let _ = self
+            .attaching
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Leaves the registry, if no attach is on its way.
+    pub(crate) fn retire(&self) -> Retirement {
+        match self.registry.upgrade() {
+            Some(registry) => registry.retire(&self.name, self.id),
+            None => Retirement::NotRegistered,
+        }
+    }
+
+    /// How long the channel is kept unused.
+    pub(crate) fn idle_ttl(&self) -> Duration {
+        self.idle_ttl
+    }
+}
+
+/// Why an attach could not be handed to a channel.
+enum AttachRefused {
+    /// A hub limit: refuse that attach.
+    Limit(TransportError),
+    /// The channel's mailbox is full: close the connection (overloaded).
+    Full,
+}
+
 struct Inner {
-    channels: Mutex<HashMap<String, Addr<HubChannel>>>,
+    registry: Arc<Registry>,
     arbiters: Vec<Arbiter>,
+    /// Keys the channel → thread hash.
+    placement: RandomState,
+    idle_ttl: Duration,
     store: Arc<dyn HistoryStore>,
     page: PageLimit,
     authorizer: Arc<dyn ChannelAuthorizer>,
@@ -279,45 +444,76 @@ impl Drop for Inner {
 }
 
 impl Inner {
-    fn channel(&self, name: &str) -> Result<Addr<HubChannel>, TransportError> {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(addr) = channels.get(name) {
-            if addr.connected() {
-                return Ok(addr.clone());
+    /// Hands `subscribe` to the channel `name` — the live actor, or a new one — and returns
+    /// its address. Under the registry's lock, so that the channel cannot retire between
+    /// being found and receiving the attach.
+    fn attach(&self, name: &str, subscribe: Subscribe) -> Result<Addr<HubChannel>, AttachRefused> {
+        let mut channels = self.registry.lock();
+        let live = channels.get(name).filter(|e| e.addr.connected()).is_some();
+        if !live {
+            if channels.len() >= self.max_channels && !channels.contains_key(name) {
+                return Err(AttachRefused::Limit(refusal(
+                    ErrorCode::Overloaded,
+                    ErrorCategory::Service,
+                    false,
+                    format!(
+                        "the hub holds its maximum of {} channels",
+                        self.max_channels
+                    ),
+                )));
+            }
+            let entry = self.start_channel(name);
+            if channels.insert(name.to_owned(), entry).is_none() {
+                metrics::gauge!(telemetry::HUB_CHANNELS).increment(1.0);
+                self.registry.count.send_replace(channels.len());
             }
         }
-        if channels.len() >= self.max_channels && !channels.contains_key(name) {
-            return Err(refusal(
-                ErrorCode::Overloaded,
-                ErrorCategory::Service,
-                false,
-                format!(
-                    "the hub holds its maximum of {} channels",
-                    self.max_channels
-                ),
-            ));
+        let Some(entry) = channels.get(name) else {
+            return Err(AttachRefused::Full); // just inserted: never
+        };
+        entry.attaching.fetch_add(1, Ordering::AcqRel);
+        if entry.addr.try_send(subscribe).is_err() {
+            entry.attaching.fetch_sub(1, Ordering::AcqRel);
+            return Err(AttachRefused::Full);
         }
+        Ok(entry.addr.clone())
+    }
+
+    /// Starts the actor of channel `name` on its thread.
+    fn start_channel(&self, name: &str) -> Entry {
         // With no dedicated threads, a channel lives on the worker of the connection that
         // created it: for a single-worker hub every hop stays on one thread.
         let arbiter = if self.arbiters.is_empty() {
             Arbiter::current()
         } else {
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            name.hash(&mut hasher);
-            self.arbiters[(hasher.finish() as usize) % self.arbiters.len()].handle()
+            let slot = self.placement.hash_one(name) as usize % self.arbiters.len();
+            self.arbiters[slot].handle()
         };
         // The mailbox exists, with its full capacity, before the actor runs: commands sent to
         // a channel that is still starting (an attach and a burst of publishes in one write)
         // queue instead of finding the default 16-slot mailbox full.
         let (tx, rx) = actix::dev::channel::channel::<HubChannel>(self.channel_mailbox);
         let addr = Addr::new(tx);
+        let id = self.registry.next_id.fetch_add(1, Ordering::Relaxed);
+        let attaching = Arc::new(AtomicUsize::new(0));
+        let lease = ChannelLease {
+            registry: Arc::downgrade(&self.registry),
+            name: name.to_owned(),
+            id,
+            attaching: attaching.clone(),
+            idle_ttl: self.idle_ttl,
+        };
         let (store, page, owned) = (self.store.clone(), self.page, name.to_owned());
         let max_pending = self.channel_mailbox;
         arbiter.spawn_fn(move || {
-            Context::with_receiver(rx).run(HubChannel::new(owned, store, page, max_pending));
+            let channel = HubChannel::new(owned, store, page, max_pending).with_lease(lease);
+            Context::with_receiver(rx).run(channel);
         });
-        channels.insert(name.to_owned(), addr.clone());
-        Ok(addr)
+        Entry {
+            addr,
+            id,
+            attaching,
+        }
     }
 }
 
@@ -344,18 +540,23 @@ impl ChannelService {
             dedupe_window: DEFAULT_DEDUPE_WINDOW,
             max_producers: DEFAULT_MAX_PRODUCERS,
             producer_ttl: DEFAULT_PRODUCER_TTL,
-            threads: 1,
+            threads: std::thread::available_parallelism()
+                .map(usize::from)
+                .unwrap_or(1),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            idle_ttl: DEFAULT_IDLE_TTL,
         }
     }
 
-    /// Number of channels that exist on the hub.
+    /// Number of channels that exist on the hub (expired ones are gone).
     pub fn channel_count(&self) -> usize {
-        self.inner
-            .channels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.inner.registry.lock().len()
+    }
+
+    /// Watches the number of channels (for dashboards, and tests that wait for channels to
+    /// expire instead of polling).
+    pub fn watch_channels(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.inner.registry.count.subscribe()
     }
 }
 
@@ -490,19 +691,19 @@ impl ConnectionHandler for ConnHandler {
                     );
                     return Err(Self::reject(error, &name, None, false));
                 }
-                let channel = self
-                    .inner
-                    .channel(&name)
-                    .map_err(|e| Self::reject(e, &name, None, false))?;
                 let subscribe = Subscribe {
                     conn_id: self.conn.conn_id,
                     outbox: self.outbox.clone(),
                     resume: attach.resume,
                     subscribe: attach.subscribe,
                 };
-                channel
-                    .try_send(subscribe)
-                    .map_err(|_| Self::overloaded(&name, None))?;
+                let channel =
+                    self.inner
+                        .attach(&name, subscribe)
+                        .map_err(|refused| match refused {
+                            AttachRefused::Limit(e) => Self::reject(e, &name, None, false),
+                            AttachRefused::Full => Self::overloaded(&name, None),
+                        })?;
                 // Scoped by the identity: another identity presenting the same ids is another
                 // producer (its publishes are never taken for replays of these).
                 let producer = self.conn.instance.clone().map(|instance| ProducerKey {
@@ -635,5 +836,460 @@ impl ConnectionHandler for ConnHandler {
                 reply: None,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_transport::hub::{Kick, OutboundBatch};
+    use tether_transport::protocol::{
+        Attach, Attached, ClientId, Detach, Epoch, InstanceId, Offset, Payload, Position, Publish,
+        SessionId,
+    };
+    use tokio::sync::mpsc;
+
+    const T: Duration = Duration::from_secs(5);
+
+    /// Stands in for a hub session: every frame the channels send it, decoded.
+    struct Sink(mpsc::UnboundedSender<Frame>);
+
+    impl Actor for Sink {
+        type Context = Context<Self>;
+
+        fn started(&mut self, ctx: &mut Context<Self>) {
+            // A session's mailbox holds its outbound queue; this one never refuses.
+            ctx.set_mailbox_capacity(1 << 20);
+        }
+    }
+
+    impl Handler<Outbound> for Sink {
+        type Result = ();
+        fn handle(&mut self, out: Outbound, _: &mut Context<Self>) {
+            let _ = self.0.send(Frame::decode(&out.text, usize::MAX).unwrap());
+        }
+    }
+
+    impl Handler<OutboundBatch> for Sink {
+        type Result = ();
+        fn handle(&mut self, batch: OutboundBatch, _: &mut Context<Self>) {
+            for text in batch.texts {
+                let _ = self.0.send(Frame::decode(&text, usize::MAX).unwrap());
+            }
+        }
+    }
+
+    impl Handler<Kick> for Sink {
+        type Result = ();
+        fn handle(&mut self, kick: Kick, _: &mut Context<Self>) {
+            panic!("connection kicked: {}", kick.0);
+        }
+    }
+
+    /// One connection's channel handler, and what the channels sent it.
+    struct Peer {
+        handler: Box<dyn ConnectionHandler>,
+        frames: mpsc::UnboundedReceiver<Frame>,
+    }
+
+    impl Peer {
+        fn open(service: &ChannelService, conn_id: u64) -> Peer {
+            let (tx, frames) = mpsc::unbounded_channel();
+            let sink = Sink(tx).start();
+            let outbox = SessionOutbox::new(
+                conn_id,
+                sink.clone().recipient(),
+                sink.clone().recipient(),
+                sink.recipient(),
+                // The test sink never drains: a budget it cannot exhaust.
+                std::sync::Arc::new(tether_transport::hub::OutboundBudget::new(1 << 30)),
+            );
+            let conn = ConnInfo {
+                conn_id,
+                identity: tether_transport::hub::Identity::new("tester").unwrap(),
+                client_id: ClientId(format!("client-{conn_id}")),
+                instance: Some(InstanceId("i".into())),
+                session: SessionId(format!("s-{conn_id}")),
+            };
+            Peer {
+                handler: service.open(conn, outbox),
+                frames,
+            }
+        }
+
+        fn attach(&mut self, channel: &str, subscribe: bool, resume: Option<Position>) {
+            self.handler
+                .on_frame(Frame::Attach(Attach {
+                    channel: channel.into(),
+                    subscribe,
+                    resume,
+                    producer: None,
+                }))
+                .unwrap();
+        }
+
+        fn publish(&mut self, channel: &str, seq: u64) {
+            self.handler
+                .on_frame(Frame::Publish(Publish {
+                    channel: channel.into(),
+                    seq,
+                    payload: Payload::from_value(&seq).unwrap(),
+                }))
+                .unwrap();
+        }
+
+        fn detach(&mut self, channel: &str) {
+            self.handler
+                .on_frame(Frame::Detach(Detach {
+                    channel: channel.into(),
+                }))
+                .unwrap();
+        }
+
+        async fn next(&mut self) -> Frame {
+            tokio::time::timeout(T, self.frames.recv())
+                .await
+                .expect("a frame in time")
+                .expect("sink alive")
+        }
+
+        async fn attached(&mut self) -> Attached {
+            match self.next().await {
+                Frame::Attached(a) => a,
+                other => panic!("expected attached, got {other:?}"),
+            }
+        }
+
+        /// The ack of `seq` (and, when subscribed, its message, in either order).
+        async fn acked(&mut self, seq: u64, subscribed: bool) -> (Epoch, Offset) {
+            let (mut ack, mut message) = (None, !subscribed);
+            while ack.is_none() || !message {
+                match self.next().await {
+                    Frame::Ack(a) if a.seq == seq => {
+                        ack = Some((a.epoch.unwrap(), a.offset.unwrap()))
+                    }
+                    Frame::Message(m) => message = m.payload.decode::<u64>().unwrap() == seq,
+                    other => panic!("expected the ack of {seq}, got {other:?}"),
+                }
+            }
+            ack.unwrap()
+        }
+
+        async fn detached(&mut self) {
+            match self.next().await {
+                Frame::Detached(_) => {}
+                other => panic!("expected detached, got {other:?}"),
+            }
+        }
+    }
+
+    /// A service running its channels on the test's own thread (so the paused clock drives
+    /// them), over `store`.
+    fn service(store: Arc<MemoryHistory>, ttl: Duration) -> ChannelService {
+        ChannelService::builder()
+            .store(store)
+            .threads(0)
+            .idle_ttl(ttl)
+            .build()
+            .unwrap()
+    }
+
+    async fn wait_for_count(service: &ChannelService, n: usize) {
+        let mut count = service.watch_channels();
+        tokio::time::timeout(T, count.wait_for(|c| *c == n))
+            .await
+            .unwrap_or_else(|_| panic!("{} channels, expected {n}", service.channel_count()))
+            .unwrap();
+    }
+
+    /// Lets every actor run what is ready, without moving the clock.
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[actix_rt::test]
+    async fn an_unused_channel_expires_after_its_ttl_and_comes_back_in_a_new_epoch() {
+        tokio::time::pause();
+        let store = Arc::new(MemoryHistory::default());
+        let ttl = Duration::from_secs(60);
+        let service = service(store.clone(), ttl);
+        let mut peer = Peer::open(&service, 1);
+        peer.attach("room", true, None);
+        let first = peer.attached().await;
+        peer.publish("room", 1);
+        let (epoch, offset) = peer.acked(1, true).await;
+        assert_eq!((epoch.clone(), offset), (first.epoch.clone(), Offset(1)));
+        peer.detach("room");
+        peer.detached().await;
+        assert_eq!(service.channel_count(), 1);
+
+        tokio::time::advance(ttl - Duration::from_millis(1)).await;
+        settle().await;
+        assert_eq!(service.channel_count(), 1, "not before its TTL");
+        assert_eq!(store.channel_count(), 1);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        wait_for_count(&service, 0).await;
+        assert_eq!(store.channel_count(), 0, "its history went with it");
+
+        // A subscriber resuming from where it was is told of the gap into the new epoch.
+        peer.attach(
+            "room",
+            true,
+            Some(Position {
+                epoch: epoch.clone(),
+                offset: Offset(1),
+            }),
+        );
+        let again = peer.attached().await;
+        assert_ne!(again.epoch, epoch);
+        assert!(!again.resumed);
+        let gap = again.gap.expect("a gap into the new epoch");
+        assert_eq!(gap.from.epoch, epoch);
+        assert_eq!(gap.from.offset, Offset(2));
+        assert_eq!(gap.to.epoch, again.epoch);
+        assert_eq!(service.channel_count(), 1);
+    }
+
+    #[actix_rt::test]
+    async fn a_channel_with_any_connection_attached_never_expires() {
+        tokio::time::pause();
+        let store = Arc::new(MemoryHistory::default());
+        let ttl = Duration::from_secs(1);
+        let service = service(store, ttl);
+        // Publish-only: not a subscriber, but attached all the same.
+        let mut publisher = Peer::open(&service, 1);
+        publisher.attach("room", false, None);
+        let attached = publisher.attached().await;
+        // A subscriber comes and goes meanwhile.
+        let mut subscriber = Peer::open(&service, 2);
+        subscriber.attach("room", true, None);
+        subscriber.attached().await;
+        subscriber.detach("room");
+        subscriber.detached().await;
+        for seq in 1..=5 {
+            tokio::time::advance(ttl * 3).await;
+            settle().await;
+            publisher.publish("room", seq);
+            let (epoch, offset) = publisher.acked(seq, false).await;
+            assert_eq!((epoch, offset), (attached.epoch.clone(), Offset(seq)));
+        }
+        assert_eq!(service.channel_count(), 1);
+        // Its connection closes: now the TTL runs.
+        publisher.handler.on_close();
+        tokio::time::advance(ttl).await;
+        wait_for_count(&service, 0).await;
+    }
+
+    #[actix_rt::test]
+    async fn an_attach_at_the_moment_of_expiry_reaches_a_live_channel() {
+        tokio::time::pause();
+        let store = Arc::new(MemoryHistory::default());
+        let ttl = Duration::from_millis(100);
+        let service = service(store, ttl);
+        let mut peer = Peer::open(&service, 1);
+        let mut seq = 0;
+        // Around the deadline, in steps finer than the timer's resolution.
+        for step in 0..40u64 {
+            peer.attach("room", true, None);
+            peer.attached().await;
+            seq += 1;
+            peer.publish("room", seq);
+            peer.acked(seq, true).await;
+            peer.detach("room");
+            peer.detached().await;
+            tokio::time::advance(
+                ttl - Duration::from_millis(4) + Duration::from_micros(step * 200),
+            )
+            .await;
+            // Attach and publish in the same instant the channel may be retiring.
+            peer.attach("room", true, None);
+            seq += 1;
+            peer.publish("room", seq);
+            peer.attached().await;
+            peer.acked(seq, true).await;
+            peer.detach("room");
+            peer.detached().await;
+            assert!(service.channel_count() <= 1);
+        }
+        tokio::time::advance(ttl).await;
+        wait_for_count(&service, 0).await;
+    }
+
+    #[actix_rt::test]
+    async fn a_channel_retires_only_when_no_attach_is_on_its_way() {
+        let store = Arc::new(MemoryHistory::default());
+        store.append_now(
+            "room",
+            vec![super::super::history::AppendRequest {
+                producer: ProducerKey {
+                    identity: tether_transport::hub::Identity::new("tester").unwrap(),
+                    client: ClientId("c".into()),
+                    instance: InstanceId("i".into()),
+                    producer: String::new(),
+                },
+                seq: 1,
+                payload: Payload::from_value(&1).unwrap(),
+            }],
+            tokio::time::Instant::now(),
+        );
+        let registry = Arc::new(Registry {
+            channels: Mutex::new(HashMap::new()),
+            count: tokio::sync::watch::Sender::new(0),
+            next_id: AtomicU64::new(1),
+            store: store.clone(),
+        });
+        // An actor that never runs: only its address matters here.
+        let (tx, _rx) = actix::dev::channel::channel::<HubChannel>(1);
+        let attaching = Arc::new(AtomicUsize::new(1));
+        registry.lock().insert(
+            "room".into(),
+            Entry {
+                addr: Addr::new(tx),
+                id: 7,
+                attaching: attaching.clone(),
+            },
+        );
+        assert_eq!(registry.retire("room", 7), Retirement::AttachOnItsWay);
+        assert_eq!(
+            store.channel_count(),
+            1,
+            "kept while an attach is on its way"
+        );
+        assert_eq!(registry.retire("room", 6), Retirement::NotRegistered);
+        assert_eq!(
+            registry.lock().len(),
+            1,
+            "another actor's entry is not touched"
+        );
+        attaching.store(0, Ordering::Release);
+        assert_eq!(registry.retire("room", 7), Retirement::Retired);
+        assert!(registry.lock().is_empty());
+        assert_eq!(store.channel_count(), 0, "the store was told");
+        assert_eq!(*registry.count.borrow(), 0);
+        assert_eq!(registry.retire("room", 7), Retirement::NotRegistered);
+    }
+
+    #[test]
+    fn the_idle_ttl_is_validated() {
+        let system = actix::System::new();
+        system.block_on(async {
+            let err = ChannelService::builder()
+                .idle_ttl(Duration::ZERO)
+                .threads(0)
+                .build()
+                .unwrap_err();
+            assert!(matches!(
+                err,
+                TransportError::InvalidConfig {
+                    field: "idle_ttl",
+                    ..
+                }
+            ));
+            assert!(ChannelService::builder()
+                .idle_ttl(Duration::from_millis(1))
+                .threads(0)
+                .build()
+                .is_ok());
+        });
+    }
+
+    /// The in-memory store, except that the first append on channel `hot` holds the channel's
+    /// thread until the test lets it go (a thread that was busy while a burst arrived).
+    struct HeldStore {
+        inner: MemoryHistory,
+        hold: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl HistoryStore for HeldStore {
+        fn append(
+            &self,
+            channel: &str,
+            seen: Option<Position>,
+            fence: super::super::history::Fence,
+            batch: Vec<super::super::history::AppendRequest>,
+        ) -> futures::future::BoxFuture<
+            'static,
+            Result<super::super::history::Appended, crate::ChannelError>,
+        > {
+            if channel == "hot" {
+                let held = self.hold.lock().unwrap().take();
+                if let Some(release) = held {
+                    let _ = release.recv();
+                }
+            }
+            self.inner.append(channel, seen, fence, batch)
+        }
+
+        fn read(
+            &self,
+            channel: &str,
+            seen: Option<Position>,
+            after: Offset,
+            limit: PageLimit,
+        ) -> futures::future::BoxFuture<
+            'static,
+            Result<super::super::history::Page, crate::ChannelError>,
+        > {
+            self.inner.read(channel, seen, after, limit)
+        }
+
+        fn watch(&self, channel: &str, sink: super::super::history::NoticeSink) {
+            self.inner.watch(channel, sink)
+        }
+
+        fn unwatch(&self, channel: &str) {
+            self.inner.unwatch(channel)
+        }
+
+        fn health(&self) -> super::super::history::StoreHealth {
+            self.inner.health()
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_flooded_channel_yields_its_thread_to_the_other_channels_there() {
+        let (release, hold) = std::sync::mpsc::channel();
+        let store = Arc::new(HeldStore {
+            inner: MemoryHistory::default(),
+            hold: Mutex::new(Some(hold)),
+        });
+        // One thread for every channel: the flooded one shares it with the healthy one.
+        let service = ChannelService::builder()
+            .store(store)
+            .threads(1)
+            .build()
+            .unwrap();
+        let mut healthy = Peer::open(&service, 1);
+        healthy.attach("steady", true, None);
+        healthy.attached().await;
+        let mut flood = Peer::open(&service, 2);
+        flood.attach("hot", false, None);
+        flood.attached().await;
+        // The first publish holds the thread; the burst queues behind it, and so does the
+        // healthy channel's next publish.
+        const BURST: u64 = 60_000;
+        for seq in 1..=BURST {
+            flood.publish("hot", seq);
+        }
+        healthy.publish("steady", 1);
+        let released = std::time::Instant::now();
+        release.send(()).unwrap();
+        healthy.acked(1, true).await;
+        let waited = released.elapsed();
+        // The flood is served all the same, in order.
+        for seq in 1..=BURST {
+            match flood.next().await {
+                Frame::Ack(ack) => assert_eq!(ack.seq, seq),
+                other => panic!("expected the ack of {seq}, got {other:?}"),
+            }
+        }
+        let flood_took = released.elapsed();
+        assert!(
+            waited < Duration::from_millis(100),
+            "the healthy channel waited {waited:?} behind a burst the flooded one took \
+             {flood_took:?} to serve"
+        );
     }
 }
