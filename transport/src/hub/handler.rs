@@ -143,7 +143,18 @@ impl SessionOutbox {
         if !self.budget.try_charge(bytes) {
             return Err(OutboxFull);
         }
-        match self.frames.try_send(out) {
+        let sent = self.frames.try_send(out);
+        self.settle(sent, bytes)
+    }
+
+    /// What a mailbox send of `bytes` already charged comes to: a frame the mailbox did not
+    /// take gives its bytes back; a closed connection is not an error.
+    fn settle<M>(
+        &self,
+        sent: Result<(), actix::dev::SendError<M>>,
+        bytes: usize,
+    ) -> Result<(), OutboxFull> {
+        match sent {
             Ok(()) => Ok(()),
             Err(actix::dev::SendError::Closed(_)) => {
                 self.budget.release(bytes);
@@ -166,17 +177,8 @@ impl SessionOutbox {
     }
 
     fn send_charged_batch(&self, texts: Vec<ByteString>, bytes: usize) -> Result<(), OutboxFull> {
-        match self.batches.try_send(OutboundBatch { texts }) {
-            Ok(()) => Ok(()),
-            Err(actix::dev::SendError::Closed(_)) => {
-                self.budget.release(bytes);
-                Ok(())
-            }
-            Err(actix::dev::SendError::Full(_)) => {
-                self.budget.release(bytes);
-                Err(OutboxFull)
-            }
-        }
+        let sent = self.batches.try_send(OutboundBatch { texts });
+        self.settle(sent, bytes)
     }
 
     /// Reserves about `bytes` of the connection's replay share (half its budget) before a
