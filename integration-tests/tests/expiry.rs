@@ -12,26 +12,20 @@ use tether_channels::hub::{
     AppendRequest, ChannelService, Fence, HistoryStore, PageLimit, ProducerKey, RedisStore,
 };
 use tether_channels::{ChannelEvent, ChannelOptions};
-use tether_integration_tests::harness::{
-    fast_client, free_addr, init_tracing, open_attached, test_hub_config, EventLog,
-};
+use tether_integration_tests::harness::{free_addr, init_tracing, open_attached, test_hub_config};
 use tether_integration_tests::raw::{next_frame, raw, send, Conn};
 use tether_integration_tests::RedisServer;
 use tether_transport::hub::{Hub, HubHandle};
 use tether_transport::protocol::{
     Attached, ClientId, Epoch, Frame, InstanceId, Offset, Payload, Position,
 };
-use tether_transport::{ConnectionState, Transport};
+use tether_transport::Transport;
 
 const T: Duration = Duration::from_secs(10);
 
+/// A client of `url`, connected (the attack tools' helper, without its event log).
 async fn connected(url: &str) -> Transport {
-    let (transport, rx) = Transport::start_with_events(fast_client(url).build().unwrap());
-    EventLog::new(rx)
-        .until_state(ConnectionState::Connected, T)
-        .await
-        .unwrap();
-    transport
+    tether_integration_tests::attack::connected(url).await.0
 }
 
 /// A hub serving `service`, with a heartbeat long enough for raw connections that answer no

@@ -19,12 +19,10 @@ use awc::ws;
 use futures::{SinkExt as _, StreamExt as _};
 use tether_channels::hub::ChannelService;
 use tether_channels::{ChannelEvent, ChannelOptions};
-use tether_integration_tests::harness::{
-    fast_client, free_addr, init_tracing, open_attached, test_hub_config, EventLog,
-};
+use tether_integration_tests::harness::{free_addr, init_tracing, open_attached, test_hub_config};
 use tether_integration_tests::raw::raw;
 use tether_transport::hub::Hub;
-use tether_transport::{ConnectionState, Transport};
+use tether_transport::Transport;
 use tokio::sync::oneshot::error::TryRecvError;
 use tokio::time::Instant;
 
@@ -34,13 +32,9 @@ const STALL_BOUND: Duration = Duration::from_millis(100);
 /// Producers the flooding connection uses, each attaching and publishing once.
 const FLOOD_PRODUCERS: u64 = 30_000;
 
+/// A client of `url`, connected (the attack tools' helper, without its event log).
 async fn connected(url: &str) -> Transport {
-    let (transport, rx) = Transport::start_with_events(fast_client(url).build().unwrap());
-    EventLog::new(rx)
-        .until_state(ConnectionState::Connected, T)
-        .await
-        .unwrap();
-    transport
+    tether_integration_tests::attack::connected(url).await.0
 }
 
 /// One connection, `producers` producers on channel `hot`: each attaches (publish-only, with

@@ -646,6 +646,11 @@ impl HubChannel {
         conn_id: u64,
         generation: u64,
     ) -> Option<ReplayReservation> {
+        if !outbox.is_open() {
+            // Gone: its Unsubscribe is on the way. (A closed budget wakes at once, which would
+            // only bounce ReplayRoom messages until then.)
+            return None;
+        }
         let bytes = self.page.max_bytes.min(outbox.replay_share());
         let addr = ctx.address();
         outbox.reserve_replay(
