@@ -105,10 +105,17 @@ async fn flood(url: String, producers: u64, window: u64) -> u64 {
 }
 
 /// The threads of this process (Linux thread ids).
+/// This process's actix threads (arbiters: the channel service's and the hub's workers). Other
+/// tests of this binary run at the same time and start threads of their own (a Redis client's,
+/// tokio's blocking pool), so only the threads actix names are counted.
 fn threads() -> HashSet<i32> {
     std::fs::read_dir("/proc/self/task")
         .map(|dir| {
             dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|tid: &i32| {
+                    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+                        .is_ok_and(|name| name.starts_with("actix-rt"))
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -195,14 +202,7 @@ async fn a_connection_flooding_one_channel_with_producers_does_not_stall_another
     let publisher = connected(&url).await;
     // The hub's workers, in the order they were started (thread ids grow): connections are
     // handed to them in turn, so the healthy pair's sessions are on the first two.
-    let mut workers: Vec<i32> = threads()
-        .difference(&before)
-        .copied()
-        .filter(|tid| {
-            std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
-                .is_ok_and(|name| name.starts_with("actix-rt"))
-        })
-        .collect();
+    let mut workers: Vec<i32> = threads().difference(&before).copied().collect();
     workers.sort_unstable();
     assert_eq!(workers.len(), 3, "the hub's three workers: {workers:?}");
     let (_, mut messages, _) = open_attached(&subscriber, "steady", ChannelOptions::default(), T)
