@@ -133,7 +133,7 @@ pub async fn publish_windowed(
             }
         }
         let text = make_payload(size, clock.micros());
-        let payload = Payload(serde_json::value::RawValue::from_string(text)?);
+        let payload = Payload::from_json_bytes(text.into())?;
         outstanding.push(channel.publish_payload(payload));
     }
     while let Some(ack) = outstanding.next().await {

@@ -408,7 +408,7 @@ impl TetherFanout {
                     }
                 }
                 let text = make_payload(args.payload, clock.micros());
-                let payload = Payload(serde_json::value::RawValue::from_string(text)?);
+                let payload = Payload::from_json_bytes(text.into())?;
                 outstanding.push(channel.publish_payload(payload));
             }
             while let Some(ack) = outstanding.next().await {

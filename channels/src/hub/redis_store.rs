@@ -822,7 +822,7 @@ impl HistoryStore for RedisStore {
         args.push(self.key_ttl_ms().to_string().into_bytes());
         for request in &batch {
             args.push(request.seq.to_string().into_bytes());
-            args.push(request.payload.json().as_bytes().to_vec());
+            args.push(request.payload.as_bytes().to_vec());
         }
         let call = self.io.call(invoke(
             self.append.clone(),

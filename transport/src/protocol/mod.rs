@@ -1,18 +1,23 @@
-//! Wire protocol v1: typed frames, encoded as JSON text WebSocket frames.
+//! The wire protocol: typed frames, in v1 (JSON text WebSocket frames) or v2 (binary records,
+//! several to a WebSocket frame: [`v2`]).
 //!
-//! Every frame is one JSON object with a `"type"` tag. `PROTOCOL.md` at the repository root is
-//! the normative description; this module is its implementation. Decoding never panics: anything
-//! that is not a valid frame becomes a typed [`TransportError`].
+//! In v1 every frame is one JSON object with a `"type"` tag. The handshake (`hello`, `welcome`)
+//! is v1 JSON in both versions; it settles which version the rest of the connection speaks.
+//! `PROTOCOL.md` at the repository root is the normative description; this module is its
+//! implementation. Decoding never panics: anything that is not a valid frame becomes a typed
+//! [`TransportError`].
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ErrorCategory, TransportError};
 
-/// The protocol version this build speaks by default.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub mod v2;
+
+/// The protocol version this build speaks by default: 2 (binary records).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Every protocol version this build can speak.
-pub const SUPPORTED_VERSIONS: &[u16] = &[1];
+pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2];
 
 /// WebSocket close code of a connection whose session another connection resumed (the client
 /// id is in use elsewhere): the client must not resume that session again.
@@ -162,17 +167,28 @@ impl std::fmt::Display for Position {
     }
 }
 
-/// An application payload: any JSON value, carried as raw JSON text so that the hub forwards it
-/// without parsing it into a tree.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Payload(pub Box<serde_json::value::RawValue>);
+/// An application payload: a JSON value, carried as its encoded bytes (reference-counted) so
+/// that the hub forwards it without parsing it and fans it out without copying it.
+///
+/// Payloads built here ([`Payload::from_value`], [`Payload::from_json`]) and payloads a client
+/// decodes are UTF-8 JSON text. A hub forwards what a protocol v2 publisher sent as it is
+/// ([`Payload::from_unchecked`]); a v1 subscriber (whose frames embed the payload as JSON) gets
+/// such a payload checked once per message, see `PROTOCOL.md`.
+#[derive(Clone)]
+pub struct Payload {
+    bytes: bytes::Bytes,
+    /// The bytes are known to be JSON text.
+    checked: bool,
+}
 
 impl Payload {
     /// Serialises `value` into a payload.
     pub fn from_value<T: Serialize + ?Sized>(value: &T) -> Result<Self, TransportError> {
-        serde_json::value::to_raw_value(value)
-            .map(Payload)
+        serde_json::to_vec(value)
+            .map(|v| Payload {
+                bytes: v.into(),
+                checked: true,
+            })
             .map_err(|e| TransportError::MalformedFrame {
                 reason: format!("payload does not serialise: {e}"),
             })
@@ -180,37 +196,128 @@ impl Payload {
 
     /// A payload from JSON text, validated.
     pub fn from_json(text: &str) -> Result<Self, TransportError> {
-        serde_json::value::RawValue::from_string(text.to_owned())
-            .map(Payload)
-            .map_err(|e| TransportError::MalformedFrame {
-                reason: format!("payload is not JSON: {e}"),
-            })
+        Self::from_json_bytes(bytes::Bytes::copy_from_slice(text.as_bytes()))
     }
 
-    /// The raw JSON text.
+    /// A payload from bytes that must hold JSON text, validated (without copying them).
+    pub fn from_json_bytes(bytes: bytes::Bytes) -> Result<Self, TransportError> {
+        match is_json(&bytes) {
+            Ok(()) => Ok(Payload {
+                bytes,
+                checked: true,
+            }),
+            Err(e) => Err(TransportError::MalformedFrame {
+                reason: format!("payload is not JSON: {e}"),
+            }),
+        }
+    }
+
+    /// Bytes taken as they are: what a hub forwards from a v2 publisher, or reads back from
+    /// its store. They are checked (once) only where they must be JSON: in a v1 frame.
+    pub fn from_unchecked(bytes: bytes::Bytes) -> Self {
+        Payload {
+            bytes,
+            checked: false,
+        }
+    }
+
+    /// The payload as JSON text ready to embed in a v1 frame: `None` when it is unchecked and
+    /// turns out not to be JSON.
+    pub fn checked_json(&self) -> Option<&str> {
+        if self.checked || is_json(&self.bytes).is_ok() {
+            // JSON text is UTF-8 (serde_json validates it).
+            std::str::from_utf8(&self.bytes).ok()
+        } else {
+            None
+        }
+    }
+
+    /// The raw JSON text (empty for bytes that are not UTF-8, which only an unchecked payload
+    /// on a hub can hold: a client's payloads are always text).
     pub fn json(&self) -> &str {
-        self.0.get()
+        std::str::from_utf8(&self.bytes).unwrap_or_default()
+    }
+
+    /// The encoded bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The encoded bytes, shared (a reference-count increment, no copy).
+    pub fn bytes(&self) -> bytes::Bytes {
+        self.bytes.clone()
     }
 
     /// Deserialises the payload into `T`.
     pub fn decode<'a, T: Deserialize<'a>>(&'a self) -> Result<T, serde_json::Error> {
-        serde_json::from_str(self.0.get())
+        serde_json::from_slice(&self.bytes)
     }
 
-    /// Size of the JSON text in bytes.
+    /// Size of the encoded payload in bytes.
     pub fn len(&self) -> usize {
-        self.0.get().len()
+        self.bytes.len()
     }
 
-    /// Whether the JSON text is empty (never, for a valid payload).
+    /// Whether the payload is empty (never, for a valid JSON payload).
     pub fn is_empty(&self) -> bool {
-        self.0.get().is_empty()
+        self.bytes.is_empty()
     }
+}
+
+impl Payload {
+    /// A payload decoded from a v1 frame: a slice of the frame's bytes when they are shared.
+    fn of_raw(raw: &serde_json::value::RawValue, frame: Option<&bytes::Bytes>) -> Payload {
+        let text = raw.get().as_bytes();
+        Payload {
+            bytes: match frame {
+                Some(frame) => frame.slice_ref(text),
+                None => bytes::Bytes::copy_from_slice(text),
+            },
+            checked: true,
+        }
+    }
+}
+
+/// Checks that `bytes` are one JSON value (without building it).
+fn is_json(bytes: &[u8]) -> Result<(), serde_json::Error> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map(|_| ())
 }
 
 impl PartialEq for Payload {
     fn eq(&self, other: &Self) -> bool {
-        self.0.get() == other.0.get()
+        self.bytes == other.bytes
+    }
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match std::str::from_utf8(&self.bytes) {
+            Ok(text) => write!(f, "Payload({text})"),
+            Err(_) => write!(f, "Payload({} bytes)", self.bytes.len()),
+        }
+    }
+}
+
+impl Serialize for Payload {
+    /// Serialises as the JSON value itself. Not the hot path (frames with payloads are
+    /// encoded by hand, see [`Frame::encode`]): this parses the payload once.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.checked_json() {
+            Some(text) => serde_json::from_str::<&serde_json::value::RawValue>(text)
+                .map_err(serde::ser::Error::custom)?
+                .serialize(serializer),
+            None => serializer.serialize_unit(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
+        Ok(Payload {
+            bytes: bytes::Bytes::from(String::from(Box::<str>::from(raw))),
+            checked: true,
+        })
     }
 }
 
@@ -577,9 +684,39 @@ impl Frame {
     }
 
     /// Encodes the frame as the JSON text of one WebSocket text frame.
+    ///
+    /// Messages and publishes (the frames with payloads) are written by hand around the payload
+    /// bytes, which go in as they are; the other frames through serde. A payload that is not
+    /// JSON (only an unchecked one, from a v2 peer, can be) goes out as `null`, with
+    /// `"payload_invalid":true`.
     pub fn encode(&self) -> String {
-        // Serialising these types cannot fail: string keys only, and payloads are already JSON.
-        serde_json::to_string(self).expect("frames always serialise")
+        use std::fmt::Write as _;
+        match self {
+            Frame::Message(m) => {
+                let mut out = String::with_capacity(64 + m.channel.len() + m.payload.len());
+                out.push_str(r#"{"type":"message","channel":"#);
+                push_json_string(&mut out, &m.channel);
+                out.push_str(r#","epoch":"#);
+                push_json_string(&mut out, &m.epoch.0);
+                out.push_str(r#","offset":"#);
+                let _ = write!(out, "{}", m.offset.0);
+                push_payload(&mut out, &m.payload);
+                out.push('}');
+                out
+            }
+            Frame::Publish(p) => {
+                let mut out = String::with_capacity(48 + p.channel.len() + p.payload.len());
+                out.push_str(r#"{"type":"publish","channel":"#);
+                push_json_string(&mut out, &p.channel);
+                out.push_str(r#","seq":"#);
+                let _ = write!(out, "{}", p.seq);
+                push_payload(&mut out, &p.payload);
+                out.push('}');
+                out
+            }
+            // Serialising these types cannot fail: string keys only, no payloads.
+            other => serde_json::to_string(other).expect("frames always serialise"),
+        }
     }
 
     /// Decodes one WebSocket text frame, checking the size limit and the protocol version.
@@ -591,6 +728,30 @@ impl Frame {
     /// The `type` tag is read first and the body is then decoded straight into its struct, so
     /// payloads stay raw JSON text (no intermediate tree).
     pub fn decode(text: &str, max_size: usize) -> Result<Frame, TransportError> {
+        Self::decode_in(text, None, max_size)
+    }
+
+    /// [`Frame::decode`] of a received text frame's bytes: a payload is a slice of `frame`
+    /// (no copy). Errors as there, plus [`TransportError::MalformedFrame`] for text that is not
+    /// UTF-8.
+    pub fn decode_shared(frame: &bytes::Bytes, max_size: usize) -> Result<Frame, TransportError> {
+        if frame.len() > max_size {
+            return Err(TransportError::FrameTooLarge {
+                size: frame.len(),
+                max: max_size,
+            });
+        }
+        let text = std::str::from_utf8(frame).map_err(|e| TransportError::MalformedFrame {
+            reason: format!("text frame is not UTF-8: {e}"),
+        })?;
+        Self::decode_in(text, Some(frame), max_size)
+    }
+
+    fn decode_in(
+        text: &str,
+        shared: Option<&bytes::Bytes>,
+        max_size: usize,
+    ) -> Result<Frame, TransportError> {
         if text.len() > max_size {
             return Err(TransportError::FrameTooLarge {
                 size: text.len(),
@@ -626,9 +787,39 @@ impl Frame {
             "attached" => Frame::Attached(body(text)?),
             "detach" => Frame::Detach(body(text)?),
             "detached" => Frame::Detached(body(text)?),
-            "publish" => Frame::Publish(body(text)?),
+            "publish" => {
+                #[derive(Deserialize)]
+                struct In<'a> {
+                    channel: String,
+                    seq: u64,
+                    #[serde(borrow)]
+                    payload: &'a serde_json::value::RawValue,
+                }
+                let f: In<'_> = body(text)?;
+                Frame::Publish(Publish {
+                    channel: f.channel,
+                    seq: f.seq,
+                    payload: Payload::of_raw(f.payload, shared),
+                })
+            }
             "ack" => Frame::Ack(body(text)?),
-            "message" => Frame::Message(body(text)?),
+            "message" => {
+                #[derive(Deserialize)]
+                struct In<'a> {
+                    channel: String,
+                    epoch: Epoch,
+                    offset: Offset,
+                    #[serde(borrow)]
+                    payload: &'a serde_json::value::RawValue,
+                }
+                let f: In<'_> = body(text)?;
+                Frame::Message(Message {
+                    channel: f.channel,
+                    epoch: f.epoch,
+                    offset: f.offset,
+                    payload: Payload::of_raw(f.payload, shared),
+                })
+            }
             other => {
                 return Err(TransportError::MalformedFrame {
                     reason: format!("unknown frame type {other:?}"),
@@ -649,6 +840,28 @@ impl Frame {
             }
             _ => Ok(frame),
         }
+    }
+}
+
+/// Appends `s` as a JSON string.
+fn push_json_string(out: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).expect("strings always serialise"));
+    }
+}
+
+/// Appends `,"payload":…` with the payload's JSON as it is.
+fn push_payload(out: &mut String, payload: &Payload) {
+    match payload.checked_json() {
+        Some(json) => {
+            out.push_str(r#","payload":"#);
+            out.push_str(json);
+        }
+        None => out.push_str(r#","payload":null,"payload_invalid":true"#),
     }
 }
 
@@ -876,15 +1089,46 @@ mod tests {
             err,
             TransportError::UnsupportedVersion {
                 got: 7,
-                supported: vec![1]
+                supported: vec![1, 2]
             }
         );
         // Even when the rest of the frame is not what v1 expects.
-        let err = Frame::decode(r#"{"type":"hello","v":2,"who":"future"}"#, MAX).unwrap_err();
+        let err = Frame::decode(r#"{"type":"hello","v":3,"who":"future"}"#, MAX).unwrap_err();
         assert!(matches!(
             err,
-            TransportError::UnsupportedVersion { got: 2, .. }
+            TransportError::UnsupportedVersion { got: 3, .. }
         ));
+    }
+
+    #[test]
+    fn v1_payloads_are_slices_of_the_received_frame() {
+        let text = bytes::Bytes::from_static(
+            br#"{"type":"message","channel":"room","epoch":"e1","offset":3,"payload":{"a":[1,2]}}"#,
+        );
+        let Frame::Message(m) = Frame::decode_shared(&text, MAX).unwrap() else {
+            panic!("a message")
+        };
+        assert_eq!(m.payload.json(), r#"{"a":[1,2]}"#);
+        assert!(text.as_ptr_range().contains(&m.payload.as_bytes().as_ptr()));
+        // And it encodes back to the same text.
+        assert_eq!(Frame::Message(m).encode().as_bytes(), &text[..]);
+    }
+
+    #[test]
+    fn an_unchecked_payload_that_is_not_json_goes_to_v1_as_null() {
+        let frame = Frame::Message(Message {
+            channel: "r\"q".into(),
+            epoch: Epoch("e".into()),
+            offset: Offset(1),
+            payload: Payload::from_unchecked(bytes::Bytes::from_static(b"{not json")),
+        });
+        let text = frame.encode();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["payload"], serde_json::Value::Null);
+        assert_eq!(value["payload_invalid"], true);
+        assert_eq!(value["channel"], "r\"q");
+        let ok = Payload::from_unchecked(bytes::Bytes::from_static(b"[1]"));
+        assert_eq!(ok.checked_json(), Some("[1]"));
     }
 
     #[test]
