@@ -37,6 +37,9 @@ pub struct TransportConfig {
     pub handshake_timeout: Duration,
     /// Largest frame accepted or sent. Default 1 MiB.
     pub max_frame_size: usize,
+    /// Protocol version asked for in the hello: 2 (binary records, batched) by default, 1 for
+    /// JSON text (a hub that speaks only v1).
+    pub protocol_version: u16,
     /// Seed for the jitter generator (reproducible runs); `None` seeds from the OS.
     pub seed: Option<u64>,
     /// What `wss://` endpoints are checked against. Default: the built-in webpki roots.
@@ -75,6 +78,7 @@ pub struct TransportConfigBuilder {
     idle_timeout: Duration,
     handshake_timeout: Duration,
     max_frame_size: usize,
+    protocol_version: u16,
     seed: Option<u64>,
     tls_builtin_roots: bool,
     tls_roots: Vec<Material>,
@@ -91,6 +95,7 @@ impl TransportConfigBuilder {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            protocol_version: crate::protocol::PROTOCOL_VERSION,
             seed: None,
             tls_builtin_roots: true,
             tls_roots: Vec::new(),
@@ -206,6 +211,13 @@ impl TransportConfigBuilder {
         self
     }
 
+    /// Protocol version to ask the hub for: 1 (JSON text frames) or 2 (binary records, several
+    /// to a WebSocket frame). Default: 2. Also `TETHER_PROTOCOL_VERSION`.
+    pub fn protocol_version(mut self, v: u16) -> Self {
+        self.protocol_version = v;
+        self
+    }
+
     /// Seed for the jitter generator. Default: seeded from the OS.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -261,7 +273,7 @@ impl TransportConfigBuilder {
     /// suspend), `TETHER_RECONNECT_BASE_DELAY_MS`, `TETHER_RECONNECT_MAX_DELAY_MS`,
     /// `TETHER_RECONNECT_MULTIPLIER`, `TETHER_RECONNECT_JITTER`, `TETHER_SUSPEND_INTERVAL_MS`,
     /// `TETHER_STABILITY_WINDOW_MS`, `TETHER_HEARTBEAT_INTERVAL_MS`, `TETHER_IDLE_TIMEOUT_MS`,
-    /// `TETHER_HANDSHAKE_TIMEOUT_MS`, `TETHER_MAX_FRAME_BYTES`, `TETHER_TLS_CA_FILE` (a PEM
+    /// `TETHER_HANDSHAKE_TIMEOUT_MS`, `TETHER_MAX_FRAME_BYTES`, `TETHER_PROTOCOL_VERSION`, `TETHER_TLS_CA_FILE` (a PEM
     /// file of CA certificates, trusted in addition to those set on the builder),
     /// `TETHER_TLS_BUILTIN_ROOTS` (`true`/`false`). An unparsable value is an
     /// [`TransportError::InvalidConfig`] naming the variable (a CA file that cannot be read or
@@ -298,6 +310,12 @@ impl TransportConfigBuilder {
                 .filter(|s| !s.is_empty())
                 .map(str::to_owned)
                 .collect();
+        }
+        if let Some(v) = parse::<u16>(
+            "TETHER_PROTOCOL_VERSION",
+            lookup("TETHER_PROTOCOL_VERSION"),
+        )? {
+            self.protocol_version = v;
         }
         if let Some(id) = lookup("TETHER_CLIENT_ID") {
             self.client_id = Some(ClientId(id));
@@ -437,6 +455,16 @@ impl TransportConfigBuilder {
         if self.max_frame_size < 1024 {
             return invalid("max_frame_size", "must be at least 1024 bytes".into());
         }
+        if !crate::protocol::SUPPORTED_VERSIONS.contains(&self.protocol_version) {
+            return invalid(
+                "protocol_version",
+                format!(
+                    "{} is not one of {:?}",
+                    self.protocol_version,
+                    crate::protocol::SUPPORTED_VERSIONS
+                ),
+            );
+        }
         // A TLS client is built only when some endpoint needs one: ws:// costs nothing.
         let needs_tls = self.endpoints.iter().any(|url| url.starts_with("wss://"));
         let tls = ClientTrust::build(self.tls_builtin_roots, &self.tls_roots, needs_tls)?;
@@ -449,6 +477,7 @@ impl TransportConfigBuilder {
             idle_timeout: self.idle_timeout,
             handshake_timeout: self.handshake_timeout,
             max_frame_size: self.max_frame_size,
+            protocol_version: self.protocol_version,
             seed: self.seed,
             tls,
         })

@@ -20,7 +20,7 @@ use crate::config::TransportConfig;
 use crate::error::TransportError;
 use crate::events::{event_channel, EventReceiver, DEFAULT_EVENT_CAPACITY};
 use crate::protocol::{
-    ErrorCode, Frame, Hello, InstanceId, SessionId, CLOSE_SESSION_TAKEN_OVER, PROTOCOL_VERSION,
+    ErrorCode, Frame, Hello, InstanceId, SessionId, CLOSE_SESSION_TAKEN_OVER,
 };
 use crate::reconnect::{NextStep, ReconnectManager, Stability};
 use crate::state::{ConnectionFsm, ConnectionState, ConnectionStateChanged, TransitionReason};
@@ -298,7 +298,7 @@ impl TransportActor {
         self.next_conn_id += 1;
         let endpoint = self.current_endpoint();
         let hello = Hello {
-            v: PROTOCOL_VERSION,
+            v: self.config.protocol_version,
             client_id: self.config.client_id.clone(),
             token: self.config.token.clone(),
             resume: self.session.clone(),

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
-use crate::protocol::{Frame, Hello, Welcome};
+use crate::protocol::{v2, Frame, Hello, Welcome, SUPPORTED_VERSIONS};
 use crate::tls::HandshakeFailure;
 use crate::transport_actor::{ChannelLink, ChannelRoutes};
 
@@ -62,6 +62,16 @@ pub enum WsEvent {
 #[rtype(result = "Result<(), TransportError>")]
 pub struct SendFrame(pub Frame);
 
+/// Writes the v2 records gathered since the last write (sent by the actor to itself, so that
+/// every frame already in its mailbox joins the batch).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct Flush;
+
+/// Most bytes of v2 records gathered into one WebSocket frame: 64 KiB (a larger record goes
+/// alone).
+pub const MAX_BATCH_BYTES: usize = 64 * 1024;
+
 /// Closes the connection normally; the supervisor gets `Ended` with [`TransportError::Closed`].
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -103,6 +113,12 @@ pub struct WebSocketActor {
     heartbeat_timer: Option<SpawnHandle>,
     ending: Option<TransportError>,
     established: bool,
+    /// The protocol version of the connection, from the welcome.
+    version: u16,
+    /// v2 records waiting for the next [`Flush`], and their encoded size.
+    batch: Vec<v2::Record>,
+    batch_bytes: usize,
+    flush_scheduled: bool,
 }
 
 impl WebSocketActor {
@@ -136,6 +152,10 @@ impl WebSocketActor {
             heartbeat_timer: None,
             ending: None,
             established: false,
+            version: 1,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            flush_scheduled: false,
         }
     }
 
@@ -149,6 +169,10 @@ impl WebSocketActor {
         if self.ending.is_none() {
             tracing::debug!(conn_id = self.conn_id, %error, "connection ending");
             self.ending = Some(error);
+        }
+        if close == Some(ws::CloseCode::Normal) {
+            // A normal close: what was gathered goes before the close frame.
+            let _ = self.flush();
         }
         if let (Some(code), Some(sink)) = (close, self.sink.as_mut()) {
             // Best effort: the peer may already be gone.
@@ -208,25 +232,64 @@ impl WebSocketActor {
         }
     }
 
-    fn on_text(&mut self, ctx: &mut Context<Self>, bytes: &[u8]) {
-        let frame = std::str::from_utf8(bytes)
-            .map_err(|e| TransportError::MalformedFrame {
-                reason: format!("invalid UTF-8: {e}"),
-            })
-            .and_then(|text| Frame::decode(text, self.settings.max_frame_size));
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(error) => {
-                let code = match error {
-                    TransportError::FrameTooLarge { .. } => ws::CloseCode::Size,
-                    _ => ws::CloseCode::Protocol,
-                };
-                self.end(ctx, error, Some(code));
-                return;
-            }
+    fn on_text(&mut self, ctx: &mut Context<Self>, bytes: &Bytes) {
+        match Frame::decode_shared(bytes, self.settings.max_frame_size) {
+            Ok(frame) => self.on_frame(ctx, frame),
+            Err(error) => self.refuse(ctx, error),
+        }
+    }
+
+    fn refuse(&mut self, ctx: &mut Context<Self>, error: TransportError) {
+        let code = match error {
+            TransportError::FrameTooLarge { .. } => ws::CloseCode::Size,
+            _ => ws::CloseCode::Protocol,
         };
+        self.end(ctx, error, Some(code));
+    }
+
+    /// v2 records, on a connection whose welcome said v2.
+    fn on_binary(&mut self, ctx: &mut Context<Self>, bytes: &Bytes) {
+        if self.version < 2 || self.phase != Phase::Open {
+            let error = TransportError::UnexpectedFrame {
+                expected: "a text frame",
+                got: "binary frame".into(),
+            };
+            self.end(ctx, error, Some(ws::CloseCode::Unsupported));
+            return;
+        }
+        let records = v2::decode(bytes, self.settings.max_frame_size)
+            .and_then(|records| v2::check_payloads_text(&records).map(|()| records));
+        match records {
+            Ok(records) => {
+                for record in records {
+                    for frame in record.into_frames() {
+                        if self.phase != Phase::Open {
+                            return;
+                        }
+                        self.on_frame(ctx, frame);
+                    }
+                }
+            }
+            Err(error) => self.refuse(ctx, error),
+        }
+    }
+
+    fn on_frame(&mut self, ctx: &mut Context<Self>, frame: Frame) {
         match (self.phase, frame) {
             (Phase::AwaitingWelcome, Frame::Welcome(welcome)) => {
+                if !SUPPORTED_VERSIONS.contains(&welcome.v) || welcome.v > self.hello.v {
+                    let error = TransportError::UnsupportedVersion {
+                        got: welcome.v,
+                        supported: SUPPORTED_VERSIONS
+                            .iter()
+                            .copied()
+                            .filter(|v| *v <= self.hello.v)
+                            .collect(),
+                    };
+                    self.end(ctx, error, Some(ws::CloseCode::Policy));
+                    return;
+                }
+                self.version = welcome.v;
                 self.phase = Phase::Open;
                 self.established = true;
                 tracing::debug!(conn_id = self.conn_id, session = %welcome.session, resumed = welcome.resumed, "welcome received");
@@ -366,6 +429,7 @@ impl StreamHandler<Result<ws::Frame, WsProtocolError>> for WebSocketActor {
         self.heartbeat.on_activity(Instant::now());
         match item {
             Ok(ws::Frame::Text(bytes)) => self.on_text(ctx, &bytes),
+            Ok(ws::Frame::Binary(bytes)) => self.on_binary(ctx, &bytes),
             Ok(ws::Frame::Ping(payload)) => {
                 if let Some(sink) = self.sink.as_mut() {
                     let _ = sink.write(ws::Message::Pong(payload));
@@ -381,10 +445,10 @@ impl StreamHandler<Result<ws::Frame, WsProtocolError>> for WebSocketActor {
                 };
                 self.end(ctx, error, None);
             }
-            Ok(ws::Frame::Binary(_)) | Ok(ws::Frame::Continuation(_)) => {
+            Ok(ws::Frame::Continuation(_)) => {
                 let error = TransportError::UnexpectedFrame {
-                    expected: "a text frame",
-                    got: "binary or fragmented frame".into(),
+                    expected: "an unfragmented frame",
+                    got: "fragmented frame".into(),
                 };
                 self.end(ctx, error, Some(ws::CloseCode::Unsupported));
             }
@@ -417,20 +481,108 @@ impl StreamHandler<Result<ws::Frame, WsProtocolError>> for WebSocketActor {
 impl Handler<SendFrame> for WebSocketActor {
     type Result = Result<(), TransportError>;
 
-    fn handle(&mut self, msg: SendFrame, _ctx: &mut Context<Self>) -> Self::Result {
-        self.handle_text(msg.0.encode().into())
-    }
-}
-
-impl WebSocketActor {
-    fn handle_text(&mut self, text: bytestring::ByteString) -> Result<(), TransportError> {
+    fn handle(&mut self, SendFrame(frame): SendFrame, ctx: &mut Context<Self>) -> Self::Result {
         if self.phase != Phase::Open {
             return Err(TransportError::ConnectionClosed {
                 code: None,
                 reason: "connection not established".into(),
             });
         }
-        self.write_text(text)
+        if self.version < 2 {
+            return self.write_text(frame.encode().into());
+        }
+        self.gather(ctx, frame)
+    }
+}
+
+impl WebSocketActor {
+    /// Adds `frame` to the v2 batch: a publish following the last one of its channel joins
+    /// its run. The batch goes out at the next [`Flush`] (after whatever else is already in
+    /// the mailbox: no wait when idle), or at once when it reaches [`MAX_BATCH_BYTES`].
+    fn gather(&mut self, ctx: &mut Context<Self>, frame: Frame) -> Result<(), TransportError> {
+        let (record, added) = match frame {
+            Frame::Publish(p) => {
+                if let Some(v2::Record::Publish(run)) = self.batch.last_mut() {
+                    if run.channel == p.channel
+                        && run.first_seq + run.payloads.len() as u64 == p.seq
+                    {
+                        self.batch_bytes += 4 + p.payload.len();
+                        run.payloads.push(p.payload);
+                        return self.after_gather(ctx);
+                    }
+                }
+                let record = v2::Record::Publish(v2::PublishRun {
+                    channel: p.channel,
+                    first_seq: p.seq,
+                    payloads: vec![p.payload],
+                });
+                let len = record.encoded_len();
+                (record, len)
+            }
+            other => {
+                let record = v2::Record::Control(other);
+                let len = record.encoded_len();
+                (record, len)
+            }
+        };
+        if added > self.settings.max_frame_size {
+            return Err(TransportError::FrameTooLarge {
+                size: added,
+                max: self.settings.max_frame_size,
+            });
+        }
+        if self.batch_bytes + added > MAX_BATCH_BYTES.min(self.settings.max_frame_size) {
+            self.flush()?;
+        }
+        self.batch.push(record);
+        self.batch_bytes += added;
+        self.after_gather(ctx)
+    }
+
+    fn after_gather(&mut self, ctx: &mut Context<Self>) -> Result<(), TransportError> {
+        if self.batch_bytes >= MAX_BATCH_BYTES.min(self.settings.max_frame_size) {
+            return self.flush();
+        }
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            ctx.notify(Flush);
+        }
+        Ok(())
+    }
+
+    /// Writes the gathered records as one binary frame.
+    fn flush(&mut self) -> Result<(), TransportError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let mut buf = bytes::BytesMut::with_capacity(self.batch_bytes);
+        for record in self.batch.drain(..) {
+            v2::encode(&record, &mut buf);
+        }
+        self.batch_bytes = 0;
+        match self.sink.as_mut() {
+            Some(sink) => sink
+                .write(ws::Message::Binary(buf.freeze()))
+                .map_err(|_| TransportError::ConnectionClosed {
+                    code: None,
+                    reason: "sink closed".into(),
+                }),
+            None => Err(TransportError::ConnectionClosed {
+                code: None,
+                reason: "not connected".into(),
+            }),
+        }
+    }
+}
+
+impl Handler<Flush> for WebSocketActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) {
+        self.flush_scheduled = false;
+        if let Err(error) = self.flush() {
+            self.end(ctx, error, None);
+        }
     }
 }
 

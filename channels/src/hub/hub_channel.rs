@@ -32,11 +32,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
-use bytestring::ByteString;
-use tether_transport::hub::{Outbound, ReplayReservation, SessionOutbox};
+use bytes::BytesMut;
+use tether_transport::hub::{Completes, Outbound, ReplayReservation, SessionOutbox, Wire};
 use tether_transport::protocol::{
     Ack, Attached, Detached, Epoch, ErrorCode, ErrorFrame, Frame, Message as MessageFrame, Offset,
-    Payload, Position,
+    v2, Payload, Position,
 };
 use tether_transport::{ErrorCategory, TransportError};
 
@@ -99,6 +99,21 @@ pub struct PublishCommand {
     /// The message.
     pub payload: Payload,
     /// Where the ack goes.
+    pub reply: SessionOutbox,
+}
+
+/// Publishes of one producer with consecutive sequence numbers (a v2 publish run), in one
+/// mailbox message.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PublishRunCommand {
+    /// Who publishes.
+    pub producer: ProducerKey,
+    /// The first publish's sequence number; the others follow it by one.
+    pub first_seq: u64,
+    /// The messages, in seq order.
+    pub payloads: Vec<Payload>,
+    /// Where the acks go.
     pub reply: SessionOutbox,
 }
 
@@ -342,15 +357,45 @@ impl HubChannel {
         })
     }
 
-    fn encode(&self, epoch: &Epoch, message: &StoredMessage) -> ByteString {
-        Frame::Message(MessageFrame {
-            channel: self.name.clone(),
-            epoch: epoch.clone(),
-            offset: message.offset,
-            payload: message.payload.clone(),
-        })
-        .encode()
-        .into()
+    /// `messages` (in offset order) for a connection speaking `version`: one v1 text frame
+    /// each, or one v2 record per run of consecutive offsets.
+    fn encode(&self, version: u16, epoch: &Epoch, messages: &[StoredMessage]) -> Vec<Wire> {
+        if version < 2 {
+            return messages
+                .iter()
+                .map(|m| {
+                    Wire::Text(
+                        Frame::Message(MessageFrame {
+                            channel: self.name.clone(),
+                            epoch: epoch.clone(),
+                            offset: m.offset,
+                            payload: m.payload.clone(),
+                        })
+                        .encode()
+                        .into(),
+                    )
+                })
+                .collect();
+        }
+        let mut out = Vec::with_capacity(1);
+        let mut start = 0;
+        for end in 1..=messages.len() {
+            if end == messages.len() || messages[end].offset.0 != messages[end - 1].offset.0 + 1
+            {
+                let run = &messages[start..end];
+                let mut buf = BytesMut::new();
+                v2::encode_messages(
+                    &mut buf,
+                    &self.name,
+                    epoch,
+                    run[0].offset,
+                    run.iter().map(|m| &m.payload),
+                );
+                out.push(Wire::Records(buf.freeze()));
+                start = end;
+            }
+        }
+        out
     }
 
     fn unavailable(error: &ChannelError) -> TransportError {
@@ -371,10 +416,13 @@ impl HubChannel {
         publish: Option<(u64, usize)>,
     ) {
         let seq = publish.map(|(seq, _)| seq);
-        let frame = Frame::Error(ErrorFrame::from_error(error).about(&self.name, seq)).encode();
+        let frame = Frame::Error(ErrorFrame::from_error(error).about(&self.name, seq));
         let _ = outbox.send(Outbound {
-            text: frame.into(),
-            completes_publish: publish.map(|(_, bytes)| bytes),
+            wire: outbox.encode(&frame),
+            completes: publish.map(|(_, bytes)| Completes {
+                publishes: 1,
+                bytes,
+            }),
         });
     }
 
@@ -557,7 +605,8 @@ impl HubChannel {
             return;
         };
         self.delivered = last;
-        let frames: Vec<ByteString> = messages.iter().map(|m| self.encode(&epoch, m)).collect();
+        // Encoded once per protocol version, for the subscribers that speak it.
+        let mut encoded: [Option<Vec<Wire>>; 2] = [None, None];
         let mut closed = Vec::new();
         let mut slow = Vec::new();
         let mut delivered = 0u64;
@@ -569,16 +618,19 @@ impl HubChannel {
                 closed.push(*conn_id);
                 continue;
             }
+            let version = sub.outbox.version();
+            let frames = encoded[usize::from(version >= 2)]
+                .get_or_insert_with(|| self.encode(version, &epoch, messages));
             let sent = if frames.len() == 1 {
                 sub.outbox.send(Outbound {
-                    text: frames[0].clone(),
-                    completes_publish: None,
+                    wire: frames[0].clone(),
+                    completes: None,
                 })
             } else {
                 sub.outbox.send_batch(frames.clone())
             };
             match sent {
-                Ok(()) => delivered += frames.len() as u64,
+                Ok(()) => delivered += messages.len() as u64,
                 Err(_) => slow.push((*conn_id, sub.outbox.clone())),
             }
         }
@@ -729,21 +781,19 @@ impl HubChannel {
         resumed: bool,
         gap: Option<tether_transport::protocol::Gap>,
         replay: u64,
-    ) -> ByteString {
-        let frame: ByteString = Frame::Attached(Attached {
+    ) -> Wire {
+        let frame = outbox.encode(&Frame::Attached(Attached {
             channel: self.name.clone(),
             epoch: epoch.clone(),
             head: self.delivered,
             resumed,
             replay,
             gap,
-        })
-        .encode()
-        .into();
+        }));
         if replay == 0 {
             let _ = outbox.send(Outbound {
-                text: frame.clone(),
-                completes_publish: None,
+                wire: frame.clone(),
+                completes: None,
             });
         }
         frame
@@ -815,14 +865,17 @@ impl HubChannel {
         ctx: &mut Context<Self>,
         conn_id: u64,
         generation: u64,
-        mut frames: Vec<ByteString>,
+        mut frames: Vec<Wire>,
         messages: &[StoredMessage],
         reservation: ReplayReservation,
     ) {
         let Some(epoch) = self.epoch.clone() else {
             return;
         };
-        frames.extend(messages.iter().map(|m| self.encode(&epoch, m)));
+        let Some(version) = self.subscribers.get(&conn_id).map(|s| s.outbox.version()) else {
+            return;
+        };
+        frames.extend(self.encode(version, &epoch, messages));
         let Some(sub) = self.subscribers.get_mut(&conn_id) else {
             return;
         };
@@ -1037,25 +1090,70 @@ impl HubChannel {
             // from the store, in offset order.
             self.adopt(&appended.epoch, appended.head, Offset(1));
         }
-        for (reply, seq, bytes, offset, duplicate) in acks {
-            let ack = Frame::Ack(Ack {
-                channel: self.name.clone(),
-                seq,
-                offset,
-                epoch: offset.map(|_| appended.epoch.clone()),
-                duplicate,
-            })
-            .encode();
+        self.send_acks(acks, &appended.epoch);
+        self.pump(ctx);
+        self.retry_waiting(ctx);
+    }
+
+    /// Acknowledges appended publishes, in order: to a v2 connection, consecutive publishes
+    /// stored at consecutive offsets (or duplicates alike) go as one ack run.
+    fn send_acks(&mut self, acks: Vec<(SessionOutbox, u64, usize, Option<Offset>, bool)>, epoch: &Epoch) {
+        let mut acks = acks.into_iter().peekable();
+        while let Some((reply, seq, bytes, offset, duplicate)) = acks.next() {
+            let mut count: u32 = 1;
+            let mut total = bytes;
+            if reply.version() >= 2 {
+                while let Some((next, next_seq, next_bytes, next_offset, next_dup)) = acks.peek() {
+                    let i = u64::from(count);
+                    let follows = next.conn_id() == reply.conn_id()
+                        && *next_seq == seq + i
+                        && *next_dup == duplicate
+                        && match (offset, next_offset) {
+                            (Some(o), Some(n)) => n.0 == o.0 + i,
+                            (None, None) => true,
+                            _ => false,
+                        };
+                    if !follows || count == u32::MAX {
+                        break;
+                    }
+                    count += 1;
+                    total += *next_bytes;
+                    acks.next();
+                }
+            }
+            let wire = if reply.version() >= 2 {
+                let mut buf = BytesMut::new();
+                v2::encode(
+                    &v2::Record::Ack(v2::AckRun {
+                        channel: self.name.clone(),
+                        first_seq: seq,
+                        count,
+                        duplicate,
+                        stored: offset.map(|o| (epoch.clone(), o)),
+                    }),
+                    &mut buf,
+                );
+                Wire::Records(buf.freeze())
+            } else {
+                reply.encode(&Frame::Ack(Ack {
+                    channel: self.name.clone(),
+                    seq,
+                    offset,
+                    epoch: offset.map(|_| epoch.clone()),
+                    duplicate,
+                }))
+            };
             let out = Outbound {
-                text: ack.into(),
-                completes_publish: Some(bytes),
+                wire,
+                completes: Some(Completes {
+                    publishes: count as usize,
+                    bytes: total,
+                }),
             };
             if reply.send(out).is_err() {
                 self.kick_slow(reply.conn_id(), &reply);
             }
         }
-        self.pump(ctx);
-        self.retry_waiting(ctx);
     }
 
     /// The store refused a batch: nothing of it is stored (the append is atomic), and nothing
@@ -1129,13 +1227,11 @@ impl Handler<Unsubscribe> for HubChannel {
         }
         self.unwatch_if_unused();
         if let Some(reply) = msg.reply {
-            let detached = Frame::Detached(Detached {
-                channel: self.name.clone(),
-            })
-            .encode();
             let out = Outbound {
-                text: detached.into(),
-                completes_publish: None,
+                wire: reply.encode(&Frame::Detached(Detached {
+                    channel: self.name.clone(),
+                })),
+                completes: None,
             };
             if reply.send(out).is_err() {
                 self.kick_slow(msg.conn_id, &reply);
@@ -1148,6 +1244,39 @@ impl Handler<PublishCommand> for HubChannel {
     type Result = ();
 
     fn handle(&mut self, msg: PublishCommand, ctx: &mut Context<Self>) {
+        self.queue_publish(msg);
+        self.append_next(ctx);
+        self.pace(ctx);
+    }
+}
+
+impl Handler<PublishRunCommand> for HubChannel {
+    type Result = ();
+
+    fn handle(&mut self, run: PublishRunCommand, ctx: &mut Context<Self>) {
+        let PublishRunCommand {
+            producer,
+            first_seq,
+            payloads,
+            reply,
+        } = run;
+        for (seq, payload) in (first_seq..).zip(payloads) {
+            self.queue_publish(PublishCommand {
+                producer: producer.clone(),
+                seq,
+                payload,
+                reply: reply.clone(),
+            });
+        }
+        self.append_next(ctx);
+        self.pace(ctx);
+    }
+}
+
+impl HubChannel {
+    /// Queues one publish for the store, or refuses it (and, when the queue is full, closes
+    /// its connection).
+    fn queue_publish(&mut self, msg: PublishCommand) {
         if self.refused.contains(&msg.reply.conn_id()) {
             let error = TransportError::Remote {
                 code: ErrorCode::Unavailable,
@@ -1176,8 +1305,6 @@ impl Handler<PublishCommand> for HubChannel {
             return;
         }
         self.pending.push_back(msg);
-        self.append_next(ctx);
-        self.pace(ctx);
     }
 }
 

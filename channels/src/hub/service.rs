@@ -31,11 +31,13 @@ use tether_transport::hub::{
     ConnInfo, ConnectionHandler, FrameRejection, HandlerHealth, Outbound, SessionHandler,
     SessionOutbox,
 };
-use tether_transport::protocol::{check_identifier, Detached, ErrorCode, Frame, MAX_ID_LEN};
+use tether_transport::protocol::{
+    check_identifier, v2, Detached, ErrorCode, Frame, MAX_ID_LEN,
+};
 use tether_transport::{ErrorCategory, TransportError};
 
 use super::history::{DedupeLimits, HistoryStore, MemoryHistory, PageLimit, Retention};
-use super::hub_channel::{HubChannel, PublishCommand, Subscribe, Unsubscribe};
+use super::hub_channel::{HubChannel, PublishCommand, PublishRunCommand, Subscribe, Unsubscribe};
 use super::idle::DEFAULT_IDLE_TTL;
 use super::log::{ProducerKey, DEFAULT_DEDUPE_WINDOW, DEFAULT_MAX_PRODUCERS, DEFAULT_PRODUCER_TTL};
 use crate::error::validate_name;
@@ -578,13 +580,12 @@ impl SessionHandler for ChannelService {
     }
 
     fn open(&self, conn: ConnInfo, outbox: SessionOutbox) -> Box<dyn ConnectionHandler> {
+        outbox.limit_in_flight(self.inner.max_in_flight_bytes);
         Box::new(ConnHandler {
             conn,
             outbox,
             inner: self.inner.clone(),
             attached: HashMap::new(),
-            in_flight: 0,
-            in_flight_bytes: 0,
         })
     }
 }
@@ -611,9 +612,6 @@ struct ConnHandler {
     /// Attached channels, with the producer identity publishes on them carry (none when the
     /// hello had no instance id: such a connection may subscribe but not publish).
     attached: HashMap<String, (Addr<HubChannel>, Option<ProducerKey>)>,
-    in_flight: usize,
-    /// Payload bytes of the publishes awaiting their acks.
-    in_flight_bytes: usize,
 }
 
 impl ConnHandler {
@@ -642,6 +640,77 @@ impl ConnHandler {
             seq,
             true,
         )
+    }
+}
+
+impl ConnHandler {
+    /// Checks `count` publishes on `name` from `seq` on (payload `i` of `len(i)` bytes): the
+    /// channel they go to and the producer they belong to, or why the first refused one is.
+    fn check_publish(
+        &self,
+        name: &str,
+        seq: u64,
+        count: usize,
+        len: impl Fn(usize) -> usize,
+    ) -> Result<(Addr<HubChannel>, ProducerKey), FrameRejection> {
+        let Some((channel, producer)) = self.attached.get(name) else {
+            let error = refusal(
+                ErrorCode::NotAttached,
+                ErrorCategory::Subscription,
+                true,
+                "attach before publishing".into(),
+            );
+            return Err(Self::reject(error, name, Some(seq), false));
+        };
+        let Some(producer) = producer.clone() else {
+            let error = refusal(
+                ErrorCode::UnexpectedFrame,
+                ErrorCategory::Protocol,
+                true,
+                "publishing requires an instance id in the hello".into(),
+            );
+            return Err(Self::reject(error, name, Some(seq), false));
+        };
+        let last = seq.saturating_add(count.saturating_sub(1) as u64);
+        if seq == 0 || last > MAX_SEQ {
+            // Permanent for this publish: sequence numbers are 1 … 2^53 − 1 (exact in every
+            // JSON implementation and in the Redis store's scripts).
+            let bad = if seq == 0 { 0 } else { seq.max(MAX_SEQ + 1) };
+            let error = refusal(
+                ErrorCode::MalformedFrame,
+                ErrorCategory::Protocol,
+                true,
+                format!("publish seq {bad} is outside 1 ..= {MAX_SEQ}"),
+            );
+            return Err(Self::reject(error, name, Some(bad), false));
+        }
+        if let Some(i) = (0..count).find(|&i| len(i) > self.inner.max_message_size) {
+            // Permanent for this publish: resending the same bytes cannot succeed.
+            let error = refusal(
+                ErrorCode::FrameTooLarge,
+                ErrorCategory::Protocol,
+                true,
+                format!(
+                    "payload of {} bytes exceeds the hub's maximum of {}",
+                    len(i),
+                    self.inner.max_message_size
+                ),
+            );
+            return Err(Self::reject(error, name, Some(seq + i as u64), false));
+        }
+        if self.outbox.in_flight() + count > self.inner.max_in_flight {
+            let error = refusal(
+                ErrorCode::RateLimited,
+                ErrorCategory::Service,
+                false,
+                format!(
+                    "more than {} publishes awaiting acks",
+                    self.inner.max_in_flight
+                ),
+            );
+            return Err(Self::reject(error, name, Some(seq), true));
+        }
+        Ok((channel.clone(), producer))
     }
 }
 
@@ -723,88 +792,33 @@ impl ConnectionHandler for ConnHandler {
                     }),
                     None => {
                         // Detaching what is not attached is already done.
-                        let text = Frame::Detached(Detached {
+                        let wire = self.outbox.encode(&Frame::Detached(Detached {
                             channel: detach.channel,
-                        })
-                        .encode();
+                        }));
                         let _ = self.outbox.send(Outbound {
-                            text: text.into(),
-                            completes_publish: None,
+                            wire,
+                            completes: None,
                         });
                     }
                 }
                 Ok(())
             }
             Frame::Publish(publish) => {
-                let name = publish.channel;
-                let seq = publish.seq;
-                let Some((channel, producer)) = self.attached.get(&name) else {
-                    let error = refusal(
-                        ErrorCode::NotAttached,
-                        ErrorCategory::Subscription,
-                        true,
-                        "attach before publishing".into(),
-                    );
-                    return Err(Self::reject(error, &name, Some(seq), false));
-                };
-                let Some(producer) = producer.clone() else {
-                    let error = refusal(
-                        ErrorCode::UnexpectedFrame,
-                        ErrorCategory::Protocol,
-                        true,
-                        "publishing requires an instance id in the hello".into(),
-                    );
-                    return Err(Self::reject(error, &name, Some(seq), false));
-                };
-                if seq == 0 || seq > MAX_SEQ {
-                    // Permanent for this publish: sequence numbers are 1 … 2^53 − 1 (exact in
-                    // every JSON implementation and in the Redis store's scripts).
-                    let error = refusal(
-                        ErrorCode::MalformedFrame,
-                        ErrorCategory::Protocol,
-                        true,
-                        format!("publish seq {seq} is outside 1 ..= {MAX_SEQ}"),
-                    );
-                    return Err(Self::reject(error, &name, Some(seq), false));
-                }
-                if publish.payload.len() > self.inner.max_message_size {
-                    // Permanent for this publish: resending the same bytes cannot succeed.
-                    let error = refusal(
-                        ErrorCode::FrameTooLarge,
-                        ErrorCategory::Protocol,
-                        true,
-                        format!(
-                            "payload of {} bytes exceeds the hub's maximum of {}",
-                            publish.payload.len(),
-                            self.inner.max_message_size
-                        ),
-                    );
-                    return Err(Self::reject(error, &name, Some(seq), false));
-                }
-                if self.in_flight >= self.inner.max_in_flight {
-                    let error = refusal(
-                        ErrorCode::RateLimited,
-                        ErrorCategory::Service,
-                        false,
-                        format!(
-                            "more than {} publishes awaiting acks",
-                            self.inner.max_in_flight
-                        ),
-                    );
-                    return Err(Self::reject(error, &name, Some(seq), true));
-                }
+                let (channel, producer) =
+                    self.check_publish(&publish.channel, publish.seq, 1, |_| {
+                        publish.payload.len()
+                    })?;
                 let bytes = publish.payload.len();
                 let command = PublishCommand {
                     producer,
-                    seq,
+                    seq: publish.seq,
                     payload: publish.payload,
                     reply: self.outbox.clone(),
                 };
                 channel
                     .try_send(command)
-                    .map_err(|_| Self::overloaded(&name, Some(seq)))?;
-                self.in_flight += 1;
-                self.in_flight_bytes += bytes;
+                    .map_err(|_| Self::overloaded(&publish.channel, Some(publish.seq)))?;
+                self.outbox.publishes_started(1, bytes);
                 Ok(())
             }
             other => Err(FrameRejection {
@@ -818,15 +832,35 @@ impl ConnectionHandler for ConnHandler {
         }
     }
 
-    fn on_outbound(&mut self, out: &Outbound) {
-        if let Some(bytes) = out.completes_publish {
-            self.in_flight = self.in_flight.saturating_sub(1);
-            self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
-        }
+    fn on_publish_run(&mut self, run: v2::PublishRun) -> Result<(), FrameRejection> {
+        let n = run.payloads.len();
+        let checked = self.check_publish(&run.channel, run.first_seq, n, |i| {
+            run.payloads[i].len()
+        });
+        let Ok((channel, producer)) = checked else {
+            // Some publish of the run is refused: each goes alone, for its own answer.
+            for frame in v2::Record::Publish(run).into_frames() {
+                self.on_frame(frame)?;
+            }
+            return Ok(());
+        };
+        let bytes = run.payloads.iter().map(|p| p.len()).sum();
+        let first_seq = run.first_seq;
+        let command = PublishRunCommand {
+            producer,
+            first_seq,
+            payloads: run.payloads,
+            reply: self.outbox.clone(),
+        };
+        channel
+            .try_send(command)
+            .map_err(|_| Self::overloaded(&run.channel, Some(first_seq)))?;
+        self.outbox.publishes_started(n, bytes);
+        Ok(())
     }
 
     fn wants_input(&self) -> bool {
-        self.in_flight_bytes < self.inner.max_in_flight_bytes
+        self.outbox.wants_input()
     }
 
     fn on_close(&mut self) {
@@ -842,7 +876,7 @@ impl ConnectionHandler for ConnHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tether_transport::hub::{Kick, OutboundBatch};
+    use tether_transport::hub::Kick;
     use tether_transport::protocol::{
         Attach, Attached, ClientId, Detach, Epoch, InstanceId, Offset, Payload, Position, Publish,
         SessionId,
@@ -851,38 +885,43 @@ mod tests {
 
     const T: Duration = Duration::from_secs(5);
 
-    /// Stands in for a hub session: every frame the channels send it, decoded.
-    struct Sink(mpsc::UnboundedSender<Frame>);
+    /// Stands in for a hub session's mailbox: kicks fail the test.
+    struct Sink;
 
     impl Actor for Sink {
         type Context = Context<Self>;
-
-        fn started(&mut self, ctx: &mut Context<Self>) {
-            // A session's mailbox holds its outbound queue; this one never refuses.
-            ctx.set_mailbox_capacity(1 << 20);
-        }
-    }
-
-    impl Handler<Outbound> for Sink {
-        type Result = ();
-        fn handle(&mut self, out: Outbound, _: &mut Context<Self>) {
-            let _ = self.0.send(Frame::decode(&out.text, usize::MAX).unwrap());
-        }
-    }
-
-    impl Handler<OutboundBatch> for Sink {
-        type Result = ();
-        fn handle(&mut self, batch: OutboundBatch, _: &mut Context<Self>) {
-            for text in batch.texts {
-                let _ = self.0.send(Frame::decode(&text, usize::MAX).unwrap());
-            }
-        }
     }
 
     impl Handler<Kick> for Sink {
         type Result = ();
         fn handle(&mut self, kick: Kick, _: &mut Context<Self>) {
             panic!("connection kicked: {}", kick.0);
+        }
+    }
+
+    /// Splits the unmasked WebSocket frames a hub writes into their payloads (text frames
+    /// only: what the channels send a v1 connection).
+    fn split_frames(buf: &mut bytes::BytesMut) -> Vec<bytes::Bytes> {
+        let mut out = Vec::new();
+        loop {
+            if buf.len() < 2 {
+                return out;
+            }
+            let (len, header) = match buf[1] & 0x7f {
+                126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+                127 if buf.len() >= 10 => {
+                    let mut n = [0; 8];
+                    n.copy_from_slice(&buf[2..10]);
+                    (u64::from_be_bytes(n) as usize, 10)
+                }
+                126 | 127 => return out,
+                n => (usize::from(n), 2),
+            };
+            if buf.len() < header + len {
+                return out;
+            }
+            let frame = buf.split_to(header + len).freeze();
+            out.push(frame.slice(header..));
         }
     }
 
@@ -895,14 +934,26 @@ mod tests {
     impl Peer {
         fn open(service: &ChannelService, conn_id: u64) -> Peer {
             let (tx, frames) = mpsc::unbounded_channel();
-            let sink = Sink(tx).start();
+            let budget = std::sync::Arc::new(tether_transport::hub::OutboundBudget::new(1 << 30));
+            let (pipe, mut body) = tether_transport::hub::wire::OutboundPipe::new(budget.clone());
+            // The socket writer: every frame the channels send, decoded.
+            actix_rt::spawn(async move {
+                use futures::StreamExt as _;
+                let mut buf = bytes::BytesMut::new();
+                while let Some(Ok(chunk)) = body.next().await {
+                    buf.extend_from_slice(&chunk);
+                    for text in split_frames(&mut buf) {
+                        let _ = tx.send(Frame::decode_shared(&text, usize::MAX).unwrap());
+                    }
+                }
+            });
             let outbox = SessionOutbox::new(
                 conn_id,
-                sink.clone().recipient(),
-                sink.clone().recipient(),
-                sink.recipient(),
-                // The test sink never drains: a budget it cannot exhaust.
-                std::sync::Arc::new(tether_transport::hub::OutboundBudget::new(1 << 30)),
+                1,
+                pipe,
+                Sink.start().recipient(),
+                budget,
+                Default::default(),
             );
             let conn = ConnInfo {
                 conn_id,

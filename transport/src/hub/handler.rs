@@ -7,16 +7,18 @@
 //! that cannot keep up is closed (it resumes from history when it returns), never allowed to
 //! grow the hub's memory; replays wait for room instead ([`SessionOutbox::reserve_replay`]).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::{Message, Recipient};
-use bytestring::ByteString;
+use bytes::{Bytes, BytesMut};
 
 use super::auth::Identity;
 use super::budget::{DrainWaker, OutboundBudget};
+use super::wire::{InboundGate, OutboundPipe, Outgoing};
 
 use crate::error::TransportError;
-use crate::protocol::{ClientId, Frame, InstanceId, SessionId};
+use crate::protocol::{v2, ClientId, Frame, InstanceId, SessionId};
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,24 +37,87 @@ pub struct ConnInfo {
     pub session: SessionId,
 }
 
-/// An encoded frame for a connection (encoded once, possibly shared by many connections).
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
-pub struct Outbound {
-    /// The frame's JSON text.
-    pub text: ByteString,
-    /// When this frame answers a publish (its ack, or an error about it): the payload bytes of
-    /// that publish, for the connection's in-flight accounting.
-    pub completes_publish: Option<usize>,
+/// A frame encoded for one protocol version: encoded once, shared by every connection that
+/// speaks that version (see [`SessionOutbox::version`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Wire {
+    /// The JSON text of one v1 frame.
+    Text(Bytes),
+    /// One or more v2 records (written together with the records queued beside them, in one
+    /// binary WebSocket frame).
+    Records(Bytes),
 }
 
-/// Several encoded frames for a connection, written in order, taking one mailbox slot (a page
-/// of a replay, or one fan-out of several messages).
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
-pub struct OutboundBatch {
-    /// The frames' JSON texts, in order.
-    pub texts: Vec<ByteString>,
+impl Wire {
+    /// `frame` in protocol `version`: v1 JSON text, or a v2 record.
+    pub fn encode(frame: &Frame, version: u16) -> Wire {
+        if version >= 2 {
+            let record = match frame {
+                Frame::Ack(a) => v2::Record::Ack(v2::AckRun {
+                    channel: a.channel.clone(),
+                    first_seq: a.seq,
+                    count: 1,
+                    duplicate: a.duplicate,
+                    stored: a.offset.zip(a.epoch.clone()).map(|(o, e)| (e, o)),
+                }),
+                Frame::Message(m) => {
+                    let mut buf = BytesMut::new();
+                    v2::encode_messages(
+                        &mut buf,
+                        &m.channel,
+                        &m.epoch,
+                        m.offset,
+                        std::iter::once(&m.payload),
+                    );
+                    return Wire::Records(buf.freeze());
+                }
+                other => v2::Record::Control(other.clone()),
+            };
+            let mut buf = BytesMut::new();
+            v2::encode(&record, &mut buf);
+            Wire::Records(buf.freeze())
+        } else {
+            Wire::Text(Bytes::from(frame.encode()))
+        }
+    }
+
+    /// Encoded size in bytes (what it is charged to a connection's budget).
+    pub fn len(&self) -> usize {
+        match self {
+            Wire::Text(b) | Wire::Records(b) => b.len(),
+        }
+    }
+
+    /// Whether it is empty (never, for an encoded frame).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn into_outgoing(self) -> Outgoing {
+        match self {
+            Wire::Text(b) => Outgoing::Text(b),
+            Wire::Records(b) => Outgoing::Records(b),
+        }
+    }
+}
+
+/// An encoded frame for a connection.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// The frame, in the connection's protocol version.
+    pub wire: Wire,
+    /// When this frame answers publishes (their acks, or an error about one): how many, and
+    /// their payload bytes, for the connection's in-flight accounting.
+    pub completes: Option<Completes>,
+}
+
+/// Publishes a frame answers (see [`Outbound::completes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completes {
+    /// How many publishes.
+    pub publishes: usize,
+    /// Their payload bytes.
+    pub bytes: usize,
 }
 
 /// Closes a connection with a typed error (slow consumer, overload).
@@ -60,14 +125,27 @@ pub struct OutboundBatch {
 #[rtype(result = "()")]
 pub struct Kick(pub TransportError);
 
-/// The sending side of one connection.
+/// A connection's publishes awaiting their acks, shared by its session (which stops reading
+/// the socket past the limit) and its outbox handles (whose acks bring it back under).
+#[derive(Debug)]
+struct InFlight {
+    publishes: AtomicUsize,
+    bytes: AtomicUsize,
+    max_bytes: AtomicUsize,
+    gate: InboundGate,
+}
+
+/// The sending side of one connection. Frames go straight into the connection's outbound
+/// queue (no hop through the session actor): from a channel thread, a frame crosses one
+/// thread boundary to reach the socket.
 #[derive(Clone)]
 pub struct SessionOutbox {
     conn_id: u64,
-    frames: Recipient<Outbound>,
-    batches: Recipient<OutboundBatch>,
+    version: u16,
+    pipe: OutboundPipe,
     kick: Recipient<Kick>,
     budget: Arc<OutboundBudget>,
+    in_flight: Arc<InFlight>,
 }
 
 /// The connection's outbound budget (or mailbox) is full: it is not reading fast enough.
@@ -113,20 +191,28 @@ impl std::fmt::Debug for ReplayReservation {
 }
 
 impl SessionOutbox {
-    /// An outbox over a session actor's recipients.
+    /// An outbox writing into a connection's `pipe`, speaking protocol `version`, kicking
+    /// through `kick`, pausing its reading through `gate`.
     pub fn new(
         conn_id: u64,
-        frames: Recipient<Outbound>,
-        batches: Recipient<OutboundBatch>,
+        version: u16,
+        pipe: OutboundPipe,
         kick: Recipient<Kick>,
         budget: Arc<OutboundBudget>,
+        gate: InboundGate,
     ) -> Self {
         SessionOutbox {
             conn_id,
-            frames,
-            batches,
+            version,
+            pipe,
             kick,
             budget,
+            in_flight: Arc::new(InFlight {
+                publishes: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(0),
+                max_bytes: AtomicUsize::new(usize::MAX),
+                gate,
+            }),
         }
     }
 
@@ -135,50 +221,47 @@ impl SessionOutbox {
         self.conn_id
     }
 
-    /// Queues a frame. `Err(OutboxFull)` when it does not fit the connection's outbound budget
-    /// (or its mailbox); the caller should [`SessionOutbox::kick`] it. A closed connection is
-    /// not an error: there is nobody left to tell.
+    /// The protocol version the connection speaks (1: JSON text, 2: binary records).
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// `frame` encoded for this connection.
+    pub fn encode(&self, frame: &Frame) -> Wire {
+        Wire::encode(frame, self.version)
+    }
+
+    /// Queues a frame. `Err(OutboxFull)` when it does not fit the connection's outbound budget;
+    /// the caller should [`SessionOutbox::kick`] it. A closed connection is not an error: there
+    /// is nobody left to tell.
     pub fn send(&self, out: Outbound) -> Result<(), OutboxFull> {
-        let bytes = out.text.len();
+        if let Some(done) = out.completes {
+            // Answered, whether or not the answer fits: the publishes are no longer in flight.
+            self.publishes_done(done);
+        }
+        let bytes = out.wire.len();
         if !self.budget.try_charge(bytes) {
             return Err(OutboxFull);
         }
-        let sent = self.frames.try_send(out);
-        self.settle(sent, bytes)
+        self.pipe.push_item(out.wire.into_outgoing(), bytes);
+        Ok(())
     }
 
-    /// What a mailbox send of `bytes` already charged comes to: a frame the mailbox did not
-    /// take gives its bytes back; a closed connection is not an error.
-    fn settle<M>(
-        &self,
-        sent: Result<(), actix::dev::SendError<M>>,
-        bytes: usize,
-    ) -> Result<(), OutboxFull> {
-        match sent {
-            Ok(()) => Ok(()),
-            Err(actix::dev::SendError::Closed(_)) => {
-                self.budget.release(bytes);
-                Ok(())
-            }
-            Err(actix::dev::SendError::Full(_)) => {
-                self.budget.release(bytes);
-                Err(OutboxFull)
-            }
-        }
-    }
-
-    /// Queues several frames as one batch (same budget, one mailbox slot).
-    pub fn send_batch(&self, texts: Vec<ByteString>) -> Result<(), OutboxFull> {
-        let bytes: usize = texts.iter().map(|t| t.len()).sum();
+    /// Queues several frames (one budget charge).
+    pub fn send_batch(&self, frames: Vec<Wire>) -> Result<(), OutboxFull> {
+        let bytes: usize = frames.iter().map(Wire::len).sum();
         if !self.budget.try_charge(bytes) {
             return Err(OutboxFull);
         }
-        self.send_charged_batch(texts, bytes)
+        self.push_charged(frames);
+        Ok(())
     }
 
-    fn send_charged_batch(&self, texts: Vec<ByteString>, bytes: usize) -> Result<(), OutboxFull> {
-        let sent = self.batches.try_send(OutboundBatch { texts });
-        self.settle(sent, bytes)
+    fn push_charged(&self, frames: Vec<Wire>) {
+        for wire in frames {
+            let bytes = wire.len();
+            self.pipe.push_item(wire.into_outgoing(), bytes);
+        }
     }
 
     /// Reserves about `bytes` of the connection's replay share (half its budget) before a
@@ -206,12 +289,13 @@ impl SessionOutbox {
     /// charged; what they leave is given back).
     pub fn send_replay(
         &self,
-        texts: Vec<ByteString>,
+        frames: Vec<Wire>,
         reservation: ReplayReservation,
     ) -> Result<(), OutboxFull> {
-        let bytes: usize = texts.iter().map(|t| t.len()).sum();
+        let bytes: usize = frames.iter().map(Wire::len).sum();
         reservation.settle(bytes);
-        self.send_charged_batch(texts, bytes)
+        self.push_charged(frames);
+        Ok(())
     }
 
     /// Bytes queued for this connection and not yet written to its socket.
@@ -226,7 +310,51 @@ impl SessionOutbox {
 
     /// Whether the connection is still open.
     pub fn is_open(&self) -> bool {
-        self.frames.connected() && !self.budget.is_closed()
+        self.kick.connected() && !self.budget.is_closed()
+    }
+
+    /// The most payload bytes of publishes awaiting acks before the connection's socket stops
+    /// being read (TCP backpressure on the client). Default: no limit.
+    pub fn limit_in_flight(&self, max_bytes: usize) {
+        self.in_flight.max_bytes.store(max_bytes, Ordering::SeqCst);
+    }
+
+    /// Publishes of `bytes` payload bytes went to a channel and await their acks.
+    pub fn publishes_started(&self, publishes: usize, bytes: usize) {
+        self.in_flight
+            .publishes
+            .fetch_add(publishes, Ordering::SeqCst);
+        self.in_flight.bytes.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    fn publishes_done(&self, done: Completes) {
+        let sub = |counter: &AtomicUsize, n: usize| {
+            let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                Some(v.saturating_sub(n))
+            });
+        };
+        sub(&self.in_flight.publishes, done.publishes);
+        sub(&self.in_flight.bytes, done.bytes);
+        if self.in_flight_bytes() < self.in_flight.max_bytes.load(Ordering::SeqCst)
+            && self.in_flight.gate.is_paused()
+        {
+            self.in_flight.gate.resume();
+        }
+    }
+
+    /// Publishes awaiting their acks.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.publishes.load(Ordering::SeqCst)
+    }
+
+    /// Payload bytes of the publishes awaiting their acks.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.in_flight.bytes.load(Ordering::SeqCst)
+    }
+
+    /// Whether the connection's in-flight publish bytes are under the limit.
+    pub fn wants_input(&self) -> bool {
+        self.in_flight_bytes() < self.in_flight.max_bytes.load(Ordering::SeqCst)
     }
 }
 
@@ -273,15 +401,21 @@ pub trait ConnectionHandler: 'static {
     /// frame and, when permanent for the connection (`closes` true), the connection is closed.
     fn on_frame(&mut self, frame: Frame) -> Result<(), FrameRejection>;
 
+    /// A v2 run of publishes on one channel. Default: each publish through
+    /// [`ConnectionHandler::on_frame`], in order, stopping at the first refused.
+    fn on_publish_run(&mut self, run: v2::PublishRun) -> Result<(), FrameRejection> {
+        for frame in v2::Record::Publish(run).into_frames() {
+            self.on_frame(frame)?;
+        }
+        Ok(())
+    }
+
     /// Whether the connection should go on reading its socket. `false` (for example: too many
     /// publish bytes awaiting their acks) stops reading — TCP backpressure on the client —
     /// until a frame written to it (an ack) makes this `true` again. Default: always.
     fn wants_input(&self) -> bool {
         true
     }
-
-    /// A frame is about to be written to the client.
-    fn on_outbound(&mut self, _out: &Outbound) {}
 
     /// The connection is gone.
     fn on_close(&mut self);

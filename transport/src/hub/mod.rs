@@ -37,8 +37,8 @@ pub use auth::{
 };
 pub use budget::{OutboundBudget, DEFAULT_OUTBOUND_BUDGET};
 pub use handler::{
-    ConnInfo, ConnectionHandler, FrameRejection, HandlerHealth, Kick, NoChannels, Outbound,
-    OutboundBatch, OutboxFull, ReplayReservation, SessionHandler, SessionOutbox,
+    Completes, ConnInfo, ConnectionHandler, FrameRejection, HandlerHealth, Kick, NoChannels,
+    Outbound, OutboxFull, ReplayReservation, SessionHandler, SessionOutbox, Wire,
 };
 pub use session::{Evict, HubSession, ShutDown};
 pub use sessions::{SessionTable, DEFAULT_SESSION_TTL};

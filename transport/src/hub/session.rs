@@ -26,14 +26,14 @@ use tokio::time::Instant;
 use super::auth::{AuthRejection, Identity};
 use super::budget::OutboundBudget;
 use super::handler::{
-    ConnInfo, ConnectionHandler, FrameRejection, Kick, Outbound, OutboundBatch, SessionOutbox,
+    ConnInfo, ConnectionHandler, FrameRejection, Kick, SessionOutbox, Wire,
 };
-use super::wire::{ConnSocket, Inbound, InboundError, InboundGate, OutboundPipe};
+use super::wire::{ConnSocket, Inbound, InboundError, InboundGate, OutboundPipe, Outgoing};
 use super::HubState;
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
 use crate::protocol::{
-    check_identifier, close_reason_text, ClientId, ErrorCode, ErrorFrame, Frame, Hello,
+    check_identifier, v2, close_reason_text, ClientId, ErrorCode, ErrorFrame, Frame, Hello,
     RetryWindow, SessionId, Welcome, CLOSE_SESSION_TAKEN_OVER, MAX_ID_LEN, MAX_TOKEN_LEN,
 };
 use crate::telemetry;
@@ -57,6 +57,11 @@ pub struct ShutDown {
 #[rtype(result = "()")]
 struct Gone;
 
+/// A frame was queued while no write-stall watch was armed: arm one.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+struct WatchStall;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     AwaitingHello,
@@ -70,6 +75,8 @@ pub struct HubSession {
     conn_id: u64,
     state: Arc<HubState>,
     phase: Phase,
+    /// The protocol version of the connection (1 until a hello asks for another).
+    version: u16,
     client_id: Option<ClientId>,
     session: Option<SessionId>,
     heartbeat: Heartbeat,
@@ -188,6 +195,7 @@ pub(crate) fn start(
         ),
         state,
         phase: Phase::AwaitingHello,
+        version: 1,
         client_id: None,
         session: None,
         heartbeat_timer: None,
@@ -216,13 +224,12 @@ impl HubSession {
     /// Sends `error` as a frame, then closes with `code` and stops.
     fn fail(&mut self, ctx: &mut Context<Self>, error: TransportError, code: CloseCode) {
         tracing::debug!(parent: &self.span, %error, "closing connection");
-        self.send_error(ctx, &error, None);
+        self.send_error(&error, None);
         self.close(ctx, code, Some(error.to_string()));
     }
 
     fn send_error(
         &mut self,
-        ctx: &mut Context<Self>,
         error: &TransportError,
         about: Option<(String, Option<u64>)>,
     ) {
@@ -232,23 +239,30 @@ impl HubSession {
         if let Some((channel, seq)) = about {
             frame = frame.about(&channel, seq);
         }
-        self.send_text(ctx, Frame::Error(frame).encode().into());
+        self.send_frame(&Frame::Error(frame));
     }
 
-    /// Queues a frame of the session's own (welcome, error), charged to the budget.
-    fn send_text(&mut self, ctx: &mut Context<Self>, text: bytestring::ByteString) {
-        self.budget.charge(text.len());
-        let charged = text.len();
-        self.push(ctx, WsMessage::Text(text), charged);
+    /// Queues a frame of the session's own (welcome, error) in the connection's protocol
+    /// version, charged to the budget.
+    fn send_frame(&mut self, frame: &Frame) {
+        // The handshake is JSON text in every version.
+        let wire = if matches!(frame, Frame::Welcome(_)) {
+            Wire::encode(frame, 1)
+        } else {
+            Wire::encode(frame, self.version)
+        };
+        let charged = wire.len();
+        self.budget.charge(charged);
+        let item = match wire {
+            Wire::Text(b) => Outgoing::Text(b),
+            Wire::Records(b) => Outgoing::Records(b),
+        };
+        self.pipe.push_item(item, charged);
     }
 
-    /// Hands a frame to the writer, watching that the writer keeps taking them.
-    fn push(&mut self, ctx: &mut Context<Self>, message: WsMessage, charged: usize) {
+    /// Hands a control frame to the writer (the pipe arms the stall watch).
+    fn push(&mut self, _ctx: &mut Context<Self>, message: WsMessage, charged: usize) {
         self.pipe.push(message, charged);
-        if self.stall_timer.is_none() {
-            let after = self.state.config.write_timeout;
-            self.arm_stall_timer(ctx, after);
-        }
     }
 
     /// Resets a connection whose writer made no progress for the write timeout: its peer does
@@ -259,7 +273,11 @@ impl HubSession {
             let limit = act.state.config.write_timeout;
             let stalled = act.pipe.stalled_for(Instant::now());
             if stalled.is_zero() {
-                return; // nothing waits: re-armed by the next frame
+                if act.pipe.disarm_if_idle() {
+                    return; // nothing waits: the next frame arms the watch again
+                }
+                act.arm_stall_timer(ctx, limit);
+                return;
             }
             if stalled < limit {
                 act.arm_stall_timer(ctx, limit - stalled);
@@ -341,13 +359,18 @@ impl HubSession {
         }));
     }
 
-    fn on_text(&mut self, ctx: &mut Context<Self>, text: &str) {
-        let frame = match Frame::decode(text, self.state.config.max_frame_size) {
+    fn on_text(&mut self, ctx: &mut Context<Self>, text: &Bytes) {
+        let frame = match Frame::decode_shared(text, self.state.config.max_frame_size) {
             Ok(frame) => frame,
             Err(error) => {
                 let code = match error {
                     TransportError::FrameTooLarge { .. } => CloseCode::Size,
                     TransportError::UnsupportedVersion { .. } => CloseCode::Policy,
+                    TransportError::MalformedFrame { ref reason }
+                        if reason.starts_with("text frame is not UTF-8") =>
+                    {
+                        CloseCode::Invalid
+                    }
                     _ => CloseCode::Protocol,
                 };
                 if matches!(error, TransportError::UnsupportedVersion { .. }) {
@@ -358,6 +381,58 @@ impl HubSession {
                 return;
             }
         };
+        self.on_frame(ctx, frame, text.len());
+    }
+
+    /// A binary frame: v2 records, on a connection whose hello asked for v2.
+    fn on_binary(&mut self, ctx: &mut Context<Self>, bytes: &Bytes) {
+        if self.version < 2 || self.phase == Phase::AwaitingHello {
+            let error = TransportError::UnexpectedFrame {
+                expected: "a text frame (protocol v1 is JSON text; v2 starts after a hello asking for it)",
+                got: "binary frame".into(),
+            };
+            self.fail(ctx, error, CloseCode::Unsupported);
+            return;
+        }
+        let records = match v2::decode(bytes, self.state.config.max_frame_size) {
+            Ok(records) => records,
+            Err(error) => {
+                let code = match error {
+                    TransportError::FrameTooLarge { .. } => CloseCode::Size,
+                    _ => CloseCode::Protocol,
+                };
+                self.fail(ctx, error, code);
+                return;
+            }
+        };
+        let size = bytes.len();
+        for record in records {
+            if self.phase == Phase::Closing {
+                return;
+            }
+            match record {
+                v2::Record::Publish(run) if self.phase == Phase::Open => {
+                    let Some(handler) = self.handler.as_mut() else {
+                        return;
+                    };
+                    let result = handler.on_publish_run(run);
+                    self.after_handler(ctx, result);
+                }
+                record => {
+                    for frame in record.into_frames() {
+                        self.on_frame(ctx, frame, size);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A decoded frame, in whatever phase the connection is; `size` is what it took on the
+    /// wire (for the bound on frames pipelined before the welcome).
+    fn on_frame(&mut self, ctx: &mut Context<Self>, frame: Frame, size: usize) {
+        if self.phase == Phase::Closing {
+            return;
+        }
         match (self.phase, frame) {
             (Phase::AwaitingHello, Frame::Hello(hello)) => self.on_hello(ctx, hello),
             (Phase::Authenticating, frame)
@@ -365,7 +440,7 @@ impl HubSession {
             {
                 // Pipelined behind the hello (an attach right away saves a round trip on every
                 // reconnect): held, within bounds, and served once the welcome is out.
-                self.early_bytes += text.len();
+                self.early_bytes += size;
                 if self.early.len() >= MAX_EARLY_FRAMES || self.early_bytes > MAX_EARLY_BYTES {
                     let error = TransportError::UnexpectedFrame {
                         expected: "at most 64 frames (256 KiB) before the welcome",
@@ -415,29 +490,38 @@ impl HubSession {
                     return;
                 };
                 let result = handler.on_frame(frame);
-                if !handler.wants_input() && !self.gate.is_paused() {
-                    // Backpressure: read nothing more until acks bring it back under.
-                    metrics::counter!(telemetry::HUB_READS_PAUSED).increment(1);
-                    self.gate.pause();
+                self.after_handler(ctx, result);
+            }
+        }
+    }
+
+    /// Applies backpressure and answers a rejection after the handler took a frame.
+    fn after_handler(&mut self, ctx: &mut Context<Self>, result: Result<(), FrameRejection>) {
+        if let Some(handler) = self.handler.as_ref() {
+            if !handler.wants_input() && !self.gate.is_paused() {
+                // Backpressure: read nothing more until acks bring it back under. Acks that
+                // landed between the check and the pause would not see the pause: look again.
+                metrics::counter!(telemetry::HUB_READS_PAUSED).increment(1);
+                self.gate.pause();
+                if handler.wants_input() {
+                    self.gate.resume();
                 }
-                if let Err(FrameRejection {
-                    error,
-                    about,
-                    closes,
-                }) = result
-                {
-                    if closes {
-                        let code = match error.category() {
-                            crate::error::ErrorCategory::Service => CloseCode::Again,
-                            crate::error::ErrorCategory::Protocol => CloseCode::Protocol,
-                            _ => CloseCode::Policy,
-                        };
-                        self.send_error(ctx, &error, about);
-                        self.close(ctx, code, Some(error.to_string()));
-                    } else {
-                        self.send_error(ctx, &error, about);
-                    }
-                }
+            }
+        }
+        if let Err(FrameRejection {
+            error,
+            about,
+            closes,
+        }) = result
+        {
+            self.send_error(&error, about);
+            if closes {
+                let code = match error.category() {
+                    crate::error::ErrorCategory::Service => CloseCode::Again,
+                    crate::error::ErrorCategory::Protocol => CloseCode::Protocol,
+                    _ => CloseCode::Policy,
+                };
+                self.close(ctx, code, Some(error.to_string()));
             }
         }
     }
@@ -522,7 +606,8 @@ impl HubSession {
             heartbeat_ms: self.state.config.heartbeat_interval.as_millis() as u64,
             idle_timeout_ms: self.state.config.idle_timeout.as_millis() as u64,
         });
-        self.send_text(ctx, welcome.encode().into());
+        self.send_frame(&welcome);
+        self.version = hello.v;
         let info = ConnInfo {
             conn_id: self.conn_id,
             identity,
@@ -532,10 +617,11 @@ impl HubSession {
         };
         let outbox = SessionOutbox::new(
             self.conn_id,
-            ctx.address().recipient(),
-            ctx.address().recipient(),
+            self.version,
+            self.pipe.clone(),
             ctx.address().recipient(),
             self.budget.clone(),
+            self.gate.clone(),
         );
         self.handler = Some(self.state.config.handler.open(info, outbox));
         self.client_id = Some(hello.client_id);
@@ -559,6 +645,9 @@ impl Actor for HubSession {
         ctx.set_mailbox_capacity(self.state.config.outbound_queue);
         let addr = ctx.address();
         self.pipe.on_gone(move || addr.do_send(Gone));
+        let addr = ctx.address();
+        self.pipe
+            .on_stall_arm(Arc::new(move || addr.do_send(WatchStall)));
         self.state
             .live_sessions()
             .insert(self.conn_id, ctx.address().recipient());
@@ -609,19 +698,16 @@ impl StreamHandler<Result<WsFrame, InboundError>> for HubSession {
     fn handle(&mut self, item: Result<WsFrame, InboundError>, ctx: &mut Self::Context) {
         self.heartbeat.on_activity(Instant::now());
         match item {
-            Ok(WsFrame::Text(bytes)) => match std::str::from_utf8(&bytes) {
-                Ok(text) => {
-                    if self.phase != Phase::Closing {
-                        self.on_text(ctx, text)
-                    }
+            Ok(WsFrame::Text(bytes)) => {
+                if self.phase != Phase::Closing {
+                    self.on_text(ctx, &bytes)
                 }
-                Err(e) => {
-                    let error = TransportError::MalformedFrame {
-                        reason: format!("text frame is not UTF-8: {e}"),
-                    };
-                    self.fail(ctx, error, CloseCode::Invalid);
+            }
+            Ok(WsFrame::Binary(bytes)) => {
+                if self.phase != Phase::Closing {
+                    self.on_binary(ctx, &bytes)
                 }
-            },
+            }
             Ok(WsFrame::Ping(payload)) => {
                 if self.phase != Phase::Closing {
                     self.push(ctx, WsMessage::Pong(payload), 0);
@@ -639,10 +725,10 @@ impl StreamHandler<Result<WsFrame, InboundError>> for HubSession {
                     self.close(ctx, code, None);
                 }
             }
-            Ok(WsFrame::Binary(_)) | Ok(WsFrame::Continuation(_)) => {
+            Ok(WsFrame::Continuation(_)) => {
                 let error = TransportError::UnexpectedFrame {
-                    expected: "a text frame (protocol v1 is JSON text)",
-                    got: "binary or fragmented frame".into(),
+                    expected: "an unfragmented frame",
+                    got: "fragmented frame".into(),
                 };
                 self.fail(ctx, error, CloseCode::Unsupported);
             }
@@ -701,7 +787,7 @@ impl Handler<ShutDown> for HubSession {
             message: "the hub is stopping; reconnect within the retry window".into(),
         });
         frame.retry_after_ms = Some(msg.retry);
-        self.send_text(ctx, Frame::Error(frame).encode().into());
+        self.send_frame(&Frame::Error(frame));
         self.close(ctx, CloseCode::Away, Some("hub shutting down".into()));
     }
 }
@@ -720,37 +806,13 @@ impl Handler<Evict> for HubSession {
     }
 }
 
-impl Handler<Outbound> for HubSession {
+impl Handler<WatchStall> for HubSession {
     type Result = ();
 
-    fn handle(&mut self, out: Outbound, ctx: &mut Self::Context) {
-        let charged = out.text.len();
-        if self.phase != Phase::Open {
-            self.budget.release(charged);
-            return;
-        }
-        if let Some(handler) = self.handler.as_mut() {
-            handler.on_outbound(&out);
-            if out.completes_publish.is_some() && handler.wants_input() && self.gate.is_paused() {
-                self.gate.resume();
-            }
-        }
-        self.push(ctx, WsMessage::Text(out.text), charged);
-    }
-}
-
-impl Handler<OutboundBatch> for HubSession {
-    type Result = ();
-
-    fn handle(&mut self, batch: OutboundBatch, ctx: &mut Self::Context) {
-        if self.phase != Phase::Open {
-            let charged: usize = batch.texts.iter().map(|t| t.len()).sum();
-            self.budget.release(charged);
-            return;
-        }
-        for text in batch.texts {
-            let charged = text.len();
-            self.push(ctx, WsMessage::Text(text), charged);
+    fn handle(&mut self, _: WatchStall, ctx: &mut Self::Context) {
+        if self.stall_timer.is_none() {
+            let after = self.state.config.write_timeout;
+            self.arm_stall_timer(ctx, after);
         }
     }
 }

@@ -294,11 +294,38 @@ where
     }
 }
 
+/// What waits in a connection's outbound queue.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A WebSocket message of its own: a ping, pong or close (or a text frame built by hand).
+    Message(Message),
+    /// The JSON text of one v1 frame, already encoded (it goes out as one text frame).
+    Text(Bytes),
+    /// One or more v2 records. Records queued next to each other go out in one binary frame
+    /// (up to the pipe's batch size): whatever is ready when the writer can take it.
+    Records(Bytes),
+}
+
+impl Outgoing {
+    fn is_close(&self) -> bool {
+        matches!(self, Outgoing::Message(Message::Close(_)))
+    }
+}
+
+/// Called (once per arming) when a frame is queued while no write-stall watch is armed.
+pub type StallArm = Arc<dyn Fn() + Send + Sync>;
+
+/// Default largest v2 binary frame the pipe builds from queued records, and the most it hands
+/// the writer at once: 64 KiB.
+pub const DEFAULT_MAX_BATCH: usize = 64 * 1024;
+
 struct PipeState {
-    /// Encoded frames with what each was charged.
-    frames: VecDeque<(Bytes, usize)>,
+    /// Frames with what each was charged.
+    frames: VecDeque<(Outgoing, usize)>,
     /// No more frames: the body ends once the queue is empty.
     finished: bool,
+    /// A close frame is queued: nothing may follow it on the wire.
+    closing: bool,
     /// The dispatcher dropped the body: the connection is gone.
     gone: bool,
     waker: Option<Waker>,
@@ -306,10 +333,14 @@ struct PipeState {
     last_progress: Instant,
     /// Called once when the body is dropped.
     on_gone: Option<Box<dyn FnOnce() + Send>>,
+    /// Whether somebody watches for a stalled writer (see [`OutboundPipe::disarm_if_idle`]).
+    stall_armed: bool,
+    on_stall_arm: Option<StallArm>,
 }
 
-/// The sending half of a connection: frames go in here, the [`PipeBody`] hands them to the
-/// HTTP dispatcher as it can write them.
+/// The sending half of a connection: frames go in here (from the session, or straight from
+/// channel threads through the connection's outbox), the [`PipeBody`] hands them to the HTTP
+/// dispatcher as it can write them, framed and batched when taken.
 #[derive(Clone)]
 pub struct OutboundPipe {
     state: Arc<Mutex<PipeState>>,
@@ -318,15 +349,24 @@ pub struct OutboundPipe {
 }
 
 impl OutboundPipe {
-    /// A pipe charging `budget`, with its body (the WebSocket response's body).
+    /// A pipe charging `budget`, with its body (the WebSocket response's body), batching v2
+    /// records into frames of up to [`DEFAULT_MAX_BATCH`] bytes.
     pub fn new(budget: Arc<OutboundBudget>) -> (OutboundPipe, PipeBody) {
+        Self::with_batch(budget, DEFAULT_MAX_BATCH)
+    }
+
+    /// [`OutboundPipe::new`] with v2 frames of up to `max_batch` bytes.
+    pub fn with_batch(budget: Arc<OutboundBudget>, max_batch: usize) -> (OutboundPipe, PipeBody) {
         let state = Arc::new(Mutex::new(PipeState {
             frames: VecDeque::new(),
             finished: false,
+            closing: false,
             gone: false,
             waker: None,
             last_progress: Instant::now(),
             on_gone: None,
+            stall_armed: false,
+            on_stall_arm: None,
         }));
         let gone = Arc::new(tokio::sync::Notify::new());
         (
@@ -339,6 +379,7 @@ impl OutboundPipe {
                 state,
                 budget,
                 gone,
+                max_batch: max_batch.max(1),
             },
         )
     }
@@ -358,17 +399,34 @@ impl OutboundPipe {
         }
     }
 
-    /// Queues `message`, encoded, already charged `charged` bytes to the budget. Dropped (and
-    /// released) when the pipe is finished or the connection gone.
-    pub fn push(&self, message: Message, charged: usize) {
-        let mut buf = BytesMut::new();
-        let mut codec = Codec::new();
-        if codec.encode(message, &mut buf).is_err() {
-            self.budget.release(charged);
-            return;
-        }
+    /// `arm` runs when a frame is queued and no stall watch is armed (it arms one); the watch
+    /// ends with [`OutboundPipe::disarm_if_idle`].
+    pub fn on_stall_arm(&self, arm: StallArm) {
+        self.lock().on_stall_arm = Some(arm);
+    }
+
+    /// Ends the stall watch if nothing waits: `true` when disarmed (the next frame arms it
+    /// again), `false` when frames still wait (keep watching).
+    pub fn disarm_if_idle(&self) -> bool {
         let mut state = self.lock();
-        if state.finished || state.gone {
+        if state.frames.is_empty() {
+            state.stall_armed = false;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Queues a WebSocket message, already charged `charged` bytes to the budget.
+    pub fn push(&self, message: Message, charged: usize) {
+        self.push_item(Outgoing::Message(message), charged);
+    }
+
+    /// Queues `item`, already charged `charged` bytes to the budget. Dropped (and released)
+    /// when the pipe is finished, closing (a close frame went in before it) or gone.
+    pub fn push_item(&self, item: Outgoing, charged: usize) {
+        let mut state = self.lock();
+        if state.finished || state.gone || state.closing {
             drop(state);
             self.budget.release(charged);
             return;
@@ -376,9 +434,22 @@ impl OutboundPipe {
         if state.frames.is_empty() {
             state.last_progress = Instant::now();
         }
-        state.frames.push_back((buf.freeze(), charged));
+        if item.is_close() {
+            state.closing = true;
+        }
+        state.frames.push_back((item, charged));
         if let Some(w) = state.waker.take() {
             w.wake();
+        }
+        let arm = if state.stall_armed {
+            None
+        } else {
+            state.stall_armed = true;
+            state.on_stall_arm.clone()
+        };
+        drop(state);
+        if let Some(arm) = arm {
+            arm();
         }
     }
 
@@ -433,6 +504,78 @@ pub struct PipeBody {
     state: Arc<Mutex<PipeState>>,
     budget: Arc<OutboundBudget>,
     gone: Arc<tokio::sync::Notify>,
+    max_batch: usize,
+}
+
+/// Appends the header of an unmasked, final server frame (RFC 6455 §5.2).
+fn put_header(buf: &mut BytesMut, opcode: u8, len: usize) {
+    use bytes::BufMut;
+    buf.put_u8(0x80 | opcode);
+    match len {
+        0..=125 => buf.put_u8(len as u8),
+        126..=0xffff => {
+            buf.put_u8(126);
+            buf.put_u16(len as u16);
+        }
+        _ => {
+            buf.put_u8(127);
+            buf.put_u64(len as u64);
+        }
+    }
+}
+
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+
+impl PipeBody {
+    /// Frames what is queued into one chunk for the writer: each text frame and message as
+    /// it is, runs of v2 records as one binary frame of up to `max_batch` bytes; stops once the
+    /// chunk holds `max_batch` bytes.
+    fn take_chunk(&self, state: &mut PipeState) -> (BytesMut, usize) {
+        let mut chunk = BytesMut::new();
+        let mut released = 0;
+        let mut codec = Codec::new();
+        while chunk.len() < self.max_batch {
+            let Some((item, charged)) = state.frames.pop_front() else {
+                break;
+            };
+            released += charged;
+            match item {
+                Outgoing::Message(message) => {
+                    // Control frames and hand-built messages: the codec cannot fail on them.
+                    let _ = codec.encode(message, &mut chunk);
+                }
+                Outgoing::Text(text) => {
+                    chunk.reserve(10 + text.len());
+                    put_header(&mut chunk, OP_TEXT, text.len());
+                    chunk.extend_from_slice(&text);
+                }
+                Outgoing::Records(first) => {
+                    let mut len = first.len();
+                    let mut count = 1;
+                    for (next, _) in state.frames.iter() {
+                        match next {
+                            Outgoing::Records(r) if len + r.len() <= self.max_batch => {
+                                len += r.len();
+                                count += 1;
+                            }
+                            _ => break,
+                        }
+                    }
+                    chunk.reserve(10 + len);
+                    put_header(&mut chunk, OP_BINARY, len);
+                    chunk.extend_from_slice(&first);
+                    for _ in 1..count {
+                        if let Some((Outgoing::Records(r), charged)) = state.frames.pop_front() {
+                            released += charged;
+                            chunk.extend_from_slice(&r);
+                        }
+                    }
+                }
+            }
+        }
+        (chunk, released)
+    }
 }
 
 impl Stream for PipeBody {
@@ -440,18 +583,18 @@ impl Stream for PipeBody {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match state.frames.pop_front() {
-            Some((bytes, charged)) => {
-                state.last_progress = Instant::now();
-                drop(state);
-                self.budget.release(charged);
-                Poll::Ready(Some(Ok(bytes)))
-            }
-            None if state.finished => Poll::Ready(None),
-            None => {
-                state.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
+        if !state.frames.is_empty() {
+            let (chunk, released) = self.take_chunk(&mut state);
+            state.last_progress = Instant::now();
+            drop(state);
+            self.budget.release(released);
+            return Poll::Ready(Some(Ok(chunk.freeze())));
+        }
+        if state.finished {
+            Poll::Ready(None)
+        } else {
+            state.waker = Some(cx.waker().clone());
+            Poll::Pending
         }
     }
 }
@@ -624,13 +767,16 @@ mod tests {
         let budget = Arc::new(OutboundBudget::new(1000));
         let (pipe, mut body) = OutboundPipe::new(budget.clone());
         assert!(budget.try_charge(5));
-        pipe.push(Message::Text("hello".into()), 5);
+        pipe.push_item(Outgoing::Text(Bytes::from_static(b"hello")), 5);
         assert!(budget.try_charge(5));
-        pipe.push(Message::Text("world".into()), 5);
+        pipe.push_item(Outgoing::Text(Bytes::from_static(b"world")), 5);
         assert_eq!(budget.pending(), 10);
-        let first = body.next().await.unwrap().unwrap();
-        assert_eq!(&first[2..], b"hello");
-        assert_eq!(budget.pending(), 5);
+        // Whatever is queued goes to the writer as one chunk: two text frames.
+        let chunk = body.next().await.unwrap().unwrap();
+        assert_eq!(&chunk[..], b"\x81\x05hello\x81\x05world");
+        assert_eq!(budget.pending(), 0);
+        assert!(budget.try_charge(3));
+        pipe.push_item(Outgoing::Text(Bytes::from_static(b"abc")), 3);
         pipe.clear();
         assert_eq!(budget.pending(), 0);
         pipe.finish();
@@ -641,5 +787,61 @@ mod tests {
         drop(body);
         assert!(gone.load(std::sync::atomic::Ordering::SeqCst));
         assert!(budget.is_closed());
+    }
+
+    #[tokio::test]
+    async fn queued_records_share_one_binary_frame_up_to_the_batch_size() {
+        use futures::StreamExt;
+        let budget = Arc::new(OutboundBudget::new(1 << 20));
+        let (pipe, mut body) = OutboundPipe::with_batch(budget.clone(), 10);
+        for r in [&b"aaaa"[..], b"bbbb", b"cccc"] {
+            pipe.push_item(Outgoing::Records(Bytes::copy_from_slice(r)), 0);
+        }
+        pipe.push_item(Outgoing::Text(Bytes::from_static(b"t")), 0);
+        // Two records fit the 10-byte batch, and fill the chunk; the third starts the next
+        // chunk's frame, and the text frame follows it there.
+        let chunk = body.next().await.unwrap().unwrap();
+        assert_eq!(&chunk[..], b"\x82\x08aaaabbbb");
+        let chunk = body.next().await.unwrap().unwrap();
+        assert_eq!(&chunk[..], b"\x82\x04cccc\x81\x01t");
+        // A record larger than the batch goes alone.
+        pipe.push_item(Outgoing::Records(Bytes::from(vec![b'x'; 200])), 0);
+        let chunk = body.next().await.unwrap().unwrap();
+        assert_eq!(&chunk[..4], b"\x82\x7e\x00\xc8");
+        assert_eq!(chunk.len(), 204);
+    }
+
+    #[tokio::test]
+    async fn nothing_follows_a_close_frame() {
+        use futures::StreamExt;
+        let budget = Arc::new(OutboundBudget::new(1000));
+        let (pipe, mut body) = OutboundPipe::new(budget.clone());
+        pipe.push(Message::Close(None), 0);
+        assert!(budget.try_charge(4));
+        pipe.push_item(Outgoing::Records(Bytes::from_static(b"late")), 4);
+        assert_eq!(budget.pending(), 0, "refused and released");
+        let chunk = body.next().await.unwrap().unwrap();
+        assert_eq!(&chunk[..], b"\x88\x00");
+    }
+
+    #[tokio::test]
+    async fn the_stall_watch_is_armed_once_until_the_queue_empties() {
+        use futures::StreamExt;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let budget = Arc::new(OutboundBudget::new(1000));
+        let (pipe, mut body) = OutboundPipe::new(budget);
+        let arms = Arc::new(AtomicUsize::new(0));
+        let a = arms.clone();
+        pipe.on_stall_arm(Arc::new(move || {
+            a.fetch_add(1, Ordering::SeqCst);
+        }));
+        pipe.push_item(Outgoing::Text(Bytes::from_static(b"1")), 0);
+        pipe.push_item(Outgoing::Text(Bytes::from_static(b"2")), 0);
+        assert_eq!(arms.load(Ordering::SeqCst), 1);
+        assert!(!pipe.disarm_if_idle(), "frames wait: keep watching");
+        body.next().await.unwrap().unwrap();
+        assert!(pipe.disarm_if_idle());
+        pipe.push_item(Outgoing::Text(Bytes::from_static(b"3")), 0);
+        assert_eq!(arms.load(Ordering::SeqCst), 2);
     }
 }
