@@ -8,6 +8,8 @@
 //!
 //! * **protocol frames** ([`check_frame`]): [`Frame::decode`] never panics, and whatever it
 //!   accepts encodes and decodes back to the same frame;
+//! * **v2 binary records** ([`check_records`]): [`v2::decode`] never panics, and whatever it
+//!   accepts encodes and decodes back to the same records;
 //! * **WebSocket frame headers** ([`check_ws_stream`]): the hub's [`FrameGuard`] and
 //!   [`Inbound`] never panic on any byte stream split at any points, never let through a frame
 //!   over the limit (checked against actix-http's codec with no limit), and never refuse a
@@ -22,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tether_transport::hub::wire::{FrameGuard, Inbound, InboundError};
-use tether_transport::protocol::Frame;
+use tether_transport::protocol::{v2, Frame};
 
 /// Valid frames of every type, the corpus mutations start from.
 pub const SEEDS: &[&str] = &[
@@ -145,6 +147,43 @@ pub fn check_frame(input: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Valid v2 frames, the corpus of the record target: every seed frame as its record, and a
+/// frame of several runs.
+pub fn record_seeds() -> Vec<Vec<u8>> {
+    let frames: Vec<Frame> = SEEDS
+        .iter()
+        .filter_map(|s| Frame::decode(s, usize::MAX).ok())
+        .filter(|f| !matches!(f, Frame::Hello(_) | Frame::Welcome(_)))
+        .collect();
+    let mut seeds: Vec<Vec<u8>> = frames
+        .iter()
+        .map(|f| match tether_transport::hub::Wire::encode(f, 2) {
+            tether_transport::hub::Wire::Records(b) | tether_transport::hub::Wire::Text(b) => {
+                b.to_vec()
+            }
+        })
+        .collect();
+    seeds.push(seeds.concat());
+    seeds
+}
+
+/// Checks one v2 binary frame: no panic; accepted records round-trip.
+pub fn check_records(input: &[u8]) -> Result<(), String> {
+    let frame = Bytes::copy_from_slice(input);
+    if let Ok(records) = v2::decode(&frame, 1024 * 1024) {
+        let mut buf = BytesMut::new();
+        for r in &records {
+            v2::encode(r, &mut buf);
+        }
+        match v2::decode(&buf.freeze(), usize::MAX) {
+            Ok(again) if again == records => {}
+            Ok(again) => return Err(format!("round trip changed {records:?} into {again:?}")),
+            Err(e) => return Err(format!("{records:?} re-encoded does not decode: {e}")),
+        }
+    }
+    Ok(())
+}
+
 /// The payload limit the WebSocket target uses.
 pub const WS_MAX: usize = 400;
 
@@ -256,15 +295,28 @@ pub struct Totals {
     pub frames: u64,
     /// WebSocket streams checked.
     pub streams: u64,
+    /// v2 binary frames checked.
+    pub records: u64,
 }
 
-/// Runs `inputs` inputs from `seed` (three protocol frames for each WebSocket stream); the
+/// Runs `inputs` inputs from `seed` (in every four: two JSON frames, a v2 binary frame and a
+/// WebSocket stream); the
 /// first failure is returned with the input that caused it.
 pub fn run(inputs: u64, seed: u64) -> Result<Totals, (String, Vec<u8>)> {
     let mut m = Mutator::new(seed);
     let mut totals = Totals::default();
+    let record_seeds = record_seeds();
     for i in 0..inputs {
-        if i % 4 == 3 {
+        if i % 4 == 1 {
+            let mut input = record_seeds[m.below(record_seeds.len())].clone();
+            m.mutate(&mut input);
+            match std::panic::catch_unwind(|| check_records(&input)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err((e, input)),
+                Err(_) => return Err(("panicked".into(), input)),
+            }
+            totals.records += 1;
+        } else if i % 4 == 3 {
             let mut stream = ws_stream(&mut m);
             let pristine = m.below(8) == 0;
             if !pristine {

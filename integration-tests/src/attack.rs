@@ -93,6 +93,18 @@ impl HostilePeer {
         out.to_vec()
     }
 
+    /// Sends one binary frame (masked): v2 records, or anything else.
+    pub async fn send_binary(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        self.codec
+            .encode(
+                Message::Binary(bytes::Bytes::copy_from_slice(bytes)),
+                &mut out,
+            )
+            .expect("encode");
+        self.stream.write_all(&out).await
+    }
+
     /// Sends bytes as they are.
     pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(bytes).await
@@ -101,8 +113,13 @@ impl HostilePeer {
     /// Sends the hello of client `client_id` (with an instance, so that it may publish) and
     /// reads the welcome.
     pub async fn hello(&mut self, client_id: &str) {
+        self.hello_v(client_id, 1).await;
+    }
+
+    /// [`HostilePeer::hello`] asking for protocol version `v`.
+    pub async fn hello_v(&mut self, client_id: &str, v: u16) {
         self.send_text(&format!(
-            r#"{{"type":"hello","v":1,"client_id":"{client_id}","instance":"{client_id}-i"}}"#
+            r#"{{"type":"hello","v":{v},"client_id":"{client_id}","instance":"{client_id}-i"}}"#
         ))
         .await
         .expect("hello");

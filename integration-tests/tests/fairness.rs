@@ -313,6 +313,7 @@ async fn redis_pages_across_batches_of_every_size_return_every_message_once() {
         let fence = Fence {
             token: Epoch::random().0,
             number: 1,
+            after: 0,
         };
         store.append("mixed", None, fence, batch).await.unwrap();
     }

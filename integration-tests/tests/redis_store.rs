@@ -50,6 +50,7 @@ fn fresh() -> Fence {
     Fence {
         token: uuid_like(),
         number: 1,
+        after: 0,
     }
 }
 
@@ -641,9 +642,10 @@ async fn a_fenced_append_applies_only_after_its_predecessor() {
     let redis = RedisServer::start().expect("redis");
     let s = store(&redis, Retention::default());
     let token = uuid_like();
-    let fence = |number| Fence {
+    let fence = |number: u64| Fence {
         token: token.clone(),
         number,
+        after: number - 1,
     };
     // Number 2 before number 1 applied: refused, nothing stored.
     let err = s
@@ -665,6 +667,21 @@ async fn a_fenced_append_applies_only_after_its_predecessor() {
         .is_err());
     let page = s.read("room", None, Offset(0), all()).await.unwrap();
     assert_eq!(page.head, Offset(2));
+    // Numbers never repeat within a token: an append that must follow number 5 (which never
+    // applied) is refused even though the key once held other values.
+    assert!(s
+        .append(
+            "room",
+            None,
+            Fence {
+                token: token.clone(),
+                number: 6,
+                after: 5,
+            },
+            vec![req("a", 6)]
+        )
+        .await
+        .is_err());
     // Another writer's fence is its own.
     s.append("room", None, fresh(), vec![req("b", 1)])
         .await
@@ -689,13 +706,11 @@ async fn pipelined_appends_reach_redis_in_the_order_they_were_made() {
         let mut calls = Vec::new();
         for number in 1..=4 {
             seq += 1;
+            let number = 4 * round + number;
             let fence = Fence {
                 token: token.clone(),
-                number: if round == 0 {
-                    number
-                } else {
-                    4 * round + number
-                },
+                number,
+                after: number - 1,
             };
             calls.push(s.append("ordered", None, fence, vec![req("a", seq)]));
         }

@@ -311,10 +311,8 @@ impl TransportConfigBuilder {
                 .map(str::to_owned)
                 .collect();
         }
-        if let Some(v) = parse::<u16>(
-            "TETHER_PROTOCOL_VERSION",
-            lookup("TETHER_PROTOCOL_VERSION"),
-        )? {
+        if let Some(v) = parse::<u16>("TETHER_PROTOCOL_VERSION", lookup("TETHER_PROTOCOL_VERSION"))?
+        {
             self.protocol_version = v;
         }
         if let Some(id) = lookup("TETHER_CLIENT_ID") {

@@ -19,9 +19,7 @@ use tracing::Instrument as _;
 use crate::config::TransportConfig;
 use crate::error::TransportError;
 use crate::events::{event_channel, EventReceiver, DEFAULT_EVENT_CAPACITY};
-use crate::protocol::{
-    ErrorCode, Frame, Hello, InstanceId, SessionId, CLOSE_SESSION_TAKEN_OVER,
-};
+use crate::protocol::{ErrorCode, Frame, Hello, InstanceId, SessionId, CLOSE_SESSION_TAKEN_OVER};
 use crate::reconnect::{NextStep, ReconnectManager, Stability};
 use crate::state::{ConnectionFsm, ConnectionState, ConnectionStateChanged, TransitionReason};
 use crate::status::{unix_ms, ChannelSummary, ErrorSummary, TransportStatus};

@@ -257,9 +257,10 @@ impl WebSocketActor {
             self.end(ctx, error, Some(ws::CloseCode::Unsupported));
             return;
         }
-        let records = v2::decode(bytes, self.settings.max_frame_size)
-            .and_then(|records| v2::check_payloads_text(&records).map(|()| records));
-        match records {
+        // Payloads are delivered as they came: one that is not what its reader expects fails
+        // that reader's decode, never the connection (a poison message would otherwise cut
+        // every subscriber off at each replay of it).
+        match v2::decode(bytes, self.settings.max_frame_size) {
             Ok(records) => {
                 for record in records {
                     for frame in record.into_frames() {
@@ -561,12 +562,12 @@ impl WebSocketActor {
         }
         self.batch_bytes = 0;
         match self.sink.as_mut() {
-            Some(sink) => sink
-                .write(ws::Message::Binary(buf.freeze()))
-                .map_err(|_| TransportError::ConnectionClosed {
+            Some(sink) => sink.write(ws::Message::Binary(buf.freeze())).map_err(|_| {
+                TransportError::ConnectionClosed {
                     code: None,
                     reason: "sink closed".into(),
-                }),
+                }
+            }),
             None => Err(TransportError::ConnectionClosed {
                 code: None,
                 reason: "not connected".into(),

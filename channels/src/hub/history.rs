@@ -83,8 +83,11 @@ pub struct AppendRequest {
 pub struct Fence {
     /// Identifies the writer's sequence of appends (a new one after any failure).
     pub token: String,
-    /// 1, 2, 3… within the token.
+    /// 1, 2, 3… within the token, never repeated.
     pub number: u64,
+    /// The number of the append this one must follow (it applies only if that one did), or
+    /// 0 when none is outstanding (it applies unconditionally).
+    pub after: u64,
 }
 
 /// What became of one [`AppendRequest`].

@@ -35,8 +35,8 @@ use actix::prelude::*;
 use bytes::BytesMut;
 use tether_transport::hub::{Completes, Outbound, ReplayReservation, SessionOutbox, Wire};
 use tether_transport::protocol::{
-    Ack, Attached, Detached, Epoch, ErrorCode, ErrorFrame, Frame, Message as MessageFrame, Offset,
-    v2, Payload, Position,
+    v2, Ack, Attached, Detached, Epoch, ErrorCode, ErrorFrame, Frame, Message as MessageFrame,
+    Offset, Payload, Position,
 };
 use tether_transport::{ErrorCategory, TransportError};
 
@@ -380,8 +380,7 @@ impl HubChannel {
         let mut out = Vec::with_capacity(1);
         let mut start = 0;
         for end in 1..=messages.len() {
-            if end == messages.len() || messages[end].offset.0 != messages[end - 1].offset.0 + 1
-            {
+            if end == messages.len() || messages[end].offset.0 != messages[end - 1].offset.0 + 1 {
                 let run = &messages[start..end];
                 let mut buf = BytesMut::new();
                 v2::encode_messages(
@@ -983,16 +982,17 @@ impl HubChannel {
                 })
                 .collect();
             metrics::histogram!(telemetry::HUB_STORE_APPEND_BATCH).record(commands.len() as f64);
-            if self.in_flight.is_empty() {
-                // Nothing in the store to be ordered behind: number 1 applies unconditionally
-                // (so a fence key that expired while the channel was quiet costs nothing).
-                self.fence_number = 0;
-            }
+            // Behind the last append still outstanding, if any; with none, unconditionally
+            // (so a fence key that expired while the channel was quiet costs nothing).
+            // Numbers never repeat within a token: a value the key kept from an earlier
+            // append can never pass for the one this must follow.
+            let after = self.in_flight.back().map_or(0, |f| f.number);
             self.fence_number += 1;
             let number = self.fence_number;
             let fence = Fence {
                 token: self.fence_token.clone(),
                 number,
+                after,
             };
             let started = std::time::Instant::now();
             let append = self.store.append(&self.name, self.seen(), fence, requests);
@@ -1097,7 +1097,11 @@ impl HubChannel {
 
     /// Acknowledges appended publishes, in order: to a v2 connection, consecutive publishes
     /// stored at consecutive offsets (or duplicates alike) go as one ack run.
-    fn send_acks(&mut self, acks: Vec<(SessionOutbox, u64, usize, Option<Offset>, bool)>, epoch: &Epoch) {
+    fn send_acks(
+        &mut self,
+        acks: Vec<(SessionOutbox, u64, usize, Option<Offset>, bool)>,
+        epoch: &Epoch,
+    ) {
         let mut acks = acks.into_iter().peekable();
         while let Some((reply, seq, bytes, offset, duplicate)) = acks.next() {
             let mut count: u32 = 1;

@@ -139,15 +139,16 @@ end
 
 const APPEND: &str = r#"
 -- ARGV: candidate epoch, seen epoch, seen head, max messages, max age ms, max bytes,
---       dedupe window, producer ttl ms, notify channel, fence number, key ttl ms, then
+--       dedupe window, producer ttl ms, notify channel, fence ("<after> <number>"), key ttl ms, then
 --       (seq, payload) per publish; KEYS[4]: the fence key; KEYS[4 + i]: the producer key of
 --       publish i.
 -- The fence first: this append applies only if the writer's previous one did.
-local fence_key, fence = KEYS[4], tonumber(ARGV[10])
-if fence > 1 and redis.call('GET', fence_key) ~= tostring(fence - 1) then
+local fence_key = KEYS[4]
+local after, fence = string.match(ARGV[10], '^(%d+) (%d+)$')
+if after ~= '0' and redis.call('GET', fence_key) ~= after then
   return redis.error_reply('TETHER_FENCE the previous append of this writer did not apply')
 end
-redis.call('SET', fence_key, tostring(fence), 'PX', 600000)
+redis.call('SET', fence_key, fence, 'PX', 600000)
 local epoch, head, bytes, count, first = ensure(ARGV[1], ARGV[2], tonumber(ARGV[3]))
 local now = now_ms()
 local window, ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -818,7 +819,7 @@ impl HistoryStore for RedisStore {
             args.push(n.to_string().into_bytes());
         }
         args.push(Self::notify_channel(&self.prefix, channel).into_bytes());
-        args.push(fence.number.to_string().into_bytes());
+        args.push(format!("{} {}", fence.after, fence.number).into_bytes());
         args.push(self.key_ttl_ms().to_string().into_bytes());
         for request in &batch {
             args.push(request.seq.to_string().into_bytes());

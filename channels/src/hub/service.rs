@@ -31,9 +31,7 @@ use tether_transport::hub::{
     ConnInfo, ConnectionHandler, FrameRejection, HandlerHealth, Outbound, SessionHandler,
     SessionOutbox,
 };
-use tether_transport::protocol::{
-    check_identifier, v2, Detached, ErrorCode, Frame, MAX_ID_LEN,
-};
+use tether_transport::protocol::{check_identifier, v2, Detached, ErrorCode, Frame, MAX_ID_LEN};
 use tether_transport::{ErrorCategory, TransportError};
 
 use super::history::{DedupeLimits, HistoryStore, MemoryHistory, PageLimit, Retention};
@@ -834,9 +832,7 @@ impl ConnectionHandler for ConnHandler {
 
     fn on_publish_run(&mut self, run: v2::PublishRun) -> Result<(), FrameRejection> {
         let n = run.payloads.len();
-        let checked = self.check_publish(&run.channel, run.first_seq, n, |i| {
-            run.payloads[i].len()
-        });
+        let checked = self.check_publish(&run.channel, run.first_seq, n, |i| run.payloads[i].len());
         let Ok((channel, producer)) = checked else {
             // Some publish of the run is refused: each goes alone, for its own answer.
             for frame in v2::Record::Publish(run).into_frames() {

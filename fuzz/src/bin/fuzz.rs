@@ -50,6 +50,7 @@ fn main() {
             Ok(t) => {
                 totals.frames += t.frames;
                 totals.streams += t.streams;
+                totals.records += t.records;
             }
             Err((error, input)) => {
                 failed = true;
@@ -64,10 +65,11 @@ fn main() {
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    let total = totals.frames + totals.streams;
+    let total = totals.frames + totals.records + totals.streams;
     println!(
-        "{total} inputs ({} protocol frames, {} WebSocket streams) in {secs:.1} s on {threads} threads: {:.0} inputs/s{}",
+        "{total} inputs ({} JSON frames, {} v2 binary frames, {} WebSocket streams) in {secs:.1} s on {threads} threads: {:.0} inputs/s{}",
         totals.frames,
+        totals.records,
         totals.streams,
         total as f64 / secs,
         if failed { ", FAILED" } else { ", no failure" }

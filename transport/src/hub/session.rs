@@ -25,15 +25,13 @@ use tokio::time::Instant;
 
 use super::auth::{AuthRejection, Identity};
 use super::budget::OutboundBudget;
-use super::handler::{
-    ConnInfo, ConnectionHandler, FrameRejection, Kick, SessionOutbox, Wire,
-};
+use super::handler::{ConnInfo, ConnectionHandler, FrameRejection, Kick, SessionOutbox, Wire};
 use super::wire::{ConnSocket, Inbound, InboundError, InboundGate, OutboundPipe, Outgoing};
 use super::HubState;
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
 use crate::protocol::{
-    check_identifier, v2, close_reason_text, ClientId, ErrorCode, ErrorFrame, Frame, Hello,
+    check_identifier, close_reason_text, v2, ClientId, ErrorCode, ErrorFrame, Frame, Hello,
     RetryWindow, SessionId, Welcome, CLOSE_SESSION_TAKEN_OVER, MAX_ID_LEN, MAX_TOKEN_LEN,
 };
 use crate::telemetry;
@@ -228,11 +226,7 @@ impl HubSession {
         self.close(ctx, code, Some(error.to_string()));
     }
 
-    fn send_error(
-        &mut self,
-        error: &TransportError,
-        about: Option<(String, Option<u64>)>,
-    ) {
+    fn send_error(&mut self, error: &TransportError, about: Option<(String, Option<u64>)>) {
         metrics::counter!(telemetry::HUB_FRAMES_REJECTED, "code" => error.code().to_string())
             .increment(1);
         let mut frame = ErrorFrame::from_error(error);
@@ -388,7 +382,8 @@ impl HubSession {
     fn on_binary(&mut self, ctx: &mut Context<Self>, bytes: &Bytes) {
         if self.version < 2 || self.phase == Phase::AwaitingHello {
             let error = TransportError::UnexpectedFrame {
-                expected: "a text frame (protocol v1 is JSON text; v2 starts after a hello asking for it)",
+                expected:
+                    "a text frame (protocol v1 is JSON text; v2 starts after a hello asking for it)",
                 got: "binary frame".into(),
             };
             self.fail(ctx, error, CloseCode::Unsupported);

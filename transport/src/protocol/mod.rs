@@ -170,10 +170,12 @@ impl std::fmt::Display for Position {
 /// An application payload: a JSON value, carried as its encoded bytes (reference-counted) so
 /// that the hub forwards it without parsing it and fans it out without copying it.
 ///
-/// Payloads built here ([`Payload::from_value`], [`Payload::from_json`]) and payloads a client
-/// decodes are UTF-8 JSON text. A hub forwards what a protocol v2 publisher sent as it is
-/// ([`Payload::from_unchecked`]); a v1 subscriber (whose frames embed the payload as JSON) gets
-/// such a payload checked once per message, see `PROTOCOL.md`.
+/// Payloads built here ([`Payload::from_value`], [`Payload::from_json`]) and those of v1
+/// frames are JSON text. Those of v2 records are taken as they came
+/// ([`Payload::from_unchecked`]): a hub forwards them without looking, a v1 subscriber (whose
+/// frames embed the payload as JSON) gets each checked once per message, and a v2 subscriber
+/// gets the bytes, which [`Payload::decode`] refuses if they are not what it expects. See
+/// `PROTOCOL.md`.
 #[derive(Clone)]
 pub struct Payload {
     bytes: bytes::Bytes,
@@ -233,7 +235,7 @@ impl Payload {
     }
 
     /// The raw JSON text (empty for bytes that are not UTF-8, which only an unchecked payload
-    /// on a hub can hold: a client's payloads are always text).
+    /// can hold: one a misbehaving v2 publisher sent; [`Payload::as_bytes`] has them).
     pub fn json(&self) -> &str {
         std::str::from_utf8(&self.bytes).unwrap_or_default()
     }

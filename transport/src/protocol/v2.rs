@@ -440,31 +440,6 @@ pub fn decode(frame: &Bytes, max_size: usize) -> Result<Vec<Record>, TransportEr
     Ok(records)
 }
 
-/// The records a client receives, checked as a client needs them: payloads must be UTF-8
-/// (JSON text), so that [`Payload::json`] never hides bytes.
-pub fn check_payloads_text(records: &[Record]) -> Result<(), TransportError> {
-    for record in records {
-        let payloads = match record {
-            Record::Message(r) => &r.payloads,
-            Record::Publish(r) => &r.payloads,
-            _ => continue,
-        };
-        for p in payloads {
-            if std::str::from_utf8(p.as_bytes()).is_err() {
-                return Err(malformed(format!(
-                    "a payload of channel {:?} is not UTF-8 text",
-                    match record {
-                        Record::Message(r) => &r.channel,
-                        Record::Publish(r) => &r.channel,
-                        _ => unreachable!("only runs with payloads get here"),
-                    }
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -630,14 +605,35 @@ mod tests {
     }
 
     #[test]
-    fn a_client_refuses_payloads_that_are_not_text() {
-        let run = Record::Message(MessageRun {
-            channel: "room".into(),
-            epoch: Epoch("e".into()),
-            first_offset: Offset(1),
-            payloads: vec![Payload::from_unchecked(Bytes::from_static(&[0xff, 0xfe]))],
-        });
-        assert!(check_payloads_text(&[run]).is_err());
-        assert!(check_payloads_text(&all()).is_ok());
+    fn the_example_in_protocol_md_is_what_the_codec_writes() {
+        let mut buf = BytesMut::new();
+        encode(
+            &Record::Message(MessageRun {
+                channel: "room".into(),
+                epoch: Epoch("e1".into()),
+                first_offset: Offset(71),
+                payloads: vec![p("1"), p("{}")],
+            }),
+            &mut buf,
+        );
+        encode(
+            &Record::Ack(AckRun {
+                channel: "room".into(),
+                first_seq: 12,
+                count: 2,
+                duplicate: false,
+                stored: Some((Epoch("e1".into()), Offset(71))),
+            }),
+            &mut buf,
+        );
+        let hex: Vec<String> = buf.iter().map(|b| format!("{b:02x}")).collect();
+        let expected = "04 04 00 72 6f 6f 6d 02 00 65 31 47 00 00 00 00 00 00 00 02 00 00 00 \
+                        01 00 00 00 31 02 00 00 00 7b 7d \
+                        03 04 00 72 6f 6f 6d 0c 00 00 00 00 00 00 00 02 00 00 00 02 \
+                        02 00 65 31 47 00 00 00 00 00 00 00";
+        assert_eq!(
+            hex.join(" "),
+            expected.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
     }
 }
