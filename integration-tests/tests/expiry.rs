@@ -368,6 +368,7 @@ fn fence() -> Fence {
     Fence {
         token: Epoch::random().0,
         number: 1,
+        after: 0,
     }
 }
 
