@@ -377,6 +377,7 @@ mod tests {
     fn a_short_deterministic_run_finds_nothing() {
         let totals = run(40_000, 7)
             .unwrap_or_else(|(e, input)| panic!("{e}: {:?}", String::from_utf8_lossy(&input)));
-        assert_eq!(totals.frames + totals.streams, 40_000);
+        assert_eq!(totals.frames + totals.records + totals.streams, 40_000);
+        assert_eq!(totals.records, 10_000);
     }
 }
