@@ -42,8 +42,6 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 512 * 1024;
 /// Bytes a `publish` frame adds around its payload and channel name (type, seq, quotes).
 const PUBLISH_ENVELOPE: usize = 128;
 
-const PUBLISH_ENVELOPE: usize = 128;
-
 /// Options of one channel.
 #[derive(Debug, Clone)]
 pub struct ChannelOptions {

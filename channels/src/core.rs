@@ -987,3 +987,567 @@ impl<R> ChannelCore<R> {
 fn tokio_instant(now: Instant) -> tokio::time::Instant {
     tokio::time::Instant::from_std(now)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel_actor::DEFAULT_ATTACH_TIMEOUT;
+    use crate::outbox::{BufferLimits, OverflowPolicy};
+    use tether_transport::ReconnectPolicy;
+
+    fn e(s: &str) -> Epoch {
+        Epoch(s.into())
+    }
+
+    fn p(n: u64) -> Payload {
+        Payload::from_json(&n.to_string()).unwrap()
+    }
+
+    fn at(epoch: &str, offset: u64) -> Position {
+        Position {
+            epoch: e(epoch),
+            offset: Offset(offset),
+        }
+    }
+
+    fn attached(epoch: &str, head: u64, replay: u64, gap: Option<Gap>) -> Attached {
+        Attached {
+            channel: "c".into(),
+            epoch: e(epoch),
+            head: Offset(head),
+            resumed: gap.is_none(),
+            replay,
+            gap,
+        }
+    }
+
+    fn message(epoch: &str, offset: u64) -> Message {
+        Message {
+            channel: "c".into(),
+            epoch: e(epoch),
+            offset: Offset(offset),
+            payload: p(offset),
+        }
+    }
+
+    fn ack(seq: u64, offset: u64) -> PublishAck {
+        PublishAck {
+            seq,
+            offset: Some(Offset(offset)),
+            epoch: Some(e("a")),
+            duplicate: false,
+        }
+    }
+
+    fn error(permanent: bool, seq: Option<u64>) -> ErrorFrame {
+        ErrorFrame {
+            code: ErrorCode::Unknown,
+            category: ErrorCategory::Subscription,
+            permanent,
+            message: "no".into(),
+            channel: Some("c".into()),
+            seq,
+            retry_after_ms: None,
+        }
+    }
+
+    fn lost() -> TransportError {
+        TransportError::ConnectionClosed {
+            code: None,
+            reason: "cut".into(),
+        }
+    }
+
+    /// A core and a clock; each step returns the actions it led to.
+    struct Harness {
+        core: ChannelCore<u64>,
+        now: Instant,
+        next_responder: u64,
+    }
+
+    impl Harness {
+        fn new(options: ChannelOptions) -> Self {
+            Harness {
+                core: ChannelCore::new("c", "me", &options),
+                now: Instant::now(),
+                next_responder: 1,
+            }
+        }
+
+        fn subscriber() -> Self {
+            Harness::new(ChannelOptions {
+                retry: ReconnectPolicy {
+                    initial_delay: Duration::from_secs(1),
+                    max_delay: Duration::from_secs(30),
+                    jitter: 0.0,
+                    max_attempts: None,
+                    ..ReconnectPolicy::default()
+                },
+                ..ChannelOptions::default()
+            })
+        }
+
+        fn step(&mut self, event: Event<u64>) -> Vec<Action<u64>> {
+            self.core.handle(self.now, event);
+            self.core.drain_actions().collect()
+        }
+
+        /// Publishes the next payload; its responder is its number.
+        fn publish(&mut self) -> Vec<Action<u64>> {
+            let n = self.next_responder;
+            self.next_responder += 1;
+            self.step(Event::Publish {
+                payload: p(n),
+                responder: n,
+            })
+        }
+
+        /// Up and attached at `head` of epoch `a`, nothing to replay.
+        fn attached(&mut self, head: u64) -> Vec<Action<u64>> {
+            self.step(Event::ConnectionUp);
+            self.step(Event::Attached(attached("a", head, 0, None)))
+        }
+    }
+
+    fn published(actions: &[Action<u64>]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(Frame::Publish(p)) => Some(p.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn attach_frame(actions: &[Action<u64>]) -> Option<&Attach> {
+        actions.iter().find_map(|a| match a {
+            Action::Send(Frame::Attach(a)) => Some(a),
+            _ => None,
+        })
+    }
+
+    fn answers(actions: Vec<Action<u64>>) -> Vec<(u64, Result<PublishAck, ChannelError>)> {
+        actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Answer { responder, result } => Some((responder, result)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn delivered(actions: &[Action<u64>]) -> Vec<ChannelEvent> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Deliver(event) => Some(event.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn offsets(actions: &[Action<u64>]) -> Vec<u64> {
+        delivered(actions)
+            .into_iter()
+            .map(|event| match event {
+                ChannelEvent::Message(m) => m.offset.0,
+                ChannelEvent::Discontinuity(d) => panic!("unexpected {d:?}"),
+            })
+            .collect()
+    }
+
+    fn transitions(actions: &[Action<u64>]) -> Vec<(ChannelState, ChannelReason)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::StateChanged(c) => Some((c.to, c.reason.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn nothing_is_sent_before_the_connection_and_the_attach_asks_for_a_deadline() {
+        let mut h = Harness::subscriber();
+        assert!(published(&h.publish()).is_empty());
+        let actions = h.step(Event::ConnectionUp);
+        let attach = attach_frame(&actions).unwrap();
+        assert_eq!(
+            (attach.resume.clone(), attach.producer.as_deref()),
+            (None, Some("me"))
+        );
+        assert!(published(&actions).is_empty(), "publishes wait for attached");
+        assert_eq!(
+            h.core.deadline().map(|d| (d.timer, d.at)),
+            Some((Timer::AttachTimeout, h.now + DEFAULT_ATTACH_TIMEOUT))
+        );
+        let actions = h.step(Event::Attached(attached("a", 0, 0, None)));
+        assert_eq!(published(&actions), [1]);
+        assert!(matches!(actions.last(), Some(Action::Synced)));
+        assert_eq!(h.core.deadline(), None);
+    }
+
+    #[test]
+    fn after_a_reconnect_unacked_publishes_go_again_in_order_before_new_ones() {
+        let mut h = Harness::subscriber();
+        h.attached(0);
+        let sent: Vec<u64> = (0..3).flat_map(|_| published(&h.publish())).collect();
+        assert_eq!(sent, [1, 2, 3]);
+        assert_eq!(answers(h.step(Event::Ack(ack(1, 1)))).len(), 1);
+        h.step(Event::ConnectionDown(lost()));
+        assert_eq!(h.core.state(), ChannelState::Suspended);
+        assert!(published(&h.publish()).is_empty());
+        assert!(published(&h.step(Event::ConnectionUp)).is_empty());
+        let actions = h.step(Event::Attached(attached("a", 1, 0, None)));
+        assert_eq!(published(&actions), [2, 3, 4]);
+    }
+
+    #[test]
+    fn each_publish_is_answered_once_however_often_its_ack_comes() {
+        let mut h = Harness::subscriber();
+        h.attached(0);
+        h.publish();
+        h.publish();
+        assert_eq!(answers(h.step(Event::Ack(ack(2, 2)))).len(), 1);
+        assert!(answers(h.step(Event::Ack(ack(2, 2)))).is_empty());
+        // A late ack from an earlier connection still counts.
+        h.step(Event::ConnectionDown(lost()));
+        let got = answers(h.step(Event::Ack(ack(1, 1))));
+        assert_eq!(got, [(1, Ok(ack(1, 1)))]);
+        assert_eq!(h.core.queued(), 0);
+    }
+
+    #[test]
+    fn a_range_ack_answers_each_seq_with_its_offset() {
+        let mut h = Harness::subscriber();
+        h.attached(0);
+        for _ in 0..3 {
+            h.publish();
+        }
+        let got = answers(h.step(Event::AckRange {
+            first_seq: 1,
+            count: 3,
+            first_offset: Some(Offset(7)),
+            epoch: Some(e("a")),
+            duplicate: false,
+        }));
+        assert_eq!(got, [(1, Ok(ack(1, 7))), (2, Ok(ack(2, 8))), (3, Ok(ack(3, 9)))]);
+    }
+
+    #[test]
+    fn the_in_flight_window_releases_one_publish_per_ack() {
+        let mut h = Harness::new(ChannelOptions {
+            limits: BufferLimits {
+                max_in_flight: 2,
+                ..BufferLimits::default()
+            },
+            ..ChannelOptions::default()
+        });
+        h.attached(0);
+        let sent: Vec<u64> = (0..4).flat_map(|_| published(&h.publish())).collect();
+        assert_eq!(sent, [1, 2]);
+        assert_eq!(published(&h.step(Event::Ack(ack(1, 1)))), [3]);
+    }
+
+    #[test]
+    fn a_resume_skips_the_overlap_of_a_replay_and_syncs_after_it() {
+        let mut h = Harness::subscriber();
+        h.attached(0);
+        let actions: Vec<_> = (1..=3)
+            .flat_map(|o| h.step(Event::Message(message("a", o))))
+            .collect();
+        assert_eq!(offsets(&actions), [1, 2, 3]);
+        h.step(Event::ConnectionDown(lost()));
+        let actions = h.step(Event::ConnectionUp);
+        assert_eq!(attach_frame(&actions).unwrap().resume, Some(at("a", 3)));
+        // The hub replays 2..=5: 2 and 3 were delivered already.
+        let actions = h.step(Event::Attached(attached("a", 5, 4, None)));
+        assert!(!actions.iter().any(|a| matches!(a, Action::Synced)));
+        let mut replayed = Vec::new();
+        for o in 2..=5 {
+            replayed.extend(h.step(Event::Message(message("a", o))));
+        }
+        assert_eq!(offsets(&replayed), [4, 5]);
+        assert!(matches!(replayed.last(), Some(Action::Synced)));
+    }
+
+    #[test]
+    fn the_hubs_gap_is_delivered_before_the_next_message() {
+        let mut h = Harness::subscriber();
+        h.attached(0);
+        h.step(Event::Message(message("a", 1)));
+        h.step(Event::ConnectionDown(lost()));
+        h.step(Event::ConnectionUp);
+        let gap = Gap {
+            from: at("a", 2),
+            to: at("a", 5),
+        };
+        let actions = h.step(Event::Attached(attached("a", 7, 2, Some(gap))));
+        assert_eq!(
+            delivered(&actions),
+            [ChannelEvent::Discontinuity(Discontinuity {
+                channel: "c".into(),
+                from: at("a", 2),
+                to: at("a", 5),
+            })]
+        );
+        let resumed = actions.iter().find_map(|a| match a {
+            Action::StateChanged(c) => Some(c.resumed),
+            _ => None,
+        });
+        assert_eq!(resumed, Some(false));
+        assert_eq!(offsets(&h.step(Event::Message(message("a", 6)))), [6]);
+    }
+
+    #[test]
+    fn a_jump_in_offsets_is_a_gap_never_a_silent_skip() {
+        let mut h = Harness::subscriber();
+        h.attached(0);
+        h.step(Event::Message(message("a", 1)));
+        let events = delivered(&h.step(Event::Message(message("a", 4))));
+        assert_eq!(events.len(), 2);
+        assert!(matches!(&events[0], ChannelEvent::Discontinuity(d)
+            if d.from == at("a", 2) && d.to == at("a", 3)));
+        assert!(matches!(&events[1], ChannelEvent::Message(m) if m.offset == Offset(4)));
+    }
+
+    #[test]
+    fn a_gap_without_room_waits_and_goes_out_first() {
+        let mut h = Harness::subscriber();
+        h.attached(0);
+        h.step(Event::Message(message("a", 1)));
+        h.step(Event::ConnectionDown(lost()));
+        h.step(Event::ConnectionUp);
+        h.core.set_subscriber_room(SubscriberRoom::Free(0));
+        let actions = h.step(Event::Attached(attached("b", 4, 0, None)));
+        assert!(delivered(&actions).is_empty());
+        assert_eq!(
+            actions
+                .iter()
+                .filter(|a| matches!(a, Action::WaitForRoom))
+                .count(),
+            1
+        );
+        h.core.set_subscriber_room(SubscriberRoom::Free(3));
+        let events = delivered(&h.step(Event::RoomAvailable));
+        assert!(matches!(&events[..], [ChannelEvent::Discontinuity(d)]
+            if d.from == at("a", 2) && d.to == at("b", 4)));
+        assert_eq!(offsets(&h.step(Event::Message(message("b", 5)))), [5]);
+    }
+
+    #[test]
+    fn a_subscriber_without_room_is_caught_up_from_history() {
+        let mut h = Harness::subscriber();
+        h.attached(0);
+        h.step(Event::Message(message("a", 1)));
+        h.core.set_subscriber_room(SubscriberRoom::Free(2));
+        let actions = h.step(Event::Message(message("a", 2)));
+        assert!(delivered(&actions).is_empty());
+        assert!(matches!(&actions[..], [Action::WaitForRoom]));
+        assert!(h.core.is_lagging());
+        // Later live messages are passed over; nothing is asked twice.
+        assert!(h.step(Event::Message(message("a", 3))).is_empty());
+        h.core.set_subscriber_room(SubscriberRoom::Free(10));
+        let actions = h.step(Event::RoomAvailable);
+        assert_eq!(attach_frame(&actions).unwrap().resume, Some(at("a", 1)));
+        assert_eq!(
+            transitions(&actions),
+            [(ChannelState::Attaching, ChannelReason::CatchingUp)]
+        );
+        h.step(Event::Attached(attached("a", 3, 2, None)));
+        let mut replayed = h.step(Event::Message(message("a", 2)));
+        replayed.extend(h.step(Event::Message(message("a", 3))));
+        assert_eq!(offsets(&replayed), [2, 3]);
+    }
+
+    #[test]
+    fn a_gone_subscriber_still_moves_the_cursor() {
+        let mut h = Harness::subscriber();
+        h.attached(0);
+        h.core.set_subscriber_room(SubscriberRoom::Gone);
+        assert!(delivered(&h.step(Event::Message(message("a", 1)))).is_empty());
+        assert_eq!(h.core.position(), Some(at("a", 1)));
+    }
+
+    #[test]
+    fn an_unanswered_attach_is_retried_on_the_channels_backoff() {
+        let mut h = Harness::subscriber();
+        h.step(Event::ConnectionUp);
+        // Early: nothing happens.
+        assert!(h.step(Event::Timeout).is_empty());
+        h.now += DEFAULT_ATTACH_TIMEOUT;
+        let actions = h.step(Event::Timeout);
+        assert!(matches!(
+            &transitions(&actions)[..],
+            [(ChannelState::Suspended, ChannelReason::AttachFailed(_))]
+        ));
+        assert!(matches!(actions.last(), Some(Action::Synced)));
+        let retry = h.core.deadline().unwrap();
+        assert_eq!(retry.timer, Timer::RetryAttach);
+        h.now = retry.at;
+        let actions = h.step(Event::Timeout);
+        assert!(attach_frame(&actions).is_some());
+        assert_eq!(
+            transitions(&actions),
+            [(ChannelState::Attaching, ChannelReason::RetryDue)]
+        );
+        // A connection loss cancels the wait.
+        h.step(Event::ConnectionDown(lost()));
+        assert_eq!(h.core.deadline(), None);
+    }
+
+    #[test]
+    fn a_retryable_attach_error_suspends_and_a_permanent_one_fails_the_channel() {
+        let mut h = Harness::subscriber();
+        h.step(Event::ConnectionUp);
+        h.step(Event::Error(error(false, None)));
+        assert_eq!(h.core.state(), ChannelState::Suspended);
+        h.now = h.core.deadline().unwrap().at;
+        h.step(Event::Timeout);
+        h.step(Event::Attached(attached("a", 0, 0, None)));
+        h.publish(); // on the wire
+        h.step(Event::ConnectionDown(lost()));
+        h.publish(); // never sent
+        h.step(Event::ConnectionUp);
+        let got = answers(h.step(Event::Error(error(true, None))));
+        assert_eq!(h.core.state(), ChannelState::Failed);
+        assert!(matches!(&got[..], [
+            (1, Err(ChannelError::Unconfirmed { seq: 1, .. })),
+            (2, Err(ChannelError::Failed { .. })),
+        ]));
+        assert!(matches!(
+            &answers(h.publish())[..],
+            [(3, Err(ChannelError::Failed { .. }))]
+        ));
+    }
+
+    #[test]
+    fn a_permanent_publish_error_rejects_that_publish_alone() {
+        let mut h = Harness::subscriber();
+        h.attached(0);
+        h.publish();
+        h.publish();
+        let got = answers(h.step(Event::Error(error(true, Some(1)))));
+        assert!(matches!(&got[..], [(1, Err(ChannelError::Rejected { seq: 1, .. }))]));
+        // A retryable one keeps it for the next connection.
+        assert!(answers(h.step(Event::Error(error(false, Some(2))))).is_empty());
+        assert_eq!(h.core.queued(), 1);
+    }
+
+    #[test]
+    fn refusals_are_answered_at_once() {
+        let mut h = Harness::new(ChannelOptions {
+            max_message_size: 1,
+            limits: BufferLimits {
+                max_messages: 1,
+                ..BufferLimits::default()
+            },
+            ..ChannelOptions::default()
+        });
+        h.publish();
+        assert!(matches!(
+            &answers(h.publish())[..],
+            [(2, Err(ChannelError::QueueFull { messages: 1, .. }))]
+        ));
+        h.next_responder = 10;
+        assert!(matches!(
+            &answers(h.publish())[..],
+            [(10, Err(ChannelError::PayloadTooLarge { size: 2, max: 1, .. }))]
+        ));
+    }
+
+    #[test]
+    fn the_evicting_policy_answers_what_it_evicts() {
+        let mut h = Harness::new(ChannelOptions {
+            limits: BufferLimits {
+                max_messages: 2,
+                overflow: OverflowPolicy::EvictOldestUnsent,
+                ..BufferLimits::default()
+            },
+            ..ChannelOptions::default()
+        });
+        h.publish();
+        h.publish();
+        assert!(matches!(
+            &answers(h.publish())[..],
+            [(1, Err(ChannelError::Evicted { seq: 1, .. }))]
+        ));
+        assert_eq!(h.core.queued(), 2);
+    }
+
+    #[test]
+    fn a_failed_transport_answers_everything_until_it_retries() {
+        let mut h = Harness::subscriber();
+        h.publish();
+        let got = answers(h.step(Event::TransportFailed(lost())));
+        assert!(matches!(&got[..], [(1, Err(ChannelError::Failed { .. }))]));
+        assert!(matches!(
+            &answers(h.publish())[..],
+            [(2, Err(ChannelError::Failed { .. }))]
+        ));
+        h.step(Event::TransportRetrying);
+        assert!(answers(h.publish()).is_empty());
+    }
+
+    #[test]
+    fn a_detach_waits_for_the_hub_but_not_forever() {
+        let mut h = Harness::subscriber();
+        h.attached(0);
+        h.publish();
+        let actions = h.step(Event::Detach);
+        assert!(matches!(&actions[0], Action::Send(Frame::Detach(_))));
+        assert_eq!(h.core.state(), ChannelState::Detaching);
+        assert!(matches!(
+            &answers(h.publish())[..],
+            [(2, Err(ChannelError::Detached { .. }))]
+        ));
+        h.now = h.core.deadline().unwrap().at;
+        let actions = h.step(Event::Timeout);
+        assert_eq!(
+            transitions(&actions),
+            [(ChannelState::Detached, ChannelReason::DetachTimedOut)]
+        );
+        assert!(matches!(
+            &actions[1..],
+            [
+                Action::Answer {
+                    responder: 1,
+                    result: Err(ChannelError::Unconfirmed { .. })
+                },
+                Action::Unregister,
+                Action::Stop,
+            ]
+        ));
+
+        let mut h = Harness::subscriber();
+        h.attached(0);
+        h.step(Event::Detach);
+        let actions = h.step(Event::Detached);
+        assert!(matches!(&actions[1..], [Action::Unregister, Action::Stop]));
+    }
+
+    #[test]
+    fn a_closed_transport_answers_everyone_and_stops() {
+        let mut h = Harness::subscriber();
+        h.attached(0);
+        h.publish();
+        let actions = h.step(Event::TransportClosed);
+        assert_eq!(
+            transitions(&actions),
+            [(ChannelState::Detached, ChannelReason::TransportClosed)]
+        );
+        assert!(matches!(actions.last(), Some(Action::Stop)));
+        assert_eq!(answers(actions).len(), 1);
+    }
+
+    #[test]
+    fn a_failed_channel_stays_failed_across_reconnects_and_still_syncs() {
+        let mut h = Harness::subscriber();
+        h.step(Event::ConnectionUp);
+        h.step(Event::Error(error(true, None)));
+        h.step(Event::ConnectionDown(lost()));
+        let actions = h.step(Event::ConnectionUp);
+        assert!(attach_frame(&actions).is_none());
+        assert!(matches!(&actions[..], [Action::Synced]));
+    }
+}
