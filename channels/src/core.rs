@@ -1332,6 +1332,7 @@ mod tests {
         let events = delivered(&h.step(Event::RoomAvailable));
         assert!(matches!(&events[..], [ChannelEvent::Discontinuity(d)]
             if d.from == at("a", 2) && d.to == at("b", 4)));
+        h.core.set_subscriber_room(SubscriberRoom::Free(3));
         assert_eq!(offsets(&h.step(Event::Message(message("b", 5)))), [5]);
     }
 
