@@ -87,7 +87,6 @@ impl ChannelOptions {
     }
 }
 
-
 impl Message for ChannelEvent {
     type Result = ();
 }

@@ -268,7 +268,9 @@ struct Replay {
 enum Link {
     Down,
     /// Up; `owes_sync` until the channel told the transport it is done re-attaching.
-    Up { owes_sync: bool },
+    Up {
+        owes_sync: bool,
+    },
 }
 
 /// All the state and rules of one client channel (see the [module docs](self)).
@@ -970,11 +972,7 @@ impl<R> ChannelCore<R> {
                 self.attach(now, ChannelReason::RetryDue)
             }
             (Timer::DetachTimeout, ChannelState::Detaching) => {
-                self.transition(
-                    ChannelState::Detached,
-                    ChannelReason::DetachTimedOut,
-                    false,
-                );
+                self.transition(ChannelState::Detached, ChannelReason::DetachTimedOut, false);
                 self.finish_detach();
             }
             _ => {}
@@ -1176,7 +1174,10 @@ mod tests {
             (attach.resume.clone(), attach.producer.as_deref()),
             (None, Some("me"))
         );
-        assert!(published(&actions).is_empty(), "publishes wait for attached");
+        assert!(
+            published(&actions).is_empty(),
+            "publishes wait for attached"
+        );
         assert_eq!(
             h.core.deadline().map(|d| (d.timer, d.at)),
             Some((Timer::AttachTimeout, h.now + DEFAULT_ATTACH_TIMEOUT))
@@ -1231,7 +1232,10 @@ mod tests {
             epoch: Some(e("a")),
             duplicate: false,
         }));
-        assert_eq!(got, [(1, Ok(ack(1, 7))), (2, Ok(ack(2, 8))), (3, Ok(ack(3, 9)))]);
+        assert_eq!(
+            got,
+            [(1, Ok(ack(1, 7))), (2, Ok(ack(2, 8))), (3, Ok(ack(3, 9)))]
+        );
     }
 
     #[test]
@@ -1412,10 +1416,13 @@ mod tests {
         h.step(Event::ConnectionUp);
         let got = answers(h.step(Event::Error(error(true, None))));
         assert_eq!(h.core.state(), ChannelState::Failed);
-        assert!(matches!(&got[..], [
-            (1, Err(ChannelError::Unconfirmed { seq: 1, .. })),
-            (2, Err(ChannelError::Failed { .. })),
-        ]));
+        assert!(matches!(
+            &got[..],
+            [
+                (1, Err(ChannelError::Unconfirmed { seq: 1, .. })),
+                (2, Err(ChannelError::Failed { .. })),
+            ]
+        ));
         assert!(matches!(
             &answers(h.publish())[..],
             [(3, Err(ChannelError::Failed { .. }))]
@@ -1429,7 +1436,10 @@ mod tests {
         h.publish();
         h.publish();
         let got = answers(h.step(Event::Error(error(true, Some(1)))));
-        assert!(matches!(&got[..], [(1, Err(ChannelError::Rejected { seq: 1, .. }))]));
+        assert!(matches!(
+            &got[..],
+            [(1, Err(ChannelError::Rejected { seq: 1, .. }))]
+        ));
         // A retryable one keeps it for the next connection.
         assert!(answers(h.step(Event::Error(error(false, Some(2))))).is_empty());
         assert_eq!(h.core.queued(), 1);
@@ -1453,7 +1463,14 @@ mod tests {
         h.next_responder = 10;
         assert!(matches!(
             &answers(h.publish())[..],
-            [(10, Err(ChannelError::PayloadTooLarge { size: 2, max: 1, .. }))]
+            [(
+                10,
+                Err(ChannelError::PayloadTooLarge {
+                    size: 2,
+                    max: 1,
+                    ..
+                })
+            )]
         ));
     }
 

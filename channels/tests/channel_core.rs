@@ -241,8 +241,9 @@ impl Hub {
             }
             Frame::Detach(_) => {
                 self.attached = false;
-                self.to_client
-                    .push_back(Frame::Detached(Detached { channel: "c".into() }));
+                self.to_client.push_back(Frame::Detached(Detached {
+                    channel: "c".into(),
+                }));
             }
             other => panic!("the client sent {other:?}"),
         }
@@ -330,10 +331,7 @@ impl World {
                 && self.core.position().is_none()
                 && self.state == ChannelState::Attaching
             {
-                self.cursor = Some(position(
-                    &attached.epoch,
-                    attached.head.0 - attached.replay,
-                ));
+                self.cursor = Some(position(&attached.epoch, attached.head.0 - attached.replay));
             }
         }
         self.core
@@ -350,10 +348,20 @@ impl World {
                 assert!(self.connected, "sent {frame:?} with no connection");
                 if let Frame::Publish(publish) = &frame {
                     let seq = publish.seq;
-                    assert_eq!(self.state, ChannelState::Attached, "publish before attached");
+                    assert_eq!(
+                        self.state,
+                        ChannelState::Attached,
+                        "publish before attached"
+                    );
                     let responder = *self.responder_of.get(&seq).expect("unknown seq sent");
-                    assert!(self.outstanding(seq), "seq {seq} sent after it was answered");
-                    assert_eq!(publish.payload, self.payloads[&responder], "seq {seq} changed");
+                    assert!(
+                        self.outstanding(seq),
+                        "seq {seq} sent after it was answered"
+                    );
+                    assert_eq!(
+                        publish.payload, self.payloads[&responder],
+                        "seq {seq} changed"
+                    );
                     assert!(
                         self.sent_here.last().is_none_or(|&last| last < seq),
                         "seq {seq} after {:?} on one connection",
@@ -631,12 +639,49 @@ fn a_scripted_run_through_losses_trims_and_a_restart() {
         4,
     );
     let script = [
-        Reconnect, HubStep, ClientStep, Publish, Publish, Publish, HubStep, HubStep, Cut,
-        OtherPublisher, OtherPublisher, Trim(1), Reconnect, HubStep, ClientStep, ClientStep,
-        ClientStep, ClientStep, OverlapNextReplay(3), Cut, Reconnect, HubStep, ClientStep,
-        ClientStep, HubStep, HubStep, ClientStep, DuplicateAck, ClientStep, ClientStep,
-        ClientStep, ClientStep, HubRestart, Publish, Reconnect, HubStep, ClientStep, HubStep,
-        ClientStep, ClientStep, Read(2), OtherPublisher, ClientStep,
+        Reconnect,
+        HubStep,
+        ClientStep,
+        Publish,
+        Publish,
+        Publish,
+        HubStep,
+        HubStep,
+        Cut,
+        OtherPublisher,
+        OtherPublisher,
+        Trim(1),
+        Reconnect,
+        HubStep,
+        ClientStep,
+        ClientStep,
+        ClientStep,
+        ClientStep,
+        OverlapNextReplay(3),
+        Cut,
+        Reconnect,
+        HubStep,
+        ClientStep,
+        ClientStep,
+        HubStep,
+        HubStep,
+        ClientStep,
+        DuplicateAck,
+        ClientStep,
+        ClientStep,
+        ClientStep,
+        ClientStep,
+        HubRestart,
+        Publish,
+        Reconnect,
+        HubStep,
+        ClientStep,
+        HubStep,
+        ClientStep,
+        ClientStep,
+        Read(2),
+        OtherPublisher,
+        ClientStep,
     ];
     for op in script {
         world.apply(op);
@@ -654,7 +699,14 @@ fn a_scripted_run_through_losses_trims_and_a_restart() {
         .collect();
     assert_eq!(
         seen,
-        ["gap 1@e0..1@e0", "2@e0", "gap 3@e0..0@e1", "1@e1", "2@e1", "3@e1"]
+        [
+            "gap 1@e0..1@e0",
+            "2@e0",
+            "gap 3@e0..0@e1",
+            "1@e1",
+            "2@e1",
+            "3@e1"
+        ]
     );
     assert_eq!(world.answered.len() as u64, world.next_responder - 1);
     assert!(world
