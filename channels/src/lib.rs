@@ -16,7 +16,7 @@
 //!   their own TTL), and channels share the service's threads in short turns so that one
 //!   flooded channel cannot stall the others ([`hub::idle`]).
 //!
-//! The rules live in plain structs: [`core`](crate::core) (every decision of a client channel,
+//! The rules live in plain structs: [`core`] (every decision of a client channel,
 //! sans I/O: events in, actions out — the [`ChannelActor`] is its shell), which drives
 //! [`outbox`] (publish buffer) and [`cursor`] (resume and dedupe); [`state`] (the transition
 //! table), [`hub::log`] (numbering, idempotence, resume plans), [`hub::history`], [`hub::idle`]

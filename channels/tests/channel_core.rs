@@ -51,6 +51,10 @@ enum Op {
     Read(usize),
     /// Time passes.
     Advance(u64),
+    /// A whole outage in one step: the connection is lost, `n` messages are numbered and all
+    /// but the last one leave history, the client reconnects and handles the attach answer
+    /// (gaps back to back, even while the subscriber has no room).
+    Outage(u64),
     /// The transport fails permanently (connection lost) until a later reconnect.
     TransportFails,
     /// The application detaches (ends the run).
@@ -73,6 +77,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (1u64..4).prop_map(Op::OverlapNextReplay),
         6 => (1usize..6).prop_map(Op::Read),
         2 => (1u64..40).prop_map(Op::Advance),
+        2 => (1u64..4).prop_map(Op::Outage),
         1 => Just(Op::TransportFails),
         1 => Just(Op::Detach),
     ]
@@ -548,6 +553,16 @@ impl World {
                 self.now += Duration::from_secs(seconds);
                 // Early or due: the core must tell the difference.
                 self.feed(Event::Timeout);
+            }
+            Op::Outage(n) => {
+                self.disconnect();
+                for _ in 0..n {
+                    self.apply(Op::OtherPublisher);
+                }
+                self.hub.first_retained = self.hub.head;
+                self.apply(Op::Reconnect);
+                self.apply(Op::HubStep);
+                self.apply(Op::ClientStep);
             }
             Op::TransportFails => {
                 self.disconnect();
