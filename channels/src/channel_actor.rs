@@ -25,7 +25,7 @@ use tether_transport::{ReconnectPolicy, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::core::{Action, ChannelCore, Event, SubscriberRoom};
+use crate::core::{Action, ChannelCore, Event, SubscriberRoom, DELIVERY_ROOM};
 pub use crate::core::{ChannelEvent, ChannelMessage, Discontinuity, PublishAck};
 use crate::error::{validate_name, ChannelError};
 use crate::outbox::BufferLimits;
@@ -92,10 +92,6 @@ impl Message for ChannelEvent {
 }
 
 type Responder = oneshot::Sender<Result<PublishAck, ChannelError>>;
-
-/// Room a subscriber's stream must have before the core is told it is available again: a
-/// pending gap, a new gap and the message.
-const ROOM_TO_WAIT_FOR: usize = 3;
 
 /// Publishes one message (see [`Channel::publish`]).
 #[derive(Message)]
@@ -210,7 +206,7 @@ impl ChannelActor {
             async move {
                 // Permits prove there is room; dropping them gives the slots back. A closed
                 // stream answers at once (and the core then sees it gone).
-                let _ = events.reserve_many(ROOM_TO_WAIT_FOR).await;
+                let _ = events.reserve_many(DELIVERY_ROOM).await;
             }
             .into_actor(self)
             .map(|_, act, ctx| act.run(ctx, Event::RoomAvailable)),
@@ -379,7 +375,7 @@ impl Channel {
             .saturating_sub(PUBLISH_ENVELOPE + name.len());
         options.max_message_size = options.max_message_size.min(fits);
         // Delivery needs room for a pending gap, a new gap and the message.
-        let (tx, rx) = mpsc::channel(options.event_capacity.max(3));
+        let (tx, rx) = mpsc::channel(options.event_capacity.max(DELIVERY_ROOM));
         let mailbox = options.limits.max_messages.max(16);
         let span =
             tracing::info_span!("channel", channel = %name, client_id = %transport.client_id());

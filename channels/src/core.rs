@@ -80,7 +80,8 @@ use crate::state::{is_valid_transition, ChannelReason, ChannelState, ChannelStat
 use crate::telemetry;
 
 /// Room a delivery needs in the subscriber's stream: a pending gap, a new gap and the message.
-const DELIVERY_ROOM: usize = 3;
+/// With less, the subscriber counts as behind (see [`Action::WaitForRoom`]).
+pub const DELIVERY_ROOM: usize = 3;
 
 /// One message delivered to a subscriber.
 #[derive(Debug, Clone, PartialEq)]
@@ -246,7 +247,7 @@ pub enum Action<R> {
     /// per connection).
     Synced,
     /// Wake the core with [`Event::RoomAvailable`] once the subscriber's stream has room for
-    /// three events (or is gone). Asked for again only after that event.
+    /// [`DELIVERY_ROOM`] events (or is gone). Asked for again only after that event.
     WaitForRoom,
     /// Take the channel out of the transport's registry.
     Unregister,
@@ -810,6 +811,7 @@ impl<R> ChannelCore<R> {
     /// Delivers `event`, counting down the room (callers made sure there is some).
     fn emit(&mut self, event: ChannelEvent) {
         if let SubscriberRoom::Free(n) = &mut self.room {
+            debug_assert!(*n > 0, "delivery beyond the subscriber's room");
             *n = n.saturating_sub(1);
             self.actions.push_back(Action::Deliver(event));
         }
