@@ -1,9 +1,14 @@
-//! The ChannelActor: one channel of one transport, on the client.
+//! The ChannelActor: one channel of one transport, on the client — the shell around a
+//! [`ChannelCore`].
 //!
-//! It keeps every published message in its [`OutgoingBuffer`] until the hub acknowledges it,
-//! re-attaches after every reconnect (resuming from its [`ResumeCursor`]), replays unacked
-//! publishes in their original order before anything new, and hands subscribers every message
-//! exactly once, in order — or an explicit [`Discontinuity`] when history could not cover a gap.
+//! The core makes every decision: it keeps each published message in its
+//! [`OutgoingBuffer`](crate::outbox::OutgoingBuffer) until the hub acknowledges it, re-attaches
+//! after every reconnect (resuming from its [`ResumeCursor`](crate::cursor::ResumeCursor)),
+//! replays unacked publishes in their original order before anything new, and hands subscribers
+//! every message exactly once, in order — or an explicit [`Discontinuity`] when history could
+//! not cover a gap. The actor only translates: transport links, frames, commands and its one
+//! timer become [`Event`]s; the [`Action`]s that come back become frames, subscriber events,
+//! answers and state notifications.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,21 +17,19 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use serde::Serialize;
-use tether_transport::protocol::{
-    Attach, Detach, Epoch, Frame, Gap, Offset, Payload, Position, Publish,
-};
+use tether_transport::protocol::{Frame, Payload};
 use tether_transport::status::ChannelSummary;
 use tether_transport::transport_actor::{ChannelLink, QueryChannel};
 use tether_transport::ws_actor::{SendFrame, WebSocketActor};
-use tether_transport::{ReconnectManager, ReconnectPolicy, Transport, TransportError};
+use tether_transport::{ReconnectPolicy, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::cursor::{ResumeCursor, Verdict};
+use crate::core::{Action, ChannelCore, Event, SubscriberRoom, DELIVERY_ROOM};
+pub use crate::core::{ChannelEvent, ChannelMessage, Discontinuity, PublishAck};
 use crate::error::{validate_name, ChannelError};
-use crate::outbox::{BufferLimits, OutgoingBuffer};
-use crate::state::{is_valid_transition, ChannelReason, ChannelState, ChannelStateChanged};
-use crate::telemetry;
+use crate::outbox::BufferLimits;
+use crate::state::{ChannelState, ChannelStateChanged};
 
 /// Default capacity of a subscriber's event stream: 65,536 events. A subscriber that falls this
 /// far behind is caught up from history (or told of the gap) — never dropped silently.
@@ -84,52 +87,8 @@ impl ChannelOptions {
     }
 }
 
-/// One message delivered to a subscriber.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChannelMessage {
-    /// The channel.
-    pub channel: String,
-    /// The channel epoch it belongs to.
-    pub epoch: Epoch,
-    /// Its offset in that epoch.
-    pub offset: Offset,
-    /// The message.
-    pub payload: Payload,
-}
-
-/// Messages in `from..=to` may never arrive: history did not cover them (retention exceeded, or
-/// the hub lost its memory and started a new epoch).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Discontinuity {
-    /// The channel.
-    pub channel: String,
-    /// First position that may be missing.
-    pub from: Position,
-    /// Last position that may be missing.
-    pub to: Position,
-}
-
-/// What a subscriber receives, in order.
-#[derive(Debug, Clone, PartialEq, Message)]
-#[rtype(result = "()")]
-pub enum ChannelEvent {
-    /// The next message.
-    Message(ChannelMessage),
-    /// A gap that cannot be filled, reported where it occurred in the sequence.
-    Discontinuity(Discontinuity),
-}
-
-/// The hub's acknowledgement of one publish.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublishAck {
-    /// The publish's sequence number on this channel.
-    pub seq: u64,
-    /// Where the hub stored it (absent only for a duplicate the hub no longer places).
-    pub offset: Option<Offset>,
-    /// The epoch of `offset` (absent with it, or from a hub that does not say).
-    pub epoch: Option<Epoch>,
-    /// Whether the hub had already stored it (the ack of a replay).
-    pub duplicate: bool,
+impl Message for ChannelEvent {
+    type Result = ();
 }
 
 type Responder = oneshot::Sender<Result<PublishAck, ChannelError>>;
@@ -152,545 +111,82 @@ struct DetachCommand(oneshot::Sender<()>);
 #[rtype(result = "()")]
 struct SubscribeState(Recipient<ChannelStateChanged>);
 
-/// The actor behind a [`Channel`].
+/// The actor behind a [`Channel`]: a [`ChannelCore`] and the I/O it asks for.
 pub struct ChannelActor {
-    name: String,
+    core: ChannelCore<Responder>,
     transport: Transport,
-    options: ChannelOptions,
-    state: ChannelState,
-    /// `state`, for readers that must not wait ([`Channel::state`]).
+    /// The core's state, for readers that must not wait ([`Channel::state`]).
     state_tx: watch::Sender<ChannelState>,
-    outbox: OutgoingBuffer<Responder>,
-    cursor: ResumeCursor,
     conn: Option<Addr<WebSocketActor>>,
     events: Option<mpsc::Sender<ChannelEvent>>,
     state_subscribers: Vec<Recipient<ChannelStateChanged>>,
-    want_attached: bool,
-    owes_sync: bool,
-    replay_remaining: u64,
-    /// Where the replay announced by the last `attached` ends: a message at or past it (or of
-    /// another epoch) ends the replay even if history lost some of it meanwhile.
-    replay_end: Option<Position>,
-    lagging: bool,
-    producer: String,
+    /// The transport's resync this connection belongs to (echoed in `channel_synced`).
     generation: u64,
-    transport_failure: Option<TransportError>,
-    detach_timer: Option<SpawnHandle>,
-    pending_gap: Option<Gap>,
-    waiting_for_room: bool,
-    failure: Option<TransportError>,
-    attach_timer: Option<SpawnHandle>,
-    retry_timer: Option<SpawnHandle>,
-    retry: ReconnectManager,
+    /// The core's deadline, as scheduled.
+    timer: Option<(std::time::Instant, SpawnHandle)>,
     detach_waiters: Vec<oneshot::Sender<()>>,
     span: tracing::Span,
 }
 
 impl ChannelActor {
-    fn transition(&mut self, to: ChannelState, reason: ChannelReason, resumed: bool) -> bool {
-        let from = self.state;
-        if !is_valid_transition(from, to) {
-            tracing::error!(parent: &self.span, %from, %to, %reason, "refused invalid channel transition");
-            return false;
-        }
-        self.state = to;
-        self.state_tx.send_replace(to);
-        tracing::info!(parent: &self.span, %from, %to, %reason, resumed, "channel state changed");
-        let event = ChannelStateChanged {
-            channel: self.name.clone(),
-            from,
-            to,
-            reason,
-            resumed,
-        };
-        self.state_subscribers.retain(|s| s.connected());
-        for s in &self.state_subscribers {
-            s.do_send(event.clone());
-        }
-        true
-    }
-
-    fn send_frame(&self, frame: Frame) {
-        if let Some(conn) = &self.conn {
-            conn.do_send(SendFrame(frame));
+    /// How much the subscriber's stream can take now.
+    fn room(&self) -> SubscriberRoom {
+        match &self.events {
+            Some(events) if !events.is_closed() => SubscriberRoom::Free(events.capacity()),
+            _ => SubscriberRoom::Gone,
         }
     }
 
-    fn cancel_timers(&mut self, ctx: &mut Context<Self>) {
-        for handle in [
-            self.attach_timer.take(),
-            self.retry_timer.take(),
-            self.detach_timer.take(),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            ctx.cancel_future(handle);
+    /// Feeds `event` to the core, carries out what it decides, and keeps the one timer on the
+    /// core's deadline.
+    fn run(&mut self, ctx: &mut Context<Self>, event: Event<Responder>) {
+        let now = Instant::now().into_std();
+        self.feed(ctx, now, event);
+        self.sync_timer(ctx, now);
+    }
+
+    fn feed(&mut self, ctx: &mut Context<Self>, now: std::time::Instant, event: Event<Responder>) {
+        self.core.set_subscriber_room(self.room());
+        self.span.in_scope(|| self.core.handle(now, event));
+        while let Some(action) = self.core.poll_action() {
+            self.perform(ctx, action);
         }
     }
 
-    /// Tells the transport this channel is done re-attaching on this connection.
-    fn synced(&mut self) {
-        if std::mem::take(&mut self.owes_sync) {
-            self.transport
-                .channel_synced(self.name.clone(), self.generation);
-        }
-    }
-
-    fn attach(&mut self, ctx: &mut Context<Self>, reason: ChannelReason) {
-        if self.conn.is_none() || !self.want_attached {
-            return;
-        }
-        self.cancel_timers(ctx);
-        self.retry.begin_attempt(Instant::now());
-        let resume = if self.options.subscribe {
-            self.cursor.resume_from()
-        } else {
-            None
-        };
-        self.lagging = false;
-        self.replay_remaining = 0;
-        self.send_frame(Frame::Attach(Attach {
-            channel: self.name.clone(),
-            subscribe: self.options.subscribe,
-            resume,
-            producer: Some(self.producer.clone()),
-        }));
-        self.transition(ChannelState::Attaching, reason, false);
-        let timeout = self.options.attach_timeout;
-        self.attach_timer = Some(ctx.run_later(timeout, move |act, ctx| {
-            act.attach_timer = None;
-            if act.state == ChannelState::Attaching {
-                let error = TransportError::Remote {
-                    code: tether_transport::protocol::ErrorCode::Unknown,
-                    category: tether_transport::ErrorCategory::Subscription,
-                    permanent: false,
-                    message: format!("no answer to attach within {timeout:?}"),
-                };
-                act.attach_failed(ctx, error);
-            }
-        }));
-    }
-
-    /// A retryable attach failure: suspend and retry on the channel's own backoff.
-    fn attach_failed(&mut self, ctx: &mut Context<Self>, error: TransportError) {
-        if let Some(handle) = self.attach_timer.take() {
-            ctx.cancel_future(handle);
-        }
-        let delay = match self.retry.on_attempt_failed(Instant::now()) {
-            tether_transport::reconnect::NextStep::Retry { delay, .. } => delay,
-            tether_transport::reconnect::NextStep::Suspend { probe_in, .. } => probe_in,
-            tether_transport::reconnect::NextStep::WaitForManual
-            | tether_transport::reconnect::NextStep::GiveUp { .. } => {
-                self.fail(error);
-                return;
-            }
-        };
-        self.transition(
-            ChannelState::Suspended,
-            ChannelReason::AttachFailed(error),
-            false,
-        );
-        self.synced();
-        self.retry_timer = Some(ctx.run_later(delay, |act, ctx| {
-            act.retry_timer = None;
-            if act.state == ChannelState::Suspended {
-                act.attach(ctx, ChannelReason::RetryDue);
-            }
-        }));
-    }
-
-    /// A permanent refusal: the channel fails, its publishers are answered, the rest goes on.
-    fn fail(&mut self, error: TransportError) {
-        self.transition(
-            ChannelState::Failed,
-            ChannelReason::Refused(error.clone()),
-            false,
-        );
-        self.failure = Some(error.clone());
-        let cause = ChannelError::Failed {
-            channel: self.name.clone(),
-            cause: error,
-        };
-        self.answer_all(|| cause.clone());
-        self.synced();
-    }
-
-    /// Answers every queued publish with `error` — or, for one already on the wire (the hub
-    /// may have stored it), with [`ChannelError::Unconfirmed`] around it.
-    fn answer_all(&mut self, error: impl Fn() -> ChannelError) {
-        let pending = self.outbox.drain();
-        metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH).decrement(pending.len() as f64);
-        for p in pending {
-            let answer = if p.sends > 0 {
-                ChannelError::Unconfirmed {
-                    channel: self.name.clone(),
-                    seq: p.seq,
-                    cause: Box::new(error()),
+    fn perform(&mut self, ctx: &mut Context<Self>, action: Action<Responder>) {
+        match action {
+            Action::Send(frame) => {
+                if let Some(conn) = &self.conn {
+                    conn.do_send(SendFrame(frame));
                 }
-            } else {
-                error()
-            };
-            let _ = p.responder.send(Err(answer));
-        }
-    }
-
-    /// Puts as many buffered publishes on the wire as the in-flight window allows, oldest
-    /// first — after a reconnect that is the replay, before anything new.
-    fn flush(&mut self) {
-        if self.state != ChannelState::Attached {
-            return;
-        }
-        let Some(conn) = self.conn.clone() else {
-            return;
-        };
-        while let Some(entry) = self.outbox.next_to_send() {
-            if entry.sends > 1 {
-                metrics::counter!(telemetry::PUBLISH_REPLAYED).increment(1);
             }
-            conn.do_send(SendFrame(Frame::Publish(Publish {
-                channel: self.name.clone(),
-                seq: entry.seq,
-                payload: entry.payload.clone(),
-            })));
-        }
-    }
-
-    fn on_attached(
-        &mut self,
-        ctx: &mut Context<Self>,
-        attached: tether_transport::protocol::Attached,
-    ) {
-        if self.state != ChannelState::Attaching {
-            return;
-        }
-        let mut resumed = attached.resumed;
-        if self.options.subscribe {
-            if let Some(gap) = self.cursor.on_attached(&attached) {
-                resumed = false;
-                self.report_gap(ctx, gap);
-            }
-            self.replay_remaining = attached.replay;
-            self.replay_end = Some(Position {
-                epoch: attached.epoch.clone(),
-                offset: attached.head,
-            });
-        }
-        self.retry.reset();
-        self.transition(
-            ChannelState::Attached,
-            ChannelReason::AttachConfirmed,
-            resumed,
-        );
-        self.flush();
-        if self.replay_remaining == 0 {
-            self.synced();
-        }
-    }
-
-    /// Records a gap for the subscriber. It is delivered before the next message; a full
-    /// stream only delays it (merged with any later gap), never drops it.
-    fn report_gap(&mut self, ctx: &mut Context<Self>, gap: Gap) {
-        metrics::counter!(telemetry::DISCONTINUITIES).increment(1);
-        tracing::warn!(parent: &self.span, from = %gap.from, to = %gap.to, "discontinuity");
-        self.pending_gap = Some(match self.pending_gap.take() {
-            Some(earlier) => Gap {
-                from: earlier.from,
-                to: gap.to,
-            },
-            None => gap,
-        });
-        if !self.flush_gap() {
-            self.wait_for_room(ctx);
-        }
-    }
-
-    /// Delivers the pending gap if there is room; `true` when nothing is pending any more.
-    fn flush_gap(&mut self) -> bool {
-        let (Some(events), Some(gap)) = (&self.events, &self.pending_gap) else {
-            return true;
-        };
-        let event = ChannelEvent::Discontinuity(Discontinuity {
-            channel: self.name.clone(),
-            from: gap.from.clone(),
-            to: gap.to.clone(),
-        });
-        match events.try_send(event) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.pending_gap = None;
-                true
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => false,
-        }
-    }
-
-    /// Waits (without blocking the actor) until the subscriber's stream has room, then
-    /// delivers a pending gap and, if the subscriber had fallen behind, catches up.
-    fn wait_for_room(&mut self, ctx: &mut Context<Self>) {
-        let Some(events) = self.events.clone() else {
-            return;
-        };
-        if std::mem::replace(&mut self.waiting_for_room, true) {
-            return;
-        }
-        ctx.spawn(
-            async move {
-                // Permits prove there is room for a delivery (gap, gap, message); dropping them
-                // gives the slots back.
-                let _ = events.reserve_many(3).await;
-            }
-            .into_actor(self)
-            .map(|_, act, ctx| {
-                act.waiting_for_room = false;
-                if !act.flush_gap() {
-                    act.wait_for_room(ctx);
-                    return;
-                }
-                act.catch_up(ctx);
-            }),
-        );
-    }
-
-    fn on_message(
-        &mut self,
-        ctx: &mut Context<Self>,
-        message: tether_transport::protocol::Message,
-    ) {
-        if self.state != ChannelState::Attached || !self.options.subscribe {
-            return;
-        }
-        let during_replay = self.replay_remaining > 0;
-        self.replay_remaining = self.replay_remaining.saturating_sub(1);
-        let past_the_end = self
-            .replay_end
-            .as_ref()
-            .is_some_and(|end| message.epoch != end.epoch || message.offset >= end.offset);
-        if during_replay && past_the_end {
-            // Fewer replay frames came than announced (history was trimmed while they were
-            // read; the jump is reported as a gap): the replay is over all the same.
-            self.replay_remaining = 0;
-        }
-        if self.lagging {
-            metrics::counter!(telemetry::LAG_SKIPPED).increment(1);
-        } else {
-            self.deliver(ctx, message);
-        }
-        if during_replay && self.replay_remaining == 0 {
-            self.synced();
-        }
-    }
-
-    fn deliver(&mut self, ctx: &mut Context<Self>, message: tether_transport::protocol::Message) {
-        let Some(events) = self.events.clone() else {
-            return;
-        };
-        if events.is_closed() {
-            // Nobody listens any more; keep the cursor moving so a resume does not replay
-            // what nobody wanted.
-            self.cursor.accept(&message.epoch, message.offset);
-            return;
-        }
-        // Room for a discontinuity and the message, or the subscriber is lagging: stop
-        // delivering (the cursor stays put) and catch up from history once there is room.
-        // Room for a pending gap, a new gap and the message, or the subscriber is lagging.
-        if events.capacity() < 3 {
-            self.lagging = true;
-            metrics::counter!(telemetry::LAG_SKIPPED).increment(1);
-            tracing::warn!(parent: &self.span, "subscriber is behind; will catch up from history");
-            self.wait_for_room(ctx);
-            return;
-        }
-        // A pending gap goes out first.
-        self.flush_gap();
-        match self.cursor.accept(&message.epoch, message.offset) {
-            Verdict::Duplicate => {
-                metrics::counter!(telemetry::DUPLICATES_DROPPED, "side" => "client").increment(1);
-                return;
-            }
-            Verdict::GapThenDeliver(gap) => self.report_gap(ctx, gap),
-            Verdict::Deliver => {}
-        }
-        metrics::counter!(telemetry::MESSAGES_DELIVERED).increment(1);
-        let _ = events.try_send(ChannelEvent::Message(ChannelMessage {
-            channel: message.channel,
-            epoch: message.epoch,
-            offset: message.offset,
-            payload: message.payload,
-        }));
-    }
-
-    fn catch_up(&mut self, ctx: &mut Context<Self>) {
-        if !self.lagging {
-            return;
-        }
-        self.lagging = false;
-        if self.state == ChannelState::Attached {
-            self.attach(ctx, ChannelReason::CatchingUp);
-        }
-    }
-
-    fn on_ack(&mut self, ack: tether_transport::protocol::Ack) {
-        if let Some(done) = self.outbox.ack(ack.seq) {
-            metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH).decrement(1.0);
-            metrics::histogram!(telemetry::PUBLISH_ACK_SECONDS)
-                .record(done.accepted_at.elapsed().as_secs_f64());
-            let _ = done.responder.send(Ok(PublishAck {
-                seq: ack.seq,
-                offset: ack.offset,
-                epoch: ack.epoch,
-                duplicate: ack.duplicate,
-            }));
-        }
-        self.flush();
-    }
-
-    fn on_error(&mut self, ctx: &mut Context<Self>, frame: tether_transport::protocol::ErrorFrame) {
-        let permanent = frame.permanent;
-        let seq = frame.seq;
-        let error = frame.into_error();
-        match seq {
-            Some(seq) if permanent => {
-                if let Some(done) = self.outbox.reject(seq) {
-                    metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH).decrement(1.0);
-                    let _ = done.responder.send(Err(ChannelError::Rejected {
-                        channel: self.name.clone(),
-                        seq,
-                        cause: error,
-                    }));
-                }
-                self.flush();
-            }
-            // A retryable refusal of a publish comes with the connection's close; the message
-            // stays buffered and is replayed on the next connection.
-            Some(_) => tracing::debug!(parent: &self.span, %error, "publish refused for now"),
-            None if matches!(self.state, ChannelState::Attaching | ChannelState::Attached) => {
-                if permanent {
-                    if let Some(handle) = self.attach_timer.take() {
-                        ctx.cancel_future(handle);
+            Action::Deliver(event) => {
+                if let Some(events) = &self.events {
+                    // The core delivers no more than the room it was told of, and this actor is
+                    // the stream's only sender: only a closed stream refuses.
+                    if let Err(mpsc::error::TrySendError::Full(_)) = events.try_send(event) {
+                        tracing::error!(parent: &self.span, "subscriber stream full: event lost");
                     }
-                    self.fail(error);
-                } else {
-                    self.attach_failed(ctx, error);
                 }
             }
-            None => {
-                tracing::debug!(parent: &self.span, %error, "channel error in state {}", self.state)
+            Action::Answer { responder, result } => {
+                let _ = responder.send(result);
             }
-        }
-    }
-
-    fn finish_detach(&mut self, ctx: &mut Context<Self>) {
-        let channel = self.name.clone();
-        self.answer_all(|| ChannelError::Detached {
-            channel: channel.clone(),
-        });
-        self.transport.unregister_channel(self.name.clone());
-        for waiter in self.detach_waiters.drain(..) {
-            let _ = waiter.send(());
-        }
-        ctx.stop();
-    }
-
-    fn summary(&self) -> ChannelSummary {
-        ChannelSummary {
-            name: self.name.clone(),
-            state: self.state.as_str().to_owned(),
-            queue_depth: self.outbox.len(),
-            queue_bytes: self.outbox.bytes(),
-            position: self.cursor.resume_from().map(|p| p.to_string()),
-        }
-    }
-}
-
-impl Actor for ChannelActor {
-    type Context = Context<Self>;
-
-    fn stopped(&mut self, _ctx: &mut Context<Self>) {
-        // Whatever stopped us, nobody waits forever.
-        self.answer_all(|| ChannelError::TransportClosed);
-    }
-}
-
-impl Handler<ChannelLink> for ChannelActor {
-    type Result = ();
-
-    fn handle(&mut self, link: ChannelLink, ctx: &mut Context<Self>) {
-        match link {
-            ChannelLink::Up {
-                conn, generation, ..
-            } => {
-                self.conn = Some(conn);
-                self.generation = generation;
-                self.owes_sync = true;
-                self.transport_failure = None;
-                if self.want_attached && self.state != ChannelState::Failed {
-                    self.attach(ctx, ChannelReason::AttachRequested);
-                } else {
-                    self.synced();
+            Action::StateChanged(event) => {
+                self.state_tx.send_replace(event.to);
+                self.state_subscribers.retain(|s| s.connected());
+                for s in &self.state_subscribers {
+                    s.do_send(event.clone());
                 }
             }
-            ChannelLink::Down(error) => {
-                self.conn = None;
-                self.owes_sync = false;
-                self.lagging = false;
-                self.cancel_timers(ctx);
-                self.outbox.on_disconnect();
-                match self.state {
-                    ChannelState::Attaching | ChannelState::Attached => {
-                        self.transition(
-                            ChannelState::Suspended,
-                            ChannelReason::ConnectionLost(error),
-                            false,
-                        );
-                    }
-                    ChannelState::Detaching => {
-                        self.transition(
-                            ChannelState::Detached,
-                            ChannelReason::DetachConfirmed,
-                            false,
-                        );
-                        self.finish_detach(ctx);
-                    }
-                    _ => {}
-                }
-            }
-            ChannelLink::Inbound(frame) => match frame {
-                Frame::Attached(a) => self.on_attached(ctx, a),
-                Frame::Message(m) => self.on_message(ctx, m),
-                Frame::Ack(a) => self.on_ack(a),
-                Frame::Error(e) => self.on_error(ctx, e),
-                Frame::Detached(_) if self.state == ChannelState::Detaching => {
-                    self.transition(
-                        ChannelState::Detached,
-                        ChannelReason::DetachConfirmed,
-                        false,
-                    );
-                    self.finish_detach(ctx);
-                }
-                other => tracing::debug!(parent: &self.span, kind = other.kind(), "ignored frame"),
-            },
-            ChannelLink::Failed(error) => {
-                // Nothing will be sent until a manual reconnect: nobody waits on that.
-                let channel = self.name.clone();
-                let cause = error.clone();
-                self.answer_all(|| ChannelError::Failed {
-                    channel: channel.clone(),
-                    cause: cause.clone(),
-                });
-                self.transport_failure = Some(error);
-            }
-            ChannelLink::Retrying => self.transport_failure = None,
-            ChannelLink::Closed => {
-                self.cancel_timers(ctx);
-                self.conn = None;
-                if self.state != ChannelState::Detached {
-                    self.transition(
-                        ChannelState::Detached,
-                        ChannelReason::TransportClosed,
-                        false,
-                    );
-                }
-                self.answer_all(|| ChannelError::TransportClosed);
+            Action::Synced => self
+                .transport
+                .channel_synced(self.core.name().to_owned(), self.generation),
+            Action::WaitForRoom => self.wait_for_room(ctx),
+            Action::Unregister => self
+                .transport
+                .unregister_channel(self.core.name().to_owned()),
+            Action::Stop => {
                 self.events = None;
                 for waiter in self.detach_waiters.drain(..) {
                     let _ = waiter.send(());
@@ -698,6 +194,98 @@ impl Handler<ChannelLink> for ChannelActor {
                 ctx.stop();
             }
         }
+    }
+
+    /// Waits (without blocking the actor) until the subscriber's stream has room, then tells
+    /// the core.
+    fn wait_for_room(&mut self, ctx: &mut Context<Self>) {
+        let Some(events) = self.events.clone() else {
+            return;
+        };
+        ctx.spawn(
+            async move {
+                // Permits prove there is room; dropping them gives the slots back. A closed
+                // stream answers at once (and the core then sees it gone).
+                let _ = events.reserve_many(DELIVERY_ROOM).await;
+            }
+            .into_actor(self)
+            .map(|_, act, ctx| act.run(ctx, Event::RoomAvailable)),
+        );
+    }
+
+    /// Keeps the one timer on the core's deadline.
+    fn sync_timer(&mut self, ctx: &mut Context<Self>, now: std::time::Instant) {
+        let wanted = self.core.deadline().map(|d| d.at);
+        if wanted == self.timer.as_ref().map(|(at, _)| *at) {
+            return;
+        }
+        if let Some((_, handle)) = self.timer.take() {
+            ctx.cancel_future(handle);
+        }
+        if let Some(at) = wanted {
+            let handle = ctx.run_later(at.saturating_duration_since(now), |act, ctx| {
+                act.timer = None;
+                act.run(ctx, Event::Timeout);
+            });
+            self.timer = Some((at, handle));
+        }
+    }
+
+    fn summary(&self) -> ChannelSummary {
+        ChannelSummary {
+            name: self.core.name().to_owned(),
+            state: self.core.state().as_str().to_owned(),
+            queue_depth: self.core.queued(),
+            queue_bytes: self.core.queued_bytes(),
+            position: self.core.position().map(|p| p.to_string()),
+        }
+    }
+}
+
+impl Actor for ChannelActor {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
+        // Whatever stopped us, nobody waits forever.
+        self.feed(ctx, Instant::now().into_std(), Event::Stopped);
+    }
+}
+
+impl Handler<ChannelLink> for ChannelActor {
+    type Result = ();
+
+    fn handle(&mut self, link: ChannelLink, ctx: &mut Context<Self>) {
+        let event = match link {
+            ChannelLink::Up {
+                conn, generation, ..
+            } => {
+                self.conn = Some(conn);
+                self.generation = generation;
+                Event::ConnectionUp
+            }
+            ChannelLink::Down(error) => {
+                self.conn = None;
+                Event::ConnectionDown(error)
+            }
+            ChannelLink::Inbound(frame) => match frame {
+                Frame::Attached(a) => Event::Attached(a),
+                Frame::Message(m) => Event::Message(m),
+                Frame::Ack(a) => Event::Ack(a.into()),
+                Frame::Error(e) => Event::Error(e),
+                Frame::Detached(_) => Event::Detached,
+                other => {
+                    tracing::debug!(parent: &self.span, kind = other.kind(), "ignored frame");
+                    return;
+                }
+            },
+            ChannelLink::Failed(error) => Event::TransportFailed(error),
+            ChannelLink::Retrying => Event::TransportRetrying,
+            ChannelLink::Closed => {
+                self.conn = None;
+                Event::TransportClosed
+            }
+        };
+        self.run(ctx, event);
     }
 }
 
@@ -712,48 +300,14 @@ impl Handler<QueryChannel> for ChannelActor {
 impl Handler<PublishCommand> for ChannelActor {
     type Result = ();
 
-    fn handle(&mut self, cmd: PublishCommand, _ctx: &mut Context<Self>) {
-        if let Some(cause) = self.failure.as_ref().or(self.transport_failure.as_ref()) {
-            let _ = cmd.responder.send(Err(ChannelError::Failed {
-                channel: self.name.clone(),
-                cause: cause.clone(),
-            }));
-            return;
-        }
-        if !self.want_attached {
-            let _ = cmd.responder.send(Err(ChannelError::Detached {
-                channel: self.name.clone(),
-            }));
-            return;
-        }
-        if cmd.payload.len() > self.options.max_message_size {
-            let _ = cmd.responder.send(Err(ChannelError::PayloadTooLarge {
-                channel: self.name.clone(),
-                size: cmd.payload.len(),
-                max: self.options.max_message_size,
-            }));
-            return;
-        }
-        match self.outbox.push(cmd.payload, cmd.responder, Instant::now()) {
-            Ok(pushed) => {
-                metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH)
-                    .increment(1.0 - pushed.evicted.len() as f64);
-                for old in pushed.evicted {
-                    let _ = old.responder.send(Err(ChannelError::Evicted {
-                        channel: self.name.clone(),
-                        seq: old.seq,
-                    }));
-                }
-                self.flush();
-            }
-            Err(refused) => {
-                let _ = refused.responder.send(Err(ChannelError::QueueFull {
-                    channel: self.name.clone(),
-                    messages: refused.messages,
-                    bytes: refused.bytes,
-                }));
-            }
-        }
+    fn handle(&mut self, cmd: PublishCommand, ctx: &mut Context<Self>) {
+        self.run(
+            ctx,
+            Event::Publish {
+                payload: cmd.payload,
+                responder: cmd.responder,
+            },
+        );
     }
 }
 
@@ -762,45 +316,7 @@ impl Handler<DetachCommand> for ChannelActor {
 
     fn handle(&mut self, DetachCommand(waiter): DetachCommand, ctx: &mut Context<Self>) {
         self.detach_waiters.push(waiter);
-        if !self.want_attached {
-            return;
-        }
-        self.want_attached = false;
-        self.cancel_timers(ctx);
-        match self.state {
-            ChannelState::Attaching | ChannelState::Attached if self.conn.is_some() => {
-                self.send_frame(Frame::Detach(Detach {
-                    channel: self.name.clone(),
-                }));
-                self.transition(
-                    ChannelState::Detaching,
-                    ChannelReason::DetachRequested,
-                    false,
-                );
-                // The hub's confirmation is a courtesy: do not wait for it forever.
-                let timeout = self.options.attach_timeout;
-                self.detach_timer = Some(ctx.run_later(timeout, |act, ctx| {
-                    act.detach_timer = None;
-                    if act.state == ChannelState::Detaching {
-                        act.transition(
-                            ChannelState::Detached,
-                            ChannelReason::DetachTimedOut,
-                            false,
-                        );
-                        act.finish_detach(ctx);
-                    }
-                }));
-            }
-            ChannelState::Detached => self.finish_detach(ctx),
-            _ => {
-                self.transition(
-                    ChannelState::Detached,
-                    ChannelReason::DetachConfirmed,
-                    false,
-                );
-                self.finish_detach(ctx);
-            }
-        }
+        self.run(ctx, Event::Detach);
     }
 }
 
@@ -859,37 +375,25 @@ impl Channel {
             .saturating_sub(PUBLISH_ENVELOPE + name.len());
         options.max_message_size = options.max_message_size.min(fits);
         // Delivery needs room for a pending gap, a new gap and the message.
-        let (tx, rx) = mpsc::channel(options.event_capacity.max(3));
+        let (tx, rx) = mpsc::channel(options.event_capacity.max(DELIVERY_ROOM));
         let mailbox = options.limits.max_messages.max(16);
         let span =
             tracing::info_span!("channel", channel = %name, client_id = %transport.client_id());
         let (state_tx, state) = watch::channel(ChannelState::Detached);
+        let core = ChannelCore::new(
+            name.clone(),
+            tether_transport::protocol::InstanceId::random().0,
+            &options,
+        );
         let actor = ChannelActor {
-            name: name.clone(),
+            core,
             transport: transport.clone(),
-            outbox: OutgoingBuffer::new(options.limits),
-            retry: ReconnectManager::new(options.retry.clone(), None),
-            events: options.subscribe.then_some(tx),
-            options,
-            state: ChannelState::Detached,
             state_tx,
-            cursor: ResumeCursor::new(),
             conn: None,
+            events: options.subscribe.then_some(tx),
             state_subscribers,
-            want_attached: true,
-            owes_sync: false,
-            replay_remaining: 0,
-            replay_end: None,
-            lagging: false,
-            producer: tether_transport::protocol::InstanceId::random().0,
             generation: 0,
-            transport_failure: None,
-            detach_timer: None,
-            pending_gap: None,
-            waiting_for_room: false,
-            failure: None,
-            attach_timer: None,
-            retry_timer: None,
+            timer: None,
             detach_waiters: Vec::new(),
             span,
         };

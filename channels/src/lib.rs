@@ -16,9 +16,11 @@
 //!   their own TTL), and channels share the service's threads in short turns so that one
 //!   flooded channel cannot stall the others ([`hub::idle`]).
 //!
-//! The rules live in plain structs: [`outbox`] (publish buffer), [`cursor`] (resume and
-//! dedupe), [`state`] (the transition table), [`hub::log`] (numbering, idempotence, resume
-//! plans), [`hub::history`], [`hub::idle`] (expiry and turns).
+//! The rules live in plain structs: [`core`] (every decision of a client channel,
+//! sans I/O: events in, actions out — the [`ChannelActor`] is its shell), which drives
+//! [`outbox`] (publish buffer) and [`cursor`] (resume and dedupe); [`state`] (the transition
+//! table), [`hub::log`] (numbering, idempotence, resume plans), [`hub::history`], [`hub::idle`]
+//! (expiry and turns).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -50,6 +52,7 @@
 #![warn(missing_docs)]
 
 pub mod channel_actor;
+pub mod core;
 pub mod cursor;
 pub mod error;
 pub mod hub;
