@@ -58,7 +58,7 @@
 //!   Nagle's algorithm on instead). Every queue is bounded; relay IO errors are logged and drop
 //!   the connection.
 //!
-//! Shared pieces: [`payload`] (timestamped payloads and the clock), [`stats`] (latency
+//! Shared pieces: [`payload`] (timestamped payloads and the clock), [`pacer`] (paced publishing), [`stats`] (latency
 //! percentiles, round medians, completion latches), [`raw`] (the baseline relays and clients),
 //! [`tether`] (an embedded hub and attached channels), [`report`] (tables and JSON), [`sys`]
 //! (open-file limit and logging), [`within`] (timeouts).
@@ -94,6 +94,7 @@
 
 #![warn(missing_docs)]
 
+pub mod pacer;
 pub mod payload;
 pub mod raw;
 pub mod report;
