@@ -63,8 +63,19 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    raise_nofile_limit();
+    let limit = raise_nofile_limit();
     let args = Args::parse();
+    // The clients' sockets are all in this process (the hub's in its own): one file each, plus
+    // the runtime's, the hub child's pipes and the /health and /metrics requests.
+    let most = args.clients.iter().copied().max().unwrap_or(0);
+    if args.role.is_none() && (limit as usize) < most + 256 {
+        eprintln!(
+            "storm: {most} clients need about {} open files in this process; its limit is {limit} \
+             (the soft limit is raised to the hard one; the hard one could not be raised)",
+            most + 256
+        );
+        return ExitCode::FAILURE;
+    }
     match (args.role.as_deref(), args.bind) {
         (Some("hub"), Some(bind)) => multiproc::run_hub_role(bind),
         (Some(role), _) => {
@@ -95,8 +106,13 @@ struct Row {
 async fn run(args: Args) -> Result<()> {
     println!(
         "storm: hub process killed and restarted after {:.1} s on the same port; default reconnect \
-         policy (1 s ×2 → 60 s, ±25 %, fast retry 0–250 ms after a stable drop) and heartbeat",
-        args.down_secs
+         policy (1 s ×2 → 60 s, ±25 %, fast retry 0–250 ms after a stable drop) and heartbeat; \
+         clients in this process (pid {}), the hub in a child process; open-file limit {} per process",
+        args.down_secs,
+        std::process::id(),
+        rlimit::getrlimit(rlimit::Resource::NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(0)
     );
     println!(
         "latency = new hub bound → client's Syncing → Connected (Resynced); peak = hub child's own \
