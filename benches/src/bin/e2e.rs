@@ -458,20 +458,18 @@ async fn measure_payload(args: &Args, size: usize, clock: Clock) -> Result<Measu
         if paced_messages > 0 {
             let n = paced_messages;
             let rate = args.paced_fraction * tether_figures.msgs_per_sec;
-            let pacer = Pacer::start(n, rate)?;
             let round = within(
                 timeout,
                 "tether paced run",
-                tether.round(n, size, window, clock, Some(&pacer)),
+                tether.round(n, size, window, clock, Some(rate)),
             )
             .await?;
             tether_paced = Some(paced(n, rate, round));
             let rate = args.paced_fraction * raw_figures.msgs_per_sec;
-            let pacer = Pacer::start(n, rate)?;
             let round = within(
                 timeout,
                 "raw paced run",
-                raw.round(n, size, window, clock, Some(&pacer)),
+                raw.round(n, size, window, clock, Some(rate)),
             )
             .await?;
             raw_paced = Some(paced(n, rate, round));
@@ -546,17 +544,20 @@ impl TetherPair {
         }
     }
 
-    /// Publishes `n` messages with at most `window` unacknowledged (each when `pacer` lets it,
-    /// if there is one), until the subscriber has received all of them.
+    /// Publishes `n` messages with at most `window` unacknowledged (at `paced` messages/s when
+    /// given), until the subscriber has received all of them.
     async fn round(
         &mut self,
         n: usize,
         size: usize,
         window: usize,
         clock: Clock,
-        pacer: Option<&Pacer>,
+        paced: Option<f64>,
     ) -> Result<Round, BoxError> {
         tokio::time::sleep(self.settle).await;
+        // Started after the settle pause, so no turn piles up during it.
+        let pacer = paced.map(|rate| Pacer::start(n, rate)).transpose()?;
+        let pacer = pacer.as_ref();
         let events = self.events.take().ok_or("the subscriber failed earlier")?;
         let receiver = actix_rt::spawn(tether_receive(events, n, clock));
         let start = Instant::now();
@@ -645,7 +646,7 @@ impl RawPair {
     }
 
     /// Sends `n` messages keeping at most `window` not yet received by the subscriber (each
-    /// when `pacer` lets it, if there is one), flushing whenever it has to wait, until the
+    /// at `paced` messages/s when given), flushing whenever it has to wait, until the
     /// subscriber has received all of them.
     async fn round(
         &mut self,
@@ -653,9 +654,12 @@ impl RawPair {
         size: usize,
         window: usize,
         clock: Clock,
-        pacer: Option<&Pacer>,
+        paced: Option<f64>,
     ) -> Result<Round, BoxError> {
         tokio::time::sleep(self.settle).await;
+        // Started after the settle pause, so no turn piles up during it.
+        let pacer = paced.map(|rate| Pacer::start(n, rate)).transpose()?;
+        let pacer = pacer.as_ref();
         let subscriber = self
             .subscriber
             .take()

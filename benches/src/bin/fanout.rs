@@ -386,7 +386,7 @@ async fn measure(
         let deliveries = (subscribers * args.messages) as u64;
         let (mut t, mut r) = (RoundRates::default(), RoundRates::default());
         let (mut t_ticks, mut r_ticks) = (Ticks::default(), Ticks::default());
-        let mut add = |rates: &mut RoundRates, sum: &mut Ticks, (elapsed, ticks): (Duration, Ticks)| {
+        let add = |rates: &mut RoundRates, sum: &mut Ticks, (elapsed, ticks): (Duration, Ticks)| {
             rates.push(per_second(deliveries, elapsed));
             sum.hub += ticks.hub;
             sum.subscribers += ticks.subscribers;

@@ -487,7 +487,9 @@ async fn measure_spread(n: usize, args: &Args) -> Result<()> {
         c => c,
     }
     .clamp(1, n.max(1));
-    let timeout = Duration::from_secs(args.timeout_secs);
+    // At least twice the ramp's own length, plus half a minute.
+    let ramp_secs = n as u64 / args.ramp_per_sec.max(1) as u64;
+    let timeout = Duration::from_secs(args.timeout_secs.max(2 * ramp_secs + 30));
     let hz = multiproc::clock_ticks_per_sec() as f64;
     let limit = raise_nofile_limit();
     println!();
