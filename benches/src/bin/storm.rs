@@ -372,13 +372,21 @@ async fn run_one(n: usize, args: &Args) -> Result<Row> {
         .map(|v| v.parse().unwrap_or(0.0))
         .collect();
     let peak_per_sec = peak.first().copied().unwrap_or(0.0);
-    let handshakes = hub_handshakes(bind).await?;
+    // Reported, not required: a hub too busy to answer still leaves the latencies to report.
+    let handshakes = match hub_handshakes(bind).await {
+        Ok(h) => format!("{h:?}"),
+        Err(e) => format!("unavailable ({e})"),
+    };
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let (mut latencies, mut connect_ms, mut resync_ms, mut attempts) =
         (Vec::new(), Vec::new(), Vec::new(), BTreeMap::new());
     for c in &shared.borrow().clients {
-        let Some(at) = c.recovered else { continue };
+        // A client that never recovered counts as infinitely late: percentiles are over all n.
+        let Some(at) = c.recovered else {
+            latencies.push(f64::INFINITY);
+            continue;
+        };
         latencies.push(ms(at.duration_since(back_at).unwrap_or_default()));
         if let Some((handshake, attempt)) = c.handshake {
             resync_ms.push(ms(at.duration_since(handshake).unwrap_or_default()));
@@ -399,7 +407,8 @@ async fn run_one(n: usize, args: &Args) -> Result<Row> {
         peak_per_sec,
     };
     println!(
-        "  recovered {recovered}/{n}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms after the hub was back",
+        "  recovered {recovered}/{n}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms after the hub was back \
+         (over all {n}; one not recovered counts as inf)",
         row.p50_ms, row.p99_ms, row.max_ms
     );
     println!("  reconnected on attempt #: {attempts:?} (1 = the fast retry right after the drop)");
@@ -422,7 +431,7 @@ async fn run_one(n: usize, args: &Args) -> Result<Row> {
     }
     println!(
         "  hub: peak {peak_per_sec:.0} connects/s (100 ms window from +{} ms), {} connections, all \
-         in by +{} ms; /metrics handshakes {handshakes:?}",
+         in by +{} ms; /metrics handshakes {handshakes}",
         peak.get(1).copied().unwrap_or(0.0),
         peak.get(2).copied().unwrap_or(0.0),
         peak.get(3).copied().unwrap_or(0.0)
