@@ -19,9 +19,10 @@
 //! ## Spread over several processes (e.g. 100,000 connections)
 //!
 //! A process may hold at most 20,000 open files here (the hard limit; even root cannot raise
-//! it), so one hub process cannot hold 100,000 sockets. A count above [`PER_HUB_MAX`] (or
+//! it), and the hub holds two descriptors per connection, so one hub process cannot hold more
+//! than about 9,900 connections, let alone 100,000. A count above [`PER_HUB_MAX`] (or
 //! `--hub-procs`/`--client-procs` above 1) runs Tether only, spread out: `--hub-procs` hub
-//! processes (default: as many as needed for ≤ 17,000 connections each), each listening on a
+//! processes (default: as many as needed for ≤ 9,000 connections each), each listening on a
 //! loopback address of its own (127.0.0.1, 127.0.0.2, …, so each hub's clients have the
 //! ephemeral port range of one destination to themselves), and `--client-procs` client
 //! processes (default: ≤ 15,000 sockets each), each spreading its Transports round-robin over
@@ -54,7 +55,7 @@ struct Args {
     /// Connection counts to measure, comma-separated.
     #[arg(long, alias = "conns", value_delimiter = ',', default_values_t = vec![1000usize, 10_000])]
     connections: Vec<usize>,
-    /// Hub processes to spread the connections over (0: one per 17,000 connections). Above 1,
+    /// Hub processes to spread the connections over (0: one per 9,000 connections). Above 1,
     /// Tether only, no baselines.
     #[arg(long, default_value_t = 0)]
     hub_procs: usize,
@@ -91,9 +92,12 @@ struct Args {
     offset: usize,
 }
 
-/// Most connections given to one hub process by default in spread mode (the open-file hard
-/// limit is 20,000 per process).
-const PER_HUB_MAX: usize = 17_000;
+/// Most connections given to one hub process by default in spread mode: the open-file hard
+/// limit is 20,000 per process and the hub holds two descriptors per connection (the accepted
+/// socket and `ConnSocket`'s duplicate of it, `transport/src/hub/wire.rs`).
+const PER_HUB_MAX: usize = 9_000;
+/// Descriptors the hub holds per connection (see [`PER_HUB_MAX`]).
+const HUB_FDS_PER_CONN: usize = 2;
 /// Most sockets given to one client process by default in spread mode.
 const PER_CLIENT_PROC_MAX: usize = 15_000;
 
@@ -496,14 +500,17 @@ async fn measure_spread(n: usize, args: &Args) -> Result<()> {
     println!(
         "== spread: {n} idle Tether connections over {hubs_n} hub process(es) (≈{} each) and \
          {clients_n} client process(es) (≈{} each); open-file limit {limit} per process (hard; \
-         one process cannot hold them all); ephemeral ports {}",
+         the hub holds {HUB_FDS_PER_CONN} per connection, so one hub process cannot hold them \
+         all); ephemeral ports {}",
         n.div_ceil(hubs_n),
         n.div_ceil(clients_n),
         std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
             .map(|r| r.split_whitespace().collect::<Vec<_>>().join("–"))
             .unwrap_or_else(|_| "unknown".into()),
     );
-    if n.div_ceil(hubs_n) + 256 > limit as usize || n.div_ceil(clients_n) + 256 > limit as usize {
+    if n.div_ceil(hubs_n) * HUB_FDS_PER_CONN + 256 > limit as usize
+        || n.div_ceil(clients_n) + 256 > limit as usize
+    {
         return Err(format!(
             "{n} connections over {hubs_n} hub and {clients_n} client processes exceed the \
              open-file limit of {limit} per process: raise --hub-procs/--client-procs"
@@ -511,6 +518,9 @@ async fn measure_spread(n: usize, args: &Args) -> Result<()> {
         .into());
     }
 
+    if hubs_n > 250 {
+        return Err(format!("{hubs_n} hub processes: at most 250 loopback addresses are used").into());
+    }
     // Hub i listens on 127.0.0.(i+1), so each hub's connections are one destination's 4-tuples.
     let mut hubs = Vec::with_capacity(hubs_n);
     let mut addrs = Vec::with_capacity(hubs_n);
@@ -574,7 +584,11 @@ async fn measure_spread(n: usize, args: &Args) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         for (i, addr) in addrs.iter().enumerate() {
-            seen[i] = health_connections(*addr).await? as usize;
+            // A hub busy with handshakes may answer late: keep its last count and ask again.
+            match health_connections(*addr).await {
+                Ok(count) => seen[i] = count as usize,
+                Err(e) => eprintln!("  (hub {i}: {e}; asking again)"),
+            }
         }
         if seen.iter().sum::<usize>() >= n {
             break;

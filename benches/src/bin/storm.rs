@@ -437,6 +437,24 @@ async fn run_one(n: usize, args: &Args) -> Result<Row> {
         peak.get(3).copied().unwrap_or(0.0)
     );
 
+    // The hub holds two descriptors per connection (the accepted socket and a duplicate):
+    // past about half the open-file limit it cannot accept everyone (nor /health, /metrics).
+    let hub_fds = std::fs::read_dir(format!("/proc/{hub_pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let hub_limit = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(0);
+    println!(
+        "  hub process open files: {hub_fds} of its limit {hub_limit} ({:.2} per client){}",
+        hub_fds as f64 / n.max(1) as f64,
+        if hub_fds as u64 + 16 >= hub_limit {
+            " — AT THE LIMIT: the hub could not accept every connection"
+        } else {
+            ""
+        }
+    );
+
     let closing = futures::future::join_all(clients.iter().map(|c| c.transport.close()));
     if tokio::time::timeout(Duration::from_secs(60), closing)
         .await
