@@ -574,6 +574,7 @@ async fn measure_spread(n: usize, args: &Args) -> Result<()> {
         .map(|c| c.pid().ok_or("client process exited"))
         .collect::<std::result::Result<_, _>>()?;
     let mut seen = vec![0usize; hubs_n];
+    let mut last_progress = 0;
     loop {
         if started.elapsed() > timeout {
             return Err(format!(
@@ -592,6 +593,14 @@ async fn measure_spread(n: usize, args: &Args) -> Result<()> {
         }
         if seen.iter().sum::<usize>() >= n {
             break;
+        }
+        if started.elapsed().as_secs() / 10 != last_progress {
+            last_progress = started.elapsed().as_secs() / 10;
+            eprintln!(
+                "  … {}/{n} connected after {:.0} s",
+                seen.iter().sum::<usize>(),
+                started.elapsed().as_secs_f64()
+            );
         }
     }
     let ramp = started.elapsed();
