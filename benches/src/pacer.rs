@@ -35,7 +35,8 @@ impl Pacer {
                 let start = Instant::now();
                 let mut issued = 0usize;
                 while issued < messages {
-                    let due = ((start.elapsed().as_secs_f64() * per_sec) as usize + 1).min(messages);
+                    let due =
+                        ((start.elapsed().as_secs_f64() * per_sec) as usize + 1).min(messages);
                     if due > issued {
                         released.add_permits(due - issued);
                         issued = due;

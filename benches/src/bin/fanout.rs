@@ -35,8 +35,8 @@ use futures::stream::{self, FuturesUnordered};
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use tether_benches::multiproc::{
-    clock_ticks_per_sec, die_with_parent, pid_cpu_ticks, raise_nofile_limit,
-    stdin_command_loop, unix_nanos_now, ChildProc,
+    clock_ticks_per_sec, die_with_parent, pid_cpu_ticks, raise_nofile_limit, stdin_command_loop,
+    unix_nanos_now, ChildProc,
 };
 use tether_benches::payload::{make_payload, Clock};
 use tether_benches::raw::{self, RawClient};
@@ -244,7 +244,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fanout{}: {e}", args.role.map(|r| format!(" ({r})")).unwrap_or_default());
+            eprintln!(
+                "fanout{}: {e}",
+                args.role.map(|r| format!(" ({r})")).unwrap_or_default()
+            );
             ExitCode::FAILURE
         }
     }
@@ -530,10 +533,8 @@ impl Side {
         for i in 0..procs {
             // Spread evenly: the first `subscribers % procs` processes take one more.
             let count = subscribers / procs + usize::from(i < subscribers % procs);
-            let child = ChildProc::spawn(
-                &format!("{role} {i}"),
-                &args.helper(role, Some(url), count),
-            )?;
+            let child =
+                ChildProc::spawn(&format!("{role} {i}"), &args.helper(role, Some(url), count))?;
             self.subscribers.push(SubscriberProc {
                 child,
                 done: 0,
@@ -605,8 +606,12 @@ impl Side {
         let publisher = self.publisher.as_mut().ok_or("no publisher")?;
         match publisher {
             Publisher::Tether { channel, .. } => {
-                within(timeout, "tether publishing", publish_tether(channel, n, args, clock))
-                    .await?;
+                within(
+                    timeout,
+                    "tether publishing",
+                    publish_tether(channel, n, args, clock),
+                )
+                .await?;
             }
             Publisher::Raw(socket) => {
                 let publishing = async {
@@ -645,9 +650,7 @@ impl Side {
             sub.drain()?;
             while sub.done < target {
                 let left = deadline.saturating_duration_since(Instant::now());
-                sub.next(left)
-                    .await
-                    .map_err(|e| format!("{what}: {e}"))?;
+                sub.next(left).await.map_err(|e| format!("{what}: {e}"))?;
             }
         }
         let after = self.ticks()?;

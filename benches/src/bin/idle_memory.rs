@@ -519,7 +519,9 @@ async fn measure_spread(n: usize, args: &Args) -> Result<()> {
     }
 
     if hubs_n > 250 {
-        return Err(format!("{hubs_n} hub processes: at most 250 loopback addresses are used").into());
+        return Err(
+            format!("{hubs_n} hub processes: at most 250 loopback addresses are used").into(),
+        );
     }
     // Hub i listens on 127.0.0.(i+1), so each hub's connections are one destination's 4-tuples.
     let mut hubs = Vec::with_capacity(hubs_n);
@@ -639,8 +641,8 @@ async fn measure_spread(n: usize, args: &Args) -> Result<()> {
         n as f64 / ramp.as_secs_f64(),
         args.ramp_per_sec,
     );
-    println!("   hub | address         | connections | RSS before → after        | KiB/conn | open files");
-    println!("  -----|-----------------|-------------|---------------------------|----------|-----------");
+    println!("   hub | address              | connections | RSS before → after        | KiB/conn | open files");
+    println!("  -----|----------------------|-------------|---------------------------|----------|-----------");
     let mut total_before = 0;
     let mut total_after = 0;
     for i in 0..hubs_n {
@@ -648,7 +650,7 @@ async fn measure_spread(n: usize, args: &Args) -> Result<()> {
         total_before += before_kib[i];
         total_after += after_kib[i];
         println!(
-            "  {i:>4} | {:<15} | {:>11} | {:>8} KiB → {:>8} KiB | {per:>8.2} | {:>10}",
+            "  {i:>4} | {:<20} | {:>11} | {:>8} KiB → {:>8} KiB | {per:>8.2} | {:>10}",
             addrs[i].to_string(),
             seen[i],
             before_kib[i],
@@ -658,7 +660,8 @@ async fn measure_spread(n: usize, args: &Args) -> Result<()> {
     }
     let per_total = (total_after as f64 - total_before as f64) / still.max(1) as f64;
     println!(
-        "   all | {hubs_n} processes     | {still:>11} | {total_before:>8} KiB → {total_after:>8} KiB | {per_total:>8.2} | {:>10}",
+        "   all | {:<20} | {still:>11} | {total_before:>8} KiB → {total_after:>8} KiB | {per_total:>8.2} | {:>10}",
+        format!("{hubs_n} processes"),
         hub_fds.iter().sum::<usize>()
     );
     println!(
