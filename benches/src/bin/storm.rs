@@ -449,7 +449,7 @@ async fn run_one(n: usize, args: &Args) -> Result<Row> {
         "  hub process open files: {hub_fds} of its limit {hub_limit} ({:.2} per client){}",
         hub_fds as f64 / n.max(1) as f64,
         if hub_fds as u64 + 16 >= hub_limit {
-            " — AT THE LIMIT: the hub could not accept every connection"
+            " — AT THE LIMIT: it can accept nothing more (a client still outside, /health, /metrics)"
         } else {
             ""
         }
