@@ -50,10 +50,12 @@
 //!   measured in alternating rounds (Tether first on odd rounds, raw first on even ones) after a
 //!   short settle pause; the median round's rate is reported (JSON has every round), latency
 //!   percentiles are over every measured message.
-//! * Clients (Tether `Transport`s or raw tokio-tungstenite sockets) all run on the binary's main
-//!   thread, an actix system (a tokio current-thread runtime). The Tether hub runs with one HTTP
-//!   worker thread plus the channel service's one actor thread; the raw relay runs on one thread
-//!   with its own current-thread runtime.
+//! * `e2e`'s clients (Tether `Transport`s or raw tokio-tungstenite sockets) run on the binary's
+//!   main thread, an actix system (a tokio current-thread runtime), beside the hub and the relay;
+//!   `fanout`'s publisher runs there too, its hub, relay and subscribers in processes of their
+//!   own (one thread each for the subscribers). The Tether hub runs with one HTTP worker thread
+//!   plus the channel service's one actor thread; the raw relay runs on one thread with its own
+//!   current-thread runtime.
 //! * Same payload bytes (JSON `{"t":<µs>,"p":"xx…"}`), same window of outstanding messages:
 //!   Tether's publishes awaiting their ack; the raw publisher (no acks) the messages not yet
 //!   received by its subscriber (every subscriber, for `fanout`).
