@@ -12,10 +12,15 @@
 //! * `e2e` — one publisher, one subscriber, one channel: throughput (messages/s) and latency
 //!   (p50/p99, µs, from the publish call to receipt) of publish → hub → subscriber, for 64 B
 //!   and 1 KiB payloads. The baseline is a relay that forwards every text frame of one socket to
-//!   another.
+//!   another. A second phase publishes at half (`--paced-fraction`) of each system's own
+//!   measured maximum, paced by a [`pacer`] thread, and reports p50/p99 there (target: Tether's
+//!   p99 ≤ 1 ms); the throughput targets (≥ 0.5× at 64 B, ≥ 0.6× at 1 KiB) print beside the
+//!   ratios.
 //! * `fanout` — one publisher and many subscribers (default 1,000) on one channel:
 //!   deliveries/s (subscribers × messages ÷ time until every subscriber has every message). The
-//!   baseline is a relay that forwards every frame to every subscriber.
+//!   baseline is a relay that forwards every frame to every subscriber. The hub (relay) runs in
+//!   a process of its own and the subscribers in `--subscriber-procs` others; the hub's CPU per
+//!   delivery (µs, `/proc/<pid>/stat`) is reported, and the target ratio (≥ 0.3×).
 //!
 //! * `store` — channel history in memory vs Redis with one and with three hub nodes: end to end
 //!   and fan-out in alternating rounds, Redis's CPU per message, and failover recovery after a
@@ -45,10 +50,12 @@
 //!   measured in alternating rounds (Tether first on odd rounds, raw first on even ones) after a
 //!   short settle pause; the median round's rate is reported (JSON has every round), latency
 //!   percentiles are over every measured message.
-//! * Clients (Tether `Transport`s or raw tokio-tungstenite sockets) all run on the binary's main
-//!   thread, an actix system (a tokio current-thread runtime). The Tether hub runs with one HTTP
-//!   worker thread plus the channel service's one actor thread; the raw relay runs on one thread
-//!   with its own current-thread runtime.
+//! * `e2e`'s clients (Tether `Transport`s or raw tokio-tungstenite sockets) run on the binary's
+//!   main thread, an actix system (a tokio current-thread runtime), beside the hub and the relay;
+//!   `fanout`'s publisher runs there too, its hub, relay and subscribers in processes of their
+//!   own (one thread each for the subscribers). The Tether hub runs with one HTTP worker thread
+//!   plus the channel service's one actor thread; the raw relay runs on one thread with its own
+//!   current-thread runtime.
 //! * Same payload bytes (JSON `{"t":<µs>,"p":"xx…"}`), same window of outstanding messages:
 //!   Tether's publishes awaiting their ack; the raw publisher (no acks) the messages not yet
 //!   received by its subscriber (every subscriber, for `fanout`).
@@ -58,7 +65,7 @@
 //!   Nagle's algorithm on instead). Every queue is bounded; relay IO errors are logged and drop
 //!   the connection.
 //!
-//! Shared pieces: [`payload`] (timestamped payloads and the clock), [`stats`] (latency
+//! Shared pieces: [`payload`] (timestamped payloads and the clock), [`pacer`] (paced publishing), [`stats`] (latency
 //! percentiles, round medians, completion latches), [`raw`] (the baseline relays and clients),
 //! [`tether`] (an embedded hub and attached channels), [`report`] (tables and JSON), [`sys`]
 //! (open-file limit and logging), [`within`] (timeouts).
@@ -91,9 +98,16 @@
 //!   actix `run_later` timers on the same cadence and an idle actix system (three processes side
 //!   by side). Target: < 0.1 % of one core. Takes `--secs` (60) plus `--warmup-secs` (0; about
 //!   250 reaches the 60 s probes).
+//!
+//! `idle_memory --conns 100000 --client-procs 8` spreads the connections over several hub
+//! processes (the hub holds two descriptors per connection, so ≤ 9,000 per hub process under
+//! the 20,000-file limit; each hub on its own 127.0.0.x address) and client processes, and
+//! reports RSS per connection per hub process, the time to connect, CPU, open files and the
+//! kernel's socket and slab memory.
 
 #![warn(missing_docs)]
 
+pub mod pacer;
 pub mod payload;
 pub mod raw;
 pub mod report;

@@ -14,6 +14,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tether_transport::protocol::Payload;
 
+use crate::pacer::Pacer;
 use crate::payload::{make_payload, Clock};
 use crate::BoxError;
 
@@ -67,7 +68,12 @@ pub fn start_hub_on(
 
 /// A client configuration with Tether's documented defaults, for the hub at `url`.
 pub fn client_config(url: &str) -> Result<TransportConfig, BoxError> {
-    Ok(TransportConfig::builder(url).build()?)
+    // `TETHER_PROTOCOL_VERSION=1` measures the JSON protocol (child processes inherit it).
+    let mut builder = TransportConfig::builder(url);
+    if let Ok(v) = std::env::var("TETHER_PROTOCOL_VERSION") {
+        builder = builder.protocol_version(v.trim().parse()?);
+    }
+    Ok(builder.build()?)
 }
 
 /// Opens `name` on `transport` and waits up to `timeout` until the hub confirmed the attach.
@@ -125,8 +131,31 @@ pub async fn publish_windowed(
     window: usize,
     clock: Clock,
 ) -> Result<(), BoxError> {
+    publish_paced(channel, n, size, window, clock, None).await
+}
+
+/// [`publish_windowed`], each publish also waiting for its turn from `pacer` when there is one.
+pub async fn publish_paced(
+    channel: &Channel,
+    n: usize,
+    size: usize,
+    window: usize,
+    clock: Clock,
+    pacer: Option<&Pacer>,
+) -> Result<(), BoxError> {
     let mut outstanding = FuturesUnordered::new();
     for _ in 0..n {
+        if let Some(pacer) = pacer {
+            // Acks that came in while waiting are collected as they arrive.
+            let mut turn = std::pin::pin!(pacer.next());
+            loop {
+                tokio::select! {
+                    biased;
+                    turn_result = &mut turn => { turn_result?; break; }
+                    Some(ack) = outstanding.next(), if !outstanding.is_empty() => { ack?; }
+                }
+            }
+        }
         if outstanding.len() >= window {
             if let Some(ack) = outstanding.next().await {
                 ack?;

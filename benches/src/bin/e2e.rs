@@ -9,6 +9,12 @@
 //! systems are set up side by side and warmed up, then measured in alternating rounds; the
 //! median round is reported.
 //!
+//! A second phase then measures latency at a given load: each system publishes
+//! `--paced-messages` at `--paced-fraction` (default half) of its own measured maximum (the
+//! median round above), paced by a [`Pacer`] thread, and reports p50/p99 there. The issue's
+//! targets are printed next to the figures (they are targets, not assertions): throughput
+//! ratio ≥ 0.5× at 64 B and ≥ 0.6× at 1 KiB, p99 ≤ 1 ms at half the maximum rate.
+//!
 //! `cargo run --release -p tether-benches --bin e2e -- --help`
 
 use std::path::PathBuf;
@@ -19,6 +25,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
+use tether_benches::pacer::Pacer;
 use tether_benches::payload::{make_payload, sent_at, Clock};
 use tether_benches::raw::{self, RawClient, RelayHandle};
 use tether_benches::report::{bytes_text, ratio_text, thousands, write_json, Table};
@@ -68,6 +75,35 @@ struct Args {
     /// Give up on a round (or the warm-up) after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
+    /// Latency phase: publish at this fraction of each system's own measured maximum rate
+    /// (0 skips the phase).
+    #[arg(long, default_value_t = 0.5)]
+    paced_fraction: f64,
+    /// Latency phase: messages published at the paced rate, per system and payload size.
+    #[arg(long, default_value_t = 20_000)]
+    paced_messages: usize,
+}
+
+/// Target throughput ratio (tether ÷ raw) for a payload size, from issue 9: ≥ 0.5× at 64 B,
+/// ≥ 0.6× at 1 KiB; none for other sizes.
+fn ratio_target(payload: usize) -> Option<f64> {
+    match payload {
+        64 => Some(0.5),
+        1024 => Some(0.6),
+        _ => None,
+    }
+}
+
+/// Target p99 latency at half the maximum rate, µs (issue 9).
+const PACED_P99_TARGET_US: u64 = 1_000;
+
+/// `met` or `MISSED`.
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
+    }
 }
 
 impl Args {
@@ -123,6 +159,17 @@ struct Figures {
     latency: LatencySummary,
 }
 
+/// One system's latency at a paced rate.
+#[derive(Debug, Clone, Serialize)]
+struct Paced {
+    /// The rate asked for: `--paced-fraction` × this system's median msgs/s.
+    target_msgs_per_sec: f64,
+    /// Messages ÷ time until the subscriber had all of them.
+    achieved_msgs_per_sec: f64,
+    /// Publish call → receipt, over every paced message.
+    latency: LatencySummary,
+}
+
 /// One row of the report.
 #[derive(Debug, Clone, Serialize)]
 struct Row {
@@ -131,6 +178,11 @@ struct Row {
     raw: Figures,
     /// tether msgs/s ÷ raw msgs/s (medians).
     throughput_ratio: f64,
+    /// The issue's target for `throughput_ratio`, where it sets one for this size.
+    throughput_ratio_target: Option<f64>,
+    /// Latency at the paced rate (absent with `--paced-fraction 0`).
+    tether_paced: Option<Paced>,
+    raw_paced: Option<Paced>,
 }
 
 /// The whole report (what `--json` writes).
@@ -141,6 +193,8 @@ struct Report {
     rounds: usize,
     warmup: usize,
     window: usize,
+    paced_fraction: f64,
+    paced_messages: usize,
     rows: Vec<Row>,
 }
 
@@ -161,6 +215,9 @@ async fn run(args: &Args) -> Result<(), BoxError> {
     if args.messages == 0 || args.window == 0 || args.rounds == 0 {
         return Err("--messages, --rounds and --window must be at least 1".into());
     }
+    if !(0.0..=1.0).contains(&args.paced_fraction) {
+        return Err("--paced-fraction must be between 0 and 1".into());
+    }
     println!(
         "e2e: 1 publisher → hub → 1 subscriber on 127.0.0.1; {} rounds × {} messages per payload \
          size (+{} warm-up), window {}",
@@ -169,7 +226,8 @@ async fn run(args: &Args) -> Result<(), BoxError> {
     let clock = Clock::new();
     let mut rows = Vec::new();
     for &size in &args.payloads {
-        let (tether, raw) = measure_payload(args, size, clock).await?;
+        let measured = measure_payload(args, size, clock).await?;
+        let (tether, raw) = (measured.tether, measured.raw);
         for (name, f) in [("tether", &tether), ("raw", &raw)] {
             println!(
                 "  {:>7}  {name:<6} {:>9} msgs/s (rounds {}–{})  p50 {} µs  p99 {} µs  max {} µs",
@@ -182,11 +240,30 @@ async fn run(args: &Args) -> Result<(), BoxError> {
                 f.latency.max_us,
             );
         }
+        for (name, p) in [
+            ("tether", &measured.tether_paced),
+            ("raw", &measured.raw_paced),
+        ] {
+            if let Some(p) = p {
+                println!(
+                    "  {:>7}  {name:<6} paced at {} msgs/s (achieved {}): p50 {} µs  p99 {} µs  max {} µs",
+                    bytes_text(size),
+                    thousands(p.target_msgs_per_sec),
+                    thousands(p.achieved_msgs_per_sec),
+                    p.latency.p50_us,
+                    p.latency.p99_us,
+                    p.latency.max_us,
+                );
+            }
+        }
         rows.push(Row {
             payload_bytes: size,
             throughput_ratio: ratio(tether.msgs_per_sec, raw.msgs_per_sec),
+            throughput_ratio_target: ratio_target(size),
             tether,
             raw,
+            tether_paced: measured.tether_paced,
+            raw_paced: measured.raw_paced,
         });
     }
 
@@ -195,15 +272,21 @@ async fn run(args: &Args) -> Result<(), BoxError> {
         "tether msgs/s",
         "raw msgs/s",
         "ratio",
+        "target",
         "tether p50/p99 µs",
         "raw p50/p99 µs",
     ]);
     for row in &rows {
+        let target = match row.throughput_ratio_target {
+            Some(t) => format!("≥ {} {}", ratio_text(t), verdict(row.throughput_ratio >= t)),
+            None => "—".into(),
+        };
         table.row([
             bytes_text(row.payload_bytes),
             thousands(row.tether.msgs_per_sec),
             thousands(row.raw.msgs_per_sec),
             ratio_text(row.throughput_ratio),
+            target,
             format!(
                 "{} / {}",
                 row.tether.latency.p50_us, row.tether.latency.p99_us
@@ -213,7 +296,53 @@ async fn run(args: &Args) -> Result<(), BoxError> {
     }
     println!();
     println!("{table}");
-    println!("msgs/s: median of the rounds; ratio = tether msgs/s ÷ raw msgs/s (1.00x = as fast as the raw relay)");
+    println!("msgs/s: median of the rounds; ratio = tether msgs/s ÷ raw msgs/s (1.00x = as fast as the raw relay); latency over every message of the flat-out rounds");
+
+    if args.paced_fraction > 0.0 {
+        let mut paced = Table::new([
+            "payload",
+            "tether paced msgs/s",
+            "tether p50/p99 µs",
+            "target p99",
+            "raw paced msgs/s",
+            "raw p50/p99 µs",
+        ]);
+        for row in &rows {
+            let (Some(t), Some(r)) = (&row.tether_paced, &row.raw_paced) else {
+                continue;
+            };
+            paced.row([
+                bytes_text(row.payload_bytes),
+                format!(
+                    "{} (asked {})",
+                    thousands(t.achieved_msgs_per_sec),
+                    thousands(t.target_msgs_per_sec)
+                ),
+                format!("{} / {}", t.latency.p50_us, t.latency.p99_us),
+                format!(
+                    "≤ {PACED_P99_TARGET_US} µs {}",
+                    verdict(t.latency.p99_us <= PACED_P99_TARGET_US)
+                ),
+                format!(
+                    "{} (asked {})",
+                    thousands(r.achieved_msgs_per_sec),
+                    thousands(r.target_msgs_per_sec)
+                ),
+                format!("{} / {}", r.latency.p50_us, r.latency.p99_us),
+            ]);
+        }
+        println!();
+        println!(
+            "Latency at {:.0} % of each system's own maximum ({} messages each, paced):",
+            args.paced_fraction * 100.0,
+            args.paced_messages
+        );
+        println!("{paced}");
+        println!(
+            "asked = {} × that system's median msgs/s above; achieved = messages ÷ time until the subscriber had them all",
+            args.paced_fraction
+        );
+    }
 
     if let Some(path) = &args.json {
         let report = Report {
@@ -222,6 +351,8 @@ async fn run(args: &Args) -> Result<(), BoxError> {
             rounds: args.rounds,
             warmup: args.warmup,
             window: args.window,
+            paced_fraction: args.paced_fraction,
+            paced_messages: args.paced_messages,
             rows,
         };
         write_json(path, &report)?;
@@ -230,14 +361,32 @@ async fn run(args: &Args) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// Both systems' figures for one payload size.
+struct Measured {
+    tether: Figures,
+    raw: Figures,
+    tether_paced: Option<Paced>,
+    raw_paced: Option<Paced>,
+}
+
+/// One paced run: `n` messages at `fraction` × `max_rate`.
+fn paced(n: usize, target: f64, round: Round) -> Paced {
+    Paced {
+        target_msgs_per_sec: target,
+        achieved_msgs_per_sec: per_second(n as u64, round.elapsed),
+        latency: round.latencies.summary(),
+    }
+}
+
 /// Sets up both systems for one payload size, warms both up, then runs the rounds, alternating
-/// which system goes first.
-async fn measure_payload(
-    args: &Args,
-    size: usize,
-    clock: Clock,
-) -> Result<(Figures, Figures), BoxError> {
-    let retained = args.warmup + args.rounds * args.messages;
+/// which system goes first; then the paced latency phase, Tether first.
+async fn measure_payload(args: &Args, size: usize, clock: Clock) -> Result<Measured, BoxError> {
+    let paced_messages = if args.paced_fraction > 0.0 {
+        args.paced_messages
+    } else {
+        0
+    };
+    let retained = args.warmup + args.rounds * args.messages + paced_messages;
     let mut tether = TetherPair::start(retained, size, args.window, args.settle()).await?;
     let mut raw = match RawPair::start(!args.raw_nagle, args.settle()).await {
         Ok(raw) => raw,
@@ -252,13 +401,13 @@ async fn measure_payload(
         within(
             timeout,
             "tether warm-up",
-            tether.round(warmup, size, window, clock),
+            tether.round(warmup, size, window, clock, None),
         )
         .await?;
         within(
             timeout,
             "raw warm-up",
-            raw.round(warmup, size, window, clock),
+            raw.round(warmup, size, window, clock, None),
         )
         .await?;
         let (mut t, mut r) = (Rounds::default(), Rounds::default());
@@ -270,31 +419,67 @@ async fn measure_payload(
                     within(
                         timeout,
                         "tether round",
-                        tether.round(n, size, window, clock),
+                        tether.round(n, size, window, clock, None),
                     )
                     .await?,
                 );
                 r.add(
                     n,
-                    within(timeout, "raw round", raw.round(n, size, window, clock)).await?,
+                    within(
+                        timeout,
+                        "raw round",
+                        raw.round(n, size, window, clock, None),
+                    )
+                    .await?,
                 );
             } else {
                 r.add(
                     n,
-                    within(timeout, "raw round", raw.round(n, size, window, clock)).await?,
+                    within(
+                        timeout,
+                        "raw round",
+                        raw.round(n, size, window, clock, None),
+                    )
+                    .await?,
                 );
                 t.add(
                     n,
                     within(
                         timeout,
                         "tether round",
-                        tether.round(n, size, window, clock),
+                        tether.round(n, size, window, clock, None),
                     )
                     .await?,
                 );
             }
         }
-        Ok::<_, BoxError>((t.figures(), r.figures()))
+        let (tether_figures, raw_figures) = (t.figures(), r.figures());
+        let (mut tether_paced, mut raw_paced) = (None, None);
+        if paced_messages > 0 {
+            let n = paced_messages;
+            let rate = args.paced_fraction * tether_figures.msgs_per_sec;
+            let round = within(
+                timeout,
+                "tether paced run",
+                tether.round(n, size, window, clock, Some(rate)),
+            )
+            .await?;
+            tether_paced = Some(paced(n, rate, round));
+            let rate = args.paced_fraction * raw_figures.msgs_per_sec;
+            let round = within(
+                timeout,
+                "raw paced run",
+                raw.round(n, size, window, clock, Some(rate)),
+            )
+            .await?;
+            raw_paced = Some(paced(n, rate, round));
+        }
+        Ok::<_, BoxError>(Measured {
+            tether: tether_figures,
+            raw: raw_figures,
+            tether_paced,
+            raw_paced,
+        })
     }
     .await;
     tether.stop().await;
@@ -359,20 +544,24 @@ impl TetherPair {
         }
     }
 
-    /// Publishes `n` messages with at most `window` unacknowledged, until the subscriber has
-    /// received all of them.
+    /// Publishes `n` messages with at most `window` unacknowledged (at `paced` messages/s when
+    /// given), until the subscriber has received all of them.
     async fn round(
         &mut self,
         n: usize,
         size: usize,
         window: usize,
         clock: Clock,
+        paced: Option<f64>,
     ) -> Result<Round, BoxError> {
         tokio::time::sleep(self.settle).await;
+        // Started after the settle pause, so no turn piles up during it.
+        let pacer = paced.map(|rate| Pacer::start(n, rate)).transpose()?;
+        let pacer = pacer.as_ref();
         let events = self.events.take().ok_or("the subscriber failed earlier")?;
         let receiver = actix_rt::spawn(tether_receive(events, n, clock));
         let start = Instant::now();
-        tether_side::publish_windowed(&self.channel, n, size, window, clock).await?;
+        tether_side::publish_paced(&self.channel, n, size, window, clock, pacer).await?;
         let (events, latencies, end) = receiver.await??;
         self.events = Some(events);
         Ok(Round {
@@ -456,16 +645,21 @@ impl RawPair {
         }
     }
 
-    /// Sends `n` messages keeping at most `window` not yet received by the subscriber,
-    /// flushing whenever it has to wait, until the subscriber has received all of them.
+    /// Sends `n` messages keeping at most `window` not yet received by the subscriber (each
+    /// at `paced` messages/s when given), flushing whenever it has to wait, until the
+    /// subscriber has received all of them.
     async fn round(
         &mut self,
         n: usize,
         size: usize,
         window: usize,
         clock: Clock,
+        paced: Option<f64>,
     ) -> Result<Round, BoxError> {
         tokio::time::sleep(self.settle).await;
+        // Started after the settle pause, so no turn piles up during it.
+        let pacer = paced.map(|rate| Pacer::start(n, rate)).transpose()?;
+        let pacer = pacer.as_ref();
         let subscriber = self
             .subscriber
             .take()
@@ -474,6 +668,13 @@ impl RawPair {
         let receiver = actix_rt::spawn(raw_receive(subscriber, n, clock, permits.clone()));
         let start = Instant::now();
         for _ in 0..n {
+            if let Some(pacer) = pacer {
+                if !pacer.try_next() {
+                    // Nothing is held back while waiting for the next turn.
+                    self.publisher.flush().await?;
+                    pacer.next().await?;
+                }
+            }
             match permits.try_acquire() {
                 Ok(permit) => permit.forget(),
                 Err(_) => {

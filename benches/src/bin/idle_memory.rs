@@ -15,6 +15,25 @@
 //!
 //! Every server and client is this binary re-executed with a `--role`; each measurement gets a
 //! fresh server process.
+//!
+//! ## Spread over several processes (e.g. 100,000 connections)
+//!
+//! A process may hold at most 20,000 open files here (the hard limit; even root cannot raise
+//! it), and the hub holds two descriptors per connection, so one hub process cannot hold more
+//! than about 9,900 connections, let alone 100,000. A count above [`PER_HUB_MAX`] (or
+//! `--hub-procs`/`--client-procs` above 1) runs Tether only, spread out: `--hub-procs` hub
+//! processes (default: as many as needed for ≤ 9,000 connections each), each listening on a
+//! loopback address of its own (127.0.0.1, 127.0.0.2, …, so each hub's clients have the
+//! ephemeral port range of one destination to themselves), and `--client-procs` client
+//! processes (default: ≤ 15,000 sockets each), each spreading its Transports round-robin over
+//! the hubs. Reported: RSS per connection of each hub process, the total, the time until every
+//! hub counted all its connections, the CPU the hubs and the clients spent connecting and then
+//! idling, open files, and the kernel's socket and slab memory (`/proc/net/sockstat`,
+//! `/proc/meminfo`) before and after.
+//!
+//! ```text
+//! cargo run --release -p tether-benches --bin idle_memory -- --conns 100000 --client-procs 8
+//! ```
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -34,8 +53,18 @@ use tokio::io::AsyncReadExt;
 #[derive(Parser, Debug)]
 struct Args {
     /// Connection counts to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = vec![1000usize, 10_000])]
+    #[arg(long, alias = "conns", value_delimiter = ',', default_values_t = vec![1000usize, 10_000])]
     connections: Vec<usize>,
+    /// Hub processes to spread the connections over (0: one per 9,000 connections). Above 1,
+    /// Tether only, no baselines.
+    #[arg(long, default_value_t = 0)]
+    hub_procs: usize,
+    /// Client processes to spread the connections over (0: one per 15,000 connections).
+    #[arg(long, default_value_t = 0)]
+    client_procs: usize,
+    /// Spread mode: seconds to measure the hubs' and clients' CPU while everything is idle.
+    #[arg(long, default_value_t = 20.0)]
+    idle_secs: f64,
     /// Seconds to let a server settle after the last connection arrived, before reading RSS.
     #[arg(long, default_value_t = 3.0)]
     settle_secs: f64,
@@ -55,7 +84,22 @@ struct Args {
     /// Internal: how many connections a client helper opens.
     #[arg(long, hide = true, default_value_t = 0)]
     count: usize,
+    /// Internal: the hubs a spread-mode client helper connects to, comma-separated.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    hubs: Vec<SocketAddr>,
+    /// Internal: the index of a spread-mode client helper's first connection (for round-robin).
+    #[arg(long, hide = true, default_value_t = 0)]
+    offset: usize,
 }
+
+/// Most connections given to one hub process by default in spread mode: the open-file hard
+/// limit is 20,000 per process and the hub holds two descriptors per connection (the accepted
+/// socket and `ConnSocket`'s duplicate of it, `transport/src/hub/wire.rs`).
+const PER_HUB_MAX: usize = 9_000;
+/// Descriptors the hub holds per connection (see [`PER_HUB_MAX`]).
+const HUB_FDS_PER_CONN: usize = 2;
+/// Most sockets given to one client process by default in spread mode.
+const PER_CLIENT_PROC_MAX: usize = 15_000;
 
 fn main() -> ExitCode {
     raise_nofile_limit();
@@ -63,6 +107,7 @@ fn main() -> ExitCode {
     let result = match (args.role.as_deref(), args.bind) {
         (Some("hub"), Some(bind)) => multiproc::run_hub_role(bind),
         (Some("tether-clients"), Some(bind)) => tether_clients_role(bind, &args),
+        (Some("spread-clients"), _) => spread_clients_role(&args),
         (Some("tcp-server"), Some(bind)) => tcp_server_role(bind),
         (Some("tcp-clients"), Some(bind)) => tcp_clients_role(bind, &args),
         (Some("actix-ws-server"), Some(bind)) => actix_ws_server_role(bind),
@@ -108,10 +153,17 @@ async fn run(args: &Args) -> Result<()> {
     );
     let mut rows = Vec::new();
     for &n in &args.connections {
+        if n > PER_HUB_MAX || args.hub_procs > 1 || args.client_procs > 1 {
+            measure_spread(n, args).await?;
+            continue;
+        }
         let tether = measure(Kind::Tether, n, args).await?;
         let actix = measure(Kind::ActixWs, n, args).await?;
         let raw = measure(Kind::RawTcp, n, args).await?;
         rows.push((n, tether, actix, raw));
+    }
+    if rows.is_empty() {
+        return Ok(());
     }
     println!();
     println!(
@@ -422,4 +474,334 @@ async fn report_connections(open: Arc<AtomicUsize>) {
             last = now;
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Spread mode: several hub processes, several client processes.
+
+/// `n` idle Tether connections over several hub and client processes (see the module docs).
+async fn measure_spread(n: usize, args: &Args) -> Result<()> {
+    let hubs_n = match args.hub_procs {
+        0 => n.div_ceil(PER_HUB_MAX),
+        h => h,
+    }
+    .max(1);
+    let clients_n = match args.client_procs {
+        0 => n.div_ceil(PER_CLIENT_PROC_MAX),
+        c => c,
+    }
+    .clamp(1, n.max(1));
+    // At least twice the ramp's own length, plus half a minute.
+    let ramp_secs = n as u64 / args.ramp_per_sec.max(1) as u64;
+    let timeout = Duration::from_secs(args.timeout_secs.max(2 * ramp_secs + 30));
+    let hz = multiproc::clock_ticks_per_sec() as f64;
+    let limit = raise_nofile_limit();
+    println!();
+    println!(
+        "== spread: {n} idle Tether connections over {hubs_n} hub process(es) (≈{} each) and \
+         {clients_n} client process(es) (≈{} each); open-file limit {limit} per process (hard; \
+         the hub holds {HUB_FDS_PER_CONN} per connection, so one hub process cannot hold them \
+         all); ephemeral ports {}",
+        n.div_ceil(hubs_n),
+        n.div_ceil(clients_n),
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .map(|r| r.split_whitespace().collect::<Vec<_>>().join("–"))
+            .unwrap_or_else(|_| "unknown".into()),
+    );
+    if n.div_ceil(hubs_n) * HUB_FDS_PER_CONN + 256 > limit as usize
+        || n.div_ceil(clients_n) + 256 > limit as usize
+    {
+        return Err(format!(
+            "{n} connections over {hubs_n} hub and {clients_n} client processes exceed the \
+             open-file limit of {limit} per process: raise --hub-procs/--client-procs"
+        )
+        .into());
+    }
+
+    if hubs_n > 250 {
+        return Err(
+            format!("{hubs_n} hub processes: at most 250 loopback addresses are used").into(),
+        );
+    }
+    // Hub i listens on 127.0.0.(i+1), so each hub's connections are one destination's 4-tuples.
+    let mut hubs = Vec::with_capacity(hubs_n);
+    let mut addrs = Vec::with_capacity(hubs_n);
+    for i in 0..hubs_n {
+        let ip = std::net::Ipv4Addr::new(127, 0, 0, (i + 1) as u8);
+        let bind = std::net::TcpListener::bind((ip, 0))?.local_addr()?;
+        let (hub, _) = spawn_hub(bind).await?;
+        health_connections(bind).await?;
+        addrs.push(bind);
+        hubs.push(hub);
+    }
+    let pids: Vec<u32> = hubs
+        .iter()
+        .map(|h| h.pid().ok_or("hub exited"))
+        .collect::<std::result::Result<_, _>>()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before_kib: Vec<u64> = pids.iter().map(|&p| vm_rss_kib(p)).collect::<Result<_>>()?;
+    let kernel_before = KernelMemory::read();
+    let hub_ticks_before = ticks_of(&pids)?;
+
+    let hub_list = addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let per_proc_rate = (args.ramp_per_sec / clients_n).max(1);
+    let mut clients = Vec::with_capacity(clients_n);
+    let started = Instant::now();
+    let mut offset = 0;
+    for j in 0..clients_n {
+        let count = n / clients_n + usize::from(j < n % clients_n);
+        let role_args: Vec<String> = [
+            "--role",
+            "spread-clients",
+            "--hubs",
+            &hub_list,
+            "--count",
+            &count.to_string(),
+            "--offset",
+            &offset.to_string(),
+            "--ramp-per-sec",
+            &per_proc_rate.to_string(),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        offset += count;
+        clients.push(ChildProc::spawn(&format!("clients {j}"), &role_args)?);
+    }
+    let client_pids: Vec<u32> = clients
+        .iter()
+        .map(|c| c.pid().ok_or("client process exited"))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut seen = vec![0usize; hubs_n];
+    let mut last_progress = 0;
+    loop {
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "spread: only {}/{n} connections after {timeout:?} (per hub: {seen:?})",
+                seen.iter().sum::<usize>()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for (i, addr) in addrs.iter().enumerate() {
+            // A hub busy with handshakes may answer late: keep its last count and ask again.
+            match health_connections(*addr).await {
+                Ok(count) => seen[i] = count as usize,
+                Err(e) => eprintln!("  (hub {i}: {e}; asking again)"),
+            }
+        }
+        if seen.iter().sum::<usize>() >= n {
+            break;
+        }
+        if started.elapsed().as_secs() / 10 != last_progress {
+            last_progress = started.elapsed().as_secs() / 10;
+            eprintln!(
+                "  … {}/{n} connected after {:.0} s",
+                seen.iter().sum::<usize>(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let ramp = started.elapsed();
+    let hub_ticks_ramp = ticks_of(&pids)? - hub_ticks_before;
+    let client_ticks_ramp = ticks_of(&client_pids)?;
+
+    tokio::time::sleep(Duration::from_secs_f64(args.settle_secs)).await;
+    let after_kib: Vec<u64> = pids.iter().map(|&p| vm_rss_kib(p)).collect::<Result<_>>()?;
+    let kernel_after = KernelMemory::read();
+    let client_kib: u64 = client_pids
+        .iter()
+        .map(|&p| vm_rss_kib(p))
+        .collect::<Result<Vec<_>>>()?
+        .iter()
+        .sum();
+    let hub_fds: Vec<usize> = pids.iter().map(|&p| open_fds(p)).collect();
+    let client_fds: usize = client_pids.iter().map(|&p| open_fds(p)).sum();
+
+    // Idle cost: CPU over --idle-secs with everything connected (heartbeats only).
+    let idle_hub_before = ticks_of(&pids)?;
+    let idle_client_before = ticks_of(&client_pids)?;
+    let idle_started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(args.idle_secs)).await;
+    let idle_elapsed = idle_started.elapsed().as_secs_f64();
+    let idle_hub = (ticks_of(&pids)? - idle_hub_before) as f64 / hz;
+    let idle_client = (ticks_of(&client_pids)? - idle_client_before) as f64 / hz;
+    for (i, addr) in addrs.iter().enumerate() {
+        seen[i] = health_connections(*addr).await? as usize;
+    }
+    let still: usize = seen.iter().sum();
+
+    println!(
+        "  {n} connections in {:.1} s ({:.0} connects/s; ramp asked {} /s over {clients_n} \
+         client processes); still open after settling and idling: {still}",
+        ramp.as_secs_f64(),
+        n as f64 / ramp.as_secs_f64(),
+        args.ramp_per_sec,
+    );
+    println!("   hub | address              | connections | RSS before → after        | KiB/conn | open files");
+    println!("  -----|----------------------|-------------|---------------------------|----------|-----------");
+    let mut total_before = 0;
+    let mut total_after = 0;
+    for i in 0..hubs_n {
+        let per = (after_kib[i] as f64 - before_kib[i] as f64) / seen[i].max(1) as f64;
+        total_before += before_kib[i];
+        total_after += after_kib[i];
+        println!(
+            "  {i:>4} | {:<20} | {:>11} | {:>8} KiB → {:>8} KiB | {per:>8.2} | {:>10}",
+            addrs[i].to_string(),
+            seen[i],
+            before_kib[i],
+            after_kib[i],
+            hub_fds[i],
+        );
+    }
+    let per_total = (total_after as f64 - total_before as f64) / still.max(1) as f64;
+    println!(
+        "   all | {:<20} | {still:>11} | {total_before:>8} KiB → {total_after:>8} KiB | {per_total:>8.2} | {:>10}",
+        format!("{hubs_n} processes"),
+        hub_fds.iter().sum::<usize>()
+    );
+    println!(
+        "  target ≤ 10 KiB per connection (per hub process): {}",
+        if per_total <= 10.0 { "met" } else { "MISSED" }
+    );
+    println!(
+        "  cost: hubs' CPU while connecting {:.1} s ({:.0} µs per connection); clients' CPU while \
+         connecting {:.1} s; idle over {idle_elapsed:.0} s: hubs {:.2} % of a core ({:.2} µs/s \
+         per connection), clients {:.2} % of a core",
+        hub_ticks_ramp as f64 / hz,
+        hub_ticks_ramp as f64 / hz * 1e6 / n.max(1) as f64,
+        client_ticks_ramp as f64 / hz,
+        idle_hub / idle_elapsed * 100.0,
+        idle_hub / idle_elapsed * 1e6 / still.max(1) as f64,
+        idle_client / idle_elapsed * 100.0,
+    );
+    println!(
+        "  cost: client processes' RSS {client_kib} KiB in all ({:.2} KiB per connection), \
+         their open files {client_fds}",
+        client_kib as f64 / n.max(1) as f64
+    );
+    match (kernel_before, kernel_after) {
+        (Some(b), Some(a)) => println!(
+            "  kernel (whole machine, both ends of every connection; other work on the machine \
+             shows here too): TCP sockets {} → {}, TCP buffer memory {} → {} KiB, Slab {} → {} \
+             KiB ({:+.2} KiB per connection), open files {} → {}",
+            b.tcp_inuse,
+            a.tcp_inuse,
+            b.tcp_mem_kib,
+            a.tcp_mem_kib,
+            b.slab_kib,
+            a.slab_kib,
+            (a.slab_kib as f64 - b.slab_kib as f64) / n.max(1) as f64,
+            b.files,
+            a.files,
+        ),
+        _ => println!("  kernel memory: /proc/net/sockstat or /proc/meminfo unreadable"),
+    }
+    for c in clients {
+        c.kill().await?;
+    }
+    for h in hubs {
+        h.kill().await?;
+    }
+    Ok(())
+}
+
+/// Sum of `utime + stime` of `pids`, in clock ticks.
+fn ticks_of(pids: &[u32]) -> Result<u64> {
+    pids.iter().map(|&p| multiproc::pid_cpu_ticks(p)).sum()
+}
+
+/// Open file descriptors of `pid` (entries of `/proc/<pid>/fd`; 0 if unreadable).
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// The kernel's socket and slab figures for the whole machine.
+#[derive(Debug, Clone, Copy)]
+struct KernelMemory {
+    /// `TCP: inuse` of `/proc/net/sockstat`.
+    tcp_inuse: u64,
+    /// `TCP: mem` of `/proc/net/sockstat` (pages) in KiB.
+    tcp_mem_kib: u64,
+    /// `Slab` of `/proc/meminfo`.
+    slab_kib: u64,
+    /// Allocated file handles (first field of `/proc/sys/fs/file-nr`).
+    files: u64,
+}
+
+impl KernelMemory {
+    fn read() -> Option<KernelMemory> {
+        let sockstat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+        let tcp: Vec<&str> = sockstat
+            .lines()
+            .find(|l| l.starts_with("TCP:"))?
+            .split_whitespace()
+            .collect();
+        let field = |name: &str| -> Option<u64> {
+            let i = tcp.iter().position(|w| *w == name)?;
+            tcp.get(i + 1)?.parse().ok()
+        };
+        let page_kib = {
+            // SAFETY: sysconf has no preconditions.
+            let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            if size > 0 {
+                size as u64 / 1024
+            } else {
+                4
+            }
+        };
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let slab_kib = meminfo
+            .lines()
+            .find(|l| l.starts_with("Slab:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let files = std::fs::read_to_string("/proc/sys/fs/file-nr")
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some(KernelMemory {
+            tcp_inuse: field("inuse")?,
+            tcp_mem_kib: field("mem")? * page_kib,
+            slab_kib,
+            files,
+        })
+    }
+}
+
+/// Spread-mode client helper: `--count` Transports (no channels, default settings), the k-th
+/// (counting from `--offset`) to hub `k mod hubs`, started at `--ramp-per-sec`, held until
+/// stdin closes.
+fn spread_clients_role(args: &Args) -> Result<()> {
+    die_with_parent();
+    if args.hubs.is_empty() {
+        return Err("--hubs missing".into());
+    }
+    let (count, per_sec, offset) = (args.count, args.ramp_per_sec, args.offset);
+    let urls: Vec<String> = args.hubs.iter().map(|a| format!("ws://{a}/ws")).collect();
+    actix_rt::System::new().block_on(async move {
+        let mut transports = Vec::with_capacity(count);
+        let started = Instant::now();
+        for i in 0..count {
+            pace(started, i, per_sec).await;
+            let url = &urls[(offset + i) % urls.len()];
+            transports.push(Transport::start(
+                TransportConfig::builder(url.clone()).build()?,
+            ));
+        }
+        println!("STARTED {count}");
+        stdin_command_loop(|_| {}).await;
+        Ok::<_, multiproc::BoxError>(())
+    })?;
+    std::process::exit(0)
 }
