@@ -246,6 +246,9 @@ pub fn run_hub_role(bind: SocketAddr) -> ! {
         };
 
         stdin_command_loop(|command| {
+            if command == "heap" {
+                println!("HEAP {}", heap_bytes());
+            }
             if command == "peak" {
                 let samples = samples.borrow();
                 let (rate, at) = peak_rate(&samples);
@@ -274,6 +277,23 @@ pub fn run_hub_role(bind: SocketAddr) -> ! {
             std::process::exit(1)
         }
     }
+}
+
+/// Bytes the allocator has handed out and not taken back, in every arena (glibc's
+/// `mallinfo2`: in-use chunks plus mmapped ones). Unlike RSS, it does not see pages the
+/// allocator keeps, nor stacks and code: what the program holds.
+pub fn heap_bytes() -> u64 {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let info = unsafe { libc::mallinfo2() };
+    (info.uordblks + info.hblkhd) as u64
+}
+
+/// Asks a child that answers `heap` (the hub child, the bare actix-web server) for its
+/// [`heap_bytes`].
+pub async fn child_heap_bytes(child: &mut ChildProc) -> Result<u64> {
+    child.send("heap").await?;
+    let line = child.expect_line("HEAP ", Duration::from_secs(10)).await?;
+    Ok(line.trim().parse()?)
 }
 
 /// Starts a hub child on `bind` and waits for it to listen; returns it with the wall-clock

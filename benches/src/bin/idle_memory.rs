@@ -1,4 +1,4 @@
-//! Hub memory per idle connection: the hub process' RSS (`VmRSS`) before and after a separate
+//! Hub memory per idle connection (target ≤ 8 KiB): the hub process' RSS (`VmRSS`) before and after a separate
 //! client process opened N idle connections, each a `Transport` with no channels (default
 //! settings: heartbeat 10 s / 25 s). Baseline in the same run: a plain tokio TCP server process
 //! (no WebSocket, no actor; one task per accepted socket, parked in `read` with a 1 KiB buffer)
@@ -14,7 +14,8 @@
 //! ```
 //!
 //! Every server and client is this binary re-executed with a `--role`; each measurement gets a
-//! fresh server process.
+//! fresh server process. Besides RSS, each server reports its heap in use (glibc `mallinfo2`)
+//! before and after: what the connections hold, without the pages the allocator keeps.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -24,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tether_benches::multiproc::{
-    self, die_with_parent, free_loopback_addr, health_connections, pace, raise_nofile_limit,
-    spawn_hub, stdin_command_loop, vm_rss_kib, ChildProc, Result,
+    self, child_heap_bytes, die_with_parent, free_loopback_addr, health_connections, heap_bytes,
+    pace, raise_nofile_limit, spawn_hub, stdin_command_loop, vm_rss_kib, ChildProc, Result,
 };
 use tether_transport::{Transport, TransportConfig};
 use tokio::io::AsyncReadExt;
@@ -87,15 +88,31 @@ enum Kind {
     RawTcp,
 }
 
-/// RSS before and after, in KiB.
+/// The hub's target: at most 8 KiB of RSS per idle connection.
+const TARGET_KIB: f64 = 8.0;
+
+/// RSS before and after, in KiB; heap in use before and after, in bytes.
 struct Measurement {
     before_kib: u64,
     after_kib: u64,
+    heap_before: u64,
+    heap_after: u64,
 }
 
 impl Measurement {
     fn per_connection(&self, n: usize) -> f64 {
         (self.after_kib as f64 - self.before_kib as f64) / n.max(1) as f64
+    }
+
+    fn heap_per_connection(&self, n: usize) -> f64 {
+        (self.heap_after as f64 - self.heap_before as f64) / n.max(1) as f64
+    }
+}
+
+/// Answers `heap` on stdin with `HEAP bytes` (what the measurement asks each server).
+fn answer_heap(command: &str) {
+    if command == "heap" {
+        println!("HEAP {}", heap_bytes());
     }
 }
 
@@ -114,19 +131,29 @@ async fn run(args: &Args) -> Result<()> {
         rows.push((n, tether, actix, raw));
     }
     println!();
+    println!("RSS per connection in KiB (heap in use per connection in bytes)");
     println!(
-        " connections | tether KiB/conn | raw TCP KiB/conn | target ≤ 10 KiB | bare actix-web WS KiB/conn | tether RSS before → after"
+        " connections | tether KiB/conn (heap B) | target ≤ 8 KiB | bare actix-web WS KiB/conn (heap B) | raw TCP KiB/conn (heap B) | tether RSS before → after"
     );
     println!(
-        "-------------|-----------------|------------------|-----------------|----------------------------|--------------------------"
+        "-------------|--------------------------|----------------|-------------------------------------|---------------------------|--------------------------"
     );
     for (n, tether, actix, raw) in &rows {
         let per = tether.per_connection(*n);
-        let verdict = if per <= 10.0 { "met" } else { "MISSED" };
+        let verdict = if per <= TARGET_KIB { "met" } else { "MISSED" };
         println!(
-            "{n:>12} | {per:>15.2} | {:>16.2} | {verdict:>15} | {:>26.2} | {:>7} KiB → {:>7} KiB",
-            raw.per_connection(*n),
-            actix.per_connection(*n),
+            "{n:>12} | {:>24} | {verdict:>14} | {:>35} | {:>25} | {:>7} KiB → {:>7} KiB",
+            format!("{per:.2} ({:.0})", tether.heap_per_connection(*n)),
+            format!(
+                "{:.2} ({:.0})",
+                actix.per_connection(*n),
+                actix.heap_per_connection(*n)
+            ),
+            format!(
+                "{:.2} ({:.0})",
+                raw.per_connection(*n),
+                raw.heap_per_connection(*n)
+            ),
             tether.before_kib,
             tether.after_kib,
         );
@@ -164,6 +191,7 @@ async fn measure(kind: Kind, n: usize, args: &Args) -> Result<Measurement> {
     let pid = server.pid().ok_or("server already exited")?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before_kib = vm_rss_kib(pid)?;
+    let heap_before = child_heap_bytes(&mut server).await?;
 
     let clients = ChildProc::spawn(
         client_role,
@@ -192,6 +220,7 @@ async fn measure(kind: Kind, n: usize, args: &Args) -> Result<Measurement> {
     let ramp = started.elapsed();
     tokio::time::sleep(Duration::from_secs_f64(args.settle_secs)).await;
     let after_kib = vm_rss_kib(pid)?;
+    let heap_after = child_heap_bytes(&mut server).await?;
     if kind == Kind::Tether {
         let still = health_connections(bind).await?;
         if still as usize != n {
@@ -201,11 +230,14 @@ async fn measure(kind: Kind, n: usize, args: &Args) -> Result<Measurement> {
     let m = Measurement {
         before_kib,
         after_kib,
+        heap_before,
+        heap_after,
     };
     println!(
-        "  {label}: {n} connections in {:.1} s; RSS {before_kib} KiB → {after_kib} KiB = {:.2} KiB/conn",
+        "  {label}: {n} connections in {:.1} s; RSS {before_kib} KiB → {after_kib} KiB = {:.2} KiB/conn; heap {heap_before} B → {heap_after} B = {:.0} B/conn",
         ramp.as_secs_f64(),
-        m.per_connection(n)
+        m.per_connection(n),
+        m.heap_per_connection(n)
     );
     clients.kill().await?;
     server.kill().await?;
@@ -281,7 +313,7 @@ fn tcp_server_role(bind: SocketAddr) -> Result<()> {
             }
         });
         tokio::spawn(report_connections(open.clone()));
-        stdin_command_loop(|_| {}).await;
+        stdin_command_loop(answer_heap).await;
         Ok::<_, multiproc::BoxError>(())
     })?;
     std::process::exit(0)
@@ -345,7 +377,7 @@ fn actix_ws_server_role(bind: SocketAddr) -> Result<()> {
         actix_rt::spawn(server);
         println!("LISTENING {bind}");
         actix_rt::spawn(report_connections(open.into_inner()));
-        stdin_command_loop(|_| {}).await;
+        stdin_command_loop(answer_heap).await;
         Ok::<_, multiproc::BoxError>(())
     })?;
     std::process::exit(0)

@@ -16,8 +16,6 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use actix_http::ws::{CloseCode, CloseReason, Frame as WsFrame, Message as WsMessage};
-use actix_web::body::MessageBody as _;
-use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use std::time::Duration;
 
@@ -28,7 +26,7 @@ use super::budget::OutboundBudget;
 use super::handler::{
     ConnInfo, ConnectionHandler, FrameRejection, Kick, Outbound, OutboundBatch, SessionOutbox,
 };
-use super::wire::{ConnSocket, Inbound, InboundError, InboundGate, OutboundPipe};
+use super::wire::{ConnSocket, Inbound, InboundError, InboundGate, OutboundPipe, PipeBody};
 use super::HubState;
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
@@ -52,7 +50,7 @@ pub struct ShutDown {
     pub retry: RetryWindow,
 }
 
-/// The response body went away (the connection is closed).
+/// The connection's writer is gone (the connection is closed).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 struct Gone;
@@ -159,23 +157,26 @@ pub fn excerpt(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(format!("{}… ({} bytes)", &text[..end], text.len()))
 }
 
-/// Upgrades `req` to a WebSocket served by a new [`HubSession`].
-pub(crate) fn start(
+/// Serves an upgraded WebSocket connection with a new [`HubSession`]: `incoming` is what the
+/// socket reads (frames are decoded from it by an [`Inbound`]); the returned [`PipeBody`] is
+/// what the connection's [`super::wire::Writer`] sends.
+pub(crate) fn start<S, E>(
     state: Arc<HubState>,
-    req: &HttpRequest,
-    stream: web::Payload,
-) -> Result<HttpResponse, actix_web::Error> {
-    let mut response = actix_http::ws::handshake(req.head())?;
+    peer: Option<std::net::SocketAddr>,
+    socket: Option<ConnSocket>,
+    incoming: S,
+) -> PipeBody
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Unpin + 'static,
+    E: std::fmt::Display + 'static,
+{
     let max = state.config.max_frame_size;
     let budget = Arc::new(OutboundBudget::new(state.config.outbound_budget));
     let (pipe, body) = OutboundPipe::new(budget.clone());
-    let response: HttpResponse = response
-        .message_body(actix_web::body::BodyStream::new(body).boxed())?
-        .into();
     let conn_id = state.connection_opened();
-    let peer = req.peer_addr();
     let span =
         tracing::info_span!("hub_session", conn_id, peer = ?peer, session = tracing::field::Empty);
+    let inbound = Inbound::new(incoming, max);
     let session = HubSession {
         peer_log: LogLimiter::new(LOG_LINES_PER_WINDOW, LOG_WINDOW),
         early: Vec::new(),
@@ -194,22 +195,17 @@ pub(crate) fn start(
         handler: None,
         pipe,
         budget,
-        socket: req.conn_data::<ConnSocket>().cloned(),
+        socket,
         stall_timer: None,
         peer_closed: false,
-        gate: InboundGate::default(),
-        span,
-    };
-    let inbound = Inbound::new(stream, max);
-    let session = HubSession {
         gate: inbound.gate(),
-        ..session
+        span,
     };
     HubSession::create(move |ctx| {
         ctx.add_stream(inbound);
         session
     });
-    Ok(response)
+    body
 }
 
 impl HubSession {

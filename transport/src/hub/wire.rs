@@ -1,21 +1,27 @@
-//! The hub's WebSocket I/O under each session actor, on actix-http's WebSocket codec.
+//! The hub's WebSocket I/O under each session actor, on actix-http's WebSocket codec, once the
+//! connection has left actix-http's HTTP dispatcher (see `Hub::start`).
 //!
 //! The session actor is driven by its own mailbox and timers, never by the socket: what
 //! actix-web-actors could not do (its context is polled by the response body, so a peer that
-//! stops reading froze the actor, its kick and its idle timer). Three pieces:
+//! stops reading froze the actor, its kick and its idle timer). The pieces:
 //!
 //! * [`FrameGuard`] reads every WebSocket frame *header* as the bytes arrive and refuses a frame
 //!   whose declared length exceeds the limit before its payload is buffered (actix-http's codec
 //!   checks only once the whole frame is in memory). A connection sending one costs at most the
 //!   frame limit plus one read.
-//! * [`Inbound`] turns the request payload into frames through the guard and the codec.
-//! * [`OutboundPipe`] is the response body: a queue of encoded frames charged to the
-//!   connection's [`OutboundBudget`] until the HTTP dispatcher takes them for the socket, with
-//!   a record of when the writer last made progress.
+//! * [`SocketReader`] reads the socket into a buffer on the stack, and [`Inbound`] turns those
+//!   bytes into frames through the guard and the codec; neither keeps a buffer while the
+//!   connection is idle.
+//! * [`OutboundPipe`] is a queue of frames charged to the connection's [`OutboundBudget`] until
+//!   the [`Writer`] takes them (framing them then, into a buffer that exists only while there is
+//!   something to write), with a record of when the writer last made progress.
+//!
+//! Memory of an idle connection is thus a few small structures (session, pipe, budget, the
+//! actor's mailbox and timers); no I/O buffer.
 //!
 //! [`ConnSocket`] is a second handle on the connection's TCP socket, taken when it is
-//! accepted: it lets the session end a connection whose peer never reads again (a reset, at
-//! the TCP level, which the dispatcher blocked in a write cannot do) and shut one down right
+//! upgraded: it lets the session end a connection whose peer never reads again (a reset, at
+//! the TCP level, which a writer blocked in a write cannot do) and shut one down right
 //! after the close handshake.
 
 use std::collections::VecDeque;
@@ -25,8 +31,9 @@ use std::task::{Context, Poll, Waker};
 
 use actix_codec::{Decoder, Encoder};
 use actix_http::ws::{Codec, Frame, Message, ProtocolError};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::budget::OutboundBudget;
@@ -267,6 +274,11 @@ where
                 this.buf.clear();
                 return Poll::Ready(None);
             }
+            if this.buf.is_empty() && this.buf.capacity() > 0 {
+                // Everything read was served: an idle connection keeps no read buffer (the
+                // frames handed out hold their own bytes).
+                this.buf = BytesMut::new();
+            }
             match Pin::new(&mut this.payload).poll_next(cx) {
                 Poll::Ready(Some(Ok(bytes))) => {
                     if let Err(over) = this.guard.feed(&bytes) {
@@ -295,21 +307,24 @@ where
 }
 
 struct PipeState {
-    /// Encoded frames with what each was charged.
-    frames: VecDeque<(Bytes, usize)>,
-    /// No more frames: the body ends once the queue is empty.
+    /// Frames not yet taken by the writer, with what each was charged; framed when taken.
+    frames: VecDeque<(Message, usize)>,
+    /// The writer holds framed bytes the socket has not taken yet.
+    writing: bool,
+    /// No more frames: the writer ends once the queue is empty.
     finished: bool,
-    /// The dispatcher dropped the body: the connection is gone.
+    /// The writer is gone: the connection is closed.
     gone: bool,
     waker: Option<Waker>,
-    /// When the writer last took a frame (or the queue was last empty).
+    /// When the writer last made progress (took frames, or the socket took bytes), or the queue
+    /// last became non-empty.
     last_progress: Instant,
-    /// Called once when the body is dropped.
+    /// Called once when the writer is gone.
     on_gone: Option<Box<dyn FnOnce() + Send>>,
 }
 
-/// The sending half of a connection: frames go in here, the [`PipeBody`] hands them to the
-/// HTTP dispatcher as it can write them.
+/// The sending half of a connection: frames go in here, the [`PipeBody`] hands them, framed,
+/// to the connection's writer as the socket takes them.
 #[derive(Clone)]
 pub struct OutboundPipe {
     state: Arc<Mutex<PipeState>>,
@@ -318,10 +333,11 @@ pub struct OutboundPipe {
 }
 
 impl OutboundPipe {
-    /// A pipe charging `budget`, with its body (the WebSocket response's body).
+    /// A pipe charging `budget`, with its receiving half (driven by [`Writer`]).
     pub fn new(budget: Arc<OutboundBudget>) -> (OutboundPipe, PipeBody) {
         let state = Arc::new(Mutex::new(PipeState {
             frames: VecDeque::new(),
+            writing: false,
             finished: false,
             gone: false,
             waker: None,
@@ -339,6 +355,7 @@ impl OutboundPipe {
                 state,
                 budget,
                 gone,
+                codec: Codec::new(),
             },
         )
     }
@@ -347,7 +364,7 @@ impl OutboundPipe {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `f` runs once the dispatcher has dropped the body (the connection is gone).
+    /// `f` runs once the writer is gone (the connection is closed).
     pub fn on_gone(&self, f: impl FnOnce() + Send + 'static) {
         let mut state = self.lock();
         if state.gone {
@@ -358,25 +375,19 @@ impl OutboundPipe {
         }
     }
 
-    /// Queues `message`, encoded, already charged `charged` bytes to the budget. Dropped (and
-    /// released) when the pipe is finished or the connection gone.
+    /// Queues `message`, already charged `charged` bytes to the budget; it is framed when the
+    /// writer takes it. Dropped (and released) when the pipe is finished or the connection gone.
     pub fn push(&self, message: Message, charged: usize) {
-        let mut buf = BytesMut::new();
-        let mut codec = Codec::new();
-        if codec.encode(message, &mut buf).is_err() {
-            self.budget.release(charged);
-            return;
-        }
         let mut state = self.lock();
         if state.finished || state.gone {
             drop(state);
             self.budget.release(charged);
             return;
         }
-        if state.frames.is_empty() {
+        if state.frames.is_empty() && !state.writing {
             state.last_progress = Instant::now();
         }
-        state.frames.push_back((buf.freeze(), charged));
+        state.frames.push_back((message, charged));
         if let Some(w) = state.waker.take() {
             w.wake();
         }
@@ -387,12 +398,14 @@ impl OutboundPipe {
         let dropped: usize = {
             let mut state = self.lock();
             state.last_progress = Instant::now();
-            state.frames.drain(..).map(|(_, charged)| charged).sum()
+            let dropped = state.frames.drain(..).map(|(_, charged)| charged).sum();
+            state.frames = VecDeque::new();
+            dropped
         };
         self.budget.release(dropped);
     }
 
-    /// No more frames: the body ends once what is queued has been taken.
+    /// No more frames: the writer ends once what is queued has been written.
     pub fn finish(&self) {
         let mut state = self.lock();
         state.finished = true;
@@ -401,12 +414,12 @@ impl OutboundPipe {
         }
     }
 
-    /// Whether the dispatcher dropped the body.
+    /// Whether the writer is gone.
     pub fn is_gone(&self) -> bool {
         self.lock().gone
     }
 
-    /// Resolves once the dispatcher has dropped the body.
+    /// Resolves once the writer is gone.
     pub async fn gone(&self) {
         let notified = self.gone.notified();
         tokio::pin!(notified);
@@ -417,10 +430,11 @@ impl OutboundPipe {
         notified.await;
     }
 
-    /// How long frames have waited with no progress by the writer (zero when none wait).
+    /// How long frames (queued, or framed and not yet taken by the socket) have waited with no
+    /// progress by the writer (zero when none wait).
     pub fn stalled_for(&self, now: Instant) -> std::time::Duration {
         let state = self.lock();
-        if state.frames.is_empty() {
+        if state.frames.is_empty() && !state.writing {
             std::time::Duration::ZERO
         } else {
             now.saturating_duration_since(state.last_progress)
@@ -428,31 +442,69 @@ impl OutboundPipe {
     }
 }
 
-/// The WebSocket response body over an [`OutboundPipe`].
+/// What [`PipeBody::poll_take`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Frames were framed into the buffer.
+    Frames,
+    /// Nothing is queued and nothing more will be: the pipe is finished.
+    Finished,
+}
+
+/// The receiving half of an [`OutboundPipe`]: frames leave the queue here, framed (the budget
+/// is released as they are taken). Dropping it marks the connection gone.
 pub struct PipeBody {
     state: Arc<Mutex<PipeState>>,
     budget: Arc<OutboundBudget>,
     gone: Arc<tokio::sync::Notify>,
+    codec: Codec,
 }
 
-impl Stream for PipeBody {
-    type Item = Result<Bytes, actix_web::Error>;
+impl PipeBody {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PipeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    /// Takes queued frames, framing them into `buf`, until it holds at least `want` bytes or the
+    /// queue is empty. `Pending` (the waker kept) when nothing is queued and the pipe is not
+    /// finished.
+    pub fn poll_take(&mut self, cx: &Context<'_>, buf: &mut BytesMut, want: usize) -> Poll<Taken> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match state.frames.pop_front() {
-            Some((bytes, charged)) => {
-                state.last_progress = Instant::now();
-                drop(state);
-                self.budget.release(charged);
-                Poll::Ready(Some(Ok(bytes)))
-            }
-            None if state.finished => Poll::Ready(None),
-            None => {
-                state.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
+        let mut taken = false;
+        let mut released = 0;
+        while buf.len() < want {
+            let Some((message, charged)) = state.frames.pop_front() else {
+                break;
+            };
+            released += charged;
+            taken = true;
+            // A message the codec refuses (a close reason over the control frame limit) is
+            // dropped; nothing else can fail.
+            let _ = self.codec.encode(message, buf);
         }
+        if taken {
+            state.last_progress = Instant::now();
+            state.writing = !buf.is_empty();
+            if state.frames.is_empty() {
+                // Release a burst's queue: an idle connection holds no capacity.
+                state.frames = VecDeque::new();
+            }
+            drop(state);
+            self.budget.release(released);
+            return Poll::Ready(Taken::Frames);
+        }
+        if state.finished {
+            return Poll::Ready(Taken::Finished);
+        }
+        state.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// The socket took bytes (`done`: all of them the writer held).
+    pub fn wrote(&mut self, done: bool) {
+        let mut state = self.lock();
+        state.last_progress = Instant::now();
+        state.writing = !done;
     }
 }
 
@@ -461,7 +513,9 @@ impl Drop for PipeBody {
         let (dropped, on_gone) = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             state.gone = true;
+            state.writing = false;
             let dropped: usize = state.frames.drain(..).map(|(_, charged)| charged).sum();
+            state.frames = VecDeque::new();
             (dropped, state.on_gone.take())
         };
         self.budget.release(dropped);
@@ -469,6 +523,126 @@ impl Drop for PipeBody {
         self.gone.notify_waiters();
         if let Some(f) = on_gone {
             f();
+        }
+    }
+}
+
+/// Bytes the writer frames ahead of the socket: 32 KiB (one frame more when one is larger).
+pub const WRITE_CHUNK: usize = 32 * 1024;
+
+/// Bytes read from the socket at a time, into a buffer on the stack: 8 KiB. What is read is
+/// copied out at its size; nothing is allocated while the connection is idle.
+pub const READ_CHUNK: usize = 8 * 1024;
+
+/// The task writing one connection: takes frames from its [`PipeBody`], frames them into a
+/// buffer that exists only while there is something to write, and writes them to the socket.
+/// Once the pipe is finished and everything is written it shuts the stream down (a TLS
+/// close_notify, then the TCP FIN) and ends; the connection is gone when it ends, whichever
+/// way (a write error, the peer reset, or the task dropped with its worker).
+pub struct Writer<W> {
+    body: PipeBody,
+    io: W,
+    buf: BytesMut,
+    /// Written since the last flush.
+    unflushed: bool,
+    /// The pipe is finished: shut down once written.
+    ending: bool,
+}
+
+impl<W> Writer<W> {
+    /// The writer of `body` to `io`.
+    pub fn new(body: PipeBody, io: W) -> Self {
+        Writer {
+            body,
+            io,
+            buf: BytesMut::new(),
+            unflushed: false,
+            ending: false,
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> std::future::Future for Writer<W> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            let mut waiting = false;
+            if !this.ending && this.buf.len() < WRITE_CHUNK {
+                match this.body.poll_take(cx, &mut this.buf, WRITE_CHUNK) {
+                    Poll::Ready(Taken::Frames) => {}
+                    Poll::Ready(Taken::Finished) => this.ending = true,
+                    Poll::Pending => waiting = true,
+                }
+            }
+            if !this.buf.is_empty() {
+                match Pin::new(&mut this.io).poll_write(cx, &this.buf) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Ready(Ok(n)) => {
+                        this.unflushed = true;
+                        this.buf.advance(n);
+                        let done = this.buf.is_empty();
+                        if done {
+                            // Idle again: the buffer goes.
+                            this.buf = BytesMut::new();
+                        }
+                        this.body.wrote(done);
+                        continue;
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if this.unflushed {
+                match Pin::new(&mut this.io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => this.unflushed = false,
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if this.ending {
+                return Pin::new(&mut this.io).poll_shutdown(cx).map(|_| ());
+            }
+            if waiting {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// The bytes of a connection's socket as a stream, read [`READ_CHUNK`] at a time into a buffer
+/// on the stack and copied out at their size: an idle connection holds no read buffer. Bytes
+/// that arrived with the HTTP upgrade request come first.
+pub struct SocketReader<R> {
+    io: R,
+    early: Option<Bytes>,
+}
+
+impl<R> SocketReader<R> {
+    /// The bytes of `io`, after `early`.
+    pub fn new(io: R, early: Bytes) -> Self {
+        SocketReader {
+            io,
+            early: (!early.is_empty()).then_some(early),
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> Stream for SocketReader<R> {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(early) = this.early.take() {
+            return Poll::Ready(Some(Ok(early)));
+        }
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut read = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut this.io).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) if read.filled().is_empty() => Poll::Ready(None),
+            Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(Bytes::copy_from_slice(read.filled())))),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -618,28 +792,83 @@ mod tests {
         assert!(inbound.next().await.is_none());
     }
 
-    #[tokio::test]
-    async fn the_pipe_releases_the_budget_as_the_writer_takes_frames() {
-        use futures::StreamExt;
+    fn take(body: &mut PipeBody, want: usize) -> (Poll<Taken>, BytesMut) {
+        let mut buf = BytesMut::new();
+        let waker = futures::task::noop_waker();
+        let poll = body.poll_take(&Context::from_waker(&waker), &mut buf, want);
+        (poll, buf)
+    }
+
+    #[test]
+    fn the_pipe_frames_at_take_time_and_releases_the_budget_then() {
         let budget = Arc::new(OutboundBudget::new(1000));
         let (pipe, mut body) = OutboundPipe::new(budget.clone());
+        assert_eq!(take(&mut body, 1).0, Poll::Pending);
         assert!(budget.try_charge(5));
         pipe.push(Message::Text("hello".into()), 5);
         assert!(budget.try_charge(5));
         pipe.push(Message::Text("world".into()), 5);
         assert_eq!(budget.pending(), 10);
-        let first = body.next().await.unwrap().unwrap();
-        assert_eq!(&first[2..], b"hello");
+        let (poll, first) = take(&mut body, 1);
+        assert_eq!(poll, Poll::Ready(Taken::Frames));
+        assert_eq!(&first[..], b"\x81\x05hello");
         assert_eq!(budget.pending(), 5);
+        // Framed bytes the socket has not taken count as waiting.
+        let t0 = Instant::now();
+        assert!(pipe.stalled_for(t0 + std::time::Duration::from_secs(1)) > std::time::Duration::ZERO);
+        body.wrote(true);
         pipe.clear();
         assert_eq!(budget.pending(), 0);
+        assert_eq!(pipe.stalled_for(Instant::now()), std::time::Duration::ZERO);
+        // Several frames go into one buffer, up to what the writer wants.
+        for text in ["a", "b", "c"] {
+            budget.charge(1);
+            pipe.push(Message::Text(text.into()), 1);
+        }
+        let (_, two) = take(&mut body, 5);
+        assert_eq!(&two[..], b"\x81\x01a\x81\x01b\x81\x01c");
+        assert_eq!(budget.pending(), 0);
         pipe.finish();
-        assert!(body.next().await.is_none());
+        assert_eq!(take(&mut body, 1).0, Poll::Ready(Taken::Finished));
         let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let g = gone.clone();
         pipe.on_gone(move || g.store(true, std::sync::atomic::Ordering::SeqCst));
         drop(body);
         assert!(gone.load(std::sync::atomic::Ordering::SeqCst));
         assert!(budget.is_closed());
+    }
+
+    #[tokio::test]
+    async fn the_writer_writes_what_is_queued_then_shuts_down_and_is_gone() {
+        use tokio::io::AsyncReadExt;
+        let budget = Arc::new(OutboundBudget::new(1 << 20));
+        let (pipe, body) = OutboundPipe::new(budget.clone());
+        let (near, mut far) = tokio::io::duplex(64);
+        let writer = tokio::spawn(Writer::new(body, near));
+        let big = "x".repeat(100_000);
+        budget.charge(big.len());
+        pipe.push(Message::Text(big.clone().into()), big.len());
+        pipe.push(Message::Ping(Bytes::new()), 0);
+        pipe.finish();
+        let mut got = Vec::new();
+        far.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(got.len(), 2 + 8 + big.len() + 2);
+        assert_eq!(&got[got.len() - 2..], b"\x89\x00");
+        assert!(pipe.is_gone());
+        assert_eq!(budget.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_reader_serves_early_bytes_first_and_ends_at_eof() {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut reader = SocketReader::new(near, Bytes::from_static(b"early"));
+        far.write_all(b"later").await.unwrap();
+        drop(far);
+        assert_eq!(&reader.next().await.unwrap().unwrap()[..], b"early");
+        assert_eq!(&reader.next().await.unwrap().unwrap()[..], b"later");
+        assert!(reader.next().await.is_none());
     }
 }
