@@ -23,7 +23,7 @@ use std::collections::HashMap;
 
 use actix::Recipient;
 use actix_codec::Framed;
-use actix_tls::accept::TlsAcceptorConfig;
+use actix_http::TlsAcceptorConfig;
 use actix_service::boxed;
 use actix_web::{web, App, HttpRequest, HttpResponse};
 use bytes::Bytes;
