@@ -14,6 +14,7 @@ pub mod sessions;
 pub mod wire;
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -681,18 +682,11 @@ async fn upgrade<T: HubIo>(
     let parts = framed.into_parts();
     let early = Bytes::copy_from_slice(&parts.read_buf);
     let io = parts.io;
-    let socket = match wire::ConnSocket::new(io.tcp()) {
-        Ok(socket) => Some(socket),
-        Err(e) => {
-            // The session then cannot reset a peer that stopped reading: the kernel's
-            // keepalive and the write error are all it has.
-            tracing::warn!(error = %e, "cannot take a handle on a connection's socket");
-            None
-        }
-    };
+    let fd = io.tcp().as_raw_fd();
+    let (io, socket) = wire::Guarded::new(io, fd);
     let peer = req.peer_addr();
     let (read, write) = tokio::io::split(io);
-    let body = session::start(state, peer, socket, wire::SocketReader::new(read, early));
+    let body = session::start(state, peer, Some(socket), wire::SocketReader::new(read, early));
     actix_rt::spawn(wire::Writer::new(body, write));
     Ok(())
 }

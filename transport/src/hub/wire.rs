@@ -19,8 +19,8 @@
 //! Memory of an idle connection is thus a few small structures (session, pipe, budget, the
 //! actor's mailbox and timers); no I/O buffer.
 //!
-//! [`ConnSocket`] is a second handle on the connection's TCP socket, taken when it is
-//! upgraded: it lets the session end a connection whose peer never reads again (a reset, at
+//! [`ConnSocket`] is a handle on the connection's TCP socket (through the [`Guarded`] stream
+//! that owns it, without a descriptor of its own), taken when it is upgraded: it lets the session end a connection whose peer never reads again (a reset, at
 //! the TCP level, which a writer blocked in a write cannot do) and shut one down right
 //! after the close handshake.
 
@@ -647,29 +647,106 @@ impl<R: AsyncRead + Unpin> Stream for SocketReader<R> {
     }
 }
 
-/// A second handle on a connection's TCP socket (a duplicated descriptor, so it can never
-/// reach another connection's socket), taken when the connection is accepted.
+/// A handle on a connection's TCP socket, for the session to reset a peer that never reads
+/// (or shut the connection down). It holds no descriptor of its own (a duplicate would double
+/// the hub's open files): it reaches the socket through the [`Guarded`] stream that owns it,
+/// and does nothing once that stream is dropped, so it can never reach a later connection that
+/// was given the same descriptor number.
 #[derive(Debug, Clone)]
-pub struct ConnSocket(Arc<socket2::Socket>);
+pub struct ConnSocket(Arc<Mutex<Option<std::os::fd::RawFd>>>);
 
 impl ConnSocket {
-    /// A handle on the socket of `stream`.
-    pub fn new(stream: &impl std::os::fd::AsFd) -> std::io::Result<Self> {
-        let dup = stream.as_fd().try_clone_to_owned()?;
-        Ok(ConnSocket(Arc::new(socket2::Socket::from(dup))))
+    fn with_socket(&self, f: impl FnOnce(socket2::SockRef<'_>)) {
+        let fd = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fd) = *fd {
+            // SAFETY: the descriptor is open while the lock is held: the stream owning it
+            // clears it under this lock before it is closed (`Guarded::drop`).
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            f(socket2::SockRef::from(&borrowed));
+        }
     }
 
     /// Shuts the connection down in both directions (after the close handshake: nothing more
     /// is to be said; what was written still goes out first).
     pub fn shutdown(&self) {
-        let _ = self.0.shutdown(std::net::Shutdown::Both);
+        self.with_socket(|socket| {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        });
     }
 
     /// Resets the connection at once, discarding what the peer never read: for a peer that
     /// stopped reading, whose writes no close frame can get past.
     pub fn abort(&self) {
-        let _ = self.0.set_linger(Some(std::time::Duration::ZERO));
-        let _ = self.0.shutdown(std::net::Shutdown::Both);
+        self.with_socket(|socket| {
+            let _ = socket.set_linger(Some(std::time::Duration::ZERO));
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        });
+    }
+}
+
+/// A connection's stream (plain TCP, or TLS over it) that lends its socket to a
+/// [`ConnSocket`]; reads and writes go straight through.
+pub struct Guarded<T> {
+    io: Option<T>,
+    fd: Arc<Mutex<Option<std::os::fd::RawFd>>>,
+}
+
+impl<T> Guarded<T> {
+    /// `io`, whose TCP socket is `socket` (a descriptor `io` owns), with the handle on that
+    /// socket.
+    pub fn new(io: T, socket: std::os::fd::RawFd) -> (Self, ConnSocket) {
+        let fd = Arc::new(Mutex::new(Some(socket)));
+        (
+            Guarded {
+                io: Some(io),
+                fd: fd.clone(),
+            },
+            ConnSocket(fd),
+        )
+    }
+
+    fn io(&mut self) -> Pin<&mut T>
+    where
+        T: Unpin,
+    {
+        Pin::new(self.io.as_mut().expect("a stream until dropped"))
+    }
+}
+
+impl<T> Drop for Guarded<T> {
+    fn drop(&mut self) {
+        let mut fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
+        *fd = None;
+        // Closed under the lock: no handle uses the descriptor number after this.
+        drop(self.io.take());
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.get_mut().io().poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.get_mut().io().poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().io().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().io().poll_shutdown(cx)
     }
 }
 
