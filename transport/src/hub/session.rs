@@ -72,6 +72,8 @@ pub struct HubSession {
     session: Option<SessionId>,
     heartbeat: Heartbeat,
     heartbeat_timer: Option<SpawnHandle>,
+    /// Armed until the welcome (an idle connection keeps no timer it no longer needs).
+    hello_timer: Option<SpawnHandle>,
     handler: Option<Box<dyn ConnectionHandler>>,
     /// Bounds what this peer can make the hub log.
     peer_log: LogLimiter,
@@ -192,6 +194,7 @@ where
         client_id: None,
         session: None,
         heartbeat_timer: None,
+        hello_timer: None,
         handler: None,
         pipe,
         budget,
@@ -537,6 +540,9 @@ impl HubSession {
         self.client_id = Some(hello.client_id);
         self.session = Some(opened.session);
         self.phase = Phase::Open;
+        if let Some(timer) = self.hello_timer.take() {
+            ctx.cancel_future(timer);
+        }
         // Frames the client pipelined behind its hello, in order.
         self.early_bytes = 0;
         for frame in std::mem::take(&mut self.early) {
@@ -559,7 +565,8 @@ impl Actor for HubSession {
             .live_sessions()
             .insert(self.conn_id, ctx.address().recipient());
         let timeout = self.state.config.hello_timeout;
-        ctx.run_later(timeout, move |act, ctx| {
+        self.hello_timer = Some(ctx.run_later(timeout, move |act, ctx| {
+            act.hello_timer = None;
             if matches!(act.phase, Phase::AwaitingHello | Phase::Authenticating) {
                 metrics::counter!(telemetry::HUB_HANDSHAKES, "result" => "timeout").increment(1);
                 let error = TransportError::UnexpectedFrame {
@@ -568,7 +575,7 @@ impl Actor for HubSession {
                 };
                 act.fail(ctx, error, CloseCode::Policy);
             }
-        });
+        }));
         let first = self.state.config.heartbeat_interval;
         self.schedule_heartbeat(ctx, first);
     }
