@@ -214,13 +214,15 @@ pub fn peak_rate(samples: &[(Duration, usize)]) -> (f64, Duration) {
 /// [`HubHandle::connection_count`](tether_transport::hub::HubHandle::connection_count) every
 /// [`HUB_SAMPLE_INTERVAL`]. On the stdin command `peak` it prints
 /// `PEAK <connects-per-s> <window-start-ms> <max-connections> <first-at-max-ms>` (times since
-/// bind). Exits when stdin closes. Never returns.
+/// bind); on `heap`, `HEAP <bytes>` ([`heap_bytes`]); on `connections`, `CONNECTIONS <n>`. It
+/// serves TLS when `TETHER_HUB_TLS_CERT` and `TETHER_HUB_TLS_KEY` are set. Exits when stdin
+/// closes. Never returns.
 pub fn run_hub_role(bind: SocketAddr) -> ! {
     die_with_parent();
     let system = actix_rt::System::new();
     let result: Result<()> = system.block_on(async move {
         let channels = ChannelService::builder().build()?;
-        let config = HubConfig::builder()
+        let config = HubConfig::from_env()?
             .bind(bind)
             .handler(Arc::new(channels))
             .build()?;
@@ -248,6 +250,9 @@ pub fn run_hub_role(bind: SocketAddr) -> ! {
         stdin_command_loop(|command| {
             if command == "heap" {
                 println!("HEAP {}", heap_bytes());
+            }
+            if command == "connections" {
+                println!("CONNECTIONS {}", hub.connection_count());
             }
             if command == "peak" {
                 let samples = samples.borrow();

@@ -28,6 +28,7 @@ use tether_benches::multiproc::{
     self, child_heap_bytes, die_with_parent, free_loopback_addr, health_connections, heap_bytes,
     pace, raise_nofile_limit, spawn_hub, stdin_command_loop, vm_rss_kib, ChildProc, Result,
 };
+use tether_integration_tests::tls::TestCert;
 use tether_transport::{Transport, TransportConfig};
 use tokio::io::AsyncReadExt;
 
@@ -46,6 +47,12 @@ struct Args {
     /// Give up waiting for the connections after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// Also measure the hub serving TLS (`wss://`, a self-signed certificate the clients trust).
+    #[arg(long)]
+    tls: bool,
+    /// Internal: the CA file a TLS client helper trusts (it then connects with `wss://`).
+    #[arg(long, hide = true)]
+    tls_ca: Option<std::path::PathBuf>,
     /// Internal: the role of a helper process (`hub`, `tether-clients`, `tcp-server`,
     /// `tcp-clients`, `actix-ws-server`, `ws-clients`).
     #[arg(long, hide = true)]
@@ -84,6 +91,7 @@ fn main() -> ExitCode {
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Tether,
+    TetherTls,
     ActixWs,
     RawTcp,
 }
@@ -128,21 +136,25 @@ async fn run(args: &Args) -> Result<()> {
         let tether = measure(Kind::Tether, n, args).await?;
         let actix = measure(Kind::ActixWs, n, args).await?;
         let raw = measure(Kind::RawTcp, n, args).await?;
-        rows.push((n, tether, actix, raw));
+        let tls = match args.tls {
+            true => Some(measure(Kind::TetherTls, n, args).await?),
+            false => None,
+        };
+        rows.push((n, tether, actix, raw, tls));
     }
     println!();
     println!("RSS per connection in KiB (heap in use per connection in bytes)");
     println!(
-        " connections | tether KiB/conn (heap B) | target ≤ 8 KiB | bare actix-web WS KiB/conn (heap B) | raw TCP KiB/conn (heap B) | tether RSS before → after"
+        " connections | tether KiB/conn (heap B) | target ≤ 8 KiB | bare actix-web WS KiB/conn (heap B) | raw TCP KiB/conn (heap B) | tether RSS before → after | tether TLS KiB/conn (heap B)"
     );
     println!(
-        "-------------|--------------------------|----------------|-------------------------------------|---------------------------|--------------------------"
+        "-------------|--------------------------|----------------|-------------------------------------|---------------------------|---------------------------|-----------------------------"
     );
-    for (n, tether, actix, raw) in &rows {
+    for (n, tether, actix, raw, tls) in &rows {
         let per = tether.per_connection(*n);
         let verdict = if per <= TARGET_KIB { "met" } else { "MISSED" };
         println!(
-            "{n:>12} | {:>24} | {verdict:>14} | {:>35} | {:>25} | {:>7} KiB → {:>7} KiB",
+            "{n:>12} | {:>24} | {verdict:>14} | {:>35} | {:>25} | {:>7} KiB → {:>7} KiB | {:>28}",
             format!("{per:.2} ({:.0})", tether.heap_per_connection(*n)),
             format!(
                 "{:.2} ({:.0})",
@@ -156,6 +168,14 @@ async fn run(args: &Args) -> Result<()> {
             ),
             tether.before_kib,
             tether.after_kib,
+            match tls {
+                Some(tls) => format!(
+                    "{:.2} ({:.0})",
+                    tls.per_connection(*n),
+                    tls.heap_per_connection(*n)
+                ),
+                None => "-".to_owned(),
+            },
         );
     }
     Ok(())
@@ -164,8 +184,17 @@ async fn run(args: &Args) -> Result<()> {
 async fn measure(kind: Kind, n: usize, args: &Args) -> Result<Measurement> {
     let timeout = Duration::from_secs(args.timeout_secs);
     let bind = free_loopback_addr()?;
+    let tls_files = match kind {
+        Kind::TetherTls => {
+            let dir = std::env::temp_dir().join(format!("idle_memory-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            TestCert::localhost().write_to(&dir)?
+        }
+        _ => Default::default(),
+    };
     let (label, server_role, client_role) = match kind {
         Kind::Tether => ("tether hub", "hub", "tether-clients"),
+        Kind::TetherTls => ("tether hub over TLS", "hub", "tether-clients"),
         Kind::ActixWs => ("bare actix-web WS server", "actix-ws-server", "ws-clients"),
         Kind::RawTcp => ("raw TCP server", "tcp-server", "tcp-clients"),
     };
@@ -176,6 +205,15 @@ async fn measure(kind: Kind, n: usize, args: &Args) -> Result<Measurement> {
             // baseline.
             health_connections(bind).await?;
             hub
+        }
+        Kind::TetherTls => {
+            // The hub child reads its certificate from the environment it inherits.
+            std::env::set_var("TETHER_HUB_TLS_CERT", &tls_files.0);
+            std::env::set_var("TETHER_HUB_TLS_KEY", &tls_files.1);
+            let spawned = spawn_hub(bind).await;
+            std::env::remove_var("TETHER_HUB_TLS_CERT");
+            std::env::remove_var("TETHER_HUB_TLS_KEY");
+            spawned?.0
         }
         Kind::ActixWs | Kind::RawTcp => {
             let mut server = ChildProc::spawn(
@@ -193,10 +231,11 @@ async fn measure(kind: Kind, n: usize, args: &Args) -> Result<Measurement> {
     let before_kib = vm_rss_kib(pid)?;
     let heap_before = child_heap_bytes(&mut server).await?;
 
-    let clients = ChildProc::spawn(
-        client_role,
-        &role_args(client_role, bind, n, args.ramp_per_sec),
-    )?;
+    let mut client_args = role_args(client_role, bind, n, args.ramp_per_sec);
+    if kind == Kind::TetherTls {
+        client_args.extend(["--tls-ca".to_owned(), tls_files.0.display().to_string()]);
+    }
+    let clients = ChildProc::spawn(client_role, &client_args)?;
     let started = Instant::now();
     let mut seen = 0;
     while seen < n {
@@ -214,6 +253,14 @@ async fn measure(kind: Kind, n: usize, args: &Args) -> Result<Measurement> {
                     seen
                 }
             },
+            // Its /health is behind TLS: the hub child answers on stdin instead.
+            Kind::TetherTls => {
+                server.send("connections").await?;
+                let line = server
+                    .expect_line("CONNECTIONS ", Duration::from_secs(10))
+                    .await?;
+                line.parse()?
+            }
             Kind::ActixWs | Kind::RawTcp => {
                 let mut latest = seen;
                 while let Some(line) = server.try_line() {
@@ -273,14 +320,17 @@ fn tether_clients_role(bind: SocketAddr, args: &Args) -> Result<()> {
     die_with_parent();
     let (count, per_sec) = (args.count, args.ramp_per_sec);
     actix_rt::System::new().block_on(async move {
-        let url = format!("ws://{bind}/ws");
+        let scheme = if args.tls_ca.is_some() { "wss" } else { "ws" };
+        let url = format!("{scheme}://{bind}/ws");
         let mut transports = Vec::with_capacity(count);
         let started = Instant::now();
         for i in 0..count {
             pace(started, i, per_sec).await;
-            transports.push(Transport::start(
-                TransportConfig::builder(url.clone()).build()?,
-            ));
+            let mut config = TransportConfig::builder(url.clone());
+            if let Some(ca) = &args.tls_ca {
+                config = config.tls_ca_file(ca);
+            }
+            transports.push(Transport::start(config.build()?));
         }
         println!("STARTED {count}");
         stdin_command_loop(|_| {}).await;
