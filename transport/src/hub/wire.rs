@@ -903,7 +903,10 @@ mod tests {
             pipe.push(Message::Text(text.into()), 1);
         }
         let (_, two) = take(&mut body, 5);
-        assert_eq!(&two[..], b"\x81\x01a\x81\x01b\x81\x01c");
+        assert_eq!(&two[..], b"\x81\x01a\x81\x01b");
+        assert_eq!(budget.pending(), 1);
+        let (_, last) = take(&mut body, 5);
+        assert_eq!(&last[..], b"\x81\x01c");
         assert_eq!(budget.pending(), 0);
         pipe.finish();
         assert_eq!(take(&mut body, 1).0, Poll::Ready(Taken::Finished));
