@@ -662,7 +662,9 @@ async fn upgrade<T: HubIo>(
     let upgraded = refused.is_none();
     let response = match refused {
         Some(mut refusal) => {
-            refusal.head_mut().set_connection_type(ConnectionType::Close);
+            refusal
+                .head_mut()
+                .set_connection_type(ConnectionType::Close);
             (refusal.drop_body(), BodySize::Sized(0))
         }
         None => (
@@ -686,7 +688,12 @@ async fn upgrade<T: HubIo>(
     let (io, socket) = wire::Guarded::new(io, fd);
     let peer = req.peer_addr();
     let (read, write) = tokio::io::split(io);
-    let body = session::start(state, peer, Some(socket), wire::SocketReader::new(read, early));
+    let body = session::start(
+        state,
+        peer,
+        Some(socket),
+        wire::SocketReader::new(read, early),
+    );
     actix_rt::spawn(wire::Writer::new(body, write));
     Ok(())
 }

@@ -892,7 +892,9 @@ mod tests {
         assert_eq!(budget.pending(), 5);
         // Framed bytes the socket has not taken count as waiting.
         let t0 = Instant::now();
-        assert!(pipe.stalled_for(t0 + std::time::Duration::from_secs(1)) > std::time::Duration::ZERO);
+        assert!(
+            pipe.stalled_for(t0 + std::time::Duration::from_secs(1)) > std::time::Duration::ZERO
+        );
         body.wrote(true);
         pipe.clear();
         assert_eq!(budget.pending(), 0);
