@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tether_channels::hub::ChannelService;
-use tether_transport::hub::{Hub, HubConfig};
+use tether_transport::hub::{Hub, HubConfigBuilder};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
@@ -222,7 +222,7 @@ pub fn run_hub_role(bind: SocketAddr) -> ! {
     let system = actix_rt::System::new();
     let result: Result<()> = system.block_on(async move {
         let channels = ChannelService::builder().build()?;
-        let config = HubConfig::from_env()?
+        let config = HubConfigBuilder::from_env()?
             .bind(bind)
             .handler(Arc::new(channels))
             .build()?;
