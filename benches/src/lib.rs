@@ -100,8 +100,8 @@
 //!   250 reaches the 60 s probes).
 //!
 //! `idle_memory --conns 100000 --client-procs 8` spreads the connections over several hub
-//! processes (the hub holds two descriptors per connection, so ≤ 9,000 per hub process under
-//! the 20,000-file limit; each hub on its own 127.0.0.x address) and client processes, and
+//! processes (≤ 18,000 per hub process under the 20,000-file limit; each hub on its own
+//! 127.0.0.x address) and client processes, and
 //! reports RSS per connection per hub process, the time to connect, CPU, open files and the
 //! kernel's socket and slab memory.
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tether_channels::hub::ChannelService;
-use tether_transport::hub::{Hub, HubConfig};
+use tether_transport::hub::{Hub, HubConfigBuilder};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
@@ -214,13 +214,15 @@ pub fn peak_rate(samples: &[(Duration, usize)]) -> (f64, Duration) {
 /// [`HubHandle::connection_count`](tether_transport::hub::HubHandle::connection_count) every
 /// [`HUB_SAMPLE_INTERVAL`]. On the stdin command `peak` it prints
 /// `PEAK <connects-per-s> <window-start-ms> <max-connections> <first-at-max-ms>` (times since
-/// bind). Exits when stdin closes. Never returns.
+/// bind); on `heap`, `HEAP <bytes>` ([`heap_bytes`]); on `connections`, `CONNECTIONS <n>`. It
+/// serves TLS when `TETHER_HUB_TLS_CERT` and `TETHER_HUB_TLS_KEY` are set. Exits when stdin
+/// closes. Never returns.
 pub fn run_hub_role(bind: SocketAddr) -> ! {
     die_with_parent();
     let system = actix_rt::System::new();
     let result: Result<()> = system.block_on(async move {
         let channels = ChannelService::builder().build()?;
-        let config = HubConfig::builder()
+        let config = HubConfigBuilder::from_env()?
             .bind(bind)
             .handler(Arc::new(channels))
             .build()?;
@@ -246,6 +248,12 @@ pub fn run_hub_role(bind: SocketAddr) -> ! {
         };
 
         stdin_command_loop(|command| {
+            if command == "heap" {
+                println!("HEAP {}", heap_bytes());
+            }
+            if command == "connections" {
+                println!("CONNECTIONS {}", hub.connection_count());
+            }
             if command == "peak" {
                 let samples = samples.borrow();
                 let (rate, at) = peak_rate(&samples);
@@ -274,6 +282,23 @@ pub fn run_hub_role(bind: SocketAddr) -> ! {
             std::process::exit(1)
         }
     }
+}
+
+/// Bytes the allocator has handed out and not taken back, in every arena (glibc's
+/// `mallinfo2`: in-use chunks plus mmapped ones). Unlike RSS, it does not see pages the
+/// allocator keeps, nor stacks and code: what the program holds.
+pub fn heap_bytes() -> u64 {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let info = unsafe { libc::mallinfo2() };
+    (info.uordblks + info.hblkhd) as u64
+}
+
+/// Asks a child that answers `heap` (the hub child, the bare actix-web server) for its
+/// [`heap_bytes`].
+pub async fn child_heap_bytes(child: &mut ChildProc) -> Result<u64> {
+    child.send("heap").await?;
+    let line = child.expect_line("HEAP ", Duration::from_secs(10)).await?;
+    Ok(line.trim().parse()?)
 }
 
 /// Starts a hub child on `bind` and waits for it to listen; returns it with the wall-clock

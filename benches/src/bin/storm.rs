@@ -437,8 +437,8 @@ async fn run_one(n: usize, args: &Args) -> Result<Row> {
         peak.get(3).copied().unwrap_or(0.0)
     );
 
-    // The hub holds two descriptors per connection (the accepted socket and a duplicate):
-    // past about half the open-file limit it cannot accept everyone (nor /health, /metrics).
+    // The hub holds one descriptor per connection: near the open-file limit it cannot accept
+    // everyone (nor /health, /metrics).
     let hub_fds = std::fs::read_dir(format!("/proc/{hub_pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0);

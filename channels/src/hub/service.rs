@@ -931,13 +931,15 @@ mod tests {
         fn open(service: &ChannelService, conn_id: u64) -> Peer {
             let (tx, frames) = mpsc::unbounded_channel();
             let budget = std::sync::Arc::new(tether_transport::hub::OutboundBudget::new(1 << 30));
-            let (pipe, mut body) = tether_transport::hub::wire::OutboundPipe::new(budget.clone());
-            // The socket writer: every frame the channels send, decoded.
+            let (pipe, body) = tether_transport::hub::wire::OutboundPipe::new(budget.clone());
+            // The connection's writer, into an in-memory socket whose other end decodes every
+            // frame the channels send.
+            let (socket, mut peer) = tokio::io::duplex(1 << 20);
+            actix_rt::spawn(tether_transport::hub::wire::Writer::new(body, socket));
             actix_rt::spawn(async move {
-                use futures::StreamExt as _;
+                use tokio::io::AsyncReadExt as _;
                 let mut buf = bytes::BytesMut::new();
-                while let Some(Ok(chunk)) = body.next().await {
-                    buf.extend_from_slice(&chunk);
+                while peer.read_buf(&mut buf).await.is_ok_and(|n| n > 0) {
                     for text in split_frames(&mut buf) {
                         let _ = tx.send(Frame::decode_shared(&text, usize::MAX).unwrap());
                     }

@@ -1,6 +1,6 @@
 //! A connection's outbound byte budget: every byte queued for one client — live fan-out,
 //! acks, history replay and catch-up — is charged here from the moment it is handed to the
-//! connection until the HTTP dispatcher takes it for the socket.
+//! connection until the connection's writer takes it for the socket.
 //!
 //! * Live frames use [`OutboundBudget::try_charge`]: a connection that cannot take them is over
 //!   budget, a slow consumer, and is closed (it resumes from history when it returns).
@@ -23,7 +23,7 @@ pub type DrainWaker = Box<dyn FnOnce() + Send>;
 pub const DEFAULT_OUTBOUND_BUDGET: usize = 4 * 1024 * 1024;
 
 /// The byte budget shared by a connection's session actor, its outbox handles (on channel
-/// threads) and its response body (on the HTTP worker).
+/// threads) and its writer (on the HTTP worker).
 pub struct OutboundBudget {
     limit: usize,
     pending: AtomicUsize,

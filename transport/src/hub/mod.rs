@@ -14,6 +14,7 @@ pub mod sessions;
 pub mod wire;
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,11 @@ use std::time::Duration;
 use std::collections::HashMap;
 
 use actix::Recipient;
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_codec::Framed;
+use actix_http::TlsAcceptorConfig;
+use actix_service::boxed;
+use actix_web::{web, App, HttpRequest, HttpResponse};
+use bytes::Bytes;
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -498,59 +503,41 @@ pub struct Hub;
 impl Hub {
     /// Binds and starts the hub on the current actix system (call it from `#[actix::main]`,
     /// `#[actix_rt::test]` or an actix `System`). Returns once the socket is bound.
+    ///
+    /// The server is actix-server with actix-http's HTTP/1 service: plain requests (`/health`,
+    /// `/metrics`) go to an actix-web `App`; a WebSocket upgrade request is taken out of the
+    /// HTTP dispatcher (its 8 KiB read and write buffers go with it) and its socket is served by
+    /// the session and a [`wire::Writer`] with buffers that exist only while bytes move.
     pub fn start(config: HubConfig) -> Result<HubHandle, TransportError> {
         let state = Arc::new(HubState::new(config.clone()));
-        let data = web::Data::from(state.clone());
-        let ws_path = config.ws_path.clone();
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(data.clone())
-                .route(&ws_path, web::get().to(ws_route))
-                .route("/health", web::get().to(health_route))
-                .route("/metrics", web::get().to(metrics_route))
-        })
-        .workers(config.workers)
-        // Small frames (acks, messages) must not wait for Nagle and delayed ACKs.
-        .tcp_nodelay(true)
-        // A second handle on each connection's socket: a session resets a peer that stopped
-        // reading (the dispatcher, blocked in its write, cannot).
-        .on_connect(|conn, ext| {
-            type Tcp = actix_web::rt::net::TcpStream;
-            type Tls = actix_tls::accept::rustls_0_23::TlsStream<Tcp>;
-            let tcp = conn
-                .downcast_ref::<Tcp>()
-                .or_else(|| conn.downcast_ref::<Tls>().map(|tls| tls.get_ref().0));
-            if let Some(tcp) = tcp {
-                match wire::ConnSocket::new(tcp) {
-                    Ok(socket) => {
-                        ext.insert(socket);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot take a handle on a connection's socket")
-                    }
-                }
-            }
-        })
-        // The TCP connection ends right after the close handshake (the default lingers 1 s
-        // waiting for the peer to hang up first); the session bounds a peer that never reads.
-        .client_disconnect_timeout(Duration::ZERO)
-        .shutdown_timeout(1)
-        .disable_signals();
-        let server = match &config.tls {
-            Some(tls) => server.bind_rustls_0_23(config.bind, (**tls.rustls_config()).clone()),
-            None => server.bind(config.bind),
-        }
-        .map_err(|e| TransportError::HubStart {
+        let start_error = |e: std::io::Error| TransportError::HubStart {
             message: format!("bind {}: {e}", config.bind),
-        })?;
-        let addr = server
-            .addrs()
-            .first()
-            .copied()
-            .ok_or_else(|| TransportError::HubStart {
-                message: "no address bound".into(),
-            })?;
-        let server = server.run();
+        };
+        let listener = listen(config.bind).map_err(start_error)?;
+        let addr = listener.local_addr().map_err(start_error)?;
+        let builder = actix_server::Server::build()
+            .workers(config.workers)
+            .backlog(LISTEN_BACKLOG)
+            .shutdown_timeout(1)
+            .disable_signals();
+        let builder = match &config.tls {
+            Some(tls) => {
+                let rustls = (**tls.rustls_config()).clone();
+                let state = state.clone();
+                builder.listen("tether-hub-tls", listener, move || {
+                    http_service::<TlsStream>(state.clone())
+                        .rustls_0_23_with_config(rustls.clone(), TlsAcceptorConfig::default())
+                })
+            }
+            None => {
+                let state = state.clone();
+                builder.listen("tether-hub", listener, move || {
+                    http_service::<TcpStream>(state.clone()).tcp()
+                })
+            }
+        }
+        .map_err(start_error)?;
+        let server = builder.run();
         let handle = server.handle();
         actix_rt::spawn(server);
         tracing::info!(%addr, path = %config.ws_path, node_id = %config.node_id, tls = config.tls.is_some(), "hub listening");
@@ -560,6 +547,155 @@ impl Hub {
             state,
         })
     }
+}
+
+/// Pending connections the listening socket queues: 1,024 (actix-web's default).
+const LISTEN_BACKLOG: u32 = 1024;
+
+type TcpStream = actix_rt::net::TcpStream;
+type TlsStream = actix_tls::accept::rustls_0_23::TlsStream<TcpStream>;
+
+/// A connection's stream (plain TCP or TLS over it), with its TCP socket.
+trait HubIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl HubIo for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl HubIo for TlsStream {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// The listening socket, as actix-server makes it (address reuse, the backlog).
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG as i32)?;
+    Ok(socket.into())
+}
+
+/// The HTTP service of [`http_service`].
+type HubHttpService<T> = actix_http::HttpService<
+    T,
+    boxed::BoxServiceFactory<
+        (),
+        actix_http::Request,
+        actix_web::dev::ServiceResponse,
+        actix_http::Response<actix_web::body::BoxBody>,
+        (),
+    >,
+    actix_web::body::BoxBody,
+    actix_http::h1::ExpectHandler,
+    boxed::BoxServiceFactory<
+        (),
+        (actix_http::Request, Framed<T, actix_http::h1::Codec>),
+        (),
+        actix_http::Error,
+        (),
+    >,
+>;
+
+/// One worker's HTTP/1 service over connections of type `T`: upgrades to the WebSocket path go
+/// to [`upgrade`], everything else to the actix-web app.
+fn http_service<T: HubIo>(state: Arc<HubState>) -> HubHttpService<T> {
+    use actix_service::{IntoServiceFactory as _, ServiceFactoryExt as _};
+    let data = web::Data::from(state.clone());
+    let ws_path = state.config.ws_path.clone();
+    let app = App::new()
+        .app_data(data)
+        .route(&ws_path, web::get().to(ws_route))
+        .route("/health", web::get().to(health_route))
+        .route("/metrics", web::get().to(metrics_route))
+        .into_factory()
+        .map_err(|e: actix_web::Error| e.error_response().into());
+    let app = boxed::factory(actix_service::map_config(app, |()| {
+        actix_web::dev::AppConfig::default()
+    }));
+    let upgrades = boxed::factory(actix_service::fn_service(
+        move |(req, framed): (actix_http::Request, Framed<T, actix_http::h1::Codec>)| {
+            upgrade(state.clone(), req, framed)
+        },
+    ));
+    actix_http::HttpService::build()
+        // Small frames (acks, messages) must not wait for Nagle and delayed ACKs.
+        .tcp_nodelay(true)
+        // A plain request's connection ends right after the response.
+        .client_disconnect_timeout(Duration::ZERO)
+        .upgrade(upgrades)
+        .finish(app)
+}
+
+/// A WebSocket upgrade request, with its connection taken out of the HTTP dispatcher: answered
+/// (101, or why not), then its socket is served by a new session and a [`wire::Writer`]. The
+/// dispatcher's buffers are dropped; bytes the client sent behind its request are kept.
+async fn upgrade<T: HubIo>(
+    state: Arc<HubState>,
+    req: actix_http::Request,
+    mut framed: Framed<T, actix_http::h1::Codec>,
+) -> Result<(), actix_http::Error> {
+    use actix_http::body::BodySize;
+    use actix_http::{h1, ConnectionType, Method, Response, StatusCode};
+    use futures::SinkExt as _;
+
+    let refused = if req.path() != state.config.ws_path {
+        Some(Response::new(StatusCode::NOT_FOUND))
+    } else if req.method() != Method::GET {
+        Some(Response::new(StatusCode::METHOD_NOT_ALLOWED))
+    } else if state.shutting_down.load(Ordering::Relaxed) {
+        Some(Response::new(StatusCode::SERVICE_UNAVAILABLE))
+    } else {
+        actix_http::ws::verify_handshake(req.head())
+            .err()
+            .map(Response::from)
+    };
+    let upgraded = refused.is_none();
+    let response = match refused {
+        Some(mut refusal) => {
+            refusal
+                .head_mut()
+                .set_connection_type(ConnectionType::Close);
+            (refusal.drop_body(), BodySize::Sized(0))
+        }
+        None => (
+            actix_http::ws::handshake_response(req.head())
+                .finish()
+                .drop_body(),
+            BodySize::None,
+        ),
+    };
+    // A client that does not read its answer does not hold the worker.
+    let timeout = state.config.close_timeout;
+    let sent = tokio::time::timeout(timeout, framed.send(h1::Message::Item(response))).await;
+    if !matches!(sent, Ok(Ok(()))) || !upgraded {
+        let _ = tokio::time::timeout(timeout, framed.close()).await;
+        return Ok(());
+    }
+    let parts = framed.into_parts();
+    let early = Bytes::copy_from_slice(&parts.read_buf);
+    let io = parts.io;
+    let fd = io.tcp().as_raw_fd();
+    let (io, socket) = wire::Guarded::new(io, fd);
+    let peer = req.peer_addr();
+    let (read, write) = tokio::io::split(io);
+    let body = session::start(
+        state,
+        peer,
+        Some(socket),
+        wire::SocketReader::new(read, early),
+    );
+    actix_rt::spawn(wire::Writer::new(body, write));
+    Ok(())
 }
 
 /// A running hub.
@@ -635,15 +771,15 @@ impl HubHandle {
     }
 }
 
-async fn ws_route(
-    req: HttpRequest,
-    stream: web::Payload,
-    state: web::Data<HubState>,
-) -> Result<HttpResponse, actix_web::Error> {
+/// The WebSocket path without an upgrade (upgrades never reach the app: see [`upgrade`]).
+async fn ws_route(req: HttpRequest, state: web::Data<HubState>) -> HttpResponse {
     if state.shutting_down.load(Ordering::Relaxed) {
-        return Ok(HttpResponse::ServiceUnavailable().finish());
+        return HttpResponse::ServiceUnavailable().finish();
     }
-    session::start(state.into_inner(), &req, stream)
+    match actix_http::ws::verify_handshake(req.head()) {
+        Err(e) => actix_http::Response::from(e).into(),
+        Ok(()) => HttpResponse::BadRequest().finish(),
+    }
 }
 
 async fn health_route(state: web::Data<HubState>) -> HttpResponse {

@@ -16,8 +16,6 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use actix_http::ws::{CloseCode, CloseReason, Frame as WsFrame, Message as WsMessage};
-use actix_web::body::MessageBody as _;
-use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use std::time::Duration;
 
@@ -26,7 +24,9 @@ use tokio::time::Instant;
 use super::auth::{AuthRejection, Identity};
 use super::budget::OutboundBudget;
 use super::handler::{ConnInfo, ConnectionHandler, FrameRejection, Kick, SessionOutbox, Wire};
-use super::wire::{ConnSocket, Inbound, InboundError, InboundGate, OutboundPipe, Outgoing};
+use super::wire::{
+    ConnSocket, Inbound, InboundError, InboundGate, OutboundPipe, Outgoing, PipeBody,
+};
 use super::HubState;
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
@@ -50,7 +50,7 @@ pub struct ShutDown {
     pub retry: RetryWindow,
 }
 
-/// The response body went away (the connection is closed).
+/// The connection's writer is gone (the connection is closed).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 struct Gone;
@@ -79,6 +79,8 @@ pub struct HubSession {
     session: Option<SessionId>,
     heartbeat: Heartbeat,
     heartbeat_timer: Option<SpawnHandle>,
+    /// Armed until the welcome (an idle connection keeps no timer it no longer needs).
+    hello_timer: Option<SpawnHandle>,
     handler: Option<Box<dyn ConnectionHandler>>,
     /// Bounds what this peer can make the hub log.
     peer_log: LogLimiter,
@@ -164,23 +166,26 @@ pub fn excerpt(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(format!("{}… ({} bytes)", &text[..end], text.len()))
 }
 
-/// Upgrades `req` to a WebSocket served by a new [`HubSession`].
-pub(crate) fn start(
+/// Serves an upgraded WebSocket connection with a new [`HubSession`]: `incoming` is what the
+/// socket reads (frames are decoded from it by an [`Inbound`]); the returned [`PipeBody`] is
+/// what the connection's [`super::wire::Writer`] sends.
+pub(crate) fn start<S, E>(
     state: Arc<HubState>,
-    req: &HttpRequest,
-    stream: web::Payload,
-) -> Result<HttpResponse, actix_web::Error> {
-    let mut response = actix_http::ws::handshake(req.head())?;
+    peer: Option<std::net::SocketAddr>,
+    socket: Option<ConnSocket>,
+    incoming: S,
+) -> PipeBody
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Unpin + 'static,
+    E: std::fmt::Display + 'static,
+{
     let max = state.config.max_frame_size;
     let budget = Arc::new(OutboundBudget::new(state.config.outbound_budget));
     let (pipe, body) = OutboundPipe::new(budget.clone());
-    let response: HttpResponse = response
-        .message_body(actix_web::body::BodyStream::new(body).boxed())?
-        .into();
     let conn_id = state.connection_opened();
-    let peer = req.peer_addr();
     let span =
         tracing::info_span!("hub_session", conn_id, peer = ?peer, session = tracing::field::Empty);
+    let inbound = Inbound::new(incoming, max);
     let session = HubSession {
         peer_log: LogLimiter::new(LOG_LINES_PER_WINDOW, LOG_WINDOW),
         early: Vec::new(),
@@ -197,25 +202,21 @@ pub(crate) fn start(
         client_id: None,
         session: None,
         heartbeat_timer: None,
+        hello_timer: None,
         handler: None,
         pipe,
         budget,
-        socket: req.conn_data::<ConnSocket>().cloned(),
+        socket,
         stall_timer: None,
         peer_closed: false,
-        gate: InboundGate::default(),
-        span,
-    };
-    let inbound = Inbound::new(stream, max);
-    let session = HubSession {
         gate: inbound.gate(),
-        ..session
+        span,
     };
     HubSession::create(move |ctx| {
         ctx.add_stream(inbound);
         session
     });
-    Ok(response)
+    body
 }
 
 impl HubSession {
@@ -622,6 +623,9 @@ impl HubSession {
         self.client_id = Some(hello.client_id);
         self.session = Some(opened.session);
         self.phase = Phase::Open;
+        if let Some(timer) = self.hello_timer.take() {
+            ctx.cancel_future(timer);
+        }
         // Frames the client pipelined behind its hello, in order.
         self.early_bytes = 0;
         for frame in std::mem::take(&mut self.early) {
@@ -647,7 +651,8 @@ impl Actor for HubSession {
             .live_sessions()
             .insert(self.conn_id, ctx.address().recipient());
         let timeout = self.state.config.hello_timeout;
-        ctx.run_later(timeout, move |act, ctx| {
+        self.hello_timer = Some(ctx.run_later(timeout, move |act, ctx| {
+            act.hello_timer = None;
             if matches!(act.phase, Phase::AwaitingHello | Phase::Authenticating) {
                 metrics::counter!(telemetry::HUB_HANDSHAKES, "result" => "timeout").increment(1);
                 let error = TransportError::UnexpectedFrame {
@@ -656,7 +661,7 @@ impl Actor for HubSession {
                 };
                 act.fail(ctx, error, CloseCode::Policy);
             }
-        });
+        }));
         let first = self.state.config.heartbeat_interval;
         self.schedule_heartbeat(ctx, first);
     }

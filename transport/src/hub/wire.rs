@@ -1,21 +1,27 @@
-//! The hub's WebSocket I/O under each session actor, on actix-http's WebSocket codec.
+//! The hub's WebSocket I/O under each session actor, on actix-http's WebSocket codec, once the
+//! connection has left actix-http's HTTP dispatcher (see `Hub::start`).
 //!
 //! The session actor is driven by its own mailbox and timers, never by the socket: what
 //! actix-web-actors could not do (its context is polled by the response body, so a peer that
-//! stops reading froze the actor, its kick and its idle timer). Three pieces:
+//! stops reading froze the actor, its kick and its idle timer). The pieces:
 //!
 //! * [`FrameGuard`] reads every WebSocket frame *header* as the bytes arrive and refuses a frame
 //!   whose declared length exceeds the limit before its payload is buffered (actix-http's codec
 //!   checks only once the whole frame is in memory). A connection sending one costs at most the
 //!   frame limit plus one read.
-//! * [`Inbound`] turns the request payload into frames through the guard and the codec.
-//! * [`OutboundPipe`] is the response body: a queue of encoded frames charged to the
-//!   connection's [`OutboundBudget`] until the HTTP dispatcher takes them for the socket, with
-//!   a record of when the writer last made progress.
+//! * [`SocketReader`] reads the socket into a buffer on the stack, and [`Inbound`] turns those
+//!   bytes into frames through the guard and the codec; neither keeps a buffer while the
+//!   connection is idle.
+//! * [`OutboundPipe`] is a queue of frames charged to the connection's [`OutboundBudget`] until
+//!   the [`Writer`] takes them (framing them then, into a buffer that exists only while there is
+//!   something to write), with a record of when the writer last made progress.
 //!
-//! [`ConnSocket`] is a second handle on the connection's TCP socket, taken when it is
-//! accepted: it lets the session end a connection whose peer never reads again (a reset, at
-//! the TCP level, which the dispatcher blocked in a write cannot do) and shut one down right
+//! Memory of an idle connection is thus a few small structures (session, pipe, budget, the
+//! actor's mailbox and timers); no I/O buffer.
+//!
+//! [`ConnSocket`] is a handle on the connection's TCP socket (through the [`Guarded`] stream
+//! that owns it, without a descriptor of its own), taken when it is upgraded: it lets the session end a connection whose peer never reads again (a reset, at
+//! the TCP level, which a writer blocked in a write cannot do) and shut one down right
 //! after the close handshake.
 
 use std::collections::VecDeque;
@@ -25,8 +31,9 @@ use std::task::{Context, Poll, Waker};
 
 use actix_codec::{Decoder, Encoder};
 use actix_http::ws::{Codec, Frame, Message, ProtocolError};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::budget::OutboundBudget;
@@ -267,6 +274,11 @@ where
                 this.buf.clear();
                 return Poll::Ready(None);
             }
+            if this.buf.is_empty() && this.buf.capacity() > 0 {
+                // Everything read was served: an idle connection keeps no read buffer (the
+                // frames handed out hold their own bytes).
+                this.buf = BytesMut::new();
+            }
             match Pin::new(&mut this.payload).poll_next(cx) {
                 Poll::Ready(Some(Ok(bytes))) => {
                     if let Err(over) = this.guard.feed(&bytes) {
@@ -302,7 +314,7 @@ pub enum Outgoing {
     /// The JSON text of one v1 frame, already encoded (it goes out as one text frame).
     Text(Bytes),
     /// One or more v2 records. Records queued next to each other go out in one binary frame
-    /// (up to the pipe's batch size): whatever is ready when the writer can take it.
+    /// (up to [`MAX_BATCH`] bytes): whatever is ready when the writer can take it.
     Records(Bytes),
 }
 
@@ -315,32 +327,34 @@ impl Outgoing {
 /// Called (once per arming) when a frame is queued while no write-stall watch is armed.
 pub type StallArm = Arc<dyn Fn() + Send + Sync>;
 
-/// Default largest v2 binary frame the pipe builds from queued records, and the most it hands
-/// the writer at once: 64 KiB.
-pub const DEFAULT_MAX_BATCH: usize = 64 * 1024;
+/// Largest v2 binary frame the writer builds from queued records: 64 KiB (a larger record
+/// goes alone).
+pub const MAX_BATCH: usize = 64 * 1024;
 
 struct PipeState {
-    /// Frames with what each was charged.
+    /// Frames not yet taken by the writer, with what each was charged; framed when taken.
     frames: VecDeque<(Outgoing, usize)>,
-    /// No more frames: the body ends once the queue is empty.
-    finished: bool,
     /// A close frame is queued: nothing may follow it on the wire.
     closing: bool,
-    /// The dispatcher dropped the body: the connection is gone.
-    gone: bool,
-    waker: Option<Waker>,
-    /// When the writer last took a frame (or the queue was last empty).
-    last_progress: Instant,
-    /// Called once when the body is dropped.
-    on_gone: Option<Box<dyn FnOnce() + Send>>,
     /// Whether somebody watches for a stalled writer (see [`OutboundPipe::disarm_if_idle`]).
     stall_armed: bool,
     on_stall_arm: Option<StallArm>,
+    /// The writer holds framed bytes the socket has not taken yet.
+    writing: bool,
+    /// No more frames: the writer ends once the queue is empty.
+    finished: bool,
+    /// The writer is gone: the connection is closed.
+    gone: bool,
+    waker: Option<Waker>,
+    /// When the writer last made progress (took frames, or the socket took bytes), or the queue
+    /// last became non-empty.
+    last_progress: Instant,
+    /// Called once when the writer is gone.
+    on_gone: Option<Box<dyn FnOnce() + Send>>,
 }
 
-/// The sending half of a connection: frames go in here (from the session, or straight from
-/// channel threads through the connection's outbox), the [`PipeBody`] hands them to the HTTP
-/// dispatcher as it can write them, framed and batched when taken.
+/// The sending half of a connection: frames go in here, the [`PipeBody`] hands them, framed,
+/// to the connection's writer as the socket takes them.
 #[derive(Clone)]
 pub struct OutboundPipe {
     state: Arc<Mutex<PipeState>>,
@@ -349,24 +363,19 @@ pub struct OutboundPipe {
 }
 
 impl OutboundPipe {
-    /// A pipe charging `budget`, with its body (the WebSocket response's body), batching v2
-    /// records into frames of up to [`DEFAULT_MAX_BATCH`] bytes.
+    /// A pipe charging `budget`, with its receiving half (driven by [`Writer`]).
     pub fn new(budget: Arc<OutboundBudget>) -> (OutboundPipe, PipeBody) {
-        Self::with_batch(budget, DEFAULT_MAX_BATCH)
-    }
-
-    /// [`OutboundPipe::new`] with v2 frames of up to `max_batch` bytes.
-    pub fn with_batch(budget: Arc<OutboundBudget>, max_batch: usize) -> (OutboundPipe, PipeBody) {
         let state = Arc::new(Mutex::new(PipeState {
             frames: VecDeque::new(),
-            finished: false,
             closing: false,
+            stall_armed: false,
+            on_stall_arm: None,
+            writing: false,
+            finished: false,
             gone: false,
             waker: None,
             last_progress: Instant::now(),
             on_gone: None,
-            stall_armed: false,
-            on_stall_arm: None,
         }));
         let gone = Arc::new(tokio::sync::Notify::new());
         (
@@ -379,7 +388,7 @@ impl OutboundPipe {
                 state,
                 budget,
                 gone,
-                max_batch: max_batch.max(1),
+                codec: Codec::new(),
             },
         )
     }
@@ -388,7 +397,7 @@ impl OutboundPipe {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `f` runs once the dispatcher has dropped the body (the connection is gone).
+    /// `f` runs once the writer is gone (the connection is closed).
     pub fn on_gone(&self, f: impl FnOnce() + Send + 'static) {
         let mut state = self.lock();
         if state.gone {
@@ -409,7 +418,7 @@ impl OutboundPipe {
     /// again), `false` when frames still wait (keep watching).
     pub fn disarm_if_idle(&self) -> bool {
         let mut state = self.lock();
-        if state.frames.is_empty() {
+        if state.frames.is_empty() && !state.writing {
             state.stall_armed = false;
             true
         } else {
@@ -417,13 +426,15 @@ impl OutboundPipe {
         }
     }
 
-    /// Queues a WebSocket message, already charged `charged` bytes to the budget.
+    /// Queues `message`, already charged `charged` bytes to the budget; it is framed when the
+    /// writer takes it.
     pub fn push(&self, message: Message, charged: usize) {
         self.push_item(Outgoing::Message(message), charged);
     }
 
-    /// Queues `item`, already charged `charged` bytes to the budget. Dropped (and released)
-    /// when the pipe is finished, closing (a close frame went in before it) or gone.
+    /// Queues `item`, already charged `charged` bytes to the budget; it is framed when the
+    /// writer takes it. Dropped (and released) when the pipe is finished, closing (a close
+    /// frame went in before it) or the connection gone.
     pub fn push_item(&self, item: Outgoing, charged: usize) {
         let mut state = self.lock();
         if state.finished || state.gone || state.closing {
@@ -431,7 +442,7 @@ impl OutboundPipe {
             self.budget.release(charged);
             return;
         }
-        if state.frames.is_empty() {
+        if state.frames.is_empty() && !state.writing {
             state.last_progress = Instant::now();
         }
         if item.is_close() {
@@ -458,12 +469,14 @@ impl OutboundPipe {
         let dropped: usize = {
             let mut state = self.lock();
             state.last_progress = Instant::now();
-            state.frames.drain(..).map(|(_, charged)| charged).sum()
+            let dropped = state.frames.drain(..).map(|(_, charged)| charged).sum();
+            state.frames = VecDeque::new();
+            dropped
         };
         self.budget.release(dropped);
     }
 
-    /// No more frames: the body ends once what is queued has been taken.
+    /// No more frames: the writer ends once what is queued has been written.
     pub fn finish(&self) {
         let mut state = self.lock();
         state.finished = true;
@@ -472,12 +485,12 @@ impl OutboundPipe {
         }
     }
 
-    /// Whether the dispatcher dropped the body.
+    /// Whether the writer is gone.
     pub fn is_gone(&self) -> bool {
         self.lock().gone
     }
 
-    /// Resolves once the dispatcher has dropped the body.
+    /// Resolves once the writer is gone.
     pub async fn gone(&self) {
         let notified = self.gone.notified();
         tokio::pin!(notified);
@@ -488,10 +501,11 @@ impl OutboundPipe {
         notified.await;
     }
 
-    /// How long frames have waited with no progress by the writer (zero when none wait).
+    /// How long frames (queued, or framed and not yet taken by the socket) have waited with no
+    /// progress by the writer (zero when none wait).
     pub fn stalled_for(&self, now: Instant) -> std::time::Duration {
         let state = self.lock();
-        if state.frames.is_empty() {
+        if state.frames.is_empty() && !state.writing {
             std::time::Duration::ZERO
         } else {
             now.saturating_duration_since(state.last_progress)
@@ -499,12 +513,121 @@ impl OutboundPipe {
     }
 }
 
-/// The WebSocket response body over an [`OutboundPipe`].
+/// What [`PipeBody::poll_take`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Frames were framed into the buffer.
+    Frames,
+    /// Nothing is queued and nothing more will be: the pipe is finished.
+    Finished,
+}
+
+/// The receiving half of an [`OutboundPipe`]: frames leave the queue here, framed (the budget
+/// is released as they are taken). Dropping it marks the connection gone.
 pub struct PipeBody {
     state: Arc<Mutex<PipeState>>,
     budget: Arc<OutboundBudget>,
     gone: Arc<tokio::sync::Notify>,
-    max_batch: usize,
+    codec: Codec,
+}
+
+impl PipeBody {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PipeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes queued frames, framing them into `buf`, until it holds at least `want` bytes or the
+    /// queue is empty. `Pending` (the waker kept) when nothing is queued and the pipe is not
+    /// finished.
+    pub fn poll_take(&mut self, cx: &Context<'_>, buf: &mut BytesMut, want: usize) -> Poll<Taken> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut taken = false;
+        let mut released = 0;
+        while buf.len() < want {
+            let Some((item, charged)) = state.frames.pop_front() else {
+                break;
+            };
+            released += charged;
+            taken = true;
+            match item {
+                // A message the codec refuses (a close reason over the control frame limit) is
+                // dropped; nothing else can fail.
+                Outgoing::Message(message) => {
+                    let _ = self.codec.encode(message, buf);
+                }
+                Outgoing::Text(text) => {
+                    buf.reserve(10 + text.len());
+                    put_header(buf, OP_TEXT, text.len());
+                    buf.extend_from_slice(&text);
+                }
+                Outgoing::Records(first) => {
+                    // Records queued next to each other share one binary frame.
+                    let mut len = first.len();
+                    let mut count = 1;
+                    for (next, _) in state.frames.iter() {
+                        match next {
+                            Outgoing::Records(r) if len + r.len() <= MAX_BATCH => {
+                                len += r.len();
+                                count += 1;
+                            }
+                            _ => break,
+                        }
+                    }
+                    buf.reserve(10 + len);
+                    put_header(buf, OP_BINARY, len);
+                    buf.extend_from_slice(&first);
+                    for _ in 1..count {
+                        if let Some((Outgoing::Records(r), charged)) = state.frames.pop_front() {
+                            released += charged;
+                            buf.extend_from_slice(&r);
+                        }
+                    }
+                }
+            }
+        }
+        if taken {
+            state.last_progress = Instant::now();
+            state.writing = !buf.is_empty();
+            if state.frames.is_empty() {
+                // Release a burst's queue: an idle connection holds no capacity.
+                state.frames = VecDeque::new();
+            }
+            drop(state);
+            self.budget.release(released);
+            return Poll::Ready(Taken::Frames);
+        }
+        if state.finished {
+            return Poll::Ready(Taken::Finished);
+        }
+        state.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// The socket took bytes (`done`: all of them the writer held).
+    pub fn wrote(&mut self, done: bool) {
+        let mut state = self.lock();
+        state.last_progress = Instant::now();
+        state.writing = !done;
+    }
+}
+
+impl Drop for PipeBody {
+    fn drop(&mut self) {
+        let (dropped, on_gone) = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.gone = true;
+            state.writing = false;
+            let dropped: usize = state.frames.drain(..).map(|(_, charged)| charged).sum();
+            state.frames = VecDeque::new();
+            (dropped, state.on_gone.take())
+        };
+        self.budget.release(dropped);
+        self.budget.close();
+        self.gone.notify_waiters();
+        if let Some(f) = on_gone {
+            f();
+        }
+    }
 }
 
 /// Appends the header of an unmasked, final server frame (RFC 6455 §5.2).
@@ -527,118 +650,226 @@ fn put_header(buf: &mut BytesMut, opcode: u8, len: usize) {
 const OP_TEXT: u8 = 0x1;
 const OP_BINARY: u8 = 0x2;
 
-impl PipeBody {
-    /// Frames what is queued into one chunk for the writer: each text frame and message as
-    /// it is, runs of v2 records as one binary frame of up to `max_batch` bytes; stops once the
-    /// chunk holds `max_batch` bytes.
-    fn take_chunk(&self, state: &mut PipeState) -> (BytesMut, usize) {
-        let mut chunk = BytesMut::new();
-        let mut released = 0;
-        let mut codec = Codec::new();
-        while chunk.len() < self.max_batch {
-            let Some((item, charged)) = state.frames.pop_front() else {
-                break;
-            };
-            released += charged;
-            match item {
-                Outgoing::Message(message) => {
-                    // Control frames and hand-built messages: the codec cannot fail on them.
-                    let _ = codec.encode(message, &mut chunk);
-                }
-                Outgoing::Text(text) => {
-                    chunk.reserve(10 + text.len());
-                    put_header(&mut chunk, OP_TEXT, text.len());
-                    chunk.extend_from_slice(&text);
-                }
-                Outgoing::Records(first) => {
-                    let mut len = first.len();
-                    let mut count = 1;
-                    for (next, _) in state.frames.iter() {
-                        match next {
-                            Outgoing::Records(r) if len + r.len() <= self.max_batch => {
-                                len += r.len();
-                                count += 1;
-                            }
-                            _ => break,
-                        }
-                    }
-                    chunk.reserve(10 + len);
-                    put_header(&mut chunk, OP_BINARY, len);
-                    chunk.extend_from_slice(&first);
-                    for _ in 1..count {
-                        if let Some((Outgoing::Records(r), charged)) = state.frames.pop_front() {
-                            released += charged;
-                            chunk.extend_from_slice(&r);
-                        }
-                    }
+/// Bytes the writer frames ahead of the socket: 32 KiB (one frame more when one is larger).
+pub const WRITE_CHUNK: usize = 32 * 1024;
+
+/// Bytes read from the socket at a time, into a buffer on the stack: 8 KiB. What is read is
+/// copied out at its size; nothing is allocated while the connection is idle.
+pub const READ_CHUNK: usize = 8 * 1024;
+
+/// The task writing one connection: takes frames from its [`PipeBody`], frames them into a
+/// buffer that exists only while there is something to write, and writes them to the socket.
+/// Once the pipe is finished and everything is written it shuts the stream down (a TLS
+/// close_notify, then the TCP FIN) and ends; the connection is gone when it ends, whichever
+/// way (a write error, the peer reset, or the task dropped with its worker).
+pub struct Writer<W> {
+    body: PipeBody,
+    io: W,
+    buf: BytesMut,
+    /// Written since the last flush.
+    unflushed: bool,
+    /// The pipe is finished: shut down once written.
+    ending: bool,
+}
+
+impl<W> Writer<W> {
+    /// The writer of `body` to `io`.
+    pub fn new(body: PipeBody, io: W) -> Self {
+        Writer {
+            body,
+            io,
+            buf: BytesMut::new(),
+            unflushed: false,
+            ending: false,
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> std::future::Future for Writer<W> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            let mut waiting = false;
+            if !this.ending && this.buf.len() < WRITE_CHUNK {
+                match this.body.poll_take(cx, &mut this.buf, WRITE_CHUNK) {
+                    Poll::Ready(Taken::Frames) => {}
+                    Poll::Ready(Taken::Finished) => this.ending = true,
+                    Poll::Pending => waiting = true,
                 }
             }
+            if !this.buf.is_empty() {
+                match Pin::new(&mut this.io).poll_write(cx, &this.buf) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Ready(Ok(n)) => {
+                        this.unflushed = true;
+                        this.buf.advance(n);
+                        let done = this.buf.is_empty();
+                        if done {
+                            // Idle again: the buffer goes.
+                            this.buf = BytesMut::new();
+                        }
+                        this.body.wrote(done);
+                        continue;
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if this.unflushed {
+                match Pin::new(&mut this.io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => this.unflushed = false,
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if this.ending {
+                return Pin::new(&mut this.io).poll_shutdown(cx).map(|_| ());
+            }
+            if waiting {
+                return Poll::Pending;
+            }
         }
-        (chunk, released)
     }
 }
 
-impl Stream for PipeBody {
-    type Item = Result<Bytes, actix_web::Error>;
+/// The bytes of a connection's socket as a stream, read [`READ_CHUNK`] at a time into a buffer
+/// on the stack and copied out at their size: an idle connection holds no read buffer. Bytes
+/// that arrived with the HTTP upgrade request come first.
+pub struct SocketReader<R> {
+    io: R,
+    early: Option<Bytes>,
+}
+
+impl<R> SocketReader<R> {
+    /// The bytes of `io`, after `early`.
+    pub fn new(io: R, early: Bytes) -> Self {
+        SocketReader {
+            io,
+            early: (!early.is_empty()).then_some(early),
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> Stream for SocketReader<R> {
+    type Item = std::io::Result<Bytes>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if !state.frames.is_empty() {
-            let (chunk, released) = self.take_chunk(&mut state);
-            state.last_progress = Instant::now();
-            drop(state);
-            self.budget.release(released);
-            return Poll::Ready(Some(Ok(chunk.freeze())));
+        let this = self.get_mut();
+        if let Some(early) = this.early.take() {
+            return Poll::Ready(Some(Ok(early)));
         }
-        if state.finished {
-            Poll::Ready(None)
-        } else {
-            state.waker = Some(cx.waker().clone());
-            Poll::Pending
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut read = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut this.io).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) if read.filled().is_empty() => Poll::Ready(None),
+            Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(Bytes::copy_from_slice(read.filled())))),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
 
-impl Drop for PipeBody {
-    fn drop(&mut self) {
-        let (dropped, on_gone) = {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.gone = true;
-            let dropped: usize = state.frames.drain(..).map(|(_, charged)| charged).sum();
-            (dropped, state.on_gone.take())
-        };
-        self.budget.release(dropped);
-        self.budget.close();
-        self.gone.notify_waiters();
-        if let Some(f) = on_gone {
-            f();
-        }
-    }
-}
-
-/// A second handle on a connection's TCP socket (a duplicated descriptor, so it can never
-/// reach another connection's socket), taken when the connection is accepted.
+/// A handle on a connection's TCP socket, for the session to reset a peer that never reads
+/// (or shut the connection down). It holds no descriptor of its own (a duplicate would double
+/// the hub's open files): it reaches the socket through the [`Guarded`] stream that owns it,
+/// and does nothing once that stream is dropped, so it can never reach a later connection that
+/// was given the same descriptor number.
 #[derive(Debug, Clone)]
-pub struct ConnSocket(Arc<socket2::Socket>);
+pub struct ConnSocket(Arc<Mutex<Option<std::os::fd::RawFd>>>);
 
 impl ConnSocket {
-    /// A handle on the socket of `stream`.
-    pub fn new(stream: &impl std::os::fd::AsFd) -> std::io::Result<Self> {
-        let dup = stream.as_fd().try_clone_to_owned()?;
-        Ok(ConnSocket(Arc::new(socket2::Socket::from(dup))))
+    fn with_socket(&self, f: impl FnOnce(socket2::SockRef<'_>)) {
+        let fd = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fd) = *fd {
+            // SAFETY: the descriptor is open while the lock is held: the stream owning it
+            // clears it under this lock before it is closed (`Guarded::drop`).
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            f(socket2::SockRef::from(&borrowed));
+        }
     }
 
     /// Shuts the connection down in both directions (after the close handshake: nothing more
     /// is to be said; what was written still goes out first).
     pub fn shutdown(&self) {
-        let _ = self.0.shutdown(std::net::Shutdown::Both);
+        self.with_socket(|socket| {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        });
     }
 
     /// Resets the connection at once, discarding what the peer never read: for a peer that
     /// stopped reading, whose writes no close frame can get past.
     pub fn abort(&self) {
-        let _ = self.0.set_linger(Some(std::time::Duration::ZERO));
-        let _ = self.0.shutdown(std::net::Shutdown::Both);
+        self.with_socket(|socket| {
+            let _ = socket.set_linger(Some(std::time::Duration::ZERO));
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        });
+    }
+}
+
+/// A connection's stream (plain TCP, or TLS over it) that lends its socket to a
+/// [`ConnSocket`]; reads and writes go straight through.
+pub struct Guarded<T> {
+    io: Option<T>,
+    fd: Arc<Mutex<Option<std::os::fd::RawFd>>>,
+}
+
+impl<T> Guarded<T> {
+    /// `io`, whose TCP socket is `socket` (a descriptor `io` owns), with the handle on that
+    /// socket.
+    pub fn new(io: T, socket: std::os::fd::RawFd) -> (Self, ConnSocket) {
+        let fd = Arc::new(Mutex::new(Some(socket)));
+        (
+            Guarded {
+                io: Some(io),
+                fd: fd.clone(),
+            },
+            ConnSocket(fd),
+        )
+    }
+
+    fn io(&mut self) -> Pin<&mut T>
+    where
+        T: Unpin,
+    {
+        Pin::new(self.io.as_mut().expect("a stream until dropped"))
+    }
+}
+
+impl<T> Drop for Guarded<T> {
+    fn drop(&mut self) {
+        let mut fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
+        *fd = None;
+        // Closed under the lock: no handle uses the descriptor number after this.
+        drop(self.io.take());
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.get_mut().io().poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.get_mut().io().poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().io().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().io().poll_shutdown(cx)
     }
 }
 
@@ -761,26 +992,49 @@ mod tests {
         assert!(inbound.next().await.is_none());
     }
 
-    #[tokio::test]
-    async fn the_pipe_releases_the_budget_as_the_writer_takes_frames() {
-        use futures::StreamExt;
+    fn take(body: &mut PipeBody, want: usize) -> (Poll<Taken>, BytesMut) {
+        let mut buf = BytesMut::new();
+        let waker = futures::task::noop_waker();
+        let poll = body.poll_take(&Context::from_waker(&waker), &mut buf, want);
+        (poll, buf)
+    }
+
+    #[test]
+    fn the_pipe_frames_at_take_time_and_releases_the_budget_then() {
         let budget = Arc::new(OutboundBudget::new(1000));
         let (pipe, mut body) = OutboundPipe::new(budget.clone());
+        assert_eq!(take(&mut body, 1).0, Poll::Pending);
         assert!(budget.try_charge(5));
-        pipe.push_item(Outgoing::Text(Bytes::from_static(b"hello")), 5);
+        pipe.push(Message::Text("hello".into()), 5);
         assert!(budget.try_charge(5));
-        pipe.push_item(Outgoing::Text(Bytes::from_static(b"world")), 5);
+        pipe.push(Message::Text("world".into()), 5);
         assert_eq!(budget.pending(), 10);
-        // Whatever is queued goes to the writer as one chunk: two text frames.
-        let chunk = body.next().await.unwrap().unwrap();
-        assert_eq!(&chunk[..], b"\x81\x05hello\x81\x05world");
-        assert_eq!(budget.pending(), 0);
-        assert!(budget.try_charge(3));
-        pipe.push_item(Outgoing::Text(Bytes::from_static(b"abc")), 3);
+        let (poll, first) = take(&mut body, 1);
+        assert_eq!(poll, Poll::Ready(Taken::Frames));
+        assert_eq!(&first[..], b"\x81\x05hello");
+        assert_eq!(budget.pending(), 5);
+        // Framed bytes the socket has not taken count as waiting.
+        let t0 = Instant::now();
+        assert!(
+            pipe.stalled_for(t0 + std::time::Duration::from_secs(1)) > std::time::Duration::ZERO
+        );
+        body.wrote(true);
         pipe.clear();
         assert_eq!(budget.pending(), 0);
+        assert_eq!(pipe.stalled_for(Instant::now()), std::time::Duration::ZERO);
+        // Several frames go into one buffer, up to what the writer wants.
+        for text in ["a", "b", "c"] {
+            budget.charge(1);
+            pipe.push(Message::Text(text.into()), 1);
+        }
+        let (_, two) = take(&mut body, 5);
+        assert_eq!(&two[..], b"\x81\x01a\x81\x01b");
+        assert_eq!(budget.pending(), 1);
+        let (_, last) = take(&mut body, 5);
+        assert_eq!(&last[..], b"\x81\x01c");
+        assert_eq!(budget.pending(), 0);
         pipe.finish();
-        assert!(body.next().await.is_none());
+        assert_eq!(take(&mut body, 1).0, Poll::Ready(Taken::Finished));
         let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let g = gone.clone();
         pipe.on_gone(move || g.store(true, std::sync::atomic::Ordering::SeqCst));
@@ -789,44 +1043,41 @@ mod tests {
         assert!(budget.is_closed());
     }
 
-    #[tokio::test]
-    async fn queued_records_share_one_binary_frame_up_to_the_batch_size() {
-        use futures::StreamExt;
+    #[test]
+    fn queued_records_share_one_binary_frame_up_to_the_batch_size() {
         let budget = Arc::new(OutboundBudget::new(1 << 20));
-        let (pipe, mut body) = OutboundPipe::with_batch(budget.clone(), 10);
-        for r in [&b"aaaa"[..], b"bbbb", b"cccc"] {
+        let (pipe, mut body) = OutboundPipe::new(budget);
+        for r in [&b"aaaa"[..], b"bbbb"] {
             pipe.push_item(Outgoing::Records(Bytes::copy_from_slice(r)), 0);
         }
         pipe.push_item(Outgoing::Text(Bytes::from_static(b"t")), 0);
-        // Two records fit the 10-byte batch, and fill the chunk; the third starts the next
-        // chunk's frame, and the text frame follows it there.
-        let chunk = body.next().await.unwrap().unwrap();
-        assert_eq!(&chunk[..], b"\x82\x08aaaabbbb");
-        let chunk = body.next().await.unwrap().unwrap();
-        assert_eq!(&chunk[..], b"\x82\x04cccc\x81\x01t");
-        // A record larger than the batch goes alone.
-        pipe.push_item(Outgoing::Records(Bytes::from(vec![b'x'; 200])), 0);
-        let chunk = body.next().await.unwrap().unwrap();
-        assert_eq!(&chunk[..4], b"\x82\x7e\x00\xc8");
-        assert_eq!(chunk.len(), 204);
+        pipe.push_item(Outgoing::Records(Bytes::from_static(b"cc")), 0);
+        let (_, buf) = take(&mut body, 1 << 20);
+        assert_eq!(&buf[..], b"\x82\x08aaaabbbb\x81\x01t\x82\x02cc");
+        // Records beyond the batch size start a frame of their own.
+        let big = vec![b'x'; MAX_BATCH - 10];
+        pipe.push_item(Outgoing::Records(Bytes::from(big)), 0);
+        pipe.push_item(Outgoing::Records(Bytes::from(vec![b'y'; 20])), 0);
+        let (_, buf) = take(&mut body, 1 << 20);
+        assert_eq!(buf.len(), 4 + (MAX_BATCH - 10) + 2 + 20);
+        assert_eq!(&buf[..4], &[0x82, 0x7e, 0xff, 0xf6]);
+        assert_eq!(&buf[4 + MAX_BATCH - 10..][..2], &[0x82, 20]);
     }
 
-    #[tokio::test]
-    async fn nothing_follows_a_close_frame() {
-        use futures::StreamExt;
+    #[test]
+    fn nothing_follows_a_close_frame() {
         let budget = Arc::new(OutboundBudget::new(1000));
         let (pipe, mut body) = OutboundPipe::new(budget.clone());
         pipe.push(Message::Close(None), 0);
         assert!(budget.try_charge(4));
         pipe.push_item(Outgoing::Records(Bytes::from_static(b"late")), 4);
         assert_eq!(budget.pending(), 0, "refused and released");
-        let chunk = body.next().await.unwrap().unwrap();
-        assert_eq!(&chunk[..], b"\x88\x00");
+        let (_, buf) = take(&mut body, 1 << 20);
+        assert_eq!(&buf[..], b"\x88\x00");
     }
 
-    #[tokio::test]
-    async fn the_stall_watch_is_armed_once_until_the_queue_empties() {
-        use futures::StreamExt;
+    #[test]
+    fn the_stall_watch_is_armed_once_until_the_queue_empties() {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let budget = Arc::new(OutboundBudget::new(1000));
         let (pipe, mut body) = OutboundPipe::new(budget);
@@ -839,9 +1090,45 @@ mod tests {
         pipe.push_item(Outgoing::Text(Bytes::from_static(b"2")), 0);
         assert_eq!(arms.load(Ordering::SeqCst), 1);
         assert!(!pipe.disarm_if_idle(), "frames wait: keep watching");
-        body.next().await.unwrap().unwrap();
+        let _ = take(&mut body, 1 << 20);
+        assert!(!pipe.disarm_if_idle(), "framed, not yet written");
+        body.wrote(true);
         assert!(pipe.disarm_if_idle());
         pipe.push_item(Outgoing::Text(Bytes::from_static(b"3")), 0);
         assert_eq!(arms.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_writer_writes_what_is_queued_then_shuts_down_and_is_gone() {
+        use tokio::io::AsyncReadExt;
+        let budget = Arc::new(OutboundBudget::new(1 << 20));
+        let (pipe, body) = OutboundPipe::new(budget.clone());
+        let (near, mut far) = tokio::io::duplex(64);
+        let writer = tokio::spawn(Writer::new(body, near));
+        let big = "x".repeat(100_000);
+        budget.charge(big.len());
+        pipe.push(Message::Text(big.clone().into()), big.len());
+        pipe.push(Message::Ping(Bytes::new()), 0);
+        pipe.finish();
+        let mut got = Vec::new();
+        far.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(got.len(), 2 + 8 + big.len() + 2);
+        assert_eq!(&got[got.len() - 2..], b"\x89\x00");
+        assert!(pipe.is_gone());
+        assert_eq!(budget.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_reader_serves_early_bytes_first_and_ends_at_eof() {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut reader = SocketReader::new(near, Bytes::from_static(b"early"));
+        far.write_all(b"later").await.unwrap();
+        drop(far);
+        assert_eq!(&reader.next().await.unwrap().unwrap()[..], b"early");
+        assert_eq!(&reader.next().await.unwrap().unwrap()[..], b"later");
+        assert!(reader.next().await.is_none());
     }
 }
