@@ -577,12 +577,16 @@ impl HubChannel {
             self.pump(ctx);
             return;
         }
+        let stale = !page.messages.is_empty();
         let fresh: Vec<StoredMessage> = page
             .messages
             .into_iter()
             .filter(|m| m.offset > self.delivered)
             .collect();
-        if fresh.is_empty() {
+        if fresh.is_empty() && stale {
+            // The fan-out moved past this page while it was read (this node's own appends
+            // went out meanwhile): read again from where it is now.
+        } else if fresh.is_empty() {
             // Everything up to the head was trimmed before we read it: subscribers see the
             // jump in offsets and report it.
             self.delivered = self.delivered.max(page.head.min(self.known_head));
