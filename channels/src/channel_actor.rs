@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use serde::Serialize;
-use tether_transport::protocol::{Frame, Payload};
+use tether_transport::protocol::{v2, Frame, Offset, Payload};
 use tether_transport::status::ChannelSummary;
 use tether_transport::transport_actor::{ChannelLink, QueryChannel};
 use tether_transport::ws_actor::{SendFrame, WebSocketActor};
@@ -278,6 +278,43 @@ impl Handler<ChannelLink> for ChannelActor {
                     return;
                 }
             },
+            ChannelLink::InboundRun(record) => {
+                match record {
+                    v2::Record::Message(run) => {
+                        let (channel, epoch) = (run.channel, run.epoch);
+                        for (offset, payload) in (run.first_offset.0..).zip(run.payloads) {
+                            let message = tether_transport::protocol::Message {
+                                channel: channel.clone(),
+                                epoch: epoch.clone(),
+                                offset: Offset(offset),
+                                payload,
+                            };
+                            self.run(ctx, Event::Message(message));
+                        }
+                    }
+                    v2::Record::Ack(run) => {
+                        let (epoch, first_offset) = run.stored.map_or((None, None), |(e, o)| {
+                            (Some(e), Some(o))
+                        });
+                        self.run(
+                            ctx,
+                            Event::AckRange {
+                                first_seq: run.first_seq,
+                                count: u64::from(run.count),
+                                first_offset,
+                                epoch,
+                                duplicate: run.duplicate,
+                            },
+                        );
+                    }
+                    other => {
+                        for frame in other.into_frames() {
+                            self.handle(ChannelLink::Inbound(frame), ctx);
+                        }
+                    }
+                }
+                return;
+            }
             ChannelLink::Failed(error) => Event::TransportFailed(error),
             ChannelLink::Retrying => Event::TransportRetrying,
             ChannelLink::Closed => {

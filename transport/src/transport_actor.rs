@@ -70,6 +70,9 @@ pub enum ChannelLink {
     Failed(TransportError),
     /// A frame for this channel arrived.
     Inbound(Frame),
+    /// A v2 run of messages or acks for this channel arrived, whole (one mailbox message for
+    /// the run).
+    InboundRun(crate::protocol::v2::Record),
     /// The transport left `Failed` (a manual reconnect): publishes are accepted again.
     Retrying,
     /// The transport was closed; nothing more will come.

@@ -263,11 +263,23 @@ impl WebSocketActor {
         match v2::decode(bytes, self.settings.max_frame_size) {
             Ok(records) => {
                 for record in records {
-                    for frame in record.into_frames() {
-                        if self.phase != Phase::Open {
-                            return;
+                    if self.phase != Phase::Open {
+                        return;
+                    }
+                    // A run goes to its channel whole; the rest frame by frame.
+                    let channel = match &record {
+                        v2::Record::Message(r) => Some(r.channel.as_str()),
+                        v2::Record::Ack(r) => Some(r.channel.as_str()),
+                        _ => None,
+                    };
+                    let route = channel.and_then(|name| self.routes.borrow().get(name).cloned());
+                    match route {
+                        Some(link) => link.do_send(ChannelLink::InboundRun(record)),
+                        None => {
+                            for frame in record.into_frames() {
+                                self.on_frame(ctx, frame);
+                            }
                         }
-                        self.on_frame(ctx, frame);
                     }
                 }
             }
