@@ -293,9 +293,8 @@ impl Handler<ChannelLink> for ChannelActor {
                         }
                     }
                     v2::Record::Ack(run) => {
-                        let (epoch, first_offset) = run.stored.map_or((None, None), |(e, o)| {
-                            (Some(e), Some(o))
-                        });
+                        let (epoch, first_offset) =
+                            run.stored.map_or((None, None), |(e, o)| (Some(e), Some(o)));
                         self.run(
                             ctx,
                             Event::AckRange {
