@@ -20,7 +20,7 @@ use serde::Serialize;
 use tether_transport::protocol::{v2, Frame, Offset, Payload};
 use tether_transport::status::ChannelSummary;
 use tether_transport::transport_actor::{ChannelLink, QueryChannel};
-use tether_transport::ws_actor::{SendFrame, WebSocketActor};
+use tether_transport::ws_actor::{SendFrame, SendFrames, WebSocketActor};
 use tether_transport::{ReconnectPolicy, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -148,8 +148,20 @@ impl ChannelActor {
     fn feed(&mut self, ctx: &mut Context<Self>, now: std::time::Instant, event: Event<Responder>) {
         self.core.set_subscriber_room(self.room());
         self.span.in_scope(|| self.core.handle(now, event));
+        // The frames an event sends go to the socket actor together (one mailbox message).
+        let mut frames = Vec::new();
         while let Some(action) = self.core.poll_action() {
-            self.perform(ctx, action);
+            match action {
+                Action::Send(frame) => frames.push(frame),
+                other => self.perform(ctx, other),
+            }
+        }
+        if let Some(conn) = &self.conn {
+            match frames.len() {
+                0 => {}
+                1 => conn.do_send(SendFrame(frames.pop().expect("one frame"))),
+                _ => conn.do_send(SendFrames(frames)),
+            }
         }
     }
 

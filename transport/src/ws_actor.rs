@@ -62,6 +62,12 @@ pub enum WsEvent {
 #[rtype(result = "Result<(), TransportError>")]
 pub struct SendFrame(pub Frame);
 
+/// Sends several frames on the connection, in order (one mailbox message). Fails when the
+/// connection is not established.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), TransportError>")]
+pub struct SendFrames(pub Vec<Frame>);
+
 /// Writes the v2 records gathered since the last write (sent by the actor to itself, so that
 /// every frame already in its mailbox joins the batch).
 #[derive(Debug, Message)]
@@ -505,6 +511,17 @@ impl Handler<SendFrame> for WebSocketActor {
             return self.write_text(frame.encode().into());
         }
         self.gather(ctx, frame)
+    }
+}
+
+impl Handler<SendFrames> for WebSocketActor {
+    type Result = Result<(), TransportError>;
+
+    fn handle(&mut self, SendFrames(frames): SendFrames, ctx: &mut Context<Self>) -> Self::Result {
+        for frame in frames {
+            <Self as Handler<SendFrame>>::handle(self, SendFrame(frame), ctx)?;
+        }
+        Ok(())
     }
 }
 
