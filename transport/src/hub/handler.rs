@@ -93,7 +93,7 @@ impl Wire {
         self.len() == 0
     }
 
-    fn into_outgoing(self) -> Outgoing {
+    pub(crate) fn into_outgoing(self) -> Outgoing {
         match self {
             Wire::Text(b) => Outgoing::Text(b),
             Wire::Records(b) => Outgoing::Records(b),

@@ -24,9 +24,7 @@ use tokio::time::Instant;
 use super::auth::{AuthRejection, Identity};
 use super::budget::OutboundBudget;
 use super::handler::{ConnInfo, ConnectionHandler, FrameRejection, Kick, SessionOutbox, Wire};
-use super::wire::{
-    ConnSocket, Inbound, InboundError, InboundGate, OutboundPipe, Outgoing, PipeBody,
-};
+use super::wire::{ConnSocket, Inbound, InboundError, InboundGate, OutboundPipe, PipeBody};
 use super::HubState;
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
@@ -248,11 +246,7 @@ impl HubSession {
         };
         let charged = wire.len();
         self.budget.charge(charged);
-        let item = match wire {
-            Wire::Text(b) => Outgoing::Text(b),
-            Wire::Records(b) => Outgoing::Records(b),
-        };
-        self.pipe.push_item(item, charged);
+        self.pipe.push_item(wire.into_outgoing(), charged);
     }
 
     /// Hands a control frame to the writer (the pipe arms the stall watch).
@@ -354,18 +348,23 @@ impl HubSession {
         }));
     }
 
-    fn on_text(&mut self, ctx: &mut Context<Self>, text: &Bytes) {
-        let frame = match Frame::decode_shared(text, self.state.config.max_frame_size) {
+    fn on_text(&mut self, ctx: &mut Context<Self>, bytes: &Bytes) {
+        let text = match std::str::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(e) => {
+                let error = TransportError::MalformedFrame {
+                    reason: format!("text frame is not UTF-8: {e}"),
+                };
+                self.fail(ctx, error, CloseCode::Invalid);
+                return;
+            }
+        };
+        let frame = match Frame::decode_checked(text, bytes, self.state.config.max_frame_size) {
             Ok(frame) => frame,
             Err(error) => {
                 let code = match error {
                     TransportError::FrameTooLarge { .. } => CloseCode::Size,
                     TransportError::UnsupportedVersion { .. } => CloseCode::Policy,
-                    TransportError::MalformedFrame { ref reason }
-                        if reason.starts_with("text frame is not UTF-8") =>
-                    {
-                        CloseCode::Invalid
-                    }
                     _ => CloseCode::Protocol,
                 };
                 if matches!(error, TransportError::UnsupportedVersion { .. }) {
@@ -376,7 +375,7 @@ impl HubSession {
                 return;
             }
         };
-        self.on_frame(ctx, frame, text.len());
+        self.on_frame(ctx, frame, bytes.len());
     }
 
     /// A binary frame: v2 records, on a connection whose hello asked for v2.

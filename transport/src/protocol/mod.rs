@@ -749,6 +749,17 @@ impl Frame {
         Self::decode_in(text, Some(frame), max_size)
     }
 
+    /// [`Frame::decode_shared`] for a caller that has already checked the frame is UTF-8:
+    /// `text` must be `frame` as text (payloads are slices of `frame`).
+    pub fn decode_checked(
+        text: &str,
+        frame: &bytes::Bytes,
+        max_size: usize,
+    ) -> Result<Frame, TransportError> {
+        debug_assert_eq!(text.as_ptr(), frame.as_ptr());
+        Self::decode_in(text, Some(frame), max_size)
+    }
+
     fn decode_in(
         text: &str,
         shared: Option<&bytes::Bytes>,

@@ -188,10 +188,14 @@ fn put_payloads(buf: &mut BytesMut, payloads: &[Payload]) {
 
 /// Appends `record` to `buf`.
 pub fn encode(record: &Record, buf: &mut BytesMut) {
-    buf.reserve(record.encoded_len());
+    if !matches!(record, Record::Control(_)) {
+        // (A control record's length is its JSON's: known once encoded, below, not twice.)
+        buf.reserve(record.encoded_len());
+    }
     match record {
         Record::Control(frame) => {
             let text = frame.encode();
+            buf.reserve(5 + text.len());
             buf.put_u8(KIND_CONTROL);
             buf.put_u32_le(text.len() as u32);
             buf.put_slice(text.as_bytes());
