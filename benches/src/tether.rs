@@ -25,8 +25,9 @@ pub const CHANNEL: &str = "bench";
 /// payload (type, channel, epoch, offset).
 pub const FRAME_OVERHEAD: usize = 256;
 
-/// Starts a hub on `127.0.0.1:0` with one HTTP worker and a [`ChannelService`] on one thread
-/// whose history keeps at least `messages` messages of `payload_size` bytes each (so nothing a
+/// Starts a hub on `127.0.0.1:0` with one HTTP worker and a [`ChannelService`] whose channels
+/// run on that worker (the default placement: the whole hub is one thread), and whose history
+/// keeps at least `messages` messages of `payload_size` bytes each (so nothing a
 /// run publishes is evicted while it runs). Must run inside an actix system.
 pub fn start_hub(messages: usize, payload_size: usize) -> Result<HubHandle, BoxError> {
     start_hub_on(messages, payload_size, None)
@@ -52,7 +53,7 @@ pub fn start_hub_on(
     store: Option<Arc<dyn HistoryStore>>,
 ) -> Result<HubHandle, BoxError> {
     let retention = retention_for(messages, payload_size);
-    let mut builder = ChannelService::builder().retention(retention).threads(1);
+    let mut builder = ChannelService::builder().retention(retention);
     if let Some(store) = store {
         builder = builder.store(store);
     }

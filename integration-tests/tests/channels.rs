@@ -428,6 +428,67 @@ async fn a_hub_that_lost_its_memory_is_a_new_epoch_and_a_discontinuity_not_silen
 }
 
 #[actix_rt::test]
+async fn a_hub_started_again_with_the_same_service_keeps_its_channels_epochs() {
+    init_tracing();
+    // Channels run on the hub's workers (the default): they end with the first hub. The next
+    // attach of each starts a new actor on the second hub's worker, which continues from the
+    // service's store — same epoch, next offset, no discontinuity.
+    let addr = free_addr();
+    let service = ChannelService::builder()
+        .retention(retention(1000))
+        .build()
+        .unwrap();
+    let hub = start_hub_with(addr, service.clone());
+    let (subscriber, mut sub_events) = start(client(ws_url(addr)));
+    let (publisher, _) = start(client(ws_url(addr)));
+    let (_sub, mut events, mut states) =
+        open_attached(&subscriber, "feed", ChannelOptions::default(), T)
+            .await
+            .unwrap();
+    let (feed, _, mut feed_states) =
+        open_attached(&publisher, "feed", ChannelOptions::publish_only(), T)
+            .await
+            .unwrap();
+    publish_all(&feed, 1..=5).await;
+    let mut received = collect_messages(&mut events, 5, T).await.unwrap();
+
+    hub.stop().await;
+    sub_events
+        .until_state(ConnectionState::Disconnected, T)
+        .await
+        .unwrap();
+    let hub = start_hub_with(addr, service.clone());
+    let attached = states
+        .until(T, |e| {
+            e.to == ChannelState::Attached && e.from == ChannelState::Attaching
+        })
+        .await
+        .unwrap();
+    assert!(attached.resumed, "the subscriber resumed in the same epoch");
+    feed_states
+        .until_channel_state(ChannelState::Attached, T)
+        .await
+        .unwrap();
+    publish_all(&feed, 6..=10).await;
+    received.extend(collect_messages(&mut events, 5, T).await.unwrap());
+    // Contiguous offsets in one epoch, no discontinuity (`payloads` asserts both).
+    assert_eq!(payloads(&received), (1..=10).collect::<Vec<_>>());
+    let epochs: std::collections::HashSet<_> = received
+        .iter()
+        .filter_map(|e| match e {
+            ChannelEvent::Message(m) => Some(m.epoch.clone()),
+            ChannelEvent::Discontinuity(_) => None,
+        })
+        .collect();
+    assert_eq!(epochs.len(), 1, "one epoch across both hubs");
+    assert_eq!(service.channel_count(), 1);
+    nothing_more(&mut events).await;
+    subscriber.close().await;
+    publisher.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
 async fn one_denied_channel_fails_alone_while_the_others_work() {
     init_tracing();
     let service = ChannelService::builder()

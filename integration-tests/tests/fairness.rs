@@ -1,6 +1,7 @@
 //! One channel cannot stall another: a connection that floods one channel (30,000 producers,
 //! each attaching and publishing, 10,000 ahead of their acks) delays a healthy pair on another
-//! channel by less than 100 ms, with every channel on one thread — the worst case. The
+//! channel by less than 100 ms, with every channel on one thread — the worst case — and with
+//! everything (both channels and all three connections) on a one-worker hub's thread. The
 //! channel-level rule (a flooded channel yields its thread after each turn) is tested without
 //! sockets in the channels crate; this is the same over loopback, through real sessions.
 //!
@@ -177,19 +178,52 @@ impl Pair<'_> {
     }
 }
 
+/// Where the test puts the channels and the connections.
+#[derive(Debug, Clone, Copy)]
+enum Placement {
+    /// Every channel on one dedicated service thread; each connection on a worker of its own.
+    OneChannelThread,
+    /// The default placement (each channel on the worker of its first attach) on a one-worker
+    /// hub: both channels, the flood's connection and the healthy pair's, all on one thread.
+    OneWorker,
+}
+
 #[actix_rt::test]
 async fn a_connection_flooding_one_channel_with_producers_does_not_stall_another_channel() {
+    flood_beside_a_healthy_pair(Placement::OneChannelThread).await;
+}
+
+#[actix_rt::test]
+async fn a_flood_on_the_healthy_pairs_own_worker_does_not_stall_it() {
+    flood_beside_a_healthy_pair(Placement::OneWorker).await;
+}
+
+/// The placements' runs take turns: each counts the threads this process starts.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn flood_beside_a_healthy_pair(placement: Placement) {
     init_tracing();
-    // The worst case: every channel on one thread (by default there is one per core, and a
-    // flooded channel may still share its thread with another).
+    let _turn = ONE_AT_A_TIME.lock().await;
     let before = threads();
-    let service = ChannelService::builder().threads(1).build().unwrap();
+    let (service, workers) = match placement {
+        Placement::OneChannelThread => (ChannelService::builder().threads(1).build().unwrap(), 3),
+        Placement::OneWorker => (ChannelService::builder().build().unwrap(), 1),
+    };
     let channel_thread: Vec<i32> = threads().difference(&before).copied().collect();
-    assert_eq!(channel_thread.len(), 1, "the service starts its one thread");
-    // The two healthy connections and the flood each on a worker of their own (connections are
-    // handed to workers in turn), so what is measured is what the channels do to each other.
+    match placement {
+        Placement::OneChannelThread => {
+            assert_eq!(channel_thread.len(), 1, "the service starts its one thread")
+        }
+        Placement::OneWorker => assert!(
+            channel_thread.is_empty(),
+            "by default the service starts no thread: {channel_thread:?}"
+        ),
+    }
+    // With three workers the two healthy connections and the flood are each on a worker of
+    // their own (connections are handed to workers in turn), so what is measured is what the
+    // channels do to each other; with one, everything shares it.
     let config = test_hub_config(free_addr())
-        .workers(3)
+        .workers(workers)
         // The raw flood client answers no pings while it waits for a window's answers.
         .heartbeat(Duration::from_secs(5), Duration::from_secs(30))
         .handler(std::sync::Arc::new(service))
@@ -202,9 +236,13 @@ async fn a_connection_flooding_one_channel_with_producers_does_not_stall_another
     let publisher = connected(&url).await;
     // The hub's workers, in the order they were started (thread ids grow): connections are
     // handed to them in turn, so the healthy pair's sessions are on the first two.
-    let mut workers: Vec<i32> = threads().difference(&before).copied().collect();
-    workers.sort_unstable();
-    assert_eq!(workers.len(), 3, "the hub's three workers: {workers:?}");
+    let mut worker_threads: Vec<i32> = threads().difference(&before).copied().collect();
+    worker_threads.sort_unstable();
+    assert_eq!(
+        worker_threads.len(),
+        workers,
+        "the hub's workers: {worker_threads:?}"
+    );
     let (_, mut messages, _) = open_attached(&subscriber, "steady", ChannelOptions::default(), T)
         .await
         .unwrap();
@@ -220,7 +258,12 @@ async fn a_connection_flooding_one_channel_with_producers_does_not_stall_another
         steady,
         messages: &mut messages,
         acks: Vec::new(),
-        watched: vec![channel_thread[0], test_thread, workers[0], workers[1]],
+        watched: channel_thread
+            .iter()
+            .chain(worker_threads.iter().take(2))
+            .copied()
+            .chain([test_thread])
+            .collect(),
     };
     let mut seq = 0u64;
     let mut quiet = Duration::ZERO;
@@ -260,7 +303,7 @@ async fn a_connection_flooding_one_channel_with_producers_does_not_stall_another
         ack.await.expect("healthy publish acked");
     }
     let report = format!(
-        "healthy pair beside the flood: worst {:?} caused by the hub ({:?} end to end; worst end \
+        "{placement:?}: healthy pair beside the flood: worst {:?} caused by the hub ({:?} end to end; worst end \
          to end {worst_latency:?}; quiet {quiet:?}); {during} messages over the flood's \
          {flood_took:?}",
         worst.caused, worst.latency

@@ -1,13 +1,18 @@
 //! The hub's channel service: the [`SessionHandler`] that plugs channels into a hub, the
 //! registry of [`HubChannel`] actors, and per-channel authorization.
 //!
-//! **Threads.** Channel actors run on the service's own threads (default: one per available
-//! core), each channel on the thread its name hashes to (with a per-process random key, so
-//! names cannot be picked to land beside a given channel). A channel yields its thread after
+//! **Threads.** By default a channel's actor runs on the hub worker of the connection that
+//! first attached it: a message then crosses at most one thread boundary in the hub — from the
+//! publisher's worker to the channel's, or from the channel's to the subscriber's — and none
+//! when all three share a worker (a one-worker hub runs everything on one thread). With
+//! [`ChannelServiceBuilder::threads`] the service runs channels on dedicated threads of its own
+//! instead, each channel on the thread its name hashes to (with a per-process random key, so
+//! names cannot be picked to land beside a given channel): two crossings per message, but a
+//! channel's history outlives the hub's workers. Either way a channel yields its thread after
 //! half a millisecond of work ([`TurnBudget`](super::idle::TurnBudget)) and sizes its append
 //! batches to about a millisecond of work ([`BatchSizer`](super::idle::BatchSizer)), so a
-//! flooded channel delays the others on its thread by tens of milliseconds at most, not by
-//! its backlog.
+//! flooded channel delays the connections and channels beside it by tens of milliseconds at
+//! most, not by its backlog.
 //!
 //! **Expiry.** A channel that no connection has attached and that has nothing in progress
 //! expires after its idle TTL (default 5 minutes, [`ChannelServiceBuilder::idle_ttl`]): the
@@ -199,10 +204,15 @@ impl ChannelServiceBuilder {
         self
     }
 
-    /// Dedicated threads that run channel actors; each channel runs on the one its name hashes
-    /// to. Default: one per available core. 0 runs each channel on the hub worker that first
-    /// attached it (fewer thread hops), but then a channel — and its in-memory history — ends
-    /// with that worker when the server stops, and shares it with that worker's connections.
+    /// Dedicated threads that run channel actors, each channel on the one its name hashes to.
+    /// Default 0: each channel runs on the hub worker of the connection that first attached it
+    /// (at most one thread crossing per message in the hub, see the module docs).
+    ///
+    /// With 0, a channel actor ends with its worker: when the hub stops, the next attach of the
+    /// channel (on a hub started again with the same service) starts a new actor, which
+    /// continues from the store — the same epoch and offsets, for the in-memory store too.
+    /// Dedicated threads cost a second thread crossing per message and keep channels apart
+    /// from the hub's connections.
     pub fn threads(mut self, n: usize) -> Self {
         self.threads = n;
         self
@@ -540,9 +550,7 @@ impl ChannelService {
             dedupe_window: DEFAULT_DEDUPE_WINDOW,
             max_producers: DEFAULT_MAX_PRODUCERS,
             producer_ttl: DEFAULT_PRODUCER_TTL,
-            threads: std::thread::available_parallelism()
-                .map(usize::from)
-                .unwrap_or(1),
+            threads: 0,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             idle_ttl: DEFAULT_IDLE_TTL,
         }
