@@ -303,6 +303,7 @@ pub struct ChannelCore<R> {
     transport_failure: Option<TransportError>,
     deadline: Option<Deadline>,
     actions: VecDeque<Action<R>>,
+    meters: telemetry::ChannelMeters,
 }
 
 impl<R> ChannelCore<R> {
@@ -339,6 +340,7 @@ impl<R> ChannelCore<R> {
             transport_failure: None,
             deadline: None,
             actions: VecDeque::new(),
+            meters: telemetry::ChannelMeters::new(),
         }
     }
 
@@ -519,7 +521,8 @@ impl<R> ChannelCore<R> {
         }
         match self.outbox.push(payload, responder, tokio_instant(now)) {
             Ok(pushed) => {
-                metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH)
+                self.meters
+                    .queue_depth
                     .increment(1.0 - pushed.evicted.len() as f64);
                 for old in pushed.evicted {
                     self.push(Action::Answer {
@@ -551,7 +554,7 @@ impl<R> ChannelCore<R> {
         }
         while let Some(entry) = self.outbox.next_to_send() {
             if entry.sends > 1 {
-                metrics::counter!(telemetry::PUBLISH_REPLAYED).increment(1);
+                self.meters.replayed.increment(1);
             }
             self.actions.push_back(Action::Send(Frame::Publish(Publish {
                 channel: self.name.clone(),
@@ -563,8 +566,8 @@ impl<R> ChannelCore<R> {
 
     fn ack(&mut self, now: Instant, ack: PublishAck) {
         if let Some(done) = self.outbox.ack(ack.seq) {
-            metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH).decrement(1.0);
-            metrics::histogram!(telemetry::PUBLISH_ACK_SECONDS).record(
+            self.meters.queue_depth.decrement(1.0);
+            self.meters.ack_seconds.record(
                 tokio_instant(now)
                     .saturating_duration_since(done.accepted_at)
                     .as_secs_f64(),
@@ -581,7 +584,7 @@ impl<R> ChannelCore<R> {
     fn answer_all(&mut self, error: impl Fn() -> ChannelError) {
         let pending = self.outbox.drain();
         if !pending.is_empty() {
-            metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH).decrement(pending.len() as f64);
+            self.meters.queue_depth.decrement(pending.len() as f64);
         }
         for p in pending {
             let answer = if p.sends > 0 {
@@ -799,7 +802,7 @@ impl<R> ChannelCore<R> {
             Verdict::GapThenDeliver(gap) => self.report_gap(gap),
             Verdict::Deliver => {}
         }
-        metrics::counter!(telemetry::MESSAGES_DELIVERED).increment(1);
+        self.meters.delivered.increment(1);
         self.emit(ChannelEvent::Message(ChannelMessage {
             channel: message.channel,
             epoch: message.epoch,
@@ -885,7 +888,7 @@ impl<R> ChannelCore<R> {
         match seq {
             Some(seq) if permanent => {
                 if let Some(done) = self.outbox.reject(seq) {
-                    metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH).decrement(1.0);
+                    self.meters.queue_depth.decrement(1.0);
                     self.push(Action::Answer {
                         responder: done.responder,
                         result: Err(ChannelError::Rejected {
