@@ -224,6 +224,21 @@ pub enum Event<R> {
     Timeout,
     /// The shell stops, whatever the reason: nobody may be left waiting.
     Stopped,
+    /// Durable channels: the store committed every [`Action::Persist`] up to `through`.
+    Persisted {
+        /// The last sequence number of the commit.
+        through: u64,
+    },
+    /// Durable channels: the store failed to commit the publishes `from..=through`; nothing of
+    /// them was stored.
+    PersistFailed {
+        /// The first sequence number of the failed commit.
+        from: u64,
+        /// The last one.
+        through: u64,
+        /// What the store said.
+        error: ChannelError,
+    },
 }
 
 /// What the shell must do: the outputs of [`ChannelCore::handle`], in order.
@@ -253,6 +268,28 @@ pub enum Action<R> {
     Unregister,
     /// The channel is over: release whoever waits for the detach, and stop.
     Stop,
+    /// The publish `seq` is accepted: queued in memory, or (durable) committed to the store.
+    /// Its responder is still queued ([`ChannelCore::responder_mut`]). Comes in sequence order.
+    Accepted {
+        /// Its sequence number.
+        seq: u64,
+    },
+    /// Durable channels: write this publish to the store, then feed [`Event::Persisted`] (or
+    /// [`Event::PersistFailed`]). Writes come in sequence order; the shell may commit several
+    /// in one transaction, in that order.
+    Persist {
+        /// Its sequence number.
+        seq: u64,
+        /// The message.
+        payload: Payload,
+    },
+    /// Durable channels: remove publish `seq` from the store (acknowledged or refused by the
+    /// hub, or evicted). Removals may be batched and need not be flushed at once: one lost in
+    /// a crash is re-sent and acknowledged as a duplicate.
+    Forget {
+        /// Its sequence number.
+        seq: u64,
+    },
 }
 
 /// The replay announced by the last `attached`: how many history frames are still to come and
@@ -279,6 +316,8 @@ enum Link {
 pub struct ChannelCore<R> {
     name: String,
     producer: String,
+    /// Publishes go through a store first ([`Action::Persist`]).
+    durable: bool,
     subscribe: bool,
     max_message_size: usize,
     attach_timeout: Duration,
@@ -317,6 +356,7 @@ impl<R> ChannelCore<R> {
         ChannelCore {
             name: name.into(),
             producer: producer.into(),
+            durable: false,
             subscribe: options.subscribe,
             max_message_size: options.max_message_size,
             attach_timeout: options.attach_timeout,
@@ -340,6 +380,36 @@ impl<R> ChannelCore<R> {
             deadline: None,
             actions: VecDeque::new(),
         }
+    }
+
+    /// A durable channel (see [`crate::durable`]): every publish is written to a store
+    /// ([`Action::Persist`]) and sent only once committed; numbering continues after
+    /// `last_seq`, and `restored` — what an earlier run left unacknowledged, in sequence order —
+    /// goes out first, with its original sequence numbers. `producer` must be the one the
+    /// earlier run used.
+    pub fn new_durable(
+        name: impl Into<String>,
+        producer: impl Into<String>,
+        options: &ChannelOptions,
+        last_seq: u64,
+        restored: Vec<(u64, Payload, R)>,
+        now: Instant,
+    ) -> Self {
+        let mut core = Self::new(name, producer, options);
+        core.durable = true;
+        core.outbox = OutgoingBuffer::new_durable(options.limits, last_seq);
+        if !restored.is_empty() {
+            metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH).increment(restored.len() as f64);
+        }
+        for (seq, payload, responder) in restored {
+            core.outbox.restore(seq, payload, responder, tokio_instant(now));
+        }
+        core
+    }
+
+    /// The responder of queued publish `seq` (to tell it of [`Action::Accepted`]).
+    pub fn responder_mut(&mut self, seq: u64) -> Option<&mut R> {
+        self.outbox.responder_mut(seq)
     }
 
     /// The channel name.
@@ -458,6 +528,28 @@ impl<R> ChannelCore<R> {
             Event::RoomAvailable => self.on_room(now),
             Event::Timeout => self.on_timeout(now),
             Event::Stopped => self.answer_all(|| ChannelError::TransportClosed),
+            Event::Persisted { through } => {
+                for seq in self.outbox.mark_committed(through) {
+                    self.push(Action::Accepted { seq });
+                }
+                self.flush();
+            }
+            Event::PersistFailed {
+                from,
+                through,
+                error,
+            } => {
+                let failed = self.outbox.remove_uncommitted(from, through);
+                if !failed.is_empty() {
+                    metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH).decrement(failed.len() as f64);
+                }
+                for p in failed {
+                    self.push(Action::Answer {
+                        responder: p.responder,
+                        result: Err(error.clone()),
+                    });
+                }
+            }
         }
     }
 
@@ -517,11 +609,26 @@ impl<R> ChannelCore<R> {
             });
             return;
         }
+        // The store's copy shares the payload's bytes.
+        let to_store = self.durable.then(|| payload.clone());
         match self.outbox.push(payload, responder, tokio_instant(now)) {
             Ok(pushed) => {
                 metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH)
                     .increment(1.0 - pushed.evicted.len() as f64);
+                if self.durable {
+                    if let Some(payload) = to_store {
+                        self.push(Action::Persist {
+                            seq: pushed.seq,
+                            payload,
+                        });
+                    }
+                } else {
+                    self.push(Action::Accepted { seq: pushed.seq });
+                }
                 for old in pushed.evicted {
+                    if self.durable {
+                        self.push(Action::Forget { seq: old.seq });
+                    }
                     self.push(Action::Answer {
                         responder: old.responder,
                         result: Err(ChannelError::Evicted {
@@ -563,6 +670,9 @@ impl<R> ChannelCore<R> {
 
     fn ack(&mut self, now: Instant, ack: PublishAck) {
         if let Some(done) = self.outbox.ack(ack.seq) {
+            if self.durable {
+                self.push(Action::Forget { seq: done.seq });
+            }
             metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH).decrement(1.0);
             metrics::histogram!(telemetry::PUBLISH_ACK_SECONDS).record(
                 tokio_instant(now)
@@ -577,14 +687,22 @@ impl<R> ChannelCore<R> {
     }
 
     /// Answers every queued publish with `error` — or, for one already on the wire (the hub
-    /// may have stored it), with [`ChannelError::Unconfirmed`] around it.
+    /// may have stored it), with [`ChannelError::Unconfirmed`] around it. On a durable
+    /// channel a committed publish stays in the store (it goes out when the channel opens
+    /// again): its publisher hears [`ChannelError::Persisted`]; one whose commit is under way
+    /// may yet be stored, so it is `Unconfirmed`.
     fn answer_all(&mut self, error: impl Fn() -> ChannelError) {
         let pending = self.outbox.drain();
         if !pending.is_empty() {
             metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH).decrement(pending.len() as f64);
         }
         for p in pending {
-            let answer = if p.sends > 0 {
+            let answer = if self.durable && self.outbox.is_committed(p.seq) {
+                ChannelError::Persisted {
+                    channel: self.name.clone(),
+                    seq: p.seq,
+                }
+            } else if p.sends > 0 || self.durable {
                 ChannelError::Unconfirmed {
                     channel: self.name.clone(),
                     seq: p.seq,
@@ -886,6 +1004,9 @@ impl<R> ChannelCore<R> {
             Some(seq) if permanent => {
                 if let Some(done) = self.outbox.reject(seq) {
                     metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH).decrement(1.0);
+                    if self.durable {
+                        self.push(Action::Forget { seq });
+                    }
                     self.push(Action::Answer {
                         responder: done.responder,
                         result: Err(ChannelError::Rejected {
