@@ -1287,6 +1287,154 @@ mod tests {
             .collect()
     }
 
+    fn durable(limits: BufferLimits, last_seq: u64, restored: Vec<(u64, Payload, u64)>) -> Harness {
+        let options = ChannelOptions {
+            subscribe: false,
+            limits,
+            ..ChannelOptions::default()
+        };
+        let now = Instant::now();
+        Harness {
+            core: ChannelCore::new_durable("c", "stored-producer", &options, last_seq, restored, now),
+            now,
+            next_responder: 100,
+        }
+    }
+
+    fn persisted(actions: &[Action<u64>]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Persist { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn forgotten(actions: &[Action<u64>]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Forget { seq } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn accepted(actions: &[Action<u64>]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Accepted { seq } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_durable_publish_is_sent_only_once_committed_and_forgotten_once_acked() {
+        let mut h = durable(BufferLimits::default(), 0, Vec::new());
+        h.attached(0);
+        let actions = h.publish();
+        assert_eq!(persisted(&actions), [1]);
+        assert!(published(&actions).is_empty(), "sent before the commit");
+        assert!(accepted(&actions).is_empty(), "accepted before the commit");
+        let actions = h.publish();
+        assert_eq!(persisted(&actions), [2]);
+        // One commit covers both (group commit): both accepted, both sent, in order.
+        let actions = h.step(Event::Persisted { through: 2 });
+        assert_eq!(accepted(&actions), [1, 2]);
+        assert_eq!(published(&actions), [1, 2]);
+        let actions = h.step(Event::Ack(ack(1, 1)));
+        assert_eq!(forgotten(&actions), [1]);
+        assert_eq!(answers(actions).len(), 1);
+    }
+
+    #[test]
+    fn a_durable_channel_continues_its_numbering_and_resends_what_was_left_first() {
+        let restored = vec![(7, p(7), 7), (9, p(9), 9)];
+        let mut h = durable(BufferLimits::default(), 9, restored);
+        assert_eq!(h.core.queued(), 2);
+        let actions = h.publish();
+        assert_eq!(persisted(&actions), [10]);
+        // The attach names the stored producer; the restored ones go out first.
+        let actions = h.step(Event::ConnectionUp);
+        assert_eq!(
+            attach_frame(&actions).unwrap().producer.as_deref(),
+            Some("stored-producer")
+        );
+        let actions = h.step(Event::Attached(attached("a", 0, 0, None)));
+        assert_eq!(published(&actions), [7, 9]);
+        let actions = h.step(Event::Persisted { through: 10 });
+        assert_eq!(published(&actions), [10]);
+        // A duplicate ack of a replay is an ack like any other: answered and forgotten.
+        let actions = h.step(Event::Ack(PublishAck {
+            duplicate: true,
+            ..ack(7, 3)
+        }));
+        assert_eq!(forgotten(&actions), [7]);
+    }
+
+    #[test]
+    fn a_failed_commit_refuses_its_publishes_and_later_ones_go_on() {
+        let mut h = durable(BufferLimits::default(), 0, Vec::new());
+        h.attached(0);
+        h.publish();
+        h.publish();
+        h.publish();
+        let store_error = ChannelError::Durable {
+            path: "x".into(),
+            kind: crate::error::DurableFailure::Io,
+            message: "disk full".into(),
+        };
+        let actions = h.step(Event::PersistFailed {
+            from: 1,
+            through: 2,
+            error: store_error.clone(),
+        });
+        let refused = answers(actions);
+        assert_eq!(
+            refused,
+            [(100, Err(store_error.clone())), (101, Err(store_error))]
+        );
+        assert_eq!(h.core.queued(), 1);
+        let actions = h.step(Event::Persisted { through: 3 });
+        assert_eq!(accepted(&actions), [3]);
+        assert_eq!(published(&actions), [3]);
+    }
+
+    #[test]
+    fn a_durable_outbox_is_bounded_like_the_memory_one_and_keeps_what_it_stored_at_close() {
+        let limits = BufferLimits {
+            max_messages: 2,
+            ..BufferLimits::default()
+        };
+        let mut h = durable(limits, 0, Vec::new());
+        h.publish();
+        h.publish();
+        // Past the bound: refused before anything is written.
+        let actions = h.publish();
+        assert!(persisted(&actions).is_empty());
+        assert!(matches!(
+            answers(actions).as_slice(),
+            [(102, Err(ChannelError::QueueFull { messages: 2, .. }))]
+        ));
+        h.step(Event::Persisted { through: 1 });
+        // Closing: the committed one stays in the store for the next run (no Forget), the one
+        // whose commit is under way may or may not be stored.
+        let actions = h.step(Event::TransportClosed);
+        assert!(forgotten(&actions).is_empty());
+        let answers = answers(actions);
+        assert!(matches!(
+            answers[0],
+            (100, Err(ChannelError::Persisted { seq: 1, .. }))
+        ));
+        assert!(matches!(
+            answers[1],
+            (101, Err(ChannelError::Unconfirmed { seq: 2, .. }))
+        ));
+    }
+
     #[test]
     fn nothing_is_sent_before_the_connection_and_the_attach_asks_for_a_deadline() {
         let mut h = Harness::subscriber();

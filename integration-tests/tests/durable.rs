@@ -9,9 +9,12 @@ use std::time::Duration;
 
 use tether_channels::durable::DurableStore;
 use tether_channels::hub::Retention;
-use tether_channels::{ChannelError, ChannelEvent, ChannelOptions, DurableFailure};
+use tether_channels::{
+    BufferLimits, Channel, ChannelError, ChannelEvent, ChannelOptions, DurableFailure,
+};
 use tether_integration_tests::harness::{
-    fast_client, free_addr, init_tracing, open_attached, start_channel_hub, ws_url,
+    collect_messages, fast_client, free_addr, init_tracing, open_attached, start_channel_hub,
+    ws_url,
 };
 use tether_integration_tests::FaultProxy;
 use tether_transport::Transport;
@@ -130,16 +133,19 @@ async fn a_durable_publisher_killed_mid_stream_delivers_every_accepted_message_e
         .expect("publisher exits")
         .expect("child reaped");
     assert!(status.success(), "second run exited with {status}");
-    assert_eq!(
-        DurableStore::open(&store_path)
-            .unwrap()
-            .queued(CHANNEL)
-            .unwrap(),
-        0,
-        "everything acknowledged and removed from the store"
-    );
 
-    // A marker published after the second run's last ack: whatever the hub stored before it
+    // A third run has nothing new to publish: at most a few acknowledged publishes whose
+    // removal had not been written yet are re-sent, and the hub recognises them.
+    let (mut third, mut lines) = spawn_publisher(&url, &store_path);
+    let recovered = until_line(&mut lines, |l| l.starts_with("recovered "), T).await;
+    assert!(
+        recovered.starts_with(&format!("recovered {COUNT} ")),
+        "{recovered}"
+    );
+    until_line(&mut lines, |l| l == "done", T).await;
+    assert!(third.wait().await.expect("child reaped").success());
+
+    // A marker published after the last run's last ack: whatever the hub stored before it
     // (duplicates included) reaches the subscriber before it.
     reader
         .publish(&serde_json::json!({ "marker": true }))
@@ -167,5 +173,92 @@ async fn a_durable_publisher_killed_mid_stream_delivers_every_accepted_message_e
     assert_eq!(numbers.len(), expected.len(), "messages received");
     assert_eq!(numbers, expected, "every message exactly once, in order");
     subscriber.close().await;
+    hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_full_durable_outbox_refuses_publishes_while_a_healthy_client_keeps_working() {
+    init_tracing();
+    let hub_addr = free_addr();
+    let hub = start_channel_hub(hub_addr, Retention::default());
+    let proxy = FaultProxy::start(hub_addr).expect("proxy starts");
+    // The durable client's path answers nothing: its publishes are stored, none acknowledged.
+    proxy.set_blackhole(true);
+    let store = DurableStore::open(temp_store("bounded.redb")).expect("store opens");
+    let config = store
+        .transport_config(ws_url(proxy.local_addr()))
+        .backoff(Duration::from_millis(50), Duration::from_millis(400), 2.0)
+        .handshake_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let transport = Transport::start(config);
+    let options = ChannelOptions {
+        limits: BufferLimits {
+            max_messages: 5,
+            ..BufferLimits::default()
+        },
+        ..ChannelOptions::publish_only()
+    };
+    let (channel, _events, recovered) =
+        Channel::open_durable(&transport, "bounded", options.clone(), &store)
+            .await
+            .expect("durable channel opens");
+    assert_eq!((recovered.last_seq, recovered.pending.len()), (0, 0));
+    let mut publishes = Vec::new();
+    for n in 1..=5u64 {
+        let mut publish = channel.publish(&n);
+        assert_eq!(publish.accepted().await.expect("accepted"), n);
+        publishes.push(publish);
+    }
+    // Past the bound: refused (retryable), nothing more written.
+    let mut refused = channel.publish(&6);
+    match refused.accepted().await {
+        Err(e @ ChannelError::QueueFull { messages: 5, .. }) => assert!(!e.is_permanent()),
+        other => panic!("expected QueueFull, got {other:?}"),
+    }
+    assert_eq!(store.queued("bounded").unwrap(), 5);
+    // A second handle on the same channel and store is refused: it would reuse the numbers.
+    match Channel::open_durable(&transport, "bounded", options, &store).await {
+        Err(ChannelError::Durable { kind, .. }) => assert_eq!(kind, DurableFailure::ChannelInUse),
+        other => panic!("expected ChannelInUse, got {:?}", other.map(|_| ())),
+    }
+    // A transport without the store's identity cannot carry a durable channel.
+    let stranger = Transport::start(fast_client(ws_url(hub_addr)).build().unwrap());
+    match Channel::open_durable(&stranger, "other", ChannelOptions::publish_only(), &store).await {
+        Err(ChannelError::Durable { kind, .. }) => {
+            assert_eq!(kind, DurableFailure::InvalidOptions)
+        }
+        other => panic!("expected InvalidOptions, got {:?}", other.map(|_| ())),
+    }
+
+    // Meanwhile a healthy client publishes and receives as usual.
+    let (healthy, mut healthy_events, _) =
+        open_attached(&stranger, "healthy", ChannelOptions::default(), T)
+            .await
+            .expect("healthy client attached");
+    healthy.publish(&"still working").await.expect("healthy publish acknowledged");
+    collect_messages(&mut healthy_events, 1, T)
+        .await
+        .expect("healthy client receives");
+
+    // The path comes back: the stored publishes are acknowledged and there is room again.
+    proxy.set_blackhole(false);
+    proxy.cut_all();
+    for publish in publishes {
+        let ack = tokio::time::timeout(T, publish)
+            .await
+            .expect("acknowledged within the timeout")
+            .expect("acknowledged");
+        assert!(!ack.duplicate);
+    }
+    let mut next = channel.publish(&6);
+    assert_eq!(next.accepted().await.expect("room again"), 6);
+    tokio::time::timeout(T, next)
+        .await
+        .expect("acknowledged within the timeout")
+        .expect("acknowledged");
+    assert_eq!(store.last_seq("bounded").unwrap(), 6);
+    transport.close().await;
+    stranger.close().await;
     hub.stop().await;
 }
