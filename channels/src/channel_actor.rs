@@ -27,9 +27,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::core::{Action, ChannelCore, Event, SubscriberRoom, DELIVERY_ROOM};
+pub use crate::core::{ChannelEvent, ChannelMessage, Discontinuity, PublishAck};
 use crate::durable::{DurableChannel, DurableStore, Recovery};
 use crate::error::DurableFailure;
-pub use crate::core::{ChannelEvent, ChannelMessage, Discontinuity, PublishAck};
 use crate::error::{validate_name, ChannelError};
 use crate::outbox::BufferLimits;
 use crate::state::{ChannelState, ChannelStateChanged};
@@ -268,10 +268,7 @@ impl ChannelActor {
                 let _ = responder.ack.send(result);
             }
             Action::Accepted { seq } => {
-                if let Some(accepted) = self
-                    .core
-                    .responder_mut(seq)
-                    .and_then(|r| r.accepted.take())
+                if let Some(accepted) = self.core.responder_mut(seq).and_then(|r| r.accepted.take())
                 {
                     let _ = accepted.send(seq);
                 }
@@ -556,14 +553,7 @@ impl Channel {
             });
         }
         let store_channel = store.open_channel(&name)?;
-        Self::start(
-            transport,
-            name,
-            options,
-            Vec::new(),
-            Some(store_channel),
-        )
-        .await
+        Self::start(transport, name, options, Vec::new(), Some(store_channel)).await
     }
 
     async fn start(
@@ -582,8 +572,7 @@ impl Channel {
         // Delivery needs room for a pending gap, a new gap and the message.
         let (tx, rx) = mpsc::channel(options.event_capacity.max(DELIVERY_ROOM));
         let mailbox = options.limits.max_messages.max(16);
-        let span =
-            tracing::info_span!("channel", channel = %name, client_id = %transport.client_id(), durable = durable.is_some());
+        let span = tracing::info_span!("channel", channel = %name, client_id = %transport.client_id(), durable = durable.is_some());
         let (state_tx, state) = watch::channel(ChannelState::Detached);
         let mut recovered = Recovered {
             last_seq: 0,
@@ -670,7 +659,11 @@ impl Channel {
             addr.do_send(ChannelLink::Closed);
             return Err(e.into());
         }
-        Ok((Channel { name, addr, state }, ChannelEvents { rx }, recovered))
+        Ok((
+            Channel { name, addr, state },
+            ChannelEvents { rx },
+            recovered,
+        ))
     }
 
     /// The channel name.

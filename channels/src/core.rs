@@ -402,7 +402,8 @@ impl<R> ChannelCore<R> {
             metrics::gauge!(telemetry::PUBLISH_QUEUE_DEPTH).increment(restored.len() as f64);
         }
         for (seq, payload, responder) in restored {
-            core.outbox.restore(seq, payload, responder, tokio_instant(now));
+            core.outbox
+                .restore(seq, payload, responder, tokio_instant(now));
         }
         core
     }
@@ -1295,7 +1296,14 @@ mod tests {
         };
         let now = Instant::now();
         Harness {
-            core: ChannelCore::new_durable("c", "stored-producer", &options, last_seq, restored, now),
+            core: ChannelCore::new_durable(
+                "c",
+                "stored-producer",
+                &options,
+                last_seq,
+                restored,
+                now,
+            ),
             now,
             next_responder: 100,
         }

@@ -103,9 +103,8 @@ impl DurableStoreBuilder {
     pub fn open(self) -> Result<DurableStore, ChannelError> {
         let path = self.path;
         if let Some(id) = &self.client_id {
-            check_identifier("client_id", id, MAX_ID_LEN, true).map_err(|e| {
-                durable_error(&path, DurableFailure::InvalidOptions, e.to_string())
-            })?;
+            check_identifier("client_id", id, MAX_ID_LEN, true)
+                .map_err(|e| durable_error(&path, DurableFailure::InvalidOptions, e.to_string()))?;
         }
         let db = Database::create(&path).map_err(|e| classify(&path, e.into()))?;
         let fail = |e: redb::Error| classify(&path, e);
@@ -292,16 +291,15 @@ impl DurableStore {
             {
                 let (key, value) = entry.map_err(|e| fail(e.into()))?;
                 let seq = key.value().1;
-                let payload = Payload::from_json_bytes(bytes::Bytes::copy_from_slice(
-                    value.value(),
-                ))
-                .map_err(|e| {
-                    durable_error(
-                        path,
-                        DurableFailure::Corrupt,
-                        format!("publish {seq} of {channel:?} is not JSON: {e}"),
-                    )
-                })?;
+                let payload =
+                    Payload::from_json_bytes(bytes::Bytes::copy_from_slice(value.value()))
+                        .map_err(|e| {
+                            durable_error(
+                                path,
+                                DurableFailure::Corrupt,
+                                format!("publish {seq} of {channel:?} is not JSON: {e}"),
+                            )
+                        })?;
                 entries.push((seq, payload));
             }
             if let Some((seq, _)) = entries.last() {
@@ -309,7 +307,9 @@ impl DurableStore {
                     return Err(durable_error(
                         path,
                         DurableFailure::Corrupt,
-                        format!("publish {seq} of {channel:?} is past its last sequence {last_seq}"),
+                        format!(
+                            "publish {seq} of {channel:?} is past its last sequence {last_seq}"
+                        ),
                     ));
                 }
             }
@@ -479,7 +479,9 @@ mod tests {
             let store = DurableStore::open(&path).unwrap();
             let (channel, recovery) = store.open_channel("orders").unwrap();
             assert_eq!((recovery.last_seq, recovery.entries.len()), (0, 0));
-            channel.commit(&[(1, p(1)), (2, p(2)), (3, p(3))], &[]).unwrap();
+            channel
+                .commit(&[(1, p(1)), (2, p(2)), (3, p(3))], &[])
+                .unwrap();
             channel.commit(&[], &[1]).unwrap();
             (
                 store.client_id().clone(),
@@ -498,7 +500,10 @@ mod tests {
         let seqs: Vec<_> = recovery.entries.iter().map(|(s, _)| *s).collect();
         assert_eq!(seqs, [2, 3]);
         assert_eq!(recovery.entries[0].1.json(), r#"{"n":2}"#);
-        let config = store.transport_config("ws://127.0.0.1:1/ws").build().unwrap();
+        let config = store
+            .transport_config("ws://127.0.0.1:1/ws")
+            .build()
+            .unwrap();
         assert_eq!(config.client_id, client);
         assert_eq!(config.instance_id, Some(instance));
     }
@@ -554,8 +559,16 @@ mod tests {
     #[test]
     fn a_different_client_id_is_refused() {
         let path = temp_path("identity.redb");
-        drop(DurableStore::builder(&path).client_id("ada").open().unwrap());
-        let again = DurableStore::builder(&path).client_id("ada").open().unwrap();
+        drop(
+            DurableStore::builder(&path)
+                .client_id("ada")
+                .open()
+                .unwrap(),
+        );
+        let again = DurableStore::builder(&path)
+            .client_id("ada")
+            .open()
+            .unwrap();
         assert_eq!(again.client_id().0, "ada");
         drop(again);
         match DurableStore::builder(&path).client_id("bob").open() {

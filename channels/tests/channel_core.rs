@@ -457,7 +457,10 @@ impl World {
             Action::Stop => self.stopped = true,
             Action::Accepted { seq } => {
                 let responder = *self.responder_of.get(&seq).expect("unknown seq accepted");
-                assert!(self.outstanding(seq), "seq {seq} accepted after it was answered");
+                assert!(
+                    self.outstanding(seq),
+                    "seq {seq} accepted after it was answered"
+                );
                 assert_eq!(
                     self.core.responder_mut(seq).copied(),
                     Some(responder),

@@ -85,10 +85,9 @@ async fn a_durable_publisher_killed_mid_stream_delivers_every_accepted_message_e
     );
     let proxy = FaultProxy::start(hub_addr).expect("proxy starts");
     let subscriber = Transport::start(fast_client(ws_url(hub_addr)).build().unwrap());
-    let (reader, mut events, _) =
-        open_attached(&subscriber, CHANNEL, ChannelOptions::default(), T)
-            .await
-            .expect("subscriber attached");
+    let (reader, mut events, _) = open_attached(&subscriber, CHANNEL, ChannelOptions::default(), T)
+        .await
+        .expect("subscriber attached");
     let store_path = temp_store("publisher.redb");
     let url = ws_url(proxy.local_addr());
 
@@ -98,7 +97,10 @@ async fn a_durable_publisher_killed_mid_stream_delivers_every_accepted_message_e
     let recovered = until_line(&mut lines, |l| l.starts_with("recovered "), T).await;
     assert_eq!(recovered, "recovered 0 0");
     until_line(&mut lines, |l| accepted(l) == Some(COUNT / 3), T).await;
-    assert!(proxy.stall_all() >= 1, "the publisher's connection was stalled");
+    assert!(
+        proxy.stall_all() >= 1,
+        "the publisher's connection was stalled"
+    );
     until_line(&mut lines, |l| accepted(l) == Some(COUNT / 2), T).await;
     first.start_kill().expect("SIGKILL sent");
     let status = first.wait().await.expect("child reaped");
@@ -236,7 +238,10 @@ async fn a_full_durable_outbox_refuses_publishes_while_a_healthy_client_keeps_wo
         open_attached(&stranger, "healthy", ChannelOptions::default(), T)
             .await
             .expect("healthy client attached");
-    healthy.publish(&"still working").await.expect("healthy publish acknowledged");
+    healthy
+        .publish(&"still working")
+        .await
+        .expect("healthy publish acknowledged");
     collect_messages(&mut healthy_events, 1, T)
         .await
         .expect("healthy client receives");

@@ -202,7 +202,10 @@ impl TransportActor {
             hub_stopping: None,
             connected_since: None,
             lost_at: None,
-            instance: config.instance_id.clone().unwrap_or_else(InstanceId::random),
+            instance: config
+                .instance_id
+                .clone()
+                .unwrap_or_else(InstanceId::random),
             channels: ChannelRoutes::default(),
             channel_status: HashMap::new(),
             syncing: HashSet::new(),

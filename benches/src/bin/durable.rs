@@ -91,7 +91,6 @@ async fn round(
         let sent = clock.micros();
         let payload = Payload::from_json(&make_payload(size, sent))?;
         let mut publish = channel.publish_payload(payload);
-        let clock = clock.clone();
         outstanding.push(async move {
             publish.accepted().await?;
             let accepted_us = clock.micros().saturating_sub(sent);
@@ -157,8 +156,11 @@ async fn run(args: Args) -> Result<Report, BoxError> {
         durable_ack: Latencies::default().summary(),
         memory_ack: Latencies::default().summary(),
     };
-    let (mut durable_accepted, mut durable_ack, mut memory_ack) =
-        (Latencies::default(), Latencies::default(), Latencies::default());
+    let (mut durable_accepted, mut durable_ack, mut memory_ack) = (
+        Latencies::default(),
+        Latencies::default(),
+        Latencies::default(),
+    );
     // Warm-up: one small round each, not counted.
     round(&memory_channel, args.window * 4, args.payload, args.window).await?;
     for r in 0..args.rounds {
