@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ use tokio::time::Instant;
 
 use crate::core::{Action, ChannelCore, Event, SubscriberRoom, DELIVERY_ROOM};
 pub use crate::core::{ChannelEvent, ChannelMessage, Discontinuity, PublishAck};
+use crate::durable::{DurableChannel, DurableStore, Recovery};
+use crate::error::DurableFailure;
 use crate::error::{validate_name, ChannelError};
 use crate::outbox::BufferLimits;
 use crate::state::{ChannelState, ChannelStateChanged};
@@ -91,7 +94,21 @@ impl Message for ChannelEvent {
     type Result = ();
 }
 
-type Responder = oneshot::Sender<Result<PublishAck, ChannelError>>;
+/// Answers one publisher: when it is accepted, then how it ended.
+#[derive(Debug)]
+struct Responder {
+    ack: oneshot::Sender<Result<PublishAck, ChannelError>>,
+    accepted: Option<oneshot::Sender<u64>>,
+}
+
+/// A durable channel's writes waiting for the store, and whether a commit is under way: while
+/// one is, new writes gather for the next (group commit).
+struct DurableWrites {
+    channel: Arc<DurableChannel>,
+    appends: Vec<(u64, Payload)>,
+    removes: Vec<u64>,
+    committing: bool,
+}
 
 /// Publishes one message (see [`Channel::publish`]).
 #[derive(Message)]
@@ -125,6 +142,8 @@ pub struct ChannelActor {
     /// The core's deadline, as scheduled.
     timer: Option<(std::time::Instant, SpawnHandle)>,
     detach_waiters: Vec<oneshot::Sender<()>>,
+    /// A durable channel's store.
+    durable: Option<DurableWrites>,
     span: tracing::Span,
 }
 
@@ -163,6 +182,70 @@ impl ChannelActor {
                 _ => conn.do_send(SendFrames(frames)),
             }
         }
+        self.commit_durable(ctx);
+    }
+
+    /// Starts a commit of the writes gathered so far, unless one is under way (its end starts
+    /// the next). The commit runs on tokio's blocking pool, so the actor keeps taking
+    /// publishes meanwhile: they all go into the next commit.
+    fn commit_durable(&mut self, ctx: &mut Context<Self>) {
+        let Some(writes) = &mut self.durable else {
+            return;
+        };
+        if writes.committing || (writes.appends.is_empty() && writes.removes.is_empty()) {
+            return;
+        }
+        writes.committing = true;
+        let appends = std::mem::take(&mut writes.appends);
+        let removes = std::mem::take(&mut writes.removes);
+        let range = appends
+            .first()
+            .map(|(first, _)| *first)
+            .zip(appends.last().map(|(last, _)| *last));
+        let channel = writes.channel.clone();
+        let batch = appends.len();
+        ctx.spawn(
+            async move {
+                let started = std::time::Instant::now();
+                let store = channel.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || store.commit(&appends, &removes)).await;
+                let result = result.unwrap_or_else(|e| {
+                    Err(channel.io_error(format!("the commit's thread failed: {e}")))
+                });
+                metrics::histogram!(crate::telemetry::DURABLE_COMMIT_SECONDS)
+                    .record(started.elapsed().as_secs_f64());
+                result
+            }
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                if let Some(writes) = &mut act.durable {
+                    writes.committing = false;
+                }
+                if batch > 0 {
+                    metrics::histogram!(crate::telemetry::DURABLE_COMMIT_BATCH)
+                        .record(batch as f64);
+                }
+                if let Err(error) = &result {
+                    metrics::counter!(crate::telemetry::DURABLE_COMMIT_ERRORS).increment(1);
+                    // Failed removals are not retried: one left behind is re-sent after a
+                    // restart and acknowledged as a duplicate.
+                    tracing::warn!(parent: &act.span, %error, batch, "durable outbox commit failed");
+                }
+                match (range, result) {
+                    (Some((_, through)), Ok(())) => act.run(ctx, Event::Persisted { through }),
+                    (Some((from, through)), Err(error)) => act.run(
+                        ctx,
+                        Event::PersistFailed {
+                            from,
+                            through,
+                            error,
+                        },
+                    ),
+                    (None, _) => act.commit_durable(ctx),
+                }
+            }),
+        );
     }
 
     fn perform(&mut self, ctx: &mut Context<Self>, action: Action<Responder>) {
@@ -182,7 +265,23 @@ impl ChannelActor {
                 }
             }
             Action::Answer { responder, result } => {
-                let _ = responder.send(result);
+                let _ = responder.ack.send(result);
+            }
+            Action::Accepted { seq } => {
+                if let Some(accepted) = self.core.responder_mut(seq).and_then(|r| r.accepted.take())
+                {
+                    let _ = accepted.send(seq);
+                }
+            }
+            Action::Persist { seq, payload } => {
+                if let Some(writes) = &mut self.durable {
+                    writes.appends.push((seq, payload));
+                }
+            }
+            Action::Forget { seq } => {
+                if let Some(writes) = &mut self.durable {
+                    writes.removes.push(seq);
+                }
             }
             Action::StateChanged(event) => {
                 self.state_tx.send_replace(event.to);
@@ -416,6 +515,54 @@ impl Channel {
     ) -> Result<(Channel, ChannelEvents), ChannelError> {
         let name = name.into();
         validate_name(&name)?;
+        let (channel, events, _) =
+            Self::start(transport, name, options, state_subscribers, None).await?;
+        Ok((channel, events))
+    }
+
+    /// Opens channel `name` with a durable outbox in `store` (see [`crate::durable`]): a
+    /// publish is accepted ([`PublishFuture::accepted`]) once committed to the store, and then
+    /// survives the process — a later run that opens the same channel on the same store sends
+    /// what was not acknowledged, with its original sequence numbers, before anything new, and
+    /// the hub stores each exactly once. `transport` must carry the store's identity
+    /// ([`DurableStore::transport_config`]); one handle per channel and store at a time.
+    ///
+    /// Returns, besides the handle and the events, what an earlier run left ([`Recovered`]).
+    pub async fn open_durable(
+        transport: &Transport,
+        name: impl Into<String>,
+        options: ChannelOptions,
+        store: &DurableStore,
+    ) -> Result<(Channel, ChannelEvents, Recovered), ChannelError> {
+        let name = name.into();
+        validate_name(&name)?;
+        if transport.client_id() != store.client_id()
+            || transport.instance_id() != store.instance_id()
+        {
+            return Err(ChannelError::Durable {
+                path: store.path().display().to_string(),
+                kind: DurableFailure::InvalidOptions,
+                message: format!(
+                    "the transport's identity ({}/{}) is not the store's ({}/{}): build its \
+                     configuration with DurableStore::transport_config",
+                    transport.client_id(),
+                    transport.instance_id(),
+                    store.client_id(),
+                    store.instance_id()
+                ),
+            });
+        }
+        let store_channel = store.open_channel(&name)?;
+        Self::start(transport, name, options, Vec::new(), Some(store_channel)).await
+    }
+
+    async fn start(
+        transport: &Transport,
+        name: String,
+        options: ChannelOptions,
+        state_subscribers: Vec<Recipient<ChannelStateChanged>>,
+        durable: Option<(DurableChannel, Recovery)>,
+    ) -> Result<(Channel, ChannelEvents, Recovered), ChannelError> {
         let mut options = options;
         // A publish frame is the payload plus a small envelope; it must fit the transport.
         let fits = transport
@@ -425,14 +572,65 @@ impl Channel {
         // Delivery needs room for a pending gap, a new gap and the message.
         let (tx, rx) = mpsc::channel(options.event_capacity.max(DELIVERY_ROOM));
         let mailbox = options.limits.max_messages.max(16);
-        let span =
-            tracing::info_span!("channel", channel = %name, client_id = %transport.client_id());
+        let span = tracing::info_span!("channel", channel = %name, client_id = %transport.client_id(), durable = durable.is_some());
         let (state_tx, state) = watch::channel(ChannelState::Detached);
-        let core = ChannelCore::new(
-            name.clone(),
-            tether_transport::protocol::InstanceId::random().0,
-            &options,
-        );
+        let mut recovered = Recovered {
+            last_seq: 0,
+            pending: Vec::new(),
+        };
+        let (core, durable) = match durable {
+            None => (
+                ChannelCore::new(
+                    name.clone(),
+                    tether_transport::protocol::InstanceId::random().0,
+                    &options,
+                ),
+                None,
+            ),
+            Some((store_channel, recovery)) => {
+                recovered.last_seq = recovery.last_seq;
+                let mut restored = Vec::with_capacity(recovery.entries.len());
+                for (seq, payload) in recovery.entries {
+                    let (ack, rx) = oneshot::channel();
+                    restored.push((
+                        seq,
+                        payload,
+                        Responder {
+                            ack,
+                            accepted: None,
+                        },
+                    ));
+                    recovered.pending.push(PublishFuture {
+                        ack: Some(rx),
+                        accepted: None,
+                        seq: Some(seq),
+                        outcome: None,
+                    });
+                }
+                span.in_scope(|| {
+                    tracing::info!(
+                        last_seq = recovery.last_seq,
+                        pending = restored.len(),
+                        "durable outbox recovered"
+                    )
+                });
+                let core = ChannelCore::new_durable(
+                    name.clone(),
+                    recovery.producer,
+                    &options,
+                    recovery.last_seq,
+                    restored,
+                    Instant::now().into_std(),
+                );
+                let writes = DurableWrites {
+                    channel: Arc::new(store_channel),
+                    appends: Vec::new(),
+                    removes: Vec::new(),
+                    committing: false,
+                };
+                (core, Some(writes))
+            }
+        };
         let actor = ChannelActor {
             core,
             transport: transport.clone(),
@@ -443,6 +641,7 @@ impl Channel {
             generation: 0,
             timer: None,
             detach_waiters: Vec::new(),
+            durable,
             span,
         };
         let addr = ChannelActor::create(move |ctx| {
@@ -460,7 +659,11 @@ impl Channel {
             addr.do_send(ChannelLink::Closed);
             return Err(e.into());
         }
-        Ok((Channel { name, addr, state }, ChannelEvents { rx }))
+        Ok((
+            Channel { name, addr, state },
+            ChannelEvents { rx },
+            recovered,
+        ))
     }
 
     /// The channel name.
@@ -481,12 +684,21 @@ impl Channel {
 
     /// Publishes an already-encoded payload.
     pub fn publish_payload(&self, payload: Payload) -> PublishFuture {
-        let (tx, rx) = oneshot::channel();
+        let (ack, ack_rx) = oneshot::channel();
+        let (accepted, accepted_rx) = oneshot::channel();
         match self.addr.try_send(PublishCommand {
             payload,
-            responder: tx,
+            responder: Responder {
+                ack,
+                accepted: Some(accepted),
+            },
         }) {
-            Ok(()) => PublishFuture { inner: Ok(rx) },
+            Ok(()) => PublishFuture {
+                ack: Some(ack_rx),
+                accepted: Some(accepted_rx),
+                seq: None,
+                outcome: None,
+            },
             Err(SendError::Full(_)) => PublishFuture::failed(ChannelError::QueueFull {
                 channel: self.name.clone(),
                 messages: 0,
@@ -534,16 +746,52 @@ impl Channel {
     }
 }
 
-/// The future of one publish: the hub's ack, or a typed error.
+/// The future of one publish: the hub's ack, or a typed error. [`PublishFuture::accepted`]
+/// tells the earlier moment the channel took it on (on a durable channel: committed to disk).
+#[derive(Debug)]
 pub struct PublishFuture {
-    inner: Result<oneshot::Receiver<Result<PublishAck, ChannelError>>, Option<ChannelError>>,
+    ack: Option<oneshot::Receiver<Result<PublishAck, ChannelError>>>,
+    accepted: Option<oneshot::Receiver<u64>>,
+    /// Its sequence number, once known.
+    seq: Option<u64>,
+    /// The outcome, when it is known before the future is polled.
+    outcome: Option<Result<PublishAck, ChannelError>>,
 }
 
 impl PublishFuture {
     fn failed(error: ChannelError) -> Self {
         PublishFuture {
-            inner: Err(Some(error)),
+            ack: None,
+            accepted: None,
+            seq: None,
+            outcome: Some(Err(error)),
         }
+    }
+
+    /// Waits until the channel has accepted the publish and returns its sequence number. On a
+    /// durable channel that is once the publish is committed to the store: from then on it
+    /// survives the process being killed. Otherwise it is once the publish is queued in memory.
+    /// A refused publish returns the error the future itself then resolves to. Awaiting the
+    /// future afterwards gives the hub's ack as usual.
+    pub async fn accepted(&mut self) -> Result<u64, ChannelError> {
+        if let Some(seq) = self.seq {
+            return Ok(seq);
+        }
+        if let Some(rx) = self.accepted.take() {
+            if let Ok(seq) = rx.await {
+                self.seq = Some(seq);
+                return Ok(seq);
+            }
+        }
+        // Never accepted (or answered before the acceptance was told): the outcome says why.
+        let outcome = match self.outcome.take() {
+            Some(outcome) => outcome,
+            None => (&mut *self).await,
+        };
+        self.outcome = Some(outcome.clone());
+        let ack = outcome?;
+        self.seq = Some(ack.seq);
+        Ok(ack.seq)
     }
 }
 
@@ -551,13 +799,29 @@ impl Future for PublishFuture {
     type Output = Result<PublishAck, ChannelError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
-        match &mut self.inner {
-            Ok(rx) => Pin::new(rx)
+        if let Some(outcome) = self.outcome.take() {
+            return Poll::Ready(outcome);
+        }
+        match &mut self.ack {
+            Some(rx) => Pin::new(rx)
                 .poll(cx)
                 .map(|r| r.unwrap_or(Err(ChannelError::TransportClosed))),
-            Err(e) => Poll::Ready(Err(e.take().unwrap_or(ChannelError::TransportClosed))),
+            None => Poll::Ready(Err(ChannelError::TransportClosed)),
         }
     }
+}
+
+/// What a durable channel found in its store when it opened ([`Channel::open_durable`]).
+#[derive(Debug)]
+pub struct Recovered {
+    /// The last sequence number the channel gave out before (0 for a new channel): new
+    /// publishes continue after it. An application that numbers its messages one per
+    /// publish resumes its numbering from here.
+    pub last_seq: u64,
+    /// The publishes an earlier run accepted and the hub had not acknowledged, in order: they
+    /// are being sent before anything new, and each resolves with the hub's ack (a
+    /// `duplicate` one when the hub had stored it already).
+    pub pending: Vec<PublishFuture>,
 }
 
 /// A subscriber's events, in order. A `futures::Stream` too.

@@ -34,7 +34,7 @@
 //! // A publish before the hub answered waits in the buffer.
 //! core.handle(now, Event::Publish { payload: Payload::from_json("1").unwrap(), responder: "first" });
 //! assert_eq!(core.queued(), 1);
-//! assert!(core.drain_actions().next().is_none());
+//! assert!(core.drain_actions().all(|a| matches!(a, Action::Accepted { seq: 1 })));
 //!
 //! // The hub confirms: the channel is attached and the publish goes out with seq 1.
 //! core.handle(now, Event::Attached(Attached {
@@ -224,6 +224,21 @@ pub enum Event<R> {
     Timeout,
     /// The shell stops, whatever the reason: nobody may be left waiting.
     Stopped,
+    /// Durable channels: the store committed every [`Action::Persist`] up to `through`.
+    Persisted {
+        /// The last sequence number of the commit.
+        through: u64,
+    },
+    /// Durable channels: the store failed to commit the publishes `from..=through`; nothing of
+    /// them was stored.
+    PersistFailed {
+        /// The first sequence number of the failed commit.
+        from: u64,
+        /// The last one.
+        through: u64,
+        /// What the store said.
+        error: ChannelError,
+    },
 }
 
 /// What the shell must do: the outputs of [`ChannelCore::handle`], in order.
@@ -253,6 +268,28 @@ pub enum Action<R> {
     Unregister,
     /// The channel is over: release whoever waits for the detach, and stop.
     Stop,
+    /// The publish `seq` is accepted: queued in memory, or (durable) committed to the store.
+    /// Its responder is still queued ([`ChannelCore::responder_mut`]). Comes in sequence order.
+    Accepted {
+        /// Its sequence number.
+        seq: u64,
+    },
+    /// Durable channels: write this publish to the store, then feed [`Event::Persisted`] (or
+    /// [`Event::PersistFailed`]). Writes come in sequence order; the shell may commit several
+    /// in one transaction, in that order.
+    Persist {
+        /// Its sequence number.
+        seq: u64,
+        /// The message.
+        payload: Payload,
+    },
+    /// Durable channels: remove publish `seq` from the store (acknowledged or refused by the
+    /// hub, or evicted). Removals may be batched and need not be flushed at once: one lost in
+    /// a crash is re-sent and acknowledged as a duplicate.
+    Forget {
+        /// Its sequence number.
+        seq: u64,
+    },
 }
 
 /// The replay announced by the last `attached`: how many history frames are still to come and
@@ -279,6 +316,8 @@ enum Link {
 pub struct ChannelCore<R> {
     name: String,
     producer: String,
+    /// Publishes go through a store first ([`Action::Persist`]).
+    durable: bool,
     subscribe: bool,
     max_message_size: usize,
     attach_timeout: Duration,
@@ -318,6 +357,7 @@ impl<R> ChannelCore<R> {
         ChannelCore {
             name: name.into(),
             producer: producer.into(),
+            durable: false,
             subscribe: options.subscribe,
             max_message_size: options.max_message_size,
             attach_timeout: options.attach_timeout,
@@ -342,6 +382,37 @@ impl<R> ChannelCore<R> {
             actions: VecDeque::new(),
             meters: telemetry::ChannelMeters::new(),
         }
+    }
+
+    /// A durable channel (see [`crate::durable`]): every publish is written to a store
+    /// ([`Action::Persist`]) and sent only once committed; numbering continues after
+    /// `last_seq`, and `restored` — what an earlier run left unacknowledged, in sequence order —
+    /// goes out first, with its original sequence numbers. `producer` must be the one the
+    /// earlier run used.
+    pub fn new_durable(
+        name: impl Into<String>,
+        producer: impl Into<String>,
+        options: &ChannelOptions,
+        last_seq: u64,
+        restored: Vec<(u64, Payload, R)>,
+        now: Instant,
+    ) -> Self {
+        let mut core = Self::new(name, producer, options);
+        core.durable = true;
+        core.outbox = OutgoingBuffer::new_durable(options.limits, last_seq);
+        if !restored.is_empty() {
+            core.meters.queue_depth.increment(restored.len() as f64);
+        }
+        for (seq, payload, responder) in restored {
+            core.outbox
+                .restore(seq, payload, responder, tokio_instant(now));
+        }
+        core
+    }
+
+    /// The responder of queued publish `seq` (to tell it of [`Action::Accepted`]).
+    pub fn responder_mut(&mut self, seq: u64) -> Option<&mut R> {
+        self.outbox.responder_mut(seq)
     }
 
     /// The channel name.
@@ -460,6 +531,28 @@ impl<R> ChannelCore<R> {
             Event::RoomAvailable => self.on_room(now),
             Event::Timeout => self.on_timeout(now),
             Event::Stopped => self.answer_all(|| ChannelError::TransportClosed),
+            Event::Persisted { through } => {
+                for seq in self.outbox.mark_committed(through) {
+                    self.push(Action::Accepted { seq });
+                }
+                self.flush();
+            }
+            Event::PersistFailed {
+                from,
+                through,
+                error,
+            } => {
+                let failed = self.outbox.remove_uncommitted(from, through);
+                if !failed.is_empty() {
+                    self.meters.queue_depth.decrement(failed.len() as f64);
+                }
+                for p in failed {
+                    self.push(Action::Answer {
+                        responder: p.responder,
+                        result: Err(error.clone()),
+                    });
+                }
+            }
         }
     }
 
@@ -519,12 +612,27 @@ impl<R> ChannelCore<R> {
             });
             return;
         }
+        // The store's copy shares the payload's bytes.
+        let to_store = self.durable.then(|| payload.clone());
         match self.outbox.push(payload, responder, tokio_instant(now)) {
             Ok(pushed) => {
                 self.meters
                     .queue_depth
                     .increment(1.0 - pushed.evicted.len() as f64);
+                if self.durable {
+                    if let Some(payload) = to_store {
+                        self.push(Action::Persist {
+                            seq: pushed.seq,
+                            payload,
+                        });
+                    }
+                } else {
+                    self.push(Action::Accepted { seq: pushed.seq });
+                }
                 for old in pushed.evicted {
+                    if self.durable {
+                        self.push(Action::Forget { seq: old.seq });
+                    }
                     self.push(Action::Answer {
                         responder: old.responder,
                         result: Err(ChannelError::Evicted {
@@ -566,6 +674,9 @@ impl<R> ChannelCore<R> {
 
     fn ack(&mut self, now: Instant, ack: PublishAck) {
         if let Some(done) = self.outbox.ack(ack.seq) {
+            if self.durable {
+                self.push(Action::Forget { seq: done.seq });
+            }
             self.meters.queue_depth.decrement(1.0);
             self.meters.ack_seconds.record(
                 tokio_instant(now)
@@ -580,14 +691,22 @@ impl<R> ChannelCore<R> {
     }
 
     /// Answers every queued publish with `error` — or, for one already on the wire (the hub
-    /// may have stored it), with [`ChannelError::Unconfirmed`] around it.
+    /// may have stored it), with [`ChannelError::Unconfirmed`] around it. On a durable
+    /// channel a committed publish stays in the store (it goes out when the channel opens
+    /// again): its publisher hears [`ChannelError::Persisted`]; one whose commit is under way
+    /// may yet be stored, so it is `Unconfirmed`.
     fn answer_all(&mut self, error: impl Fn() -> ChannelError) {
         let pending = self.outbox.drain();
         if !pending.is_empty() {
             self.meters.queue_depth.decrement(pending.len() as f64);
         }
         for p in pending {
-            let answer = if p.sends > 0 {
+            let answer = if self.durable && self.outbox.is_committed(p.seq) {
+                ChannelError::Persisted {
+                    channel: self.name.clone(),
+                    seq: p.seq,
+                }
+            } else if p.sends > 0 || self.durable {
                 ChannelError::Unconfirmed {
                     channel: self.name.clone(),
                     seq: p.seq,
@@ -889,6 +1008,9 @@ impl<R> ChannelCore<R> {
             Some(seq) if permanent => {
                 if let Some(done) = self.outbox.reject(seq) {
                     self.meters.queue_depth.decrement(1.0);
+                    if self.durable {
+                        self.push(Action::Forget { seq });
+                    }
                     self.push(Action::Answer {
                         responder: done.responder,
                         result: Err(ChannelError::Rejected {
@@ -1167,6 +1289,161 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn durable(limits: BufferLimits, last_seq: u64, restored: Vec<(u64, Payload, u64)>) -> Harness {
+        let options = ChannelOptions {
+            subscribe: false,
+            limits,
+            ..ChannelOptions::default()
+        };
+        let now = Instant::now();
+        Harness {
+            core: ChannelCore::new_durable(
+                "c",
+                "stored-producer",
+                &options,
+                last_seq,
+                restored,
+                now,
+            ),
+            now,
+            next_responder: 100,
+        }
+    }
+
+    fn persisted(actions: &[Action<u64>]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Persist { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn forgotten(actions: &[Action<u64>]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Forget { seq } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn accepted(actions: &[Action<u64>]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Accepted { seq } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_durable_publish_is_sent_only_once_committed_and_forgotten_once_acked() {
+        let mut h = durable(BufferLimits::default(), 0, Vec::new());
+        h.attached(0);
+        let actions = h.publish();
+        assert_eq!(persisted(&actions), [1]);
+        assert!(published(&actions).is_empty(), "sent before the commit");
+        assert!(accepted(&actions).is_empty(), "accepted before the commit");
+        let actions = h.publish();
+        assert_eq!(persisted(&actions), [2]);
+        // One commit covers both (group commit): both accepted, both sent, in order.
+        let actions = h.step(Event::Persisted { through: 2 });
+        assert_eq!(accepted(&actions), [1, 2]);
+        assert_eq!(published(&actions), [1, 2]);
+        let actions = h.step(Event::Ack(ack(1, 1)));
+        assert_eq!(forgotten(&actions), [1]);
+        assert_eq!(answers(actions).len(), 1);
+    }
+
+    #[test]
+    fn a_durable_channel_continues_its_numbering_and_resends_what_was_left_first() {
+        let restored = vec![(7, p(7), 7), (9, p(9), 9)];
+        let mut h = durable(BufferLimits::default(), 9, restored);
+        assert_eq!(h.core.queued(), 2);
+        let actions = h.publish();
+        assert_eq!(persisted(&actions), [10]);
+        // The attach names the stored producer; the restored ones go out first.
+        let actions = h.step(Event::ConnectionUp);
+        assert_eq!(
+            attach_frame(&actions).unwrap().producer.as_deref(),
+            Some("stored-producer")
+        );
+        let actions = h.step(Event::Attached(attached("a", 0, 0, None)));
+        assert_eq!(published(&actions), [7, 9]);
+        let actions = h.step(Event::Persisted { through: 10 });
+        assert_eq!(published(&actions), [10]);
+        // A duplicate ack of a replay is an ack like any other: answered and forgotten.
+        let actions = h.step(Event::Ack(PublishAck {
+            duplicate: true,
+            ..ack(7, 3)
+        }));
+        assert_eq!(forgotten(&actions), [7]);
+    }
+
+    #[test]
+    fn a_failed_commit_refuses_its_publishes_and_later_ones_go_on() {
+        let mut h = durable(BufferLimits::default(), 0, Vec::new());
+        h.attached(0);
+        h.publish();
+        h.publish();
+        h.publish();
+        let store_error = ChannelError::Durable {
+            path: "x".into(),
+            kind: crate::error::DurableFailure::Io,
+            message: "disk full".into(),
+        };
+        let actions = h.step(Event::PersistFailed {
+            from: 1,
+            through: 2,
+            error: store_error.clone(),
+        });
+        let refused = answers(actions);
+        assert_eq!(
+            refused,
+            [(100, Err(store_error.clone())), (101, Err(store_error))]
+        );
+        assert_eq!(h.core.queued(), 1);
+        let actions = h.step(Event::Persisted { through: 3 });
+        assert_eq!(accepted(&actions), [3]);
+        assert_eq!(published(&actions), [3]);
+    }
+
+    #[test]
+    fn a_durable_outbox_is_bounded_like_the_memory_one_and_keeps_what_it_stored_at_close() {
+        let limits = BufferLimits {
+            max_messages: 2,
+            ..BufferLimits::default()
+        };
+        let mut h = durable(limits, 0, Vec::new());
+        h.publish();
+        h.publish();
+        // Past the bound: refused before anything is written.
+        let actions = h.publish();
+        assert!(persisted(&actions).is_empty());
+        assert!(matches!(
+            answers(actions).as_slice(),
+            [(102, Err(ChannelError::QueueFull { messages: 2, .. }))]
+        ));
+        h.step(Event::Persisted { through: 1 });
+        // Closing: the committed one stays in the store for the next run (no Forget), the one
+        // whose commit is under way may or may not be stored.
+        let actions = h.step(Event::TransportClosed);
+        assert!(forgotten(&actions).is_empty());
+        let answers = answers(actions);
+        assert!(matches!(
+            answers[0],
+            (100, Err(ChannelError::Persisted { seq: 1, .. }))
+        ));
+        assert!(matches!(
+            answers[1],
+            (101, Err(ChannelError::Unconfirmed { seq: 2, .. }))
+        ));
     }
 
     #[test]

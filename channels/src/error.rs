@@ -93,9 +93,75 @@ pub enum ChannelError {
         /// What went wrong.
         message: String,
     },
+    /// The channel's durable outbox (see [`crate::durable`]) could not be opened, read or
+    /// written. [`DurableFailure::is_permanent`] says whether trying again can help; nothing of
+    /// a failed write was stored.
+    #[error("durable outbox {path}: {kind}: {message}")]
+    Durable {
+        /// The store's file.
+        path: String,
+        /// What kind of failure.
+        kind: DurableFailure,
+        /// What the store said.
+        message: String,
+    },
+    /// The channel stopped (closed, detached, or its transport closed) before the hub
+    /// acknowledged this publish, but the publish is kept in the channel's durable outbox: it
+    /// is sent, with the same sequence number, when the channel is opened again on the same
+    /// store. Permanent — publishing it again would duplicate it.
+    #[error("channel {channel:?}: publish {seq} kept in the durable outbox until the channel opens again")]
+    Persisted {
+        /// The channel.
+        channel: String,
+        /// The publish's sequence number.
+        seq: u64,
+    },
     /// A transport-level error (registration, payload encoding).
     #[error(transparent)]
     Transport(#[from] TransportError),
+}
+
+/// Why a durable outbox failed ([`ChannelError::Durable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DurableFailure {
+    /// Another process (or another handle in this one) has the store open: a store belongs
+    /// to one running client at a time. Retryable once that one closed it.
+    #[error("locked by another process")]
+    Locked,
+    /// The file is not a readable store (corrupt, not a redb file, or written by an
+    /// incompatible version). Permanent.
+    #[error("corrupt or unreadable")]
+    Corrupt,
+    /// Reading or writing the file failed (for example the disk is full). Retryable — but
+    /// after a failed commit the store refuses further writes until it is reopened.
+    #[error("I/O error")]
+    Io,
+    /// The store belongs to another client: its stored client id differs from the one asked
+    /// for. Permanent.
+    #[error("identity mismatch")]
+    IdentityMismatch,
+    /// The channel is already open on this store (one handle per channel and store: two
+    /// would share sequence numbers). Retryable once the other handle is gone.
+    #[error("channel already open")]
+    ChannelInUse,
+    /// The options cannot be combined with a durable outbox (for example
+    /// `OverflowPolicy::EvictOldestUnsent`, or a transport whose identity is not the
+    /// store's). Permanent.
+    #[error("invalid options")]
+    InvalidOptions,
+}
+
+impl DurableFailure {
+    /// `true` when trying again cannot succeed.
+    pub fn is_permanent(self) -> bool {
+        match self {
+            DurableFailure::Locked | DurableFailure::Io | DurableFailure::ChannelInUse => false,
+            DurableFailure::Corrupt
+            | DurableFailure::IdentityMismatch
+            | DurableFailure::InvalidOptions => true,
+        }
+    }
 }
 
 impl ChannelError {
@@ -111,7 +177,9 @@ impl ChannelError {
             | ChannelError::Detached { .. }
             | ChannelError::TransportClosed
             | ChannelError::Unconfirmed { .. }
-            | ChannelError::InvalidName { .. } => true,
+            | ChannelError::InvalidName { .. }
+            | ChannelError::Persisted { .. } => true,
+            ChannelError::Durable { kind, .. } => kind.is_permanent(),
             ChannelError::Transport(e) => e.is_permanent(),
         }
     }
@@ -122,7 +190,9 @@ impl ChannelError {
             ChannelError::QueueFull { .. }
             | ChannelError::Evicted { .. }
             | ChannelError::TransportClosed
-            | ChannelError::Store { .. } => ErrorCategory::Service,
+            | ChannelError::Store { .. }
+            | ChannelError::Durable { .. }
+            | ChannelError::Persisted { .. } => ErrorCategory::Service,
             ChannelError::PayloadTooLarge { .. } => ErrorCategory::Protocol,
             ChannelError::Failed { cause, .. } | ChannelError::Rejected { cause, .. } => {
                 cause.category()

@@ -54,6 +54,7 @@
 pub mod channel_actor;
 pub mod core;
 pub mod cursor;
+pub mod durable;
 pub mod error;
 pub mod hub;
 pub mod outbox;
@@ -62,8 +63,8 @@ pub mod telemetry;
 
 pub use channel_actor::{
     Channel, ChannelActor, ChannelEvent, ChannelEvents, ChannelMessage, ChannelOptions,
-    Discontinuity, PublishAck, PublishFuture,
+    Discontinuity, PublishAck, PublishFuture, Recovered,
 };
-pub use error::ChannelError;
+pub use error::{ChannelError, DurableFailure};
 pub use outbox::{BufferLimits, OverflowPolicy};
 pub use state::{ChannelReason, ChannelState, ChannelStateChanged};

@@ -7,7 +7,10 @@
 //!   unsent, so sends (and replays after a reconnect) always go out in original order, before
 //!   anything newer;
 //! * it is bounded by count and bytes; a publish beyond either is refused, never dropped;
-//! * at most `max_in_flight` entries are unacknowledged on the wire at once (flow control).
+//! * at most `max_in_flight` entries are unacknowledged on the wire at once (flow control);
+//! * in a durable buffer ([`OutgoingBuffer::new_durable`]) an entry goes on the wire only once
+//!   its write to the store is committed ([`OutgoingBuffer::mark_committed`]): the hub never
+//!   has a publish that a crash could make the client forget.
 
 use std::collections::VecDeque;
 
@@ -97,6 +100,10 @@ pub struct Refused<R> {
 #[derive(Debug)]
 pub struct OutgoingBuffer<R> {
     limits: BufferLimits,
+    /// Entries wait for [`OutgoingBuffer::mark_committed`] before they may be sent.
+    durable: bool,
+    /// Every entry up to this sequence number is committed (in memory: all of them).
+    committed_through: u64,
     next_seq: u64,
     queue: VecDeque<Pending<R>>,
     first_unsent: usize,
@@ -108,11 +115,84 @@ impl<R> OutgoingBuffer<R> {
     pub fn new(limits: BufferLimits) -> Self {
         OutgoingBuffer {
             limits,
+            durable: false,
+            committed_through: 0,
             next_seq: 1,
             queue: VecDeque::new(),
             first_unsent: 0,
             bytes: 0,
         }
+    }
+
+    /// An empty durable buffer continuing after sequence number `last_seq` (0 for a new
+    /// channel): new entries are sent only once committed.
+    pub fn new_durable(limits: BufferLimits, last_seq: u64) -> Self {
+        OutgoingBuffer {
+            durable: true,
+            committed_through: last_seq,
+            next_seq: last_seq.saturating_add(1),
+            ..Self::new(limits)
+        }
+    }
+
+    /// Puts back a committed entry an earlier run left in the store (in sequence order, before
+    /// any new publish). It is unsent here but may be stored at the hub: it is never evicted.
+    /// Restored entries are kept even beyond the limits — nothing accepted is dropped — and
+    /// new publishes are refused until acks bring the buffer back under them.
+    pub fn restore(&mut self, seq: u64, payload: Payload, responder: R, now: Instant) {
+        debug_assert!(self.queue.back().is_none_or(|last| last.seq < seq));
+        self.bytes += payload.len();
+        self.next_seq = self.next_seq.max(seq.saturating_add(1));
+        self.committed_through = self.committed_through.max(seq);
+        self.queue.push_back(Pending {
+            seq,
+            payload,
+            responder,
+            accepted_at: now,
+            // Sent by the earlier run as far as anyone knows.
+            sends: 1,
+        });
+    }
+
+    /// The store committed every entry up to `through`: they may go on the wire. Returns the
+    /// sequence numbers of the queued entries this made committed, in order.
+    pub fn mark_committed(&mut self, through: u64) -> Vec<u64> {
+        let from = self.committed_through;
+        self.committed_through = self.committed_through.max(through);
+        self.queue
+            .iter()
+            .map(|e| e.seq)
+            .filter(|seq| *seq > from && *seq <= through)
+            .collect()
+    }
+
+    /// The store failed to commit `from..=through`: removes and returns those entries (never
+    /// sent: they were not committed).
+    pub fn remove_uncommitted(&mut self, from: u64, through: u64) -> Vec<Pending<R>> {
+        let mut removed = Vec::new();
+        let mut index = self.first_unsent;
+        while index < self.queue.len() {
+            let seq = self.queue[index].seq;
+            if seq >= from && seq <= through && seq > self.committed_through {
+                let entry = self.queue.remove(index).expect("index in range");
+                self.bytes -= entry.payload.len();
+                removed.push(entry);
+            } else {
+                index += 1;
+            }
+        }
+        removed
+    }
+
+    /// Whether entry `seq` is committed (always, in memory).
+    pub fn is_committed(&self, seq: u64) -> bool {
+        !self.durable || seq <= self.committed_through
+    }
+
+    /// The responder of queued entry `seq`.
+    pub fn responder_mut(&mut self, seq: u64) -> Option<&mut R> {
+        let index = self.queue.binary_search_by_key(&seq, |p| p.seq).ok()?;
+        Some(&mut self.queue[index].responder)
     }
 
     /// Queues a publish and returns its sequence number with whatever the overflow policy
@@ -151,6 +231,9 @@ impl<R> OutgoingBuffer<R> {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        if !self.durable {
+            self.committed_through = seq;
+        }
         self.bytes += size;
         self.queue.push_back(Pending {
             seq,
@@ -189,7 +272,10 @@ impl<R> OutgoingBuffer<R> {
     /// The next message to put on the wire, if the in-flight window allows one: always the
     /// oldest unsent. Marks it in flight.
     pub fn next_to_send(&mut self) -> Option<&Pending<R>> {
-        if self.first_unsent >= self.queue.len() || self.first_unsent >= self.limits.max_in_flight {
+        if self.first_unsent >= self.queue.len()
+            || self.first_unsent >= self.limits.max_in_flight
+            || self.queue[self.first_unsent].seq > self.committed_through
+        {
             return None;
         }
         let entry = &mut self.queue[self.first_unsent];

@@ -8,6 +8,12 @@ pub const PUBLISH_REPLAYED: &str = "tether_publish_replayed_total";
 pub const PUBLISH_ACK_SECONDS: &str = "tether_publish_ack_seconds";
 /// Counter, label `side` (`client`, `hub`): duplicates recognised and dropped.
 pub const DUPLICATES_DROPPED: &str = "tether_duplicates_dropped_total";
+/// Histogram: seconds one durable-outbox commit took (client side).
+pub const DURABLE_COMMIT_SECONDS: &str = "tether_durable_commit_seconds";
+/// Histogram: publishes written per durable-outbox commit (group commit).
+pub const DURABLE_COMMIT_BATCH: &str = "tether_durable_commit_batch";
+/// Counter: durable-outbox commits that failed.
+pub const DURABLE_COMMIT_ERRORS: &str = "tether_durable_commit_errors_total";
 /// Counter: discontinuities reported to subscribers.
 pub const DISCONTINUITIES: &str = "tether_discontinuities_total";
 /// Counter: messages delivered to subscribers (client side).

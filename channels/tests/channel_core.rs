@@ -455,6 +455,21 @@ impl World {
             }
             Action::Unregister => {}
             Action::Stop => self.stopped = true,
+            Action::Accepted { seq } => {
+                let responder = *self.responder_of.get(&seq).expect("unknown seq accepted");
+                assert!(
+                    self.outstanding(seq),
+                    "seq {seq} accepted after it was answered"
+                );
+                assert_eq!(
+                    self.core.responder_mut(seq).copied(),
+                    Some(responder),
+                    "accepted seq {seq} is not queued"
+                );
+            }
+            Action::Persist { .. } | Action::Forget { .. } => {
+                panic!("a channel without a durable outbox wrote to one")
+            }
         }
     }
 

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::error::TransportError;
 use crate::heartbeat::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_IDLE_TIMEOUT};
-use crate::protocol::{check_identifier, ClientId, MAX_ID_LEN, MAX_TOKEN_LEN};
+use crate::protocol::{check_identifier, ClientId, InstanceId, MAX_ID_LEN, MAX_TOKEN_LEN};
 use crate::reconnect::{OnExhausted, ReconnectPolicy, ReconnectStrategy};
 use crate::tls::{ClientTrust, Material};
 
@@ -24,6 +24,11 @@ pub struct TransportConfig {
     pub endpoints: Vec<String>,
     /// This client's identity.
     pub client_id: ClientId,
+    /// This client process instance, sent in every hello: the hub tells publishers apart by
+    /// client id, instance and channel handle. Default: a fresh random id per
+    /// [`Transport`](crate::Transport) (a durable outbox sets a stored one, so a restarted
+    /// process continues the same publishers).
+    pub instance_id: Option<InstanceId>,
     /// Credential sent in the hello. Never serialised.
     #[serde(skip)]
     pub token: Option<String>,
@@ -72,6 +77,7 @@ impl TransportConfig {
 pub struct TransportConfigBuilder {
     endpoints: Vec<String>,
     client_id: Option<ClientId>,
+    instance_id: Option<InstanceId>,
     token: Option<String>,
     reconnect: ReconnectPolicy,
     heartbeat_interval: Duration,
@@ -89,6 +95,7 @@ impl TransportConfigBuilder {
         TransportConfigBuilder {
             endpoints,
             client_id: None,
+            instance_id: None,
             token: None,
             reconnect: ReconnectPolicy::default(),
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
@@ -119,6 +126,14 @@ impl TransportConfigBuilder {
     /// same identity (and publish ids) across process restarts.
     pub fn client_id(mut self, id: impl Into<String>) -> Self {
         self.client_id = Some(ClientId(id.into()));
+        self
+    }
+
+    /// Sets the instance id sent in the hello. Default: a fresh random one per transport.
+    /// Reuse one only for a process that continues the publishers of an earlier one (a durable
+    /// outbox does); two live transports must never share one.
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(InstanceId(id.into()));
         self
     }
 
@@ -399,6 +414,11 @@ impl TransportConfigBuilder {
                 return invalid("client_id", e.to_string());
             }
         }
+        if let Some(id) = &self.instance_id {
+            if let Err(e) = check_identifier("instance_id", &id.0, MAX_ID_LEN, false) {
+                return invalid("instance_id", e.to_string());
+            }
+        }
         if let Some(token) = &self.token {
             if let Err(e) = check_identifier("token", token, MAX_TOKEN_LEN, false) {
                 return invalid("token", e.to_string());
@@ -469,6 +489,7 @@ impl TransportConfigBuilder {
         Ok(TransportConfig {
             endpoints: self.endpoints,
             client_id: self.client_id.unwrap_or_else(ClientId::random),
+            instance_id: self.instance_id,
             token: self.token,
             reconnect: self.reconnect,
             heartbeat_interval: self.heartbeat_interval,

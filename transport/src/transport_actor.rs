@@ -202,7 +202,10 @@ impl TransportActor {
             hub_stopping: None,
             connected_since: None,
             lost_at: None,
-            instance: InstanceId::random(),
+            instance: config
+                .instance_id
+                .clone()
+                .unwrap_or_else(InstanceId::random),
             channels: ChannelRoutes::default(),
             channel_status: HashMap::new(),
             syncing: HashSet::new(),
@@ -816,6 +819,7 @@ impl TransportActor {
 pub struct Transport {
     addr: Addr<TransportActor>,
     client_id: crate::protocol::ClientId,
+    instance_id: InstanceId,
     max_frame_size: usize,
     state: watch::Receiver<ConnectionState>,
 }
@@ -832,6 +836,11 @@ impl Transport {
         config: TransportConfig,
         subscribers: Vec<Recipient<ConnectionStateChanged>>,
     ) -> Transport {
+        let mut config = config;
+        let instance_id = config
+            .instance_id
+            .get_or_insert_with(InstanceId::random)
+            .clone();
         let client_id = config.client_id.clone();
         let max_frame_size = config.max_frame_size;
         let actor = TransportActor::new(config, subscribers);
@@ -839,6 +848,7 @@ impl Transport {
         Transport {
             addr: actor.start(),
             client_id,
+            instance_id,
             max_frame_size,
             state,
         }
@@ -861,6 +871,12 @@ impl Transport {
     /// This transport's client id.
     pub fn client_id(&self) -> &crate::protocol::ClientId {
         &self.client_id
+    }
+
+    /// This transport's instance id (sent in every hello; see
+    /// [`TransportConfig::instance_id`](crate::TransportConfig::instance_id)).
+    pub fn instance_id(&self) -> &InstanceId {
+        &self.instance_id
     }
 
     /// Registers a channel on this transport (used by the channels layer).
