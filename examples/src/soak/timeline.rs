@@ -13,8 +13,8 @@
 //!
 //! An outage is attributed to the fault active when the connection was lost: of the faults
 //! injected at or before the loss whose path came back no longer than the attribution window
-//! before it, the one whose path came back last (one still going on before any other; equal:
-//! the later injected). So when faults overlap, the one keeping the path down gets the outage —
+//! before it, the one whose path came back last (one that takes connections down before
+//! `latency`, which does not; one still going on before any other; equal: the later injected). So when faults overlap, the one keeping the path down gets the outage —
 //! a cut during a hub restart is the restart's. Outages no fault explains are counted under
 //! `unattributed`.
 
@@ -158,7 +158,8 @@ impl Timeline {
         self.faults
             .iter()
             .filter(|f| f.at <= lost && lost <= end(f).saturating_add(window))
-            .max_by_key(|f| (end(f), f.at))
+            // A fault that takes connections down explains a loss before one that does not.
+            .max_by_key(|f| (f.kind.disconnects(), end(f), f.at))
     }
 
     /// Every outage with the kind it is attributed to ([`UNATTRIBUTED`] when none), its
@@ -495,6 +496,19 @@ mod tests {
         assert_eq!(
             tl.attribute(ms(6001), ms(5000)).map(|f| f.kind),
             Some(FaultKind::Cut)
+        );
+    }
+
+    #[test]
+    fn latency_does_not_claim_a_refusals_outage() {
+        let mut tl = Timeline::new();
+        let refuse = tl.fault(ms(5000), FaultKind::Refuse(ms(1000)));
+        tl.fault_ended(refuse, ms(6000));
+        let latency = tl.fault(ms(5500), FaultKind::Latency(ms(100)));
+        tl.fault_ended(latency, ms(7500));
+        assert_eq!(
+            tl.attribute(ms(5600), ms(5000)).map(|f| f.kind),
+            Some(FaultKind::Refuse(ms(1000)))
         );
     }
 
