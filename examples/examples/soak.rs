@@ -22,8 +22,16 @@
 //! cargo run --release --example soak -- --duration 15 --clients 6 --channels 2 --rate 100 --tls
 //! ```
 //!
+//! As a deployment gate: `--slo uptime=0.99,recovery_p99=2s,ack_p99=500ms` names objectives the
+//! run must meet. `--client-procs P` spreads the clients over P processes of this binary (one
+//! ledger, one report: they send what they observe back as JSON lines). `--hub-url wss://…
+//! --token T` aims the clients at a real deployment (no local hub, no fault proxy) and reads
+//! its `/metrics` at the start and the end.
+//!
 //! Exit status: 0 when nothing was silently lost, duplicated or reordered (and, where history
-//! is durable, no discontinuity was reported); 1 otherwise; 2 when the run could not be set up.
+//! is durable, no discontinuity was reported) and every `--slo` objective was met; 1 when
+//! something was lost, duplicated or reordered or the run did not finish its work; 3 when the
+//! run was correct but missed an objective; 2 when the run could not be set up.
 //!
 //! Hubs: by default one hub embedded in this process, which keeps its channel history across
 //! `restart` faults (the server stops and starts; the channel service lives on). With
@@ -36,7 +44,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::rc::Rc;
@@ -47,21 +56,25 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use tether_channels::hub::{ChannelService, RedisStore, Retention};
 use tether_channels::{BufferLimits, Channel, ChannelEvent, ChannelOptions};
+use tether_examples::soak::clock::{monotonic_nanos, since};
 use tether_examples::soak::faults::{parse_duration, parse_faults, FaultKind, FaultSpec};
-use tether_examples::soak::ledger::{Ledger, ReportedGap};
+use tether_examples::soak::metrics::{self, HubMetrics};
+use tether_examples::soak::record::{Collector, Record};
 use tether_examples::soak::report::Report;
 use tether_examples::soak::resources;
-use tether_examples::soak::timeline::{Percentiles, Timeline, Transition};
+use tether_examples::soak::slo::{evaluate, parse_slo};
+use tether_examples::soak::timeline::Percentiles;
 use tether_integration_tests::harness::free_addr;
 use tether_integration_tests::process::die_with_parent;
 use tether_integration_tests::{FaultProxy, RedisServer, TestCert};
 use tether_transport::hub::{Hub, HubConfig, HubConfigBuilder, HubHandle};
 use tether_transport::protocol::Payload;
-use tether_transport::{Transport, TransportConfig};
+use tether_transport::{Transport, TransportConfig, TransportConfigBuilder};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const DEFAULT_FAULTS: &str = "cut@5s,latency:100ms@7s,stall@13s,refuse:1s@19s,restart@29s";
 
-/// Load and chaos test for Tether: measures uptime, recovery time, loss and speed.
+/// Load and chaos test for Tether: measures uptime, recovery time, latency, loss and speed.
 #[derive(Parser, Debug)]
 struct Args {
     /// Client transports.
@@ -80,20 +93,37 @@ struct Args {
     #[arg(long, default_value_t = 60.0)]
     duration: f64,
     /// Faults: comma list of KIND@EVERY, KIND one of cut, stall, restart, kill-node (with
-    /// --hub-nodes), refuse:DURATION, latency:DURATION. Empty for none.
-    #[arg(long, default_value = DEFAULT_FAULTS)]
-    faults: String,
+    /// --hub-nodes), refuse:DURATION, latency:DURATION. Empty for none. Default: a mix of every
+    /// kind the embedded hub allows; none with --hub-url.
+    #[arg(long)]
+    faults: Option<String>,
     /// Seed for client jitter and payload padding.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Target an external hub (ws://host:port/path) instead of the embedded one (restart
-    /// faults are then skipped).
+    /// Aim every client at this deployment (ws://… or wss://…) instead of a local hub: no fault
+    /// proxy, no local hub (so no fault can be injected), and its /metrics is read at the start
+    /// and the end of the run.
     #[arg(long)]
     hub_url: Option<String>,
+    /// The token clients present in their handshake (for --hub-url deployments that require
+    /// one).
+    #[arg(long)]
+    token: Option<String>,
+    /// A PEM file of CA certificates to trust for wss:// besides the built-in roots.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Service-level objectives the run must meet, e.g.
+    /// `uptime=0.99,recovery_p99=2s,ack_p99=500ms,cut.recovery_p99=500ms`; exit status 3 and
+    /// the missed objectives named when one is not.
+    #[arg(long)]
+    slo: Option<String>,
+    /// Spread the clients over this many child processes (0: every client in this process).
+    #[arg(long, default_value_t = 0)]
+    client_procs: u32,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Write the recovery histogram and connection timeline as SVG here.
+    /// Write the recovery histogram, connection timeline and latency over time as SVG here.
     #[arg(long)]
     svg: Option<PathBuf>,
     /// Idle timeout of clients and hub in milliseconds (the heartbeat is a quarter of it).
@@ -123,21 +153,115 @@ struct Args {
     /// Internal: the served node's id.
     #[arg(long, hide = true)]
     node_id: Option<String>,
+    /// Internal: run clients `first..first + count` and report them on stdout (how
+    /// `--client-procs` starts its processes).
+    #[arg(long, hide = true)]
+    client_role: bool,
+    /// Internal: the first client of a client process.
+    #[arg(long, hide = true, default_value_t = 0)]
+    first: u32,
+    /// Internal: how many clients a client process runs.
+    #[arg(long, hide = true, default_value_t = 0)]
+    count: u32,
+    /// Internal: the endpoints a client process connects to.
+    #[arg(long = "url", hide = true)]
+    urls: Vec<String>,
 }
 
-/// The soak payload: publisher, sequence, padding.
+/// The soak payload: publisher, sequence, the publisher's monotonic clock at the publish call
+/// (nanoseconds), padding.
 #[derive(Serialize, Deserialize)]
 struct Body {
     p: u32,
     s: u64,
+    t: u64,
     #[serde(default)]
     x: String,
 }
 
 struct Client {
+    /// Global index (the publisher id).
+    id: u32,
     transport: Transport,
     channel: Channel,
     next_seq: Cell<u64>,
+}
+
+/// Where clients' observations go: straight into the run's collector, or (in a client
+/// process) one JSON line each on stdout, flushed every few milliseconds.
+#[derive(Clone)]
+enum Sink {
+    Local(Rc<RefCell<Collector>>),
+    Pipe(Rc<RefCell<std::io::BufWriter<std::io::Stdout>>>),
+}
+
+impl Sink {
+    fn emit(&self, record: Record) {
+        match self {
+            Sink::Local(collector) => {
+                if let Err(e) = collector.borrow_mut().apply(record) {
+                    tracing::error!(%e, "record not applied");
+                }
+            }
+            Sink::Pipe(out) => {
+                let mut out = out.borrow_mut();
+                // A parent that went away ends this process anyway (die_with_parent).
+                let _ = serde_json::to_writer(&mut *out, &record);
+                let _ = out.write_all(b"\n");
+            }
+        }
+    }
+
+    /// A control line (client processes only).
+    fn control(&self, line: &str) {
+        if let Sink::Pipe(out) = self {
+            let mut out = out.borrow_mut();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    }
+}
+
+/// How clients connect.
+struct ClientSettings {
+    urls: Vec<String>,
+    channels: u32,
+    heartbeat: Duration,
+    idle: Duration,
+    seed: u64,
+    token: Option<String>,
+    ca_file: Option<PathBuf>,
+    cert: Option<TestCert>,
+}
+
+impl ClientSettings {
+    /// The transport configuration of client `i`.
+    fn config(&self, i: u32) -> Result<TransportConfig, Box<dyn std::error::Error>> {
+        // Every client knows every node, starting with its own (spreads the load).
+        let first = i as usize % self.urls.len();
+        let mut builder = TransportConfig::builder(self.urls[first].clone());
+        for k in 1..self.urls.len() {
+            builder = builder.endpoint(self.urls[(first + k) % self.urls.len()].clone());
+        }
+        builder = self.trust(builder);
+        if let Some(token) = &self.token {
+            builder = builder.token(token.clone());
+        }
+        Ok(builder
+            .heartbeat(self.heartbeat, self.idle)
+            .seed(self.seed.wrapping_add(u64::from(i)))
+            .build()?)
+    }
+
+    fn trust(&self, mut builder: TransportConfigBuilder) -> TransportConfigBuilder {
+        if let Some(cert) = &self.cert {
+            builder = cert.trust(builder);
+        }
+        if let Some(file) = &self.ca_file {
+            builder = builder.tls_ca_file(file.clone());
+        }
+        builder
+    }
 }
 
 #[actix::main]
@@ -153,9 +277,19 @@ async fn main() -> ExitCode {
             }
         };
     }
+    if args.client_role {
+        return match client_role(&args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("soak client process {}: {e}", args.first);
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(args).await {
-        Ok(report) if report.passed() => ExitCode::SUCCESS,
-        Ok(_) => ExitCode::from(1),
+        Ok(report) if !report.passed() => ExitCode::from(1),
+        Ok(report) if !report.slo_met() => ExitCode::from(3),
+        Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("soak: {e}");
             ExitCode::from(2)
@@ -163,24 +297,327 @@ async fn main() -> ExitCode {
     }
 }
 
-fn upstream_of(url: &str) -> Result<(SocketAddr, String), String> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| format!("{url:?}: only ws:// hubs can be put behind the fault proxy"))?;
-    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let addr = host
-        .to_socket_addrs()
-        .map_err(|e| format!("{host}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{host}: no address"))?;
-    Ok((
-        addr,
-        if path.is_empty() {
-            "/".into()
-        } else {
-            path.into()
-        },
-    ))
+/// Opens clients `first..first + count`, each recording its transitions and deliveries.
+async fn start_clients(
+    first: u32,
+    count: u32,
+    settings: &ClientSettings,
+    sink: &Sink,
+) -> Result<Vec<Rc<Client>>, Box<dyn std::error::Error>> {
+    let mut clients = Vec::new();
+    for i in first..first + count {
+        let (transport, mut states) = Transport::start_with_events(settings.config(i)?);
+        let states_sink = sink.clone();
+        actix_rt::spawn(async move {
+            while let Some(event) = states.recv().await {
+                // After a lag the latest transition says where the client is from then on.
+                let ev = event.transition();
+                states_sink.emit(Record::Transition {
+                    mono: monotonic_nanos(),
+                    client: i,
+                    from: ev.from.as_str().to_owned(),
+                    to: ev.to.as_str().to_owned(),
+                });
+            }
+        });
+        let options = ChannelOptions {
+            limits: BufferLimits {
+                max_messages: 1_000_000,
+                max_bytes: 1 << 30,
+                ..BufferLimits::default()
+            },
+            ..ChannelOptions::default()
+        };
+        let (channel, mut events) = Channel::open(
+            &transport,
+            format!("soak-{}", i % settings.channels),
+            options,
+        )
+        .await?;
+        let events_sink = sink.clone();
+        actix_rt::spawn(async move {
+            while let Some(event) = events.recv().await {
+                match event {
+                    ChannelEvent::Message(m) => match m.payload.decode::<Body>() {
+                        Ok(body) => events_sink.emit(Record::Delivered {
+                            subscriber: i,
+                            publisher: body.p,
+                            seq: body.s,
+                            epoch: m.epoch.0.clone(),
+                            mono: monotonic_nanos(),
+                            latency_us: since(body.t).as_micros() as u64,
+                        }),
+                        Err(e) => tracing::error!(%e, "foreign payload on a soak channel"),
+                    },
+                    ChannelEvent::Discontinuity(d) => {
+                        tracing::warn!(from = %d.from, to = %d.to, "discontinuity");
+                        events_sink.emit(Record::Discontinuity {
+                            subscriber: i,
+                            from: (d.from.epoch.0.clone(), d.from.offset.0),
+                            to: (d.to.epoch.0.clone(), d.to.offset.0),
+                        });
+                    }
+                }
+            }
+        });
+        clients.push(Rc::new(Client {
+            id: i,
+            transport,
+            channel,
+            next_seq: Cell::new(0),
+        }));
+    }
+    Ok(clients)
+}
+
+/// Publishes round robin over `clients` at `rate` per second for `duration`.
+async fn publish(
+    clients: &[Rc<Client>],
+    rate: f64,
+    duration: Duration,
+    payload: usize,
+    sink: &Sink,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if clients.is_empty() {
+        tokio::time::sleep(duration).await;
+        return Ok(());
+    }
+    let pad = "x".repeat(payload.saturating_sub(44));
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut owed = 0.0f64;
+    let mut next_client = 0usize;
+    let deadline = tokio::time::Instant::now() + duration;
+    while tokio::time::Instant::now() < deadline {
+        tick.tick().await;
+        owed += rate / 100.0;
+        while owed >= 1.0 {
+            owed -= 1.0;
+            let client = clients[next_client].clone();
+            next_client = (next_client + 1) % clients.len();
+            let publisher = client.id;
+            let seq = client.next_seq.get() + 1;
+            client.next_seq.set(seq);
+            let sent = monotonic_nanos();
+            let payload = Payload::from_value(&Body {
+                p: publisher,
+                s: seq,
+                t: sent,
+                x: pad.clone(),
+            })?;
+            sink.emit(Record::Published);
+            let ack = client.channel.publish_payload(payload);
+            let sink = sink.clone();
+            actix_rt::spawn(async move {
+                match ack.await {
+                    Ok(ack) => sink.emit(Record::Acked {
+                        publisher,
+                        seq,
+                        at: ack.offset.zip(ack.epoch).map(|(o, e)| (e.0, o.0)),
+                        mono: monotonic_nanos(),
+                        latency_us: since(sent).as_micros() as u64,
+                    }),
+                    Err(e) => {
+                        tracing::warn!(%e, publisher, seq, "publish failed");
+                        sink.emit(Record::Failed);
+                    }
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The `--client-role` mode: clients `first..first + count`, their observations on stdout,
+/// commands on stdin (`run SECONDS`, `nudge`, `close`).
+async fn client_role(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    die_with_parent();
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let idle = Duration::from_millis(args.idle_timeout_ms.max(40));
+    let settings = ClientSettings {
+        urls: args.urls.clone(),
+        channels: args.channels.max(1),
+        heartbeat: idle / 4,
+        idle,
+        seed: args.seed,
+        token: args.token.clone(),
+        ca_file: args.ca_file.clone(),
+        cert: None,
+    };
+    if settings.urls.is_empty() {
+        return Err("a client process needs --url".into());
+    }
+    let out = Rc::new(RefCell::new(std::io::BufWriter::with_capacity(
+        1 << 16,
+        std::io::stdout(),
+    )));
+    let sink = Sink::Pipe(out.clone());
+    // Records leave in batches, at most a few milliseconds late (their times are in them).
+    let flusher = out.clone();
+    actix_rt::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        loop {
+            tick.tick().await;
+            let _ = flusher.borrow_mut().flush();
+        }
+    });
+    let clients = start_clients(args.first, args.count, &settings, &sink).await?;
+    wait_attached(&clients, Duration::from_secs(120)).await?;
+    sink.control("ready");
+    let mut commands = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = commands.next_line().await? {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("run"), Some(seconds)) => {
+                let duration = Duration::from_secs_f64(seconds.parse()?);
+                publish(&clients, args.rate, duration, args.payload, &sink).await?;
+                sink.control("ran");
+            }
+            (Some("nudge"), None) => {
+                for c in &clients {
+                    let _ = c.transport.reconnect_now().await;
+                }
+            }
+            (Some("close"), None) => break,
+            _ => return Err(format!("unknown command {line:?}").into()),
+        }
+    }
+    for c in &clients {
+        c.transport.close().await;
+    }
+    // The last records (the closing transitions) before the final word.
+    tokio::task::yield_now().await;
+    sink.control("closed");
+    Ok(())
+}
+
+/// A client process of the run, seen from the parent.
+struct ClientProc {
+    name: String,
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    controls: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl ClientProc {
+    /// Starts `current_exe() --client-role …`; its records go into `collector`.
+    fn spawn(
+        name: String,
+        args: Vec<String>,
+        collector: Rc<RefCell<Collector>>,
+    ) -> Result<Self, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+        let mut child = tokio::process::Command::new(exe)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("start {name}: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let stdin = child.stdin.take().ok_or("no stdin")?;
+        let (tx, controls) = tokio::sync::mpsc::unbounded_channel();
+        let who = name.clone();
+        actix_rt::spawn(async move {
+            let mut lines = BufReader::with_capacity(1 << 16, stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.starts_with('{') {
+                    let applied = serde_json::from_str::<Record>(&line)
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| collector.borrow_mut().apply(r));
+                    if let Err(e) = applied {
+                        eprintln!("soak: {who} sent a bad record ({e}): {line}");
+                    }
+                } else if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(ClientProc {
+            name,
+            child,
+            stdin,
+            controls,
+        })
+    }
+
+    async fn send(&mut self, command: &str) -> Result<(), String> {
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await
+            .map_err(|e| format!("{}: {e}", self.name))
+    }
+
+    /// Waits up to `within` for the control line `word`.
+    async fn expect(&mut self, word: &str, within: Duration) -> Result<(), String> {
+        match tokio::time::timeout(within, self.controls.recv()).await {
+            Ok(Some(line)) if line == word => Ok(()),
+            Ok(Some(line)) => Err(format!("{}: expected {word:?}, got {line:?}", self.name)),
+            Ok(None) => {
+                let status = self.child.wait().await.ok();
+                Err(format!(
+                    "{} exited before saying {word:?} (status {status:?})",
+                    self.name
+                ))
+            }
+            Err(_) => Err(format!("{}: no {word:?} within {within:?}", self.name)),
+        }
+    }
+}
+
+/// The clients of a run: here, or in client processes.
+enum Fleet {
+    Local(Vec<Rc<Client>>),
+    Procs(Vec<ClientProc>),
+}
+
+impl Fleet {
+    async fn nudge(&mut self) -> Result<(), String> {
+        match self {
+            Fleet::Local(clients) => {
+                for c in clients.iter() {
+                    let _ = c.transport.reconnect_now().await;
+                }
+            }
+            Fleet::Procs(procs) => {
+                for p in procs.iter_mut() {
+                    p.send("nudge").await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<(), String> {
+        match self {
+            Fleet::Local(clients) => {
+                for c in clients.iter() {
+                    c.transport.close().await;
+                }
+            }
+            Fleet::Procs(procs) => {
+                for p in procs.iter_mut() {
+                    p.send("close").await?;
+                }
+                for p in procs.iter_mut() {
+                    p.expect("closed", Duration::from_secs(60)).await?;
+                    let _ = p.child.wait().await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why `--hub-url` and these faults cannot go together, if they cannot.
+fn faults_for_external_hub(faults: &[FaultSpec]) -> Result<(), String> {
+    match faults.first() {
+        None => Ok(()),
+        Some(first) => Err(format!(
+            "--hub-url runs without the local fault proxy and hubs, so {} cannot be injected \
+             (every fault kind needs one or the other): give --faults \"\" or leave --faults out",
+            first.kind.name()
+        )),
+    }
 }
 
 async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
@@ -190,13 +627,27 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
     if !(args.rate.is_finite() && args.rate >= 0.0) {
         return Err("--rate must be a non-negative number".into());
     }
-    let faults = parse_faults(&args.faults)?;
+    if args.client_procs > args.clients {
+        return Err("--client-procs must not exceed --clients".into());
+    }
+    let fault_spec = args.faults.clone().unwrap_or_else(|| {
+        if args.hub_url.is_some() {
+            String::new()
+        } else {
+            DEFAULT_FAULTS.to_owned()
+        }
+    });
+    let faults = parse_faults(&fault_spec)?;
+    let objectives = parse_slo(args.slo.as_deref().unwrap_or(""))?;
     let drain = parse_duration(&args.drain)?;
     let restart_down = parse_duration(&args.restart_down)?;
     let duration = Duration::from_secs_f64(args.duration.max(0.1));
     let idle = Duration::from_millis(args.idle_timeout_ms.max(40));
     let heartbeat = idle / 4;
     let start = Instant::now();
+    let start_mono = monotonic_nanos();
+    // The proxy holds two sockets per client, the embedded hub one more.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
 
     // The store, the hubs (embedded, processes, or external), each behind its fault proxy.
     let (store, _redis) = resolve_store(&args.store)?;
@@ -209,157 +660,172 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
         return Err("--hub-url and --hub-nodes exclude each other".into());
     }
     if args.hub_url.is_some() && args.tls {
-        return Err("--tls makes its own certificate for its own hubs: not with --hub-url".into());
+        return Err(
+            "--tls makes its own certificate for its own hubs: with --hub-url give a wss:// URL \
+             (and --ca-file for a private CA)"
+                .into(),
+        );
+    }
+    if args.hub_url.is_some() {
+        faults_for_external_hub(&faults)?;
     }
     // One certificate for the run, for every hub (the clients trust it).
     let tls = args.tls.then(SoakTls::new).transpose()?;
-    let (hubs, upstreams, path) = match &args.hub_url {
+    let (hubs, urls, proxies) = match &args.hub_url {
         Some(url) => {
-            let (addr, path) = upstream_of(url)?;
-            (Hubs::External, vec![addr], path)
-        }
-        None if args.hub_nodes == 0 => {
-            let base = match &tls {
-                Some(tls) => tls.cert.serve(HubConfig::builder()),
-                None => HubConfig::builder(),
-            };
-            let config = hub_config(
-                base,
-                free_addr(),
-                idle,
-                channel_service(&store)?,
-                "embedded",
-            )?;
-            let hub = Hub::start(config.clone())?;
-            let (bind, path) = (config.bind, config.ws_path.clone());
-            (
-                Hubs::Embedded {
-                    hub: RefCell::new(Some(hub)),
-                    config: Box::new(config),
-                },
-                vec![bind],
-                path,
-            )
+            metrics::metrics_url(url)?;
+            (Hubs::External, vec![url.clone()], Vec::new())
         }
         None => {
-            let nodes = Nodes::new(
-                args.hub_nodes,
-                &store,
-                args.idle_timeout_ms,
-                tls.as_ref().map(|t| t.files.clone()),
-            )?;
-            for i in 0..args.hub_nodes as usize {
-                nodes.start(i).await?;
-            }
-            let addrs = nodes.addrs();
-            (Hubs::Processes(nodes), addrs, "/ws".to_owned())
+            let (hubs, upstreams, path) = if args.hub_nodes == 0 {
+                let base = match &tls {
+                    Some(tls) => tls.cert.serve(HubConfig::builder()),
+                    None => HubConfig::builder(),
+                };
+                let config = hub_config(
+                    base,
+                    free_addr(),
+                    idle,
+                    channel_service(&store)?,
+                    "embedded",
+                )?;
+                let hub = Hub::start(config.clone())?;
+                let (bind, path) = (config.bind, config.ws_path.clone());
+                (
+                    Hubs::Embedded {
+                        hub: RefCell::new(Some(hub)),
+                        config: Box::new(config),
+                    },
+                    vec![bind],
+                    path,
+                )
+            } else {
+                let nodes = Nodes::new(
+                    args.hub_nodes,
+                    &store,
+                    args.idle_timeout_ms,
+                    tls.as_ref().map(|t| t.files.clone()),
+                )?;
+                for i in 0..args.hub_nodes as usize {
+                    nodes.start(i).await?;
+                }
+                let addrs = nodes.addrs();
+                (Hubs::Processes(nodes), addrs, "/ws".to_owned())
+            };
+            let proxies = upstreams
+                .iter()
+                .map(|addr| FaultProxy::start(*addr).map(Rc::new))
+                .collect::<Result<Vec<_>, _>>()?;
+            let scheme = if tls.is_some() { "wss" } else { "ws" };
+            let urls = proxies
+                .iter()
+                .map(|p| format!("{scheme}://{}{}", p.local_addr(), path))
+                .collect();
+            (hubs, urls, proxies)
         }
     };
     let hubs = Rc::new(hubs);
-    let proxies = upstreams
-        .iter()
-        .map(|addr| FaultProxy::start(*addr).map(Rc::new))
-        .collect::<Result<Vec<_>, _>>()?;
-    let scheme = if tls.is_some() { "wss" } else { "ws" };
-    let urls: Vec<String> = proxies
-        .iter()
-        .map(|p| format!("{scheme}://{}{}", p.local_addr(), path))
-        .collect();
+    let settings = ClientSettings {
+        urls: urls.clone(),
+        channels: args.channels,
+        heartbeat,
+        idle,
+        seed: args.seed,
+        token: args.token.clone(),
+        ca_file: args.ca_file.clone(),
+        cert: tls.as_ref().map(|t| t.cert.clone()),
+    };
 
-    // Clients, each recording its transitions and deliveries.
-    let ledger = Rc::new(RefCell::new(Ledger::new(
+    // What the deployment's counters say before the run (--hub-url).
+    let scrape_target = match &args.hub_url {
+        Some(url) => {
+            let tls = settings.config(0)?.tls.rustls_config().cloned();
+            Some((metrics::metrics_url(url)?, tls))
+        }
+        None => None,
+    };
+    let counters_before = match &scrape_target {
+        Some((url, tls)) => Some(metrics::scrape(url, tls.clone()).await),
+        None => None,
+    };
+
+    // Clients, each recording its transitions and deliveries: here, or in client processes.
+    let collector = Rc::new(RefCell::new(Collector::new(
         (0..args.clients)
             .map(|i| (i % args.channels) as usize)
             .collect(),
+        start_mono,
     )));
-    let timeline = Rc::new(RefCell::new(Timeline::new()));
-    let mut clients = Vec::new();
-    for i in 0..args.clients {
-        // Every client knows every node, starting with its own (spreads the load).
-        let first = i as usize % urls.len();
-        let mut builder = TransportConfig::builder(urls[first].clone());
-        for k in 1..urls.len() {
-            builder = builder.endpoint(urls[(first + k) % urls.len()].clone());
-        }
-        if let Some(tls) = &tls {
-            builder = tls.cert.trust(builder);
-        }
-        let config = builder
-            .heartbeat(heartbeat, idle)
-            .seed(args.seed.wrapping_add(u64::from(i)))
-            .build()?;
-        let (transport, mut states) = Transport::start_with_events(config);
-        let tl = timeline.clone();
-        actix_rt::spawn(async move {
-            while let Some(event) = states.recv().await {
-                // After a lag the latest transition says where the client is from then on.
-                let ev = event.transition();
-                tl.borrow_mut().transition(Transition {
-                    at: start.elapsed(),
-                    client: i,
-                    from: ev.from,
-                    to: ev.to,
-                });
+    let mut fleet = if args.client_procs == 0 {
+        let sink = Sink::Local(collector.clone());
+        let clients = start_clients(0, args.clients, &settings, &sink).await?;
+        wait_attached(&clients, Duration::from_secs(30)).await?;
+        Fleet::Local(clients)
+    } else {
+        let procs = args.client_procs;
+        let mut children = Vec::new();
+        for k in 0..procs {
+            let first = (u64::from(args.clients) * u64::from(k) / u64::from(procs)) as u32;
+            let next = (u64::from(args.clients) * u64::from(k + 1) / u64::from(procs)) as u32;
+            let count = next - first;
+            let mut child_args = vec![
+                "--client-role".to_owned(),
+                format!("--first={first}"),
+                format!("--count={count}"),
+                format!("--clients={}", args.clients),
+                format!("--channels={}", args.channels),
+                format!(
+                    "--rate={}",
+                    args.rate * f64::from(count) / f64::from(args.clients)
+                ),
+                format!("--payload={}", args.payload),
+                format!("--seed={}", args.seed),
+                format!("--idle-timeout-ms={}", args.idle_timeout_ms),
+            ];
+            child_args.extend(urls.iter().map(|u| format!("--url={u}")));
+            if let Some(token) = &args.token {
+                child_args.push(format!("--token={token}"));
             }
-        });
-        let options = ChannelOptions {
-            limits: BufferLimits {
-                max_messages: 1_000_000,
-                max_bytes: 1 << 30,
-                ..BufferLimits::default()
-            },
-            ..ChannelOptions::default()
-        };
-        let (channel, mut events) =
-            Channel::open(&transport, format!("soak-{}", i % args.channels), options).await?;
-        let ledger = ledger.clone();
-        actix_rt::spawn(async move {
-            while let Some(event) = events.recv().await {
-                match event {
-                    ChannelEvent::Message(m) => match m.payload.decode::<Body>() {
-                        Ok(body) => ledger.borrow_mut().delivered(i, body.p, body.s, &m.epoch.0),
-                        Err(e) => tracing::error!(%e, "foreign payload on a soak channel"),
-                    },
-                    ChannelEvent::Discontinuity(d) => {
-                        tracing::warn!(from = %d.from, to = %d.to, "discontinuity");
-                        let gap = ReportedGap {
-                            from: (d.from.epoch.0.clone(), d.from.offset.0),
-                            to: (d.to.epoch.0.clone(), d.to.offset.0),
-                        };
-                        ledger.borrow_mut().discontinuity(i, gap);
-                    }
-                }
+            if let Some(file) = &args.ca_file {
+                child_args.push(format!("--ca-file={}", file.display()));
             }
-        });
-        clients.push(Rc::new(Client {
-            transport,
-            channel,
-            next_seq: Cell::new(0),
-        }));
-    }
-    wait_attached(&clients, Duration::from_secs(30)).await?;
+            if let Some(tls) = &tls {
+                child_args.push(format!("--ca-file={}", tls.files.0.display()));
+            }
+            children.push(ClientProc::spawn(
+                format!("client process {k}"),
+                child_args,
+                collector.clone(),
+            )?);
+        }
+        for child in &mut children {
+            child.expect("ready", Duration::from_secs(180)).await?;
+        }
+        Fleet::Procs(children)
+    };
     println!(
-        "soak: {} clients attached to {} channels through {} ({:.1} s); running {:.0} s with faults [{}]",
+        "soak: {} clients{} attached to {} channels through {} ({:.1} s); running {:.0} s with faults [{}]",
         args.clients,
+        match args.client_procs {
+            0 => String::new(),
+            n => format!(" in {n} processes"),
+        },
         args.channels,
         urls.join(", "),
         start.elapsed().as_secs_f64(),
         duration.as_secs_f64(),
-        args.faults
+        fault_spec
     );
 
     // The measured run: publishing and faults.
-    let run_start = start.elapsed();
+    let run_start = collector.borrow().since_start(monotonic_nanos());
     let cpu_start = resources::cpu_time();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut fault_tasks = Vec::new();
     let restart_failures = Rc::new(Cell::new(0u64));
     for spec in faults.iter().copied() {
         let runs = match (spec.kind, hubs.as_ref()) {
-            (FaultKind::Restart, Hubs::External) => {
-                Err("an external hub cannot be restarted from here")
-            }
-            (FaultKind::KillNode, Hubs::External | Hubs::Embedded { .. }) => {
+            (FaultKind::KillNode, Hubs::Embedded { .. }) => {
                 Err("kill-node needs hub processes (--hub-nodes N)")
             }
             _ => Ok(()),
@@ -373,57 +839,30 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
             stop.clone(),
             proxies.clone(),
             hubs.clone(),
-            timeline.clone(),
-            start,
+            collector.clone(),
             idle,
             restart_down,
             restart_failures.clone(),
         )));
     }
-    let pending = Rc::new(Cell::new(0usize));
-    let pad = "x".repeat(args.payload.saturating_sub(24));
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    let mut owed = 0.0f64;
-    let mut next_client = 0usize;
-    let deadline = tokio::time::Instant::now() + duration;
-    while tokio::time::Instant::now() < deadline {
-        tick.tick().await;
-        owed += args.rate / 100.0;
-        while owed >= 1.0 {
-            owed -= 1.0;
-            let client = clients[next_client].clone();
-            let publisher = next_client as u32;
-            next_client = (next_client + 1) % clients.len();
-            let seq = client.next_seq.get() + 1;
-            client.next_seq.set(seq);
-            let payload = Payload::from_value(&Body {
-                p: publisher,
-                s: seq,
-                x: pad.clone(),
-            })?;
-            ledger.borrow_mut().published();
-            let ack = client.channel.publish_payload(payload);
-            pending.set(pending.get() + 1);
-            let (ledger, pending) = (ledger.clone(), pending.clone());
-            actix_rt::spawn(async move {
-                match ack.await {
-                    Ok(ack) => {
-                        let at = ack.offset.zip(ack.epoch).map(|(o, e)| (e.0, o.0));
-                        ledger.borrow_mut().acked(publisher, seq, at)
-                    }
-                    Err(e) => {
-                        tracing::warn!(%e, publisher, seq, "publish failed");
-                        ledger.borrow_mut().failed();
-                    }
-                }
-                pending.set(pending.get() - 1);
-            });
+    match &mut fleet {
+        Fleet::Local(clients) => {
+            let sink = Sink::Local(collector.clone());
+            publish(clients, args.rate, duration, args.payload, &sink).await?;
+        }
+        Fleet::Procs(procs) => {
+            for p in procs.iter_mut() {
+                p.send(&format!("run {}", duration.as_secs_f64())).await?;
+            }
+            for p in procs.iter_mut() {
+                p.expect("ran", duration + Duration::from_secs(60)).await?;
+            }
         }
     }
     let _ = stop_tx.send(true);
-    let run_end = start.elapsed();
+    let run_end = collector.borrow().since_start(monotonic_nanos());
     let cpu_used = resources::cpu_time().saturating_sub(cpu_start);
-    let delivered_in_run = ledger.borrow().totals().delivered;
+    let delivered_in_run = collector.borrow().ledger.totals().delivered;
     // A fault in progress (a restart, a latency window) finishes before the drain.
     for task in fault_tasks {
         let _ = task.await;
@@ -435,13 +874,15 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
         proxy.set_latency(Duration::ZERO);
         proxy.cut_stalled();
     }
-    for c in &clients {
-        let _ = c.transport.reconnect_now().await;
-    }
+    fleet.nudge().await?;
     let drain_deadline = tokio::time::Instant::now() + drain;
     let mut drained = false;
     while tokio::time::Instant::now() < drain_deadline {
-        if pending.get() == 0 && ledger.borrow().outstanding() == 0 {
+        let (totals, outstanding) = {
+            let c = collector.borrow();
+            (c.ledger.totals(), c.ledger.outstanding())
+        };
+        if totals.acked + totals.failed >= totals.published && outstanding == 0 {
             drained = true;
             break;
         }
@@ -449,10 +890,10 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
     }
     // Late duplicates would show up right after the drain: give them a moment to.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for line in ledger.borrow().silent_losses(10) {
+    for line in collector.borrow().ledger.silent_losses(10) {
         eprintln!("soak: {line}");
     }
-    if !drained {
+    if let (false, Fleet::Local(clients)) = (drained, &fleet) {
         // Say exactly where each client stands, for whoever investigates.
         for (i, c) in clients.iter().enumerate() {
             if let Ok(status) = c.transport.status().await {
@@ -465,52 +906,106 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
             }
         }
     }
+    let hub_metrics = match (&scrape_target, counters_before) {
+        (Some((url, tls)), Some(before)) => {
+            let after = metrics::scrape(url, tls.clone()).await;
+            Some(match (before, after) {
+                (Ok(before), Ok(after)) => HubMetrics {
+                    url: url.clone(),
+                    counter_deltas: metrics::deltas(&before, &after),
+                    error: None,
+                },
+                (Err(e), _) | (_, Err(e)) => HubMetrics {
+                    url: url.clone(),
+                    error: Some(e),
+                    ..HubMetrics::default()
+                },
+            })
+        }
+        _ => None,
+    };
 
     let report = {
-        let tl = timeline.borrow();
+        let c = collector.borrow();
+        let tl = &c.timeline;
+        // A loss belongs to a fault until the clients can have noticed it (twice the idle
+        // timeout) and a second more after the fault ended.
+        let window = idle * 2 + Duration::from_secs(1);
         let recovery = tl.recovery_ms(args.clients);
+        let attributed = tl.attributed(args.clients, window);
+        let after_path: Vec<f64> = attributed.iter().filter_map(|a| a.2).collect();
+        let detection = tl.detection_ms(args.clients);
         let mut fault_counts = BTreeMap::new();
-        for (_, kind) in tl.faults() {
-            *fault_counts.entry(kind.name().to_owned()).or_insert(0) += 1;
+        for f in tl.faults() {
+            *fault_counts.entry(f.kind.name().to_owned()).or_insert(0) += 1;
         }
         let run = run_end - run_start;
-        let report = Report {
+        let mut report = Report {
             clients: args.clients,
             channels: args.channels,
             duration_s: run.as_secs_f64(),
             faults: fault_counts,
-            totals: ledger.borrow().totals(),
+            totals: c.ledger.totals(),
             reconnects: tl.reconnects(args.clients),
             attempts: tl.attempts(),
             uptime_ratio: tl.uptime_ratio(args.clients, run_start, run_end),
+            outages: recovery.len() as u64,
             recovery_ms: Percentiles::of(&recovery),
-            detection_ms: Percentiles::of(&tl.detection_ms(args.clients)),
+            outages_after_path: after_path.len() as u64,
+            recovery_after_path_ms: Percentiles::of(&after_path),
+            recovery_by_fault: tl.recovery_by_fault(args.clients, window),
+            detections: detection.len() as u64,
+            detection_ms: Percentiles::of(&detection),
+            ack_samples: c.ack_latency.len() as u64,
+            ack_latency_ms: c.ack_latency.percentiles(),
+            delivery_samples: c.delivery_latency.len() as u64,
+            delivery_latency_ms: c.delivery_latency.percentiles(),
             throughput_msgs_per_s: delivered_in_run as f64 / run.as_secs_f64(),
             cpu_percent: 100.0 * cpu_used.as_secs_f64() / run.as_secs_f64(),
             rss_max_mib: resources::peak_rss_mib(),
             drained,
-            fault_spec: args.faults.clone(),
+            fault_spec: fault_spec.clone(),
             seed: args.seed,
             store: store.name().to_owned(),
             hub_nodes: args.hub_nodes,
             continuity_expected: !(store == StoreChoice::Memory && args.hub_nodes > 0),
             hub_restart_failures: restart_failures.get(),
-            tls: tls.is_some(),
+            tls: tls.is_some()
+                || args
+                    .hub_url
+                    .as_deref()
+                    .is_some_and(|u| u.starts_with("wss://")),
+            client_procs: args.client_procs,
+            hub_url: args.hub_url.clone(),
+            hub_metrics,
+            slo: Vec::new(),
         };
+        report.slo = evaluate(&objectives, &report);
         print!("{}", report.text());
+        for missed in report.slo.iter().filter(|o| !o.met) {
+            eprintln!("soak: SLO missed: {missed}");
+        }
         if let Some(path) = &args.json {
             std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
         }
         if let Some(path) = &args.svg {
             let series = tl.connected_series(args.clients, Duration::from_millis(100), run_end);
-            std::fs::write(path, report.svg(&recovery, &series, tl.faults()))?;
+            let second = Duration::from_secs(1);
+            std::fs::write(
+                path,
+                report.svg(
+                    &recovery,
+                    &series,
+                    tl.faults(),
+                    &c.ack_latency.series(second),
+                    &c.delivery_latency.series(second),
+                ),
+            )?;
         }
         report
     };
 
-    for c in &clients {
-        c.transport.close().await;
-    }
+    fleet.close().await?;
     hubs.stop_all().await;
     Ok(report)
 }
@@ -856,19 +1351,20 @@ async fn wait_attached(clients: &[Rc<Client>], within: Duration) -> Result<(), S
     Ok(())
 }
 
-/// Fires one fault kind every `spec.every` until `stop`.
+/// Fires one fault kind every `spec.every` until `stop`, recording when it was injected and
+/// when its path was available again.
 #[allow(clippy::too_many_arguments)]
 async fn inject(
     spec: FaultSpec,
     mut stop: tokio::sync::watch::Receiver<bool>,
     proxies: Vec<Rc<FaultProxy>>,
     hubs: Rc<Hubs>,
-    timeline: Rc<RefCell<Timeline>>,
-    start: Instant,
+    collector: Rc<RefCell<Collector>>,
     idle: Duration,
     restart_down: Duration,
     restart_failures: Rc<Cell<u64>>,
 ) {
+    let now = |c: &Rc<RefCell<Collector>>| c.borrow().since_start(monotonic_nanos());
     let mut tick = tokio::time::interval(spec.every);
     tick.tick().await;
     loop {
@@ -876,18 +1372,24 @@ async fn inject(
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        timeline.borrow_mut().fault(start.elapsed(), spec.kind);
+        let at = now(&collector);
+        let index = collector.borrow_mut().timeline.fault(at, spec.kind);
+        let ended = |at: Duration| collector.borrow_mut().timeline.fault_ended(index, at);
         tracing::info!(fault = spec.kind.name(), "injecting");
         match spec.kind {
             FaultKind::Cut => {
                 for proxy in &proxies {
                     proxy.cut_all();
                 }
+                // The proxy accepts new connections at once.
+                ended(at);
             }
             FaultKind::Stall => {
                 for proxy in &proxies {
                     proxy.stall_all();
                 }
+                // New connections flow at once; the stalled ones must be noticed.
+                ended(at);
                 // Both ends give up on a stalled connection within the idle timeout; then
                 // release the proxies' side of it.
                 let proxies = proxies.clone();
@@ -903,6 +1405,8 @@ async fn inject(
                     proxy.refuse_for(d);
                     proxy.cut_all();
                 }
+                // The proxy refuses for `d` from now.
+                ended(at + d);
             }
             FaultKind::Latency(d) => {
                 for proxy in &proxies {
@@ -912,12 +1416,16 @@ async fn inject(
                 for proxy in &proxies {
                     proxy.set_latency(Duration::ZERO);
                 }
+                ended(now(&collector));
             }
             FaultKind::Restart | FaultKind::KillNode => {
-                if !hubs
+                if hubs
                     .bounce(spec.kind == FaultKind::KillNode, restart_down)
                     .await
                 {
+                    // The hub listens again.
+                    ended(now(&collector));
+                } else {
                     restart_failures.set(restart_failures.get() + 1);
                 }
             }
