@@ -619,16 +619,14 @@ impl<R> ChannelCore<R> {
                 self.meters
                     .queue_depth
                     .increment(1.0 - pushed.evicted.len() as f64);
-                if self.durable {
-                    if let Some(payload) = to_store {
-                        self.push(Action::Persist {
-                            seq: pushed.seq,
-                            payload,
-                        });
-                    }
-                } else {
-                    self.push(Action::Accepted { seq: pushed.seq });
-                }
+                // `to_store` is there exactly when the channel is durable.
+                self.push(match to_store {
+                    Some(payload) => Action::Persist {
+                        seq: pushed.seq,
+                        payload,
+                    },
+                    None => Action::Accepted { seq: pushed.seq },
+                });
                 for old in pushed.evicted {
                     if self.durable {
                         self.push(Action::Forget { seq: old.seq });
