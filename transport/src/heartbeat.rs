@@ -52,6 +52,11 @@ impl Heartbeat {
         }
     }
 
+    /// When the peer was last heard from.
+    pub fn last_seen(&self) -> Instant {
+        self.last_seen
+    }
+
     /// Something (any frame, ping, or pong) arrived at `now`.
     pub fn on_activity(&mut self, now: Instant) {
         self.last_seen = self.last_seen.max(now);

@@ -100,6 +100,15 @@ fn describe() {
         HUB_WRITE_STALLS,
         "Hub connections reset because the peer stopped reading"
     );
+    describe_counter!(HUB_ADMIN_REQUESTS, "Admin API requests, by result");
+    describe_counter!(
+        HUB_ADMIN_DISCONNECTS,
+        "Connections the admin API dropped, by mode"
+    );
+    describe_counter!(
+        HUB_ADMIN_PEER_ERRORS,
+        "Admin peers that did not answer for their part of a request"
+    );
     describe_counter!(
         HUB_RESUMES_REFUSED,
         "Session resumes refused (a new session issued), by reason"
@@ -110,3 +119,9 @@ pub const HUB_CLIENT_ERRORS: &str = "tether_hub_client_errors_total";
 /// Counter, label `reason` (`unknown`: no such session or expired; `not_owner`: another
 /// identity's or client id's session): `hello.resume` not honoured, a new session issued.
 pub const HUB_RESUMES_REFUSED: &str = "tether_hub_resumes_refused_total";
+/// Counter: admin API requests, by `result` (`ok`, `unauthorized`, `disabled`).
+pub const HUB_ADMIN_REQUESTS: &str = "tether_hub_admin_requests_total";
+/// Counter: connections the admin API dropped, by `mode` (`close`, `reset`).
+pub const HUB_ADMIN_DISCONNECTS: &str = "tether_hub_admin_disconnects_total";
+/// Counter: admin peers that did not answer for their part of an admin request.
+pub const HUB_ADMIN_PEER_ERRORS: &str = "tether_hub_admin_peer_errors_total";

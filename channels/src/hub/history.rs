@@ -225,6 +225,12 @@ pub trait HistoryStore: Send + Sync + 'static {
 
     /// Whether the store answers, and why not.
     fn health(&self) -> StoreHealth;
+
+    /// Where the hub nodes sharing this store find each other, for the admin API (a store
+    /// shared by several nodes should offer it). Default: `None` (one node).
+    fn admin_peers(&self) -> Option<Arc<dyn tether_transport::hub::AdminPeers>> {
+        None
+    }
 }
 
 /// One channel in memory.

@@ -33,6 +33,9 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::BytesMut;
+use tether_transport::hub::admin::{
+    ChannelDetail, ChannelSubscriber, ChannelSummary, SessionChannel,
+};
 use tether_transport::hub::{Completes, Outbound, ReplayReservation, SessionOutbox, Wire};
 use tether_transport::protocol::{
     v2, Ack, Attached, Detached, Epoch, ErrorCode, ErrorFrame, Frame, Message as MessageFrame,
@@ -136,6 +139,24 @@ struct AttachRead {
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Wake;
+
+/// For the admin API: the channel in a few figures (answered at once, no store read).
+#[derive(Message)]
+#[rtype(result = "ChannelSummary")]
+pub struct Summarize;
+
+/// For the admin API: the channel in full, with the store's retained range.
+#[derive(Message)]
+#[rtype(result = "ChannelDetail")]
+pub struct Describe;
+
+/// For the admin API: how the channel sees connection `conn_id` (`None`: not attached).
+#[derive(Message)]
+#[rtype(result = "Option<SessionChannel>")]
+pub struct DescribeMember {
+    /// The connection.
+    pub conn_id: u64,
+}
 
 /// Store notices, coalesced: however many arrive while the actor is busy, one [`Wake`] waits
 /// in its mailbox, and only the latest head is kept.
@@ -1313,6 +1334,128 @@ impl HubChannel {
             return;
         }
         self.pending.push_back(msg);
+    }
+}
+
+impl HubChannel {
+    /// The last offset sent to `sub`.
+    fn offset_of(&self, sub: &Subscriber) -> Offset {
+        if sub.live {
+            self.delivered
+        } else {
+            sub.next
+        }
+    }
+
+    fn head(&self) -> Offset {
+        self.delivered.max(self.known_head)
+    }
+}
+
+impl Handler<Summarize> for HubChannel {
+    type Result = MessageResult<Summarize>;
+
+    fn handle(&mut self, _: Summarize, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(ChannelSummary {
+            name: self.name.clone(),
+            epoch: self.epoch.as_ref().map(|e| e.0.clone()),
+            head: self.head().0,
+            subscribers: self.subscribers.len(),
+            nodes: Vec::new(),
+        })
+    }
+}
+
+impl Handler<Describe> for HubChannel {
+    type Result = ResponseActFuture<Self, ChannelDetail>;
+
+    fn handle(&mut self, _: Describe, _: &mut Context<Self>) -> Self::Result {
+        let head = self.head();
+        let mut subscribers: Vec<ChannelSubscriber> = self
+            .subscribers
+            .values()
+            .map(|sub| {
+                let offset = self.offset_of(sub);
+                let (client_id, session) = sub
+                    .outbox
+                    .owner()
+                    .map(|(c, s)| (c.0.clone(), s.0.clone()))
+                    .unwrap_or_default();
+                ChannelSubscriber {
+                    client_id,
+                    session,
+                    node: String::new(),
+                    live: sub.live,
+                    offset: offset.0,
+                    behind: head.0.saturating_sub(offset.0),
+                    queued_bytes: sub.outbox.pending_bytes(),
+                }
+            })
+            .collect();
+        subscribers.sort_by(|a, b| (&a.client_id, &a.session).cmp(&(&b.client_id, &b.session)));
+        let detail = ChannelDetail {
+            name: self.name.clone(),
+            epoch: self.epoch.as_ref().map(|e| e.0.clone()),
+            head: head.0,
+            first_retained: None,
+            store_error: None,
+            pending_publishes: self.pending.len()
+                + self
+                    .in_flight
+                    .iter()
+                    .map(|b| b.commands.len())
+                    .sum::<usize>(),
+            members: self.members.len(),
+            subscribers,
+        };
+        // The retained range is the store's (its trimming is not this node's doing).
+        let read = self
+            .store
+            .read(&self.name, self.seen(), head, PageLimit::POSITION_ONLY);
+        Box::pin(read.into_actor(self).map(move |result, _act, _ctx| {
+            let mut detail = detail;
+            match result {
+                Ok(page) => {
+                    detail.epoch = Some(page.epoch.0);
+                    detail.head = detail.head.max(page.head.0);
+                    detail.first_retained = Some(page.first.0);
+                }
+                Err(e) => detail.store_error = Some(e.to_string()),
+            }
+            detail
+        }))
+    }
+}
+
+impl Handler<DescribeMember> for HubChannel {
+    type Result = MessageResult<DescribeMember>;
+
+    fn handle(&mut self, msg: DescribeMember, _: &mut Context<Self>) -> Self::Result {
+        let head = self.head();
+        let epoch = self.epoch.as_ref().map(|e| e.0.clone());
+        let facts = match self.subscribers.get(&msg.conn_id) {
+            Some(sub) => {
+                let offset = self.offset_of(sub);
+                Some(SessionChannel {
+                    channel: self.name.clone(),
+                    subscribed: true,
+                    live: sub.live,
+                    epoch,
+                    offset: Some(offset.0),
+                    behind: Some(head.0.saturating_sub(offset.0)),
+                })
+            }
+            None if self.members.contains(&msg.conn_id) => Some(SessionChannel {
+                channel: self.name.clone(),
+                subscribed: self.waiting.iter().any(|w| w.conn_id == msg.conn_id),
+                live: false,
+                epoch,
+                offset: None,
+                behind: None,
+            }),
+            None => None,
+        };
+        MessageResult(facts)
     }
 }
 

@@ -12,6 +12,7 @@
 //! | `{prefix}:{len}:{channel}:p:{producer}` | hash | dedupe state of one producer: `h` (highest seq), `e` (epoch), and `{seq}` → offset for the last `window` seqs; expires after the producer TTL. `{producer}` is the identity, client id, instance and handle, each as `{byte length}:{bytes}` (e.g. `5:alice3:c-12:i10:`), so no identity or id can forge another producer's key |
 //! | `{prefix}:{len}:{channel}:f:{token}` | string | the last append number of one writer's pipelined appends ([`Fence`]); expires after 10 minutes |
 //! | `{prefix}:n:{channel}` | pub/sub channel | `{epoch} {head}` after every append that stored something |
+//! | `{prefix}:admin:nodes` | hash | the hub nodes using this store, for the admin API: node id → `"{expires, Unix ms} {admin URL}"`, renewed every 5 s |
 //!
 //! **Nothing is kept for ever.** The stream, index and meta keys of a channel expire together,
 //! the key TTL after the channel was last appended to or read (attaches, resumes, catch-ups and
@@ -413,7 +414,13 @@ impl RedisStoreBuilder {
         });
         let (commands, rx) = mpsc::unbounded_channel();
         let watchers: Watchers = Arc::new(Mutex::new(HashMap::new()));
+        let peers = Arc::new(RedisPeers {
+            manager: manager.clone(),
+            handle: io.handle.clone(),
+            key: format!("{}:admin:nodes", self.prefix),
+        });
         let store = Arc::new(RedisStore {
+            peers,
             manager,
             prefix: self.prefix,
             retention: self.retention,
@@ -501,6 +508,7 @@ pub struct RedisStore {
     health: Arc<HealthState>,
     watchers: Watchers,
     commands: mpsc::UnboundedSender<FollowCommand>,
+    peers: Arc<RedisPeers>,
     io: IoThread,
 }
 
@@ -789,6 +797,107 @@ async fn invoke(
     result.map_err(|e| store_error(&e))
 }
 
+/// The hub nodes sharing one Redis, for the admin API: one hash, `{prefix}:admin:nodes`,
+/// node id → `"{expires, Unix ms} {admin URL}"`. Entries past their expiry are ignored, and
+/// removed a minute after it.
+struct RedisPeers {
+    manager: ConnectionManager,
+    handle: tokio::runtime::Handle,
+    key: String,
+}
+
+/// Expired peer entries are removed this long after their expiry.
+const PEER_SWEEP_AFTER: Duration = Duration::from_secs(60);
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl RedisPeers {
+    /// Runs `cmd` on the store's thread.
+    fn run<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        cmd: redis::Cmd,
+    ) -> BoxFuture<'static, Result<T, String>> {
+        let mut manager = self.manager.clone();
+        let task = self
+            .handle
+            .spawn(async move { cmd.query_async::<T>(&mut manager).await });
+        Box::pin(async move {
+            match task.await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("the store's thread has ended: {e}")),
+            }
+        })
+    }
+}
+
+impl tether_transport::hub::AdminPeers for RedisPeers {
+    fn announce(
+        &self,
+        node: tether_transport::hub::PeerNode,
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        let expires = unix_now_ms() + ttl.as_millis() as u64;
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(&self.key)
+            .arg(&node.node_id)
+            .arg(format!("{expires} {}", node.url));
+        let done = self.run::<i64>(cmd);
+        Box::pin(async move { done.await.map(drop) })
+    }
+
+    fn nodes(&self) -> BoxFuture<'static, Result<Vec<tether_transport::hub::PeerNode>, String>> {
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(&self.key);
+        let all = self.run::<HashMap<String, String>>(cmd);
+        let (manager, handle, key) = (self.manager.clone(), self.handle.clone(), self.key.clone());
+        Box::pin(async move {
+            let now = unix_now_ms();
+            let mut live = Vec::new();
+            let mut stale = Vec::new();
+            for (node_id, value) in all.await? {
+                let parsed = value
+                    .split_once(' ')
+                    .and_then(|(at, url)| Some((at.parse::<u64>().ok()?, url)));
+                match parsed {
+                    Some((expires, url)) if expires > now => {
+                        live.push(tether_transport::hub::PeerNode {
+                            node_id,
+                            url: url.to_owned(),
+                        })
+                    }
+                    Some((expires, _))
+                        if now.saturating_sub(expires) < PEER_SWEEP_AFTER.as_millis() as u64 => {}
+                    _ => stale.push(node_id),
+                }
+            }
+            if !stale.is_empty() {
+                let peers = RedisPeers {
+                    manager,
+                    handle,
+                    key,
+                };
+                let mut cmd = redis::cmd("HDEL");
+                cmd.arg(&peers.key).arg(stale);
+                // Best effort: the next reader sweeps what this one could not.
+                let _ = peers.run::<i64>(cmd).await;
+            }
+            live.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+            Ok(live)
+        })
+    }
+
+    fn withdraw(&self, node_id: &str) -> BoxFuture<'static, Result<(), String>> {
+        let mut cmd = redis::cmd("HDEL");
+        cmd.arg(&self.key).arg(node_id);
+        let done = self.run::<i64>(cmd);
+        Box::pin(async move { done.await.map(drop) })
+    }
+}
+
 impl HistoryStore for RedisStore {
     fn append(
         &self,
@@ -897,6 +1006,10 @@ impl HistoryStore for RedisStore {
         let _ = self
             .commands
             .send(FollowCommand::Unsubscribe(channel.to_owned()));
+    }
+
+    fn admin_peers(&self) -> Option<Arc<dyn tether_transport::hub::AdminPeers>> {
+        Some(self.peers.clone())
     }
 
     fn health(&self) -> StoreHealth {

@@ -40,11 +40,18 @@ use tether_transport::protocol::{check_identifier, v2, Detached, ErrorCode, Fram
 use tether_transport::{ErrorCategory, TransportError};
 
 use super::history::{DedupeLimits, HistoryStore, MemoryHistory, PageLimit, Retention};
-use super::hub_channel::{HubChannel, PublishCommand, PublishRunCommand, Subscribe, Unsubscribe};
+use super::hub_channel::{
+    Describe, DescribeMember, HubChannel, PublishCommand, PublishRunCommand, Subscribe, Summarize,
+    Unsubscribe,
+};
 use super::idle::DEFAULT_IDLE_TTL;
 use super::log::{ProducerKey, DEFAULT_DEDUPE_WINDOW, DEFAULT_MAX_PRODUCERS, DEFAULT_PRODUCER_TTL};
 use crate::error::validate_name;
 use crate::telemetry;
+use futures::future::LocalBoxFuture;
+use tether_transport::hub::admin::{
+    AdminPeers, ChannelDetail, ChannelPage, SessionChannel, INTROSPECT_TIMEOUT,
+};
 
 /// Default most channels one hub holds: 100,000.
 pub const DEFAULT_MAX_CHANNELS: usize = 100_000;
@@ -585,6 +592,68 @@ impl SessionHandler for ChannelService {
         }
     }
 
+    fn admin_channels(
+        &self,
+        after: Option<String>,
+        limit: usize,
+    ) -> LocalBoxFuture<'static, ChannelPage> {
+        // The names after the cursor, the first `limit` of them in order (one more tells
+        // whether the page is the last).
+        let mut names: Vec<(String, Addr<HubChannel>)> = {
+            let channels = self.inner.registry.lock();
+            channels
+                .iter()
+                .filter(|(name, _)| after.as_ref().is_none_or(|a| name.as_str() > a.as_str()))
+                .map(|(name, entry)| (name.clone(), entry.addr.clone()))
+                .collect()
+        };
+        if names.len() > limit + 1 {
+            names.select_nth_unstable_by(limit, |a, b| a.0.cmp(&b.0));
+            names.truncate(limit + 1);
+        }
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        let more = names.len() > limit;
+        names.truncate(limit);
+        Box::pin(async move {
+            let asks = names.into_iter().map(|(name, addr)| async move {
+                match tokio::time::timeout(INTROSPECT_TIMEOUT, addr.send(Summarize)).await {
+                    Ok(Ok(summary)) => Some(summary),
+                    // Expired meanwhile (or too busy to answer): left out of this page.
+                    _ => {
+                        tracing::debug!(channel = %name, "admin: channel did not answer");
+                        None
+                    }
+                }
+            });
+            let channels = futures::future::join_all(asks)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            ChannelPage { channels, more }
+        })
+    }
+
+    fn admin_channel(&self, name: String) -> LocalBoxFuture<'static, Option<ChannelDetail>> {
+        let addr = self
+            .inner
+            .registry
+            .lock()
+            .get(&name)
+            .map(|e| e.addr.clone());
+        Box::pin(async move {
+            let addr = addr?;
+            tokio::time::timeout(INTROSPECT_TIMEOUT, addr.send(Describe))
+                .await
+                .ok()?
+                .ok()
+        })
+    }
+
+    fn admin_peers(&self) -> Option<Arc<dyn AdminPeers>> {
+        self.inner.store.admin_peers()
+    }
+
     fn open(&self, conn: ConnInfo, outbox: SessionOutbox) -> Box<dyn ConnectionHandler> {
         outbox.limit_in_flight(self.inner.max_in_flight_bytes);
         Box::new(ConnHandler {
@@ -865,6 +934,45 @@ impl ConnectionHandler for ConnHandler {
 
     fn wants_input(&self) -> bool {
         self.outbox.wants_input()
+    }
+
+    fn admin_channels(&self) -> LocalBoxFuture<'static, Vec<SessionChannel>> {
+        let conn_id = self.conn.conn_id;
+        let asks: Vec<_> = self
+            .attached
+            .iter()
+            .map(|(name, (addr, _))| {
+                let (name, addr) = (name.clone(), addr.clone());
+                async move {
+                    let answer = tokio::time::timeout(
+                        INTROSPECT_TIMEOUT,
+                        addr.send(DescribeMember { conn_id }),
+                    )
+                    .await;
+                    match answer {
+                        Ok(Ok(Some(facts))) => facts,
+                        // Its actor did not answer: what this connection knows.
+                        _ => SessionChannel {
+                            channel: name,
+                            subscribed: false,
+                            live: false,
+                            epoch: None,
+                            offset: None,
+                            behind: None,
+                        },
+                    }
+                }
+            })
+            .collect();
+        Box::pin(async move {
+            let mut channels = futures::future::join_all(asks).await;
+            channels.sort_by(|a, b| a.channel.cmp(&b.channel));
+            channels
+        })
+    }
+
+    fn publishes_in_flight(&self) -> usize {
+        self.outbox.in_flight()
     }
 
     fn on_close(&mut self) {

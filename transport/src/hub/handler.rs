@@ -13,6 +13,9 @@ use std::sync::Arc;
 use actix::{Message, Recipient};
 use bytes::{Bytes, BytesMut};
 
+use futures::future::LocalBoxFuture;
+
+use super::admin::{AdminPeers, ChannelDetail, ChannelPage, SessionChannel};
 use super::auth::Identity;
 use super::budget::{DrainWaker, OutboundBudget};
 use super::wire::{InboundGate, OutboundPipe, Outgoing};
@@ -146,6 +149,8 @@ pub struct SessionOutbox {
     kick: Recipient<Kick>,
     budget: Arc<OutboundBudget>,
     in_flight: Arc<InFlight>,
+    /// Whose connection it is (client id and session), for the admin API.
+    owner: Option<Arc<(ClientId, SessionId)>>,
 }
 
 /// The connection's outbound budget (or mailbox) is full: it is not reading fast enough.
@@ -213,7 +218,21 @@ impl SessionOutbox {
                 max_bytes: AtomicUsize::new(usize::MAX),
                 gate,
             }),
+            owner: None,
         }
+    }
+
+    /// The same outbox, labelled as the connection of `client_id` owning `session` (what the
+    /// admin API shows of a channel's subscribers).
+    pub fn owned_by(mut self, client_id: ClientId, session: SessionId) -> Self {
+        self.owner = Some(Arc::new((client_id, session)));
+        self
+    }
+
+    /// The client id and session of the connection, when labelled
+    /// ([`SessionOutbox::owned_by`]).
+    pub fn owner(&self) -> Option<(&ClientId, &SessionId)> {
+        self.owner.as_deref().map(|(c, s)| (c, s))
     }
 
     /// The connection this outbox writes to.
@@ -393,6 +412,28 @@ pub trait SessionHandler: Send + Sync + 'static {
 
     /// A connection completed its handshake: returns the handler for its frames.
     fn open(&self, conn: ConnInfo, outbox: SessionOutbox) -> Box<dyn ConnectionHandler>;
+
+    /// For the admin API's `GET /channels`: up to `limit` of this node's channels named after
+    /// `after` (from the first when `None`), by name. Default: none.
+    fn admin_channels(
+        &self,
+        _after: Option<String>,
+        _limit: usize,
+    ) -> LocalBoxFuture<'static, ChannelPage> {
+        Box::pin(async { ChannelPage::default() })
+    }
+
+    /// For the admin API's `GET /channels/{name}`: the channel as this node sees it, `None`
+    /// when it has no actor for it here. Default: `None`.
+    fn admin_channel(&self, _name: String) -> LocalBoxFuture<'static, Option<ChannelDetail>> {
+        Box::pin(async { None })
+    }
+
+    /// Where the hub nodes sharing this handler's store find each other, so that each node's
+    /// admin API answers for all of them. Default: `None` (a single node).
+    fn admin_peers(&self) -> Option<Arc<dyn AdminPeers>> {
+        None
+    }
 }
 
 /// Serves one connection's frames, in order, on the connection's own actor.
@@ -419,6 +460,17 @@ pub trait ConnectionHandler: 'static {
 
     /// The connection is gone.
     fn on_close(&mut self);
+
+    /// For the admin API: the channels this connection has attached, with their offsets.
+    /// Default: none.
+    fn admin_channels(&self) -> LocalBoxFuture<'static, Vec<SessionChannel>> {
+        Box::pin(async { Vec::new() })
+    }
+
+    /// For the admin API: this connection's publishes awaiting their acks. Default: 0.
+    fn publishes_in_flight(&self) -> usize {
+        0
+    }
 }
 
 /// Why a frame was refused.

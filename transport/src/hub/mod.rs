@@ -6,6 +6,7 @@
 //! [`StaticTokens`] for a fixed set of tokens). Sessions and publish dedupe state belong to
 //! that identity: one identity can never resume, evict or de-duplicate against another's.
 
+pub mod admin;
 pub mod auth;
 pub mod budget;
 pub mod handler;
@@ -36,6 +37,7 @@ use crate::heartbeat::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_IDLE_TIMEOUT};
 use crate::telemetry;
 use crate::tls::{HubTls, Material};
 
+pub use admin::{AdminPeers, AdminToken, PeerNode};
 pub use auth::{
     AllowAll, AuthRejection, Authenticator, Identity, StaticTokens, ANONYMOUS_PREFIX,
     MAX_IDENTITY_LEN,
@@ -45,8 +47,8 @@ pub use handler::{
     Completes, ConnInfo, ConnectionHandler, FrameRejection, HandlerHealth, Kick, NoChannels,
     Outbound, OutboxFull, ReplayReservation, SessionHandler, SessionOutbox, Wire,
 };
-pub use session::{Evict, HubSession, ShutDown};
-pub use sessions::{SessionTable, DEFAULT_SESSION_TTL};
+pub use session::{AdminDisconnect, DisconnectMode, Evict, HubSession, Introspect, ShutDown};
+pub use sessions::{SessionFacts, SessionKey, SessionTable, DEFAULT_SESSION_TTL};
 
 /// Default address the hub listens on: 127.0.0.1:8080.
 pub const DEFAULT_BIND: &str = "127.0.0.1:8080";
@@ -111,6 +113,10 @@ pub struct HubConfig {
     pub node_id: String,
     /// The listener's TLS identity; `None` (the default) serves plain `ws://`.
     pub tls: Option<HubTls>,
+    /// The admin API's token; `None` (the default) turns the admin API off (403).
+    pub admin_token: Option<AdminToken>,
+    /// Where this node's admin API is reached by its peers; `None`: the bound address.
+    pub advertise_url: Option<String>,
 }
 
 impl std::fmt::Debug for HubConfig {
@@ -132,6 +138,8 @@ impl std::fmt::Debug for HubConfig {
             .field("shutdown_retry", &self.shutdown_retry)
             .field("node_id", &self.node_id)
             .field("tls", &self.tls)
+            .field("admin", &self.admin_token.is_some())
+            .field("advertise_url", &self.advertise_url)
             .finish_non_exhaustive()
     }
 }
@@ -164,8 +172,11 @@ impl HubConfig {
                 ),
                 node_id: format!("hub-{}", std::process::id()),
                 tls: None,
+                admin_token: None,
+                advertise_url: None,
             },
             tls: None,
+            admin_token: None,
         }
     }
 }
@@ -176,6 +187,8 @@ pub struct HubConfigBuilder {
     config: HubConfig,
     /// Certificate chain and key, loaded and checked at `build`.
     tls: Option<(Material, Material)>,
+    /// The admin token as given (with where it came from), checked at `build`.
+    admin_token: Option<(&'static str, String)>,
 }
 
 impl HubConfigBuilder {
@@ -308,6 +321,23 @@ impl HubConfigBuilder {
         self
     }
 
+    /// Turns the session admin API on (`/sessions`, `/channels`: see [`admin`]), behind this
+    /// bearer token: 16 to 4,096 bytes of visible ASCII, checked at `build`. Every node of a
+    /// cluster should have the same token (a node asks its peers with the caller's). Default:
+    /// none — the admin routes answer 403 `admin_disabled`.
+    pub fn admin_token(mut self, token: impl Into<String>) -> Self {
+        self.admin_token = Some(("admin_token", token.into()));
+        self
+    }
+
+    /// Where this node's HTTP port is reached by the other nodes of its cluster, for the admin
+    /// API (`http://10.0.0.7:8080`; `https://` for a TLS hub). Default: the bound address
+    /// (right when nodes share a host; set it when binding `0.0.0.0`).
+    pub fn advertise_url(mut self, url: impl Into<String>) -> Self {
+        self.config.advertise_url = Some(url.into());
+        self
+    }
+
     /// Like [`HubConfigBuilder::tls`], with the PEM read from these files at `build`.
     pub fn tls_files(mut self, cert_chain: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
         self.tls = Some((
@@ -318,6 +348,8 @@ impl HubConfigBuilder {
     }
 
     /// Overrides settings from `TETHER_HUB_*` variables looked up through `lookup`:
+    /// `TETHER_HUB_ADMIN_TOKEN` ([`HubConfigBuilder::admin_token`]),
+    /// `TETHER_HUB_ADVERTISE_URL` ([`HubConfigBuilder::advertise_url`]),
     /// `TETHER_HUB_TLS_CERT` and `TETHER_HUB_TLS_KEY` (paths of the PEM certificate chain and
     /// key, as [`HubConfigBuilder::tls_files`]; both or neither). Only one of the two is an
     /// [`TransportError::InvalidConfig`] naming the missing one; files that cannot be read or
@@ -327,6 +359,12 @@ impl HubConfigBuilder {
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, TransportError> {
         let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        if let Some(token) = var("TETHER_HUB_ADMIN_TOKEN") {
+            self.admin_token = Some(("TETHER_HUB_ADMIN_TOKEN", token.trim().to_owned()));
+        }
+        if let Some(url) = var("TETHER_HUB_ADVERTISE_URL") {
+            self.config.advertise_url = Some(url.trim().to_owned());
+        }
         match (var("TETHER_HUB_TLS_CERT"), var("TETHER_HUB_TLS_KEY")) {
             (Some(cert), Some(key)) => {
                 self.tls = Some((
@@ -370,8 +408,25 @@ impl HubConfigBuilder {
         if !c.ws_path.starts_with('/') {
             return invalid("ws_path", "must start with '/'");
         }
-        if matches!(c.ws_path.as_str(), "/health" | "/metrics") {
-            return invalid("ws_path", "collides with /health or /metrics");
+        if matches!(c.ws_path.as_str(), "/health" | "/metrics")
+            || ["/sessions", "/channels"]
+                .iter()
+                .any(|r| c.ws_path == *r || c.ws_path.starts_with(&format!("{r}/")))
+        {
+            return invalid(
+                "ws_path",
+                "collides with /health, /metrics or the admin routes (/sessions, /channels)",
+            );
+        }
+        if let Some(url) = &c.advertise_url {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.chars().any(|ch| ch.is_whitespace() || ch.is_control())
+            {
+                return invalid(
+                    "advertise_url",
+                    "must be an http:// or https:// URL without spaces",
+                );
+            }
         }
         if c.heartbeat_interval < Duration::from_millis(10) {
             return invalid("heartbeat_interval", "must be at least 10 ms");
@@ -407,6 +462,14 @@ impl HubConfigBuilder {
                 "must be 1 to 128 bytes without control characters",
             );
         }
+        if let Some((field, token)) = &self.admin_token {
+            self.config.admin_token = Some(AdminToken::new(token).map_err(|e| match e {
+                TransportError::InvalidConfig { reason, .. } => {
+                    TransportError::InvalidConfig { field, reason }
+                }
+                other => other,
+            })?);
+        }
         if let Some((cert_chain, key)) = &self.tls {
             self.config.tls = Some(HubTls::load(cert_chain, key)?);
         }
@@ -424,7 +487,7 @@ pub struct HubState {
     next_conn_id: std::sync::atomic::AtomicU64,
     shutting_down: AtomicBool,
     /// Sessions, with the connection that owns each.
-    pub sessions: Mutex<SessionTable<Recipient<Evict>>>,
+    pub sessions: Mutex<SessionTable<actix::Addr<HubSession>>>,
     /// Every open connection's session actor, to tell them the hub is stopping.
     live: Mutex<HashMap<u64, Recipient<ShutDown>>>,
     prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -471,7 +534,7 @@ impl HubState {
 
     /// Locks the session table, recovering from a poisoned lock (a panicking session must not
     /// take every other client down with it).
-    pub fn sessions(&self) -> std::sync::MutexGuard<'_, SessionTable<Recipient<Evict>>> {
+    pub fn sessions(&self) -> std::sync::MutexGuard<'_, SessionTable<actix::Addr<HubSession>>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -540,11 +603,32 @@ impl Hub {
         let server = builder.run();
         let handle = server.handle();
         actix_rt::spawn(server);
-        tracing::info!(%addr, path = %config.ws_path, node_id = %config.node_id, tls = config.tls.is_some(), "hub listening");
+        tracing::info!(%addr, path = %config.ws_path, node_id = %config.node_id, tls = config.tls.is_some(), admin = config.admin_token.is_some(), "hub listening");
+        // The admin API answers for every node sharing the store: this one says where it is.
+        let announcer = match (&config.admin_token, config.handler.admin_peers()) {
+            (Some(_), Some(directory)) => {
+                let scheme = if config.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                let url = config
+                    .advertise_url
+                    .clone()
+                    .unwrap_or_else(|| format!("{scheme}://{addr}"));
+                let node = admin::PeerNode {
+                    node_id: config.node_id.clone(),
+                    url,
+                };
+                Some((admin::announce(directory.clone(), node), directory))
+            }
+            _ => None,
+        };
         Ok(HubHandle {
             addr,
             handle,
             state,
+            announcer,
         })
     }
 }
@@ -617,6 +701,7 @@ fn http_service<T: HubIo>(state: Arc<HubState>) -> HubHttpService<T> {
         .route(&ws_path, web::get().to(ws_route))
         .route("/health", web::get().to(health_route))
         .route("/metrics", web::get().to(metrics_route))
+        .configure(admin::routes)
         .into_factory()
         .map_err(|e: actix_web::Error| e.error_response().into());
     let app = boxed::factory(actix_service::map_config(app, |()| {
@@ -703,6 +788,8 @@ pub struct HubHandle {
     addr: SocketAddr,
     handle: actix_web::dev::ServerHandle,
     state: Arc<HubState>,
+    /// Announces this node to its admin peers while it runs.
+    announcer: Option<(actix_rt::task::JoinHandle<()>, Arc<dyn AdminPeers>)>,
 }
 
 impl HubHandle {
@@ -741,8 +828,19 @@ impl HubHandle {
     /// `shutting_down` with the configured retry window and a close frame (1001); the hub
     /// waits up to the drain timeout for them to leave, then drops whatever is left and stops
     /// its workers. Resolves once the workers have stopped.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.state.shutting_down.store(true, Ordering::Relaxed);
+        if let Some((announcer, directory)) = self.announcer.take() {
+            announcer.abort();
+            let withdrawn = tokio::time::timeout(
+                admin::PEER_TIMEOUT,
+                directory.withdraw(&self.state.config.node_id),
+            )
+            .await;
+            if !matches!(withdrawn, Ok(Ok(()))) {
+                tracing::warn!(node = %self.state.config.node_id, "could not withdraw from the admin peers; the entry expires by itself");
+            }
+        }
         let retry = self.state.config.shutdown_retry;
         let live: Vec<Recipient<ShutDown>> = self.state.live_sessions().values().cloned().collect();
         tracing::info!(addr = %self.addr, connections = live.len(), ?retry, "hub stopping: telling clients");
@@ -764,8 +862,13 @@ impl HubHandle {
 
     /// Stops the hub at once, without telling anybody: the listener closes and every
     /// connection is dropped, as a crash would (for tests of crash recovery).
-    pub async fn kill(self) {
+    pub async fn kill(mut self) {
         self.state.shutting_down.store(true, Ordering::Relaxed);
+        // A crashed node announces nothing more: its peers stop asking it once its entry
+        // expires.
+        if let Some((announcer, _)) = self.announcer.take() {
+            announcer.abort();
+        }
         self.handle.stop(false).await;
         tracing::info!(addr = %self.addr, "hub killed");
     }

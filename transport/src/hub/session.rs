@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::admin::ConnectionFacts;
 use super::auth::{AuthRejection, Identity};
 use super::budget::OutboundBudget;
 use super::handler::{ConnInfo, ConnectionHandler, FrameRejection, Kick, SessionOutbox, Wire};
@@ -47,6 +48,38 @@ pub struct ShutDown {
     /// When the client should reconnect (it picks a moment in the window at random).
     pub retry: RetryWindow,
 }
+
+/// How `POST /sessions/{client_id}/disconnect` drops a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectMode {
+    /// A close handshake (code 1012, "service restart"): the client reconnects and resumes.
+    Close,
+    /// A TCP reset, as a network failure would: the client finds out by itself.
+    Reset,
+}
+
+impl DisconnectMode {
+    /// `close` or `reset`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisconnectMode::Close => "close",
+            DisconnectMode::Reset => "reset",
+        }
+    }
+}
+
+/// Drops the connection for the admin API.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct AdminDisconnect {
+    /// How.
+    pub mode: DisconnectMode,
+}
+
+/// Asks a connection to describe itself for the admin API (`None` before its welcome).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Option<ConnectionFacts>")]
+pub struct Introspect;
 
 /// The connection's writer is gone (the connection is closed).
 #[derive(Debug, Clone, Message)]
@@ -578,7 +611,7 @@ impl HubSession {
             &hello.client_id,
             hello.resume.as_ref(),
             self.conn_id,
-            ctx.address().recipient(),
+            ctx.address(),
             Instant::now(),
         );
         if let Some((old_conn, old)) = opened.evicted {
@@ -617,7 +650,8 @@ impl HubSession {
             ctx.address().recipient(),
             self.budget.clone(),
             self.gate.clone(),
-        );
+        )
+        .owned_by(hello.client_id.clone(), opened.session.clone());
         self.handler = Some(self.state.config.handler.open(info, outbox));
         self.client_id = Some(hello.client_id);
         self.session = Some(opened.session);
@@ -683,10 +717,10 @@ impl Actor for HubSession {
         if let Some(mut handler) = self.handler.take() {
             handler.on_close();
         }
-        if let Some(session) = &self.session {
+        if let (Some(client_id), Some(session)) = (&self.client_id, &self.session) {
             self.state
                 .sessions()
-                .detach(session, self.conn_id, Instant::now());
+                .detach(client_id, session, self.conn_id, Instant::now());
         }
         self.state.connection_closed();
         tracing::debug!(parent: &self.span, "connection closed");
@@ -788,6 +822,44 @@ impl Handler<ShutDown> for HubSession {
         frame.retry_after_ms = Some(msg.retry);
         self.send_frame(&Frame::Error(frame));
         self.close(ctx, CloseCode::Away, Some("hub shutting down".into()));
+    }
+}
+
+impl Handler<AdminDisconnect> for HubSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: AdminDisconnect, ctx: &mut Self::Context) {
+        tracing::info!(parent: &self.span, mode = msg.mode.as_str(), "disconnected by the admin API");
+        match msg.mode {
+            DisconnectMode::Close => self.close(
+                ctx,
+                CloseCode::Restart,
+                Some("disconnected by an administrator".into()),
+            ),
+            DisconnectMode::Reset => self.abort(ctx),
+        }
+    }
+}
+
+impl Handler<Introspect> for HubSession {
+    type Result = ResponseFuture<Option<ConnectionFacts>>;
+
+    fn handle(&mut self, _: Introspect, _: &mut Self::Context) -> Self::Result {
+        let Some(handler) = self.handler.as_ref().filter(|_| self.phase == Phase::Open) else {
+            return Box::pin(async { None });
+        };
+        let mut facts = ConnectionFacts {
+            protocol_version: self.version,
+            last_heartbeat_unix_ms: super::admin::unix_ms(self.heartbeat.last_seen()),
+            queued_bytes: self.budget.pending(),
+            publishes_in_flight: handler.publishes_in_flight(),
+            channels: Vec::new(),
+        };
+        let channels = handler.admin_channels();
+        Box::pin(async move {
+            facts.channels = channels.await;
+            Some(facts)
+        })
     }
 }
 

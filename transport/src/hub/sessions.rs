@@ -7,7 +7,8 @@
 //! expired one would — the owner keeps its session and its connection, and the asker learns
 //! nothing about it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -19,12 +20,18 @@ use crate::telemetry;
 /// Default time a detached session stays resumable: 5 minutes.
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(300);
 
+/// A session's key in the table: sessions are ordered by client id, then session id (what the
+/// admin API pages by).
+pub type SessionKey = (ClientId, SessionId);
+
 #[derive(Debug)]
 struct Entry<O> {
     identity: Identity,
-    client_id: ClientId,
     owner: Option<(u64, O)>,
+    opened_at: Instant,
+    attached_at: Instant,
     detached_at: Option<Instant>,
+    resumes: u64,
 }
 
 /// The result of opening a session for a new connection.
@@ -39,11 +46,38 @@ pub struct Opened<O> {
     pub evicted: Option<(u64, O)>,
 }
 
-/// Sessions by id. `O` is whatever handle reaches a connection (an actor recipient in the hub).
+/// What the table knows of one session (for the admin API).
+#[derive(Debug, Clone)]
+pub struct SessionFacts<O> {
+    /// The client id the session belongs to.
+    pub client_id: ClientId,
+    /// The session.
+    pub session: SessionId,
+    /// Who the session belongs to.
+    pub identity: Identity,
+    /// The connection that owns it, when attached.
+    pub owner: Option<(u64, O)>,
+    /// When the session was created.
+    pub opened_at: Instant,
+    /// When its current (or last) connection took it.
+    pub attached_at: Instant,
+    /// When its last connection ended, while detached.
+    pub detached_at: Option<Instant>,
+    /// How many times a new connection resumed it.
+    pub resumes: u64,
+}
+
+/// Sessions by client id and session id. `O` is whatever handle reaches a connection (the
+/// session actor's address in the hub).
+///
+/// Expiry is a queue in detach order, so opening a session costs `O(log n)` whatever the number
+/// of sessions (a reconnect storm of `n` clients does not scan the table `n` times).
 #[derive(Debug)]
 pub struct SessionTable<O> {
     ttl: Duration,
-    entries: HashMap<SessionId, Entry<O>>,
+    entries: BTreeMap<SessionKey, Entry<O>>,
+    /// Detaches in time order; an entry that was resumed (or detached again) since is skipped.
+    expiry: VecDeque<(Instant, SessionKey)>,
 }
 
 impl<O> SessionTable<O> {
@@ -51,7 +85,8 @@ impl<O> SessionTable<O> {
     pub fn new(ttl: Duration) -> Self {
         SessionTable {
             ttl,
-            entries: HashMap::new(),
+            entries: BTreeMap::new(),
+            expiry: VecDeque::new(),
         }
     }
 
@@ -80,10 +115,13 @@ impl<O> SessionTable<O> {
     ) -> Opened<O> {
         self.purge(now);
         if let Some(id) = resume {
-            match self.entries.get_mut(id) {
-                Some(entry) if entry.identity == *identity && entry.client_id == *client_id => {
+            let key = (client_id.clone(), id.clone());
+            match self.entries.get_mut(&key) {
+                Some(entry) if entry.identity == *identity => {
                     let evicted = entry.owner.replace((conn_id, owner));
                     entry.detached_at = None;
+                    entry.attached_at = now;
+                    entry.resumes += 1;
                     return Opened {
                         session: id.clone(),
                         resumed: true,
@@ -102,12 +140,14 @@ impl<O> SessionTable<O> {
         }
         let session = SessionId::random();
         self.entries.insert(
-            session.clone(),
+            (client_id.clone(), session.clone()),
             Entry {
                 identity: identity.clone(),
-                client_id: client_id.clone(),
                 owner: Some((conn_id, owner)),
+                opened_at: now,
+                attached_at: now,
                 detached_at: None,
+                resumes: 0,
             },
         );
         Opened {
@@ -117,26 +157,94 @@ impl<O> SessionTable<O> {
         }
     }
 
-    /// Connection `conn_id` ended: its session becomes resumable until `now + ttl`. Does nothing
-    /// if another connection took the session over meanwhile.
-    pub fn detach(&mut self, session: &SessionId, conn_id: u64, now: Instant) {
-        if let Some(entry) = self.entries.get_mut(session) {
+    /// Connection `conn_id` ended: session `session` of `client_id` becomes resumable until
+    /// `now + ttl`. Does nothing if another connection took the session over meanwhile.
+    pub fn detach(
+        &mut self,
+        client_id: &ClientId,
+        session: &SessionId,
+        conn_id: u64,
+        now: Instant,
+    ) {
+        let key = (client_id.clone(), session.clone());
+        if let Some(entry) = self.entries.get_mut(&key) {
             if entry.owner.as_ref().is_some_and(|(id, _)| *id == conn_id) {
                 entry.owner = None;
                 entry.detached_at = Some(now);
+                self.expiry.push_back((now, key));
             }
         }
     }
 
     /// Drops detached sessions older than the TTL; returns how many.
     pub fn purge(&mut self, now: Instant) -> usize {
-        let before = self.entries.len();
-        let ttl = self.ttl;
-        self.entries.retain(|_, e| {
-            e.detached_at
-                .is_none_or(|at| now.saturating_duration_since(at) < ttl)
-        });
-        before - self.entries.len()
+        let mut dropped = 0;
+        while let Some((at, _)) = self.expiry.front() {
+            if now.saturating_duration_since(*at) < self.ttl {
+                break;
+            }
+            let Some((at, key)) = self.expiry.pop_front() else {
+                break;
+            };
+            // Still detached since exactly then (not resumed, not detached again later).
+            if self
+                .entries
+                .get(&key)
+                .is_some_and(|e| e.owner.is_none() && e.detached_at == Some(at))
+            {
+                self.entries.remove(&key);
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+}
+
+impl<O: Clone> SessionTable<O> {
+    fn facts(key: &SessionKey, e: &Entry<O>) -> SessionFacts<O> {
+        SessionFacts {
+            client_id: key.0.clone(),
+            session: key.1.clone(),
+            identity: e.identity.clone(),
+            owner: e.owner.clone(),
+            opened_at: e.opened_at,
+            attached_at: e.attached_at,
+            detached_at: e.detached_at,
+            resumes: e.resumes,
+        }
+    }
+
+    /// Up to `limit` sessions after `after` (from the first when `None`), in key order, and
+    /// whether more follow. Expired sessions are dropped first.
+    pub fn page(
+        &mut self,
+        after: Option<&SessionKey>,
+        limit: usize,
+        now: Instant,
+    ) -> (Vec<SessionFacts<O>>, bool) {
+        self.purge(now);
+        let lower = match after {
+            Some(key) => Bound::Excluded(key.clone()),
+            None => Bound::Unbounded,
+        };
+        let mut range = self.entries.range((lower, Bound::Unbounded));
+        let page = range
+            .by_ref()
+            .take(limit)
+            .map(|(k, e)| Self::facts(k, e))
+            .collect();
+        (page, range.next().is_some())
+    }
+
+    /// Every session of `client_id` (one per identity that used the id, usually one).
+    pub fn of_client(&mut self, client_id: &ClientId, now: Instant) -> Vec<SessionFacts<O>> {
+        self.purge(now);
+        let from = (client_id.clone(), SessionId(String::new()));
+        self.entries
+            .range((Bound::Included(from), Bound::Unbounded))
+            .take_while(|((c, _), _)| c == client_id)
+            .map(|(k, e)| Self::facts(k, e))
+            .collect()
     }
 }
 
@@ -158,7 +266,7 @@ mod tests {
         let alice = who("alice");
         let first = t.open(&alice, &client("a"), None, 1, (), Instant::now());
         assert!(!first.resumed);
-        t.detach(&first.session, 1, Instant::now());
+        t.detach(&client("a"), &first.session, 1, Instant::now());
 
         tokio::time::advance(Duration::from_secs(59)).await;
         let again = t.open(
@@ -171,7 +279,7 @@ mod tests {
         );
         assert!(again.resumed);
         assert_eq!(again.session, first.session);
-        t.detach(&again.session, 2, Instant::now());
+        t.detach(&client("a"), &again.session, 2, Instant::now());
 
         tokio::time::advance(Duration::from_secs(60)).await;
         let late = t.open(
@@ -225,7 +333,7 @@ mod tests {
 
         // Nor can it end or orphan the owner's session: its connection still owns it, and the
         // owner's own resume evicts exactly that connection.
-        t.detach(&a.session, 2, Instant::now());
+        t.detach(&client("c"), &a.session, 2, Instant::now());
         let back = t.open(
             &alice,
             &client("c"),
@@ -239,7 +347,7 @@ mod tests {
         assert_eq!(back.evicted, Some((1, "alice's")));
 
         // Detached, the owner's session stays the owner's.
-        t.detach(&a.session, 3, Instant::now());
+        t.detach(&client("c"), &a.session, 3, Instant::now());
         let again = t.open(
             &mallory,
             &client("c"),
@@ -297,8 +405,80 @@ mod tests {
         assert!(b.resumed);
         assert_eq!(b.evicted, Some((1, "old")));
         // The old connection's late detach does not orphan the new owner.
-        t.detach(&a.session, 1, Instant::now());
+        t.detach(&client("a"), &a.session, 1, Instant::now());
         t.purge(Instant::now() + DEFAULT_SESSION_TTL * 2);
         assert_eq!(t.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pages_walk_every_session_once_in_client_order() {
+        let mut t = SessionTable::new(DEFAULT_SESSION_TTL);
+        for (conn, name) in ["c", "a", "b", "a", "d"].iter().enumerate() {
+            t.open(
+                &who(name),
+                &client(name),
+                None,
+                conn as u64,
+                (),
+                Instant::now(),
+            );
+        }
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (page, more) = t.page(cursor.as_ref(), 2, Instant::now());
+            assert!(page.len() <= 2);
+            cursor = page
+                .last()
+                .map(|f| (f.client_id.clone(), f.session.clone()));
+            seen.extend(page.into_iter().map(|f| f.client_id.0));
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(seen, ["a", "a", "b", "c", "d"]);
+        assert_eq!(t.of_client(&client("a"), Instant::now()).len(), 2);
+        assert!(t.of_client(&client("e"), Instant::now()).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn facts_count_resumes_and_keep_the_times() {
+        let mut t = SessionTable::new(Duration::from_secs(60));
+        let alice = who("alice");
+        let start = Instant::now();
+        let s = t.open(&alice, &client("a"), None, 1, (), start).session;
+        tokio::time::advance(Duration::from_secs(5)).await;
+        t.detach(&client("a"), &s, 1, Instant::now());
+        let facts = &t.of_client(&client("a"), Instant::now())[0];
+        assert_eq!(facts.detached_at, Some(start + Duration::from_secs(5)));
+        assert!(facts.owner.is_none());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        t.open(&alice, &client("a"), Some(&s), 2, (), Instant::now());
+        let facts = &t.of_client(&client("a"), Instant::now())[0];
+        assert_eq!(facts.resumes, 1);
+        assert_eq!(facts.opened_at, start);
+        assert_eq!(facts.attached_at, start + Duration::from_secs(10));
+        assert_eq!(facts.detached_at, None);
+        assert_eq!(facts.owner.as_ref().map(|o| o.0), Some(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_detached_again_expires_from_its_last_detach() {
+        let mut t = SessionTable::new(Duration::from_secs(60));
+        let alice = who("alice");
+        let s = t
+            .open(&alice, &client("a"), None, 1, (), Instant::now())
+            .session;
+        t.detach(&client("a"), &s, 1, Instant::now());
+        tokio::time::advance(Duration::from_secs(50)).await;
+        t.open(&alice, &client("a"), Some(&s), 2, (), Instant::now());
+        t.detach(&client("a"), &s, 2, Instant::now());
+        // The first detach's deadline passes: the queue's stale entry drops nothing.
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(t.purge(Instant::now()), 0);
+        assert_eq!(t.len(), 1);
+        tokio::time::advance(Duration::from_secs(40)).await;
+        assert_eq!(t.purge(Instant::now()), 1);
+        assert!(t.is_empty());
     }
 }
