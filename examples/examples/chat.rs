@@ -28,6 +28,9 @@ struct Args {
     /// Token, if the hub requires one.
     #[arg(long)]
     token: Option<String>,
+    /// This client's id (what the hub's admin API lists it by). Default: a random one.
+    #[arg(long)]
+    client_id: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -43,6 +46,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = TransportConfig::builder(&args.url);
     if let Some(token) = &args.token {
         config = config.token(token);
+    }
+    if let Some(id) = &args.client_id {
+        config = config.client_id(id);
     }
     let start = std::time::Instant::now();
     let (transport, mut states) = Transport::start_with_events(config.build()?);

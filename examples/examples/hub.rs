@@ -9,6 +9,14 @@
 //! curl http://127.0.0.1:8081/metrics
 //! ```
 //!
+//! The session admin API (`/sessions`, `/channels`), behind a token given by flag or by
+//! `TETHER_HUB_ADMIN_TOKEN`:
+//!
+//! ```text
+//! cargo run --release --example hub -- --admin-token 0123456789abcdef-admin
+//! curl -H 'Authorization: Bearer 0123456789abcdef-admin' http://127.0.0.1:8080/sessions
+//! ```
+//!
 //! TLS (`wss://`): a PEM certificate chain and key, by flag or by `TETHER_HUB_TLS_CERT` /
 //! `TETHER_HUB_TLS_KEY`:
 //!
@@ -69,6 +77,14 @@ struct Args {
     /// The PEM private key of --tls-cert. Default: TETHER_HUB_TLS_KEY.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Turn the session admin API on behind this bearer token (16 to 4096 visible ASCII bytes;
+    /// the same on every node). Default: TETHER_HUB_ADMIN_TOKEN, else the admin API is off.
+    #[arg(long)]
+    admin_token: Option<String>,
+    /// Where the other nodes reach this one's admin API (http://host:port). Default:
+    /// TETHER_HUB_ADVERTISE_URL, else the bound address.
+    #[arg(long)]
+    advertise_url: Option<String>,
 }
 
 #[actix::main]
@@ -110,6 +126,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if !args.token.is_empty() {
         builder = builder.authenticator(StaticTokens::new(args.token));
+    }
+    if let Some(token) = args.admin_token {
+        builder = builder.admin_token(token);
+    }
+    if let Some(url) = args.advertise_url {
+        builder = builder.advertise_url(url);
     }
     let hub = Hub::start(builder.build()?)?;
     let http = match hub.state().config.tls {

@@ -930,6 +930,12 @@ mod tests {
         assert!(HubConfig::builder().build().is_ok());
         assert!(HubConfig::builder().ws_path("ws").build().is_err());
         assert!(HubConfig::builder().ws_path("/health").build().is_err());
+        assert!(HubConfig::builder().ws_path("/sessions").build().is_err());
+        assert!(HubConfig::builder()
+            .ws_path("/channels/ws")
+            .build()
+            .is_err());
+        assert!(HubConfig::builder().ws_path("/channelsx").build().is_ok());
         assert!(HubConfig::builder()
             .heartbeat(Duration::from_secs(2), Duration::from_secs(1))
             .build()
@@ -939,6 +945,46 @@ mod tests {
         assert!(HubConfig::builder().node_id("").build().is_err());
         assert!(HubConfig::builder().node_id("a\nb").build().is_err());
         assert!(HubConfig::builder().node_id("eu-1").build().is_ok());
+    }
+
+    #[test]
+    fn the_admin_token_and_advertise_url_are_checked_at_build() {
+        assert!(HubConfig::builder().build().unwrap().admin_token.is_none());
+        let on = HubConfig::builder()
+            .admin_token("0123456789abcdef")
+            .build()
+            .unwrap();
+        assert!(on.admin_token.unwrap().matches("0123456789abcdef"));
+        assert_eq!(
+            field_of(HubConfig::builder().admin_token("too short").build()),
+            "admin_token"
+        );
+        let env = |k: &str| match k {
+            "TETHER_HUB_ADMIN_TOKEN" => Some(" short ".to_owned()),
+            "TETHER_HUB_ADVERTISE_URL" => Some("http://10.0.0.7:8080".to_owned()),
+            _ => None,
+        };
+        let from_env = HubConfig::builder().apply_env(env).unwrap();
+        assert_eq!(field_of(from_env.build()), "TETHER_HUB_ADMIN_TOKEN");
+        let env = |k: &str| match k {
+            "TETHER_HUB_ADMIN_TOKEN" => Some("0123456789abcdef-from-env".to_owned()),
+            "TETHER_HUB_ADVERTISE_URL" => Some("http://10.0.0.7:8080".to_owned()),
+            _ => None,
+        };
+        let built = HubConfig::builder()
+            .apply_env(env)
+            .unwrap()
+            .build()
+            .unwrap();
+        assert!(built
+            .admin_token
+            .unwrap()
+            .matches("0123456789abcdef-from-env"));
+        assert_eq!(built.advertise_url.as_deref(), Some("http://10.0.0.7:8080"));
+        assert_eq!(
+            field_of(HubConfig::builder().advertise_url("10.0.0.7:8080").build()),
+            "advertise_url"
+        );
     }
 
     fn field_of(result: Result<HubConfig, TransportError>) -> &'static str {
