@@ -366,16 +366,48 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
         .route("/channels/{name:.*}", web::get().to(channel_route));
 }
 
-fn error(status: actix_web::http::StatusCode, code: &str, message: String) -> HttpResponse {
-    HttpResponse::build(status).json(serde_json::json!({ "error": code, "message": message }))
+/// Why an admin request is refused: its status and a JSON `{error, message}` body.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    status: actix_web::http::StatusCode,
+    code: &'static str,
+    message: String,
 }
 
-fn bad_request(message: String) -> HttpResponse {
-    error(
-        actix_web::http::StatusCode::BAD_REQUEST,
-        "bad_request",
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl actix_web::ResponseError for Refusal {
+    fn status_code(&self) -> actix_web::http::StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status);
+        if self.status == actix_web::http::StatusCode::UNAUTHORIZED {
+            response.insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"tether-admin\""));
+        }
+        response.json(serde_json::json!({ "error": self.code, "message": self.message }))
+    }
+}
+
+fn bad_request(message: String) -> Refusal {
+    Refusal {
+        status: actix_web::http::StatusCode::BAD_REQUEST,
+        code: "bad_request",
         message,
-    )
+    }
+}
+
+fn not_found(code: &'static str, message: String) -> Refusal {
+    Refusal {
+        status: actix_web::http::StatusCode::NOT_FOUND,
+        code,
+        message,
+    }
 }
 
 /// The caller, once its token checked out: what its peers are asked with.
@@ -386,15 +418,15 @@ struct Caller {
 }
 
 /// Checks the admin token; `Err` is the response to give.
-fn authorize(req: &HttpRequest, state: &HubState) -> Result<Caller, HttpResponse> {
+fn authorize(req: &HttpRequest, state: &HubState) -> Result<Caller, Refusal> {
     let route = req.match_pattern().unwrap_or_else(|| req.path().to_owned());
     let Some(expected) = &state.config.admin_token else {
         metrics::counter!(telemetry::HUB_ADMIN_REQUESTS, "result" => "disabled").increment(1);
-        return Err(error(
-            actix_web::http::StatusCode::FORBIDDEN,
-            "admin_disabled",
-            "this hub has no admin token configured (HubConfigBuilder::admin_token, TETHER_HUB_ADMIN_TOKEN)".into(),
-        ));
+        return Err(Refusal {
+            status: actix_web::http::StatusCode::FORBIDDEN,
+            code: "admin_disabled",
+            message: "this hub has no admin token configured (HubConfigBuilder::admin_token, TETHER_HUB_ADMIN_TOKEN)".into(),
+        });
     };
     let presented = req
         .headers()
@@ -418,12 +450,11 @@ fn authorize(req: &HttpRequest, state: &HubState) -> Result<Caller, HttpResponse
             metrics::counter!(telemetry::HUB_ADMIN_REQUESTS, "result" => "unauthorized")
                 .increment(1);
             tracing::info!(%route, presented = other.is_some(), "admin request refused");
-            Err(HttpResponse::Unauthorized()
-                .insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"tether-admin\""))
-                .json(serde_json::json!({
-                    "error": "unauthorized",
-                    "message": "an admin token is required: Authorization: Bearer {token}",
-                })))
+            Err(Refusal {
+                status: actix_web::http::StatusCode::UNAUTHORIZED,
+                code: "unauthorized",
+                message: "an admin token is required: Authorization: Bearer {token}".into(),
+            })
         }
     }
 }
@@ -436,7 +467,7 @@ struct PageQuery {
 }
 
 impl PageQuery {
-    fn limit(&self) -> Result<usize, HttpResponse> {
+    fn limit(&self) -> Result<usize, Refusal> {
         match self.limit {
             None => Ok(DEFAULT_PAGE_LIMIT),
             Some(n) if (1..=MAX_PAGE_LIMIT).contains(&n) => Ok(n),
@@ -616,20 +647,14 @@ async fn sessions_route(
     req: HttpRequest,
     state: web::Data<HubState>,
     query: web::Query<PageQuery>,
-) -> HttpResponse {
-    let caller = match authorize(&req, &state) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let limit = match query.limit() {
-        Ok(l) => l,
-        Err(r) => return r,
-    };
+) -> Result<HttpResponse, Refusal> {
+    let caller = authorize(&req, &state)?;
+    let limit = query.limit()?;
     let after = match query.cursor.as_deref() {
         None => None,
         Some(c) => match parse_session_cursor(c) {
             Some(key) => Some(key),
-            None => return bad_request("the cursor is not one this API gave".into()),
+            None => return Err(bad_request("the cursor is not one this API gave".into())),
         },
     };
     let node = state.config.node_id.clone();
@@ -668,12 +693,12 @@ async fn sessions_route(
                 .map(|s| session_cursor(&s.client_id, &s.session))
         })
         .flatten();
-    HttpResponse::Ok().json(SessionPage {
+    Ok(HttpResponse::Ok().json(SessionPage {
         sessions,
         next_cursor,
         nodes,
         unreachable,
-    })
+    }))
 }
 
 /// This node's sessions of `client_id`, in full.
@@ -702,19 +727,12 @@ async fn local_sessions(state: &HubState, client_id: &ClientId) -> Vec<SessionDe
     details
 }
 
-fn not_found(code: &str, message: String) -> HttpResponse {
-    error(actix_web::http::StatusCode::NOT_FOUND, code, message)
-}
-
 async fn session_route(
     req: HttpRequest,
     state: web::Data<HubState>,
     path: web::Path<String>,
-) -> HttpResponse {
-    let caller = match authorize(&req, &state) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+) -> Result<HttpResponse, Refusal> {
+    let caller = authorize(&req, &state)?;
     let client_id = ClientId(path.into_inner());
     let local = ClientSessions {
         client_id: client_id.0.clone(),
@@ -732,25 +750,25 @@ async fn session_route(
     sessions.sort_by(|a, b| a.summary.session.cmp(&b.summary.session));
     if sessions.is_empty() && caller.node_only {
         // A peer's empty part is an answer, not an error.
-        return HttpResponse::Ok().json(ClientSessions {
+        return Ok(HttpResponse::Ok().json(ClientSessions {
             client_id: client_id.0,
             sessions,
             nodes,
             unreachable,
-        });
+        }));
     }
     if sessions.is_empty() && unreachable.is_empty() {
-        return not_found(
+        return Err(not_found(
             "unknown_client",
             format!("no session of client id {:?} on any node", client_id.0),
-        );
+        ));
     }
-    HttpResponse::Ok().json(ClientSessions {
+    Ok(HttpResponse::Ok().json(ClientSessions {
         client_id: client_id.0,
         sessions,
         nodes,
         unreachable,
-    })
+    }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -763,16 +781,15 @@ async fn disconnect_route(
     state: web::Data<HubState>,
     path: web::Path<String>,
     query: web::Query<DisconnectQuery>,
-) -> HttpResponse {
-    let caller = match authorize(&req, &state) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+) -> Result<HttpResponse, Refusal> {
+    let caller = authorize(&req, &state)?;
     let mode = match query.mode.as_deref() {
         None | Some("close") => DisconnectMode::Close,
         Some("reset") => DisconnectMode::Reset,
         Some(other) => {
-            return bad_request(format!("mode {other:?} is neither \"close\" nor \"reset\""))
+            return Err(bad_request(format!(
+                "mode {other:?} is neither \"close\" nor \"reset\""
+            )))
         }
     };
     let client_id = ClientId(path.into_inner());
@@ -817,32 +834,26 @@ async fn disconnect_route(
         unreachable,
     };
     if answer.disconnected.is_empty() && answer.unreachable.is_empty() && !caller.node_only {
-        return not_found(
+        return Err(not_found(
             "not_connected",
             format!("client id {:?} has no connection on any node", client_id.0),
-        );
+        ));
     }
-    HttpResponse::Ok().json(answer)
+    Ok(HttpResponse::Ok().json(answer))
 }
 
 async fn channels_route(
     req: HttpRequest,
     state: web::Data<HubState>,
     query: web::Query<PageQuery>,
-) -> HttpResponse {
-    let caller = match authorize(&req, &state) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let limit = match query.limit() {
-        Ok(l) => l,
-        Err(r) => return r,
-    };
+) -> Result<HttpResponse, Refusal> {
+    let caller = authorize(&req, &state)?;
+    let limit = query.limit()?;
     let after = match query.cursor.as_deref() {
         None => None,
         Some(c) => match parse_channel_cursor(c) {
             Some(name) => Some(name),
-            None => return bad_request("the cursor is not one this API gave".into()),
+            None => return Err(bad_request("the cursor is not one this API gave".into())),
         },
     };
     let node = state.config.node_id.clone();
@@ -890,12 +901,12 @@ async fn channels_route(
     let next_cursor = more
         .then(|| channels.last().map(|c| channel_cursor(&c.name)))
         .flatten();
-    HttpResponse::Ok().json(ChannelList {
+    Ok(HttpResponse::Ok().json(ChannelList {
         channels,
         next_cursor,
         nodes,
         unreachable,
-    })
+    }))
 }
 
 /// One node's part of `GET /channels/{name}` (`detail: None`: no actor for it here).
@@ -910,11 +921,8 @@ async fn channel_route(
     req: HttpRequest,
     state: web::Data<HubState>,
     path: web::Path<String>,
-) -> HttpResponse {
-    let caller = match authorize(&req, &state) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+) -> Result<HttpResponse, Refusal> {
+    let caller = authorize(&req, &state)?;
     let name = path.into_inner();
     let node = state.config.node_id.clone();
     let mut detail = state.config.handler.admin_channel(name.clone()).await;
@@ -929,7 +937,7 @@ async fn channel_route(
         unreachable: Vec::new(),
     };
     if caller.node_only {
-        return HttpResponse::Ok().json(local);
+        return Ok(HttpResponse::Ok().json(local));
     }
     let path = format!("/channels/{}", percent_encode(&name));
     let (parts, nodes, mut unreachable) = gather(&state, &caller, path, false, local).await;
@@ -941,10 +949,10 @@ async fn channel_route(
         }
     }
     if by_node.is_empty() && unreachable.is_empty() {
-        return not_found(
+        return Err(not_found(
             "unknown_channel",
             format!("channel {name:?} has no live actor on any node"),
-        );
+        ));
     }
     // The store's word where a node had it; the furthest head otherwise.
     let best = by_node
@@ -959,7 +967,7 @@ async fn channel_route(
         .values()
         .flat_map(|d| d.subscribers.iter().cloned())
         .collect();
-    HttpResponse::Ok().json(ChannelReport {
+    Ok(HttpResponse::Ok().json(ChannelReport {
         name,
         epoch,
         head,
@@ -968,7 +976,7 @@ async fn channel_route(
         by_node,
         nodes,
         unreachable,
-    })
+    }))
 }
 
 /// Announces this node to its peers every [`ANNOUNCE_INTERVAL`] until dropped.
