@@ -434,3 +434,48 @@ async fn every_node_of_a_redis_cluster_answers_for_all_of_them() {
     drop(publisher);
     a.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_flood_of_refused_admin_requests_costs_a_healthy_pair_nothing() {
+    init_tracing();
+    let hub = hub(memory_service(), "solo", Some(TOKEN));
+    let addr = hub.local_addr();
+    let mut pair = tether_integration_tests::attack::HealthyPair::start(&hub.ws_url()).await;
+    let flood = actix_rt::spawn(async move {
+        let long = "x".repeat(8 * 1024);
+        for i in 0..300 {
+            let (status, _, _) = match i % 5 {
+                0 => call(addr, false, "/sessions", None).await,
+                1 => call(addr, false, "/sessions", Some(&long)).await,
+                2 => {
+                    call(
+                        addr,
+                        true,
+                        "/sessions/sub/disconnect",
+                        Some("wrong-token-wrong-token"),
+                    )
+                    .await
+                }
+                3 => call(addr, false, "/sessions?limit=100000", Some(TOKEN)).await,
+                _ => {
+                    call(
+                        addr,
+                        false,
+                        &format!("/sessions?cursor={long}"),
+                        Some(TOKEN),
+                    )
+                    .await
+                }
+            };
+            assert!(matches!(status, 400 | 401 | 431), "refused, got {status}");
+        }
+    });
+    pair.publish_acked(1, 200).await;
+    flood.await.unwrap();
+    pair.assert_received_in_order(200).await;
+    pair.sub_events
+        .expect_quiet(Duration::from_millis(100))
+        .await
+        .expect("the healthy subscriber's connection never dropped");
+    hub.stop().await;
+}
