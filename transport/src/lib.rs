@@ -15,7 +15,9 @@
 //!   transition, then the ones after it.
 //! * Hub: [`hub::Hub`] serves the WebSocket endpoint (handshake, authentication as an
 //!   [`hub::Identity`], heartbeats, resumable sessions that belong to their identity),
-//!   `/health` and `/metrics`.
+//!   `/health` and `/metrics`, and, behind an admin token, the session admin API
+//!   ([`hub::admin`]: sessions and channels as JSON, and a disconnect for tests), answering for
+//!   every node that shares the hub's Redis store.
 //! * TLS on both ends ([`tls`], rustls with the `ring` provider): a client trusts the built-in
 //!   webpki roots plus the CAs given to its builder (`tls_ca_file`, `TETHER_TLS_CA_FILE`, …) for
 //!   `wss://` endpoints; a hub serves `wss://` with `HubConfig::builder().tls(…)` or
