@@ -13,9 +13,9 @@ use tether_integration_tests::harness::{
     fast_client, free_addr, init_tracing, open_attached, redis_channel_service, test_hub_config,
     ws_url, EventLog,
 };
-use tether_integration_tests::RedisServer;
+use tether_integration_tests::{RedisServer, TestCert};
 use tether_transport::hub::{Hub, HubHandle};
-use tether_transport::{ConnectionState, Transport};
+use tether_transport::{ConnectionState, Transport, TransportConfig};
 
 const T: Duration = Duration::from_secs(10);
 const TOKEN: &str = "admin-token-for-tests-0123456789";
@@ -43,11 +43,19 @@ async fn call(
     token: Option<&str>,
 ) -> (u16, Option<String>, Value) {
     let client = awc::Client::builder().timeout(T).finish();
-    let url = format!("http://{addr}{path}");
+    request(&client, format!("http://{addr}{path}"), post, token).await
+}
+
+async fn request(
+    client: &awc::Client,
+    url: String,
+    post: bool,
+    token: Option<&str>,
+) -> (u16, Option<String>, Value) {
     let mut request = if post {
-        client.post(url)
+        client.post(&url)
     } else {
-        client.get(url)
+        client.get(&url)
     };
     if let Some(token) = token {
         request = request.insert_header(("Authorization", format!("Bearer {token}")));
@@ -58,8 +66,8 @@ async fn call(
         .get("www-authenticate")
         .map(|v| v.to_str().unwrap().to_owned());
     let body = response.body().await.expect("a body");
-    let json = serde_json::from_slice(&body)
-        .unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body:?}"));
+    let json =
+        serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{url}: not JSON ({e}): {body:?}"));
     (response.status().as_u16(), challenge, json)
 }
 
@@ -478,4 +486,82 @@ async fn a_flood_of_refused_admin_requests_costs_a_healthy_pair_nothing() {
         .await
         .expect("the healthy subscriber's connection never dropped");
     hub.stop().await;
+}
+
+#[actix_rt::test]
+async fn tls_nodes_ask_each_other_over_https_trusting_the_peer_ca() {
+    init_tracing();
+    let redis = RedisServer::start().expect("redis-server");
+    let cert = TestCert::localhost();
+    let tls_node = |id: &str, trust_peers: bool| {
+        let mut config = cert
+            .serve(test_hub_config(SocketAddr::from(([127, 0, 0, 1], 0))))
+            .node_id(id)
+            .handler(std::sync::Arc::new(redis_channel_service(
+                &redis.url(),
+                Retention::default(),
+            )))
+            .admin_token(TOKEN);
+        if trust_peers {
+            config = config.admin_peer_ca(cert.cert_pem.clone());
+        }
+        Hub::start(config.build().expect("valid hub config")).expect("hub starts")
+    };
+    let a = tls_node("tls-a", true);
+    let b = tls_node("tls-b", true);
+    let config = cert
+        .trust(fast_client(b.ws_url()))
+        .client_id("on-b")
+        .build()
+        .unwrap();
+    let (on_b, rx) = Transport::start_with_events(config);
+    EventLog::new(rx)
+        .until_state(ConnectionState::Connected, T)
+        .await
+        .expect("connected over wss");
+
+    let trust = cert
+        .trust(TransportConfig::builder(a.ws_url()))
+        .build()
+        .unwrap()
+        .tls
+        .rustls_config()
+        .expect("a TLS client")
+        .clone();
+    let https = awc::Client::builder()
+        .connector(awc::Connector::new().rustls_0_23(trust))
+        .timeout(T)
+        .finish();
+    let ask = |hub: &HubHandle, path: &str| format!("https://{}{path}", hub.local_addr());
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let (status, _, page) = request(&https, ask(&a, "/sessions"), false, Some(TOKEN)).await;
+        assert_eq!(status, 200, "{page}");
+        if page["nodes"].as_array().unwrap().len() == 2 {
+            assert_eq!(names(&page, "sessions", "client_id"), ["on-b"]);
+            assert_eq!(page["unreachable"], serde_json::json!([]));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{page}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A node that does not trust its peers' CA says so rather than answering for itself only.
+    let c = tls_node("tls-c", false);
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let (status, _, page) = request(&https, ask(&c, "/sessions"), false, Some(TOKEN)).await;
+        assert_eq!(status, 200, "{page}");
+        let unreachable = page["unreachable"].as_array().unwrap().len();
+        if unreachable == 2 {
+            assert_eq!(page["nodes"], serde_json::json!(["tls-c"]));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{page}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(on_b);
+    for hub in [a, b, c] {
+        hub.stop().await;
+    }
 }

@@ -581,7 +581,19 @@ async fn gather<T: DeserializeOwned>(
     if peers.is_empty() {
         return (parts, nodes, unreachable);
     }
-    let client = awc::Client::builder().timeout(PEER_TIMEOUT).finish();
+    let mut connector = awc::Connector::new();
+    if let Some(tls) = state
+        .config
+        .admin_peer_trust
+        .as_ref()
+        .and_then(|t| t.rustls_config())
+    {
+        connector = connector.rustls_0_23(tls.clone());
+    }
+    let client = awc::Client::builder()
+        .connector(connector)
+        .timeout(PEER_TIMEOUT)
+        .finish();
     let asks = peers.iter().map(|peer| {
         let url = format!("{}{}", peer.url.trim_end_matches('/'), path);
         let request = if post {

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use crate::error::TransportError;
 use crate::heartbeat::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_IDLE_TIMEOUT};
 use crate::telemetry;
-use crate::tls::{HubTls, Material};
+use crate::tls::{ClientTrust, HubTls, Material};
 
 pub use admin::{AdminPeers, AdminToken, PeerNode};
 pub use auth::{
@@ -117,6 +117,9 @@ pub struct HubConfig {
     pub admin_token: Option<AdminToken>,
     /// Where this node's admin API is reached by its peers; `None`: the bound address.
     pub advertise_url: Option<String>,
+    /// What this node trusts when it asks its peers' admin APIs over `https://` (built with the
+    /// admin token: the built-in roots plus [`HubConfigBuilder::admin_peer_ca`]).
+    pub admin_peer_trust: Option<ClientTrust>,
 }
 
 impl std::fmt::Debug for HubConfig {
@@ -174,9 +177,11 @@ impl HubConfig {
                 tls: None,
                 admin_token: None,
                 advertise_url: None,
+                admin_peer_trust: None,
             },
             tls: None,
             admin_token: None,
+            admin_peer_cas: Vec::new(),
         }
     }
 }
@@ -189,6 +194,8 @@ pub struct HubConfigBuilder {
     tls: Option<(Material, Material)>,
     /// The admin token as given (with where it came from), checked at `build`.
     admin_token: Option<(&'static str, String)>,
+    /// Extra CA certificates for the admin API's calls to its peers, loaded at `build`.
+    admin_peer_cas: Vec<Material>,
 }
 
 impl HubConfigBuilder {
@@ -338,6 +345,22 @@ impl HubConfigBuilder {
         self
     }
 
+    /// Also trusts these PEM CA certificates when this node asks its peers' admin APIs over
+    /// `https://` (a cluster whose hub certificates come from a private CA). Checked at
+    /// `build`. Default: the built-in webpki roots only.
+    pub fn admin_peer_ca(mut self, ca_pem: impl Into<Vec<u8>>) -> Self {
+        self.admin_peer_cas
+            .push(Material::pem("admin_peer_ca", ca_pem));
+        self
+    }
+
+    /// Like [`HubConfigBuilder::admin_peer_ca`], with the PEM read from this file at `build`.
+    pub fn admin_peer_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.admin_peer_cas
+            .push(Material::pem_file("admin_peer_ca", path));
+        self
+    }
+
     /// Like [`HubConfigBuilder::tls`], with the PEM read from these files at `build`.
     pub fn tls_files(mut self, cert_chain: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
         self.tls = Some((
@@ -350,6 +373,7 @@ impl HubConfigBuilder {
     /// Overrides settings from `TETHER_HUB_*` variables looked up through `lookup`:
     /// `TETHER_HUB_ADMIN_TOKEN` ([`HubConfigBuilder::admin_token`]),
     /// `TETHER_HUB_ADVERTISE_URL` ([`HubConfigBuilder::advertise_url`]),
+    /// `TETHER_HUB_ADMIN_PEER_CA_FILE` ([`HubConfigBuilder::admin_peer_ca_file`]),
     /// `TETHER_HUB_TLS_CERT` and `TETHER_HUB_TLS_KEY` (paths of the PEM certificate chain and
     /// key, as [`HubConfigBuilder::tls_files`]; both or neither). Only one of the two is an
     /// [`TransportError::InvalidConfig`] naming the missing one; files that cannot be read or
@@ -364,6 +388,12 @@ impl HubConfigBuilder {
         }
         if let Some(url) = var("TETHER_HUB_ADVERTISE_URL") {
             self.config.advertise_url = Some(url.trim().to_owned());
+        }
+        if let Some(path) = var("TETHER_HUB_ADMIN_PEER_CA_FILE") {
+            self.admin_peer_cas.push(Material::pem_file(
+                "TETHER_HUB_ADMIN_PEER_CA_FILE",
+                path.trim(),
+            ));
         }
         match (var("TETHER_HUB_TLS_CERT"), var("TETHER_HUB_TLS_KEY")) {
             (Some(cert), Some(key)) => {
@@ -469,6 +499,8 @@ impl HubConfigBuilder {
                 }
                 other => other,
             })?);
+            self.config.admin_peer_trust =
+                Some(ClientTrust::build(true, &self.admin_peer_cas, true)?);
         }
         if let Some((cert_chain, key)) = &self.tls {
             self.config.tls = Some(HubTls::load(cert_chain, key)?);
