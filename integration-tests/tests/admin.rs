@@ -203,6 +203,10 @@ async fn sessions_are_paged_and_described_with_their_channels() {
     assert!(session["connected_since_unix_ms"].as_u64().unwrap() > 0);
     assert!(session.get("disconnected_since_unix_ms").is_none());
     let connection = &session["connection"];
+    assert!(connection["peer_addr"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
     assert_eq!(connection["protocol_version"], 2);
     assert!(connection["last_heartbeat_unix_ms"].as_u64().unwrap() > 0);
     let channels = connection["channels"].as_array().unwrap();
@@ -564,4 +568,29 @@ async fn tls_nodes_ask_each_other_over_https_trusting_the_peer_ca() {
     for hub in [a, b, c] {
         hub.stop().await;
     }
+}
+
+#[actix_rt::test]
+async fn a_client_bound_to_a_local_address_connects_from_it() {
+    init_tracing();
+    let hub = hub(memory_service(), "solo", Some(TOKEN));
+    let config = fast_client(hub.ws_url())
+        .client_id("sourced")
+        .local_address([127, 0, 0, 2].into())
+        .build()
+        .unwrap();
+    let (sourced, rx) = Transport::start_with_events(config);
+    EventLog::new(rx)
+        .until_state(ConnectionState::Connected, T)
+        .await
+        .expect("connected from 127.0.0.2");
+    let (status, detail) = get(hub.local_addr(), "/sessions/sourced").await;
+    assert_eq!(status, 200, "{detail}");
+    let peer = detail["sessions"][0]["connection"]["peer_addr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(peer.starts_with("127.0.0.2:"), "{peer}");
+    drop(sourced);
+    hub.stop().await;
 }

@@ -49,6 +49,9 @@ pub struct TransportConfig {
     pub seed: Option<u64>,
     /// What `wss://` endpoints are checked against. Default: the built-in webpki roots.
     pub tls: ClientTrust,
+    /// The local (source) address outgoing connections are bound to; `None` (the default):
+    /// the kernel picks one.
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 impl TransportConfig {
@@ -88,6 +91,7 @@ pub struct TransportConfigBuilder {
     seed: Option<u64>,
     tls_builtin_roots: bool,
     tls_roots: Vec<Material>,
+    local_address: Option<std::net::IpAddr>,
 }
 
 impl TransportConfigBuilder {
@@ -106,6 +110,7 @@ impl TransportConfigBuilder {
             seed: None,
             tls_builtin_roots: true,
             tls_roots: Vec::new(),
+            local_address: None,
         }
     }
 
@@ -114,6 +119,15 @@ impl TransportConfigBuilder {
     /// added, before `build`.
     pub fn from_env() -> Result<Self, TransportError> {
         Self::new(Vec::new()).apply_env(|key| std::env::var(key).ok())
+    }
+
+    /// Binds outgoing connections to this local address (a load generator spreading its
+    /// connections over several source addresses, so that the kernel's ephemeral ports of one
+    /// address are not what limits it; a multi-homed host choosing its interface). Also
+    /// `TETHER_LOCAL_ADDRESS`. Default: none, the kernel picks.
+    pub fn local_address(mut self, ip: std::net::IpAddr) -> Self {
+        self.local_address = Some(ip);
+        self
     }
 
     /// Adds another endpoint. Attempts rotate through all of them.
@@ -383,6 +397,17 @@ impl TransportConfigBuilder {
         {
             self.max_frame_size = n;
         }
+        if let Some(ip) = lookup("TETHER_LOCAL_ADDRESS").filter(|v| !v.trim().is_empty()) {
+            self.local_address =
+                Some(
+                    ip.trim()
+                        .parse()
+                        .map_err(|e| TransportError::InvalidConfig {
+                            field: "TETHER_LOCAL_ADDRESS",
+                            reason: format!("{ip:?} is not an IP address: {e}"),
+                        })?,
+                );
+        }
         if let Some(path) = lookup("TETHER_TLS_CA_FILE").filter(|p| !p.trim().is_empty()) {
             self.tls_roots
                 .push(Material::pem_file("TETHER_TLS_CA_FILE", path.trim()));
@@ -499,6 +524,7 @@ impl TransportConfigBuilder {
             protocol_version: self.protocol_version,
             seed: self.seed,
             tls,
+            local_address: self.local_address,
         })
     }
 }
@@ -515,6 +541,35 @@ mod tests {
             Err(TransportError::InvalidConfig { field, .. }) => field,
             other => panic!("expected InvalidConfig, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_local_address_comes_from_the_builder_or_the_environment() {
+        let none = TransportConfig::builder("ws://h/ws").build().unwrap();
+        assert_eq!(none.local_address, None);
+        let ip: std::net::IpAddr = [127, 0, 0, 9].into();
+        let set = TransportConfig::builder("ws://h/ws")
+            .local_address(ip)
+            .build()
+            .unwrap();
+        assert_eq!(set.local_address, Some(ip));
+        let env = |v: &'static str| {
+            move |k: &str| (k == "TETHER_LOCAL_ADDRESS").then(|| v.to_owned())
+        };
+        let from_env = TransportConfig::builder("ws://h/ws")
+            .apply_env(env(" 127.0.0.9 "))
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(from_env.local_address, Some(ip));
+        assert_eq!(
+            field_of(
+                TransportConfig::builder("ws://h/ws")
+                    .apply_env(env("nowhere"))
+                    .and_then(TransportConfigBuilder::build)
+            ),
+            "TETHER_LOCAL_ADDRESS"
+        );
     }
 
     #[test]

@@ -315,9 +315,10 @@ impl TransportActor {
             max_frame_size: self.config.max_frame_size,
         };
         let tls = self.config.tls.rustls_config().cloned();
+        let local = self.config.local_address;
         let client = self
             .client
-            .get_or_insert_with(|| websocket_client(tls))
+            .get_or_insert_with(|| websocket_client(tls, local))
             .clone();
         let id = self.next_conn_id;
         tracing::debug!(parent: &self.span, conn_id = id, attempt, %endpoint, "opening connection");
@@ -575,17 +576,31 @@ impl TransportActor {
 /// The HTTP client for WebSocket upgrades: HTTP/1.1, and TCP_NODELAY on every socket so that
 /// small frames (publishes, acks) are not held back by Nagle's algorithm. `tls` serves the
 /// `wss://` endpoints; without it (every endpoint `ws://`) the client has no TLS at all.
-fn websocket_client(tls: Option<std::sync::Arc<rustls::ClientConfig>>) -> awc::Client {
-    use actix_service::ServiceExt as _;
+fn websocket_client(
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    local: Option<std::net::IpAddr>,
+) -> awc::Client {
+    use actix_service::{Service as _, ServiceExt as _};
     type Tcp = actix_tls::connect::Connection<awc::http::Uri, actix_rt::net::TcpStream>;
-    let tcp = actix_tls::connect::Connector::default()
-        .service()
-        .map(|conn: Tcp| {
-            if let Err(e) = conn.io_ref().set_nodelay(true) {
-                tracing::debug!(%e, "could not set TCP_NODELAY");
-            }
-            conn
-        });
+    type Info = actix_tls::connect::ConnectInfo<awc::http::Uri>;
+    let connector: actix_tls::connect::ConnectorService =
+        actix_tls::connect::Connector::default().service();
+    let tcp = actix_service::apply_fn::<_, _, _, _, Info, Info, _, _>(
+        connector,
+        move |info: Info, service: &actix_tls::connect::ConnectorService| {
+            let info = match local {
+                Some(ip) => info.set_local_addr(ip),
+                None => info,
+            };
+            service.call(info)
+        },
+    )
+    .map(|conn: Tcp| {
+        if let Err(e) = conn.io_ref().set_nodelay(true) {
+            tracing::debug!(%e, "could not set TCP_NODELAY");
+        }
+        conn
+    });
     // HTTP/1.1 only: the TLS configuration offers just `http/1.1` by ALPN, and a plain
     // connection never upgrades to h2 (awc's `max_http_version` would replace the TLS
     // configuration with its own default, so it is not used).

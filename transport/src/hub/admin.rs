@@ -157,6 +157,9 @@ pub struct SessionChannel {
 /// What a connected session's connection says of itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionFacts {
+    /// The client's address, as the hub's socket sees it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_addr: Option<String>,
     /// Protocol version it speaks.
     pub protocol_version: u16,
     /// When the client was last heard from: any frame, ping or pong (Unix time, ms).

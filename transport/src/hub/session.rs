@@ -129,6 +129,8 @@ pub struct HubSession {
     peer_closed: bool,
     /// Stops reading the socket while the handler wants no more input.
     gate: InboundGate,
+    /// The peer's address (for the admin API).
+    peer: Option<std::net::SocketAddr>,
     span: tracing::Span,
 }
 
@@ -241,6 +243,7 @@ where
         stall_timer: None,
         peer_closed: false,
         gate: inbound.gate(),
+        peer,
         span,
     };
     HubSession::create(move |ctx| {
@@ -849,6 +852,7 @@ impl Handler<Introspect> for HubSession {
             return Box::pin(async { None });
         };
         let mut facts = ConnectionFacts {
+            peer_addr: self.peer.map(|p| p.to_string()),
             protocol_version: self.version,
             last_heartbeat_unix_ms: super::admin::unix_ms(self.heartbeat.last_seen()),
             queued_bytes: self.budget.pending(),
