@@ -553,9 +553,8 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(set.local_address, Some(ip));
-        let env = |v: &'static str| {
-            move |k: &str| (k == "TETHER_LOCAL_ADDRESS").then(|| v.to_owned())
-        };
+        let env =
+            |v: &'static str| move |k: &str| (k == "TETHER_LOCAL_ADDRESS").then(|| v.to_owned());
         let from_env = TransportConfig::builder("ws://h/ws")
             .apply_env(env(" 127.0.0.9 "))
             .unwrap()
