@@ -78,6 +78,9 @@ pub struct SessionTable<O> {
     entries: BTreeMap<SessionKey, Entry<O>>,
     /// Detaches in time order; an entry that was resumed (or detached again) since is skipped.
     expiry: VecDeque<(Instant, SessionKey)>,
+    /// Sessions detached now (what `expiry` must at least hold; stale entries beyond twice
+    /// that are swept, so a client that flaps cannot grow the queue without bound).
+    detached: usize,
 }
 
 impl<O> SessionTable<O> {
@@ -87,6 +90,7 @@ impl<O> SessionTable<O> {
             ttl,
             entries: BTreeMap::new(),
             expiry: VecDeque::new(),
+            detached: 0,
         }
     }
 
@@ -119,7 +123,9 @@ impl<O> SessionTable<O> {
             match self.entries.get_mut(&key) {
                 Some(entry) if entry.identity == *identity => {
                     let evicted = entry.owner.replace((conn_id, owner));
-                    entry.detached_at = None;
+                    if entry.detached_at.take().is_some() {
+                        self.detached -= 1;
+                    }
                     entry.attached_at = now;
                     entry.resumes += 1;
                     return Opened {
@@ -171,9 +177,33 @@ impl<O> SessionTable<O> {
             if entry.owner.as_ref().is_some_and(|(id, _)| *id == conn_id) {
                 entry.owner = None;
                 entry.detached_at = Some(now);
+                self.detached += 1;
                 self.expiry.push_back((now, key));
+                if self.expiry.len() > 2 * self.detached + 1024 {
+                    self.sweep_expiry();
+                }
             }
         }
+    }
+
+    /// Whether `(at, key)` is the detach that still holds for its session.
+    fn is_current(&self, at: Instant, key: &SessionKey) -> bool {
+        self.entries
+            .get(key)
+            .is_some_and(|e| e.owner.is_none() && e.detached_at == Some(at))
+    }
+
+    /// Drops the queue's stale entries (sessions resumed or detached again since).
+    fn sweep_expiry(&mut self) {
+        let mut expiry = std::mem::take(&mut self.expiry);
+        expiry.retain(|(at, key)| self.is_current(*at, key));
+        self.expiry = expiry;
+    }
+
+    /// Entries in the expiry queue (for tests of its bound).
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.expiry.len()
     }
 
     /// Drops detached sessions older than the TTL; returns how many.
@@ -187,12 +217,9 @@ impl<O> SessionTable<O> {
                 break;
             };
             // Still detached since exactly then (not resumed, not detached again later).
-            if self
-                .entries
-                .get(&key)
-                .is_some_and(|e| e.owner.is_none() && e.detached_at == Some(at))
-            {
+            if self.is_current(at, &key) {
                 self.entries.remove(&key);
+                self.detached -= 1;
                 dropped += 1;
             }
         }
@@ -478,6 +505,27 @@ mod tests {
         assert_eq!(t.purge(Instant::now()), 0);
         assert_eq!(t.len(), 1);
         tokio::time::advance(Duration::from_secs(40)).await;
+        assert_eq!(t.purge(Instant::now()), 1);
+        assert!(t.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flapping_client_cannot_grow_the_expiry_queue_without_bound() {
+        let mut t = SessionTable::new(DEFAULT_SESSION_TTL);
+        let alice = who("alice");
+        let s = t
+            .open(&alice, &client("a"), None, 0, (), Instant::now())
+            .session;
+        for conn in 0..20_000u64 {
+            t.detach(&client("a"), &s, conn, Instant::now());
+            let again = t.open(&alice, &client("a"), Some(&s), conn + 1, (), Instant::now());
+            assert!(again.resumed);
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        assert!(t.queued() <= 1024 + 2, "{} queued", t.queued());
+        // The session still expires on time once it stays detached.
+        t.detach(&client("a"), &s, 20_000, Instant::now());
+        tokio::time::advance(DEFAULT_SESSION_TTL).await;
         assert_eq!(t.purge(Instant::now()), 1);
         assert!(t.is_empty());
     }
