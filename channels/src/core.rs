@@ -231,7 +231,8 @@ pub enum Event<R> {
     /// The [`Deadline`] has come (ignored before it).
     Timeout,
     /// Put the publishes accepted since the last send on the wire now (see
-    /// [`ChannelCore::defer_publishes`]). Any other event does it first, too.
+    /// [`ChannelCore::defer_publishes`]). Any other event does it first, too, except those
+    /// that report the connection gone (they stay unsent until the next attach).
     Flush,
     /// The shell stops, whatever the reason: nobody may be left waiting.
     Stopped,
@@ -520,8 +521,19 @@ impl<R> ChannelCore<R> {
     /// [`ChannelCore::poll_action`] / [`ChannelCore::drain_actions`].
     pub fn handle(&mut self, now: Instant, event: Event<R>) {
         if !matches!(event, Event::Publish { .. }) && std::mem::take(&mut self.unflushed) {
-            // What the publishes before this event send goes before what it sends.
-            self.flush();
+            // What the publishes before this event send goes before what it sends — unless
+            // the event says the connection is gone already: then they stay unsent (never
+            // counted as on the wire) and go out after the next attach, in order.
+            let gone = matches!(
+                event,
+                Event::ConnectionDown(_)
+                    | Event::TransportFailed(_)
+                    | Event::TransportClosed
+                    | Event::Stopped
+            );
+            if !gone {
+                self.flush();
+            }
         }
         match event {
             Event::Flush => {}
