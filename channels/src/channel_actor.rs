@@ -21,7 +21,9 @@ use serde::Serialize;
 use tether_transport::protocol::{v2, Frame, Offset, Payload};
 use tether_transport::status::ChannelSummary;
 use tether_transport::transport_actor::{ChannelLink, QueryChannel};
-use tether_transport::ws_actor::{SendFrame, SendFrames, WebSocketActor};
+use tether_transport::ws_actor::{
+    Outgoing, SendFrame, SendOutgoing, SendPublishes, WebSocketActor,
+};
 use tether_transport::{ReconnectPolicy, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -144,8 +146,16 @@ pub struct ChannelActor {
     detach_waiters: Vec<oneshot::Sender<()>>,
     /// A durable channel's store.
     durable: Option<DurableWrites>,
+    /// An [`Event::Flush`] is on its way (after the publishes already in the mailbox).
+    flush_scheduled: bool,
     span: tracing::Span,
 }
+
+/// Sends the publishes gathered from the mailbox (sent by the actor to itself, so that every
+/// publish already waiting joins the run).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct FlushPublishes;
 
 impl ChannelActor {
     /// How much the subscriber's stream can take now.
@@ -167,20 +177,37 @@ impl ChannelActor {
     fn feed(&mut self, ctx: &mut Context<Self>, now: std::time::Instant, event: Event<Responder>) {
         self.core.set_subscriber_room(self.room());
         self.span.in_scope(|| self.core.handle(now, event));
-        // The frames an event sends go to the socket actor together (one mailbox message).
-        let mut frames = Vec::new();
+        // What an event sends goes to the socket actor together (one mailbox message; a Vec
+        // only when there is more than one item).
+        let mut first: Option<Outgoing> = None;
+        let mut rest: Vec<Outgoing> = Vec::new();
         while let Some(action) = self.core.poll_action() {
-            match action {
-                Action::Send(frame) => frames.push(frame),
-                other => self.perform(ctx, other),
+            let item = match action {
+                Action::Send(frame) => Outgoing::Frame(frame),
+                Action::SendPublishes(run) => Outgoing::Publishes(run),
+                other => {
+                    self.perform(ctx, other);
+                    continue;
+                }
+            };
+            if first.is_none() && rest.is_empty() {
+                first = Some(item);
+            } else {
+                rest.extend(first.take());
+                rest.push(item);
             }
         }
         if let Some(conn) = &self.conn {
-            match frames.len() {
-                0 => {}
-                1 => conn.do_send(SendFrame(frames.pop().expect("one frame"))),
-                _ => conn.do_send(SendFrames(frames)),
+            match first {
+                Some(Outgoing::Frame(frame)) => conn.do_send(SendFrame(frame)),
+                Some(Outgoing::Publishes(run)) => conn.do_send(SendPublishes(run)),
+                None if !rest.is_empty() => conn.do_send(SendOutgoing(rest)),
+                None => {}
             }
+        }
+        if self.core.has_unflushed() && !self.flush_scheduled {
+            self.flush_scheduled = true;
+            ctx.notify(FlushPublishes);
         }
         self.commit_durable(ctx);
     }
@@ -253,6 +280,11 @@ impl ChannelActor {
             Action::Send(frame) => {
                 if let Some(conn) = &self.conn {
                     conn.do_send(SendFrame(frame));
+                }
+            }
+            Action::SendPublishes(run) => {
+                if let Some(conn) = &self.conn {
+                    conn.do_send(SendPublishes(run));
                 }
             }
             Action::Deliver(event) => {
@@ -444,6 +476,15 @@ impl Handler<QueryChannel> for ChannelActor {
     }
 }
 
+impl Handler<FlushPublishes> for ChannelActor {
+    type Result = ();
+
+    fn handle(&mut self, _: FlushPublishes, ctx: &mut Context<Self>) {
+        self.flush_scheduled = false;
+        self.run(ctx, Event::Flush);
+    }
+}
+
 impl Handler<PublishCommand> for ChannelActor {
     type Result = ();
 
@@ -631,7 +672,7 @@ impl Channel {
                 (core, Some(writes))
             }
         };
-        let actor = ChannelActor {
+        let mut actor = ChannelActor {
             core,
             transport: transport.clone(),
             state_tx,
@@ -642,8 +683,10 @@ impl Channel {
             timer: None,
             detach_waiters: Vec::new(),
             durable,
+            flush_scheduled: false,
             span,
         };
+        actor.core.defer_publishes(true);
         let addr = ChannelActor::create(move |ctx| {
             ctx.set_mailbox_capacity(mailbox);
             actor

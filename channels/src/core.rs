@@ -46,7 +46,7 @@
 //!     gap: None,
 //! }));
 //! assert_eq!(core.state(), ChannelState::Attached);
-//! assert!(core.drain_actions().any(|a| matches!(a, Action::Send(Frame::Publish(p)) if p.seq == 1)));
+//! assert!(core.drain_actions().any(|a| matches!(a, Action::SendPublishes(r) if r.first_seq == 1)));
 //!
 //! // Its ack answers the publisher, once.
 //! let ack = PublishAck { seq: 1, offset: Some(Offset(1)), epoch: Some(Epoch("e".into())), duplicate: false };
@@ -65,9 +65,10 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use tether_transport::protocol::v2::{self, PublishRun};
 use tether_transport::protocol::{
     Ack, Attach, Attached, Detach, Epoch, ErrorCode, ErrorFrame, Frame, Gap, Message, Offset,
-    Payload, Position, Publish,
+    Payload, Position,
 };
 use tether_transport::reconnect::NextStep;
 use tether_transport::{ErrorCategory, ReconnectManager, TransportError};
@@ -82,6 +83,13 @@ use crate::telemetry;
 /// Room a delivery needs in the subscriber's stream: a pending gap, a new gap and the message.
 /// With less, the subscriber counts as behind (see [`Action::WaitForRoom`]).
 pub const DELIVERY_ROOM: usize = 3;
+
+/// Most encoded bytes of one [`Action::SendPublishes`] run: 64 KiB, the socket's batch size (a
+/// single larger payload goes in a run of its own).
+pub const MAX_RUN_BYTES: usize = tether_transport::ws_actor::MAX_BATCH_BYTES;
+/// Most publishes in one [`Action::SendPublishes`] run: 4,096 (the in-flight window usually
+/// ends a run first).
+pub const MAX_RUN_LEN: usize = 4096;
 
 /// One message delivered to a subscriber.
 #[derive(Debug, Clone, PartialEq)]
@@ -222,6 +230,10 @@ pub enum Event<R> {
     RoomAvailable,
     /// The [`Deadline`] has come (ignored before it).
     Timeout,
+    /// Put the publishes accepted since the last send on the wire now (see
+    /// [`ChannelCore::defer_publishes`]). Any other event does it first, too, except those
+    /// that report the connection gone (they stay unsent until the next attach).
+    Flush,
     /// The shell stops, whatever the reason: nobody may be left waiting.
     Stopped,
     /// Durable channels: the store committed every [`Action::Persist`] up to `through`.
@@ -246,6 +258,10 @@ pub enum Event<R> {
 pub enum Action<R> {
     /// Put this frame on the current connection.
     Send(Frame),
+    /// Put these consecutive publishes (seqs `first_seq ..`, in order) on the current
+    /// connection: one v2 publish run, or one v1 `publish` frame each. At most
+    /// [`MAX_RUN_LEN`] publishes and [`MAX_RUN_BYTES`] encoded bytes (or one payload).
+    SendPublishes(PublishRun),
     /// Hand this event to the subscriber. The core never delivers more than the room it was
     /// told of.
     Deliver(ChannelEvent),
@@ -290,6 +306,14 @@ pub enum Action<R> {
         /// Its sequence number.
         seq: u64,
     },
+}
+
+/// Whether a publish `seq` of `add` encoded bytes may join `run`, now `bytes` long: it must be
+/// the next seq, and the run must stay within [`MAX_RUN_LEN`] and [`MAX_RUN_BYTES`].
+fn fits_run(run: &PublishRun, bytes: usize, add: usize, seq: u64) -> bool {
+    run.first_seq + run.payloads.len() as u64 == seq
+        && run.payloads.len() < MAX_RUN_LEN
+        && bytes + add <= MAX_RUN_BYTES
 }
 
 /// The replay announced by the last `attached`: how many history frames are still to come and
@@ -343,6 +367,10 @@ pub struct ChannelCore<R> {
     deadline: Option<Deadline>,
     actions: VecDeque<Action<R>>,
     meters: telemetry::ChannelMeters,
+    /// A publish leaves its sends for [`Event::Flush`] (or the next other event).
+    defer: bool,
+    /// Publishes were accepted since the last flush.
+    unflushed: bool,
 }
 
 impl<R> ChannelCore<R> {
@@ -381,6 +409,8 @@ impl<R> ChannelCore<R> {
             deadline: None,
             actions: VecDeque::new(),
             meters: telemetry::ChannelMeters::new(),
+            defer: false,
+            unflushed: false,
         }
     }
 
@@ -460,6 +490,23 @@ impl<R> ChannelCore<R> {
         self.room = room;
     }
 
+    /// With `defer`, an [`Event::Publish`] only queues its publish: the sends wait for
+    /// [`Event::Flush`] — or any other event, which flushes before it is handled, so frames
+    /// keep the order of the events — and consecutive publishes leave as one run. The shell
+    /// feeds `Flush` once it has taken every publish already waiting (its mailbox drained).
+    /// Off by default: each publish is sent (as a run of one) as soon as it may be.
+    pub fn defer_publishes(&mut self, defer: bool) {
+        self.defer = defer;
+        if !defer && std::mem::take(&mut self.unflushed) {
+            self.flush();
+        }
+    }
+
+    /// Whether publishes wait for [`Event::Flush`] (see [`ChannelCore::defer_publishes`]).
+    pub fn has_unflushed(&self) -> bool {
+        self.unflushed
+    }
+
     /// The next action, oldest first.
     pub fn poll_action(&mut self) -> Option<Action<R>> {
         self.actions.pop_front()
@@ -473,7 +520,23 @@ impl<R> ChannelCore<R> {
     /// Feeds one event at time `now`; the actions it leads to wait in
     /// [`ChannelCore::poll_action`] / [`ChannelCore::drain_actions`].
     pub fn handle(&mut self, now: Instant, event: Event<R>) {
+        if !matches!(event, Event::Publish { .. }) && std::mem::take(&mut self.unflushed) {
+            // What the publishes before this event send goes before what it sends — unless
+            // the event says the connection is gone already: then they stay unsent (never
+            // counted as on the wire) and go out after the next attach, in order.
+            let gone = matches!(
+                event,
+                Event::ConnectionDown(_)
+                    | Event::TransportFailed(_)
+                    | Event::TransportClosed
+                    | Event::Stopped
+            );
+            if !gone {
+                self.flush();
+            }
+        }
         match event {
+            Event::Flush => {}
             Event::Publish { payload, responder } => self.on_publish(now, payload, responder),
             Event::Detach => self.on_detach(now),
             Event::ConnectionUp => self.on_up(now),
@@ -588,19 +651,24 @@ impl<R> ChannelCore<R> {
     }
 
     fn on_publish(&mut self, now: Instant, payload: Payload, responder: R) {
-        let channel = self.name.clone();
+        // (The name is cloned only for an answer that needs it, never per accepted publish.)
         if let Some(cause) = self.failure.as_ref().or(self.transport_failure.as_ref()) {
             let cause = cause.clone();
             self.push(Action::Answer {
                 responder,
-                result: Err(ChannelError::Failed { channel, cause }),
+                result: Err(ChannelError::Failed {
+                    channel: self.name.clone(),
+                    cause,
+                }),
             });
             return;
         }
         if !self.want_attached {
             self.push(Action::Answer {
                 responder,
-                result: Err(ChannelError::Detached { channel }),
+                result: Err(ChannelError::Detached {
+                    channel: self.name.clone(),
+                }),
             });
             return;
         }
@@ -608,7 +676,11 @@ impl<R> ChannelCore<R> {
             let (size, max) = (payload.len(), self.max_message_size);
             self.push(Action::Answer {
                 responder,
-                result: Err(ChannelError::PayloadTooLarge { channel, size, max }),
+                result: Err(ChannelError::PayloadTooLarge {
+                    channel: self.name.clone(),
+                    size,
+                    max,
+                }),
             });
             return;
         }
@@ -634,17 +706,21 @@ impl<R> ChannelCore<R> {
                     self.push(Action::Answer {
                         responder: old.responder,
                         result: Err(ChannelError::Evicted {
-                            channel: channel.clone(),
+                            channel: self.name.clone(),
                             seq: old.seq,
                         }),
                     });
                 }
-                self.flush();
+                if self.defer {
+                    self.unflushed = true;
+                } else {
+                    self.flush();
+                }
             }
             Err(refused) => self.push(Action::Answer {
                 responder: refused.responder,
                 result: Err(ChannelError::QueueFull {
-                    channel,
+                    channel: self.name.clone(),
                     messages: refused.messages,
                     bytes: refused.bytes,
                 }),
@@ -653,20 +729,44 @@ impl<R> ChannelCore<R> {
     }
 
     /// Puts as many buffered publishes on the wire as the in-flight window allows, oldest
-    /// first — after a reconnect that is the replay, before anything new.
+    /// first — after a reconnect that is the replay, before anything new — as runs of
+    /// consecutive seqs ([`Action::SendPublishes`]) bounded by [`MAX_RUN_LEN`] and
+    /// [`MAX_RUN_BYTES`].
     fn flush(&mut self) {
         if self.state != ChannelState::Attached || self.link == Link::Down {
             return;
         }
+        let header = v2::publish_header_len(&self.name);
+        let mut run: Option<(PublishRun, usize)> = None;
         while let Some(entry) = self.outbox.next_to_send() {
             if entry.sends > 1 {
                 self.meters.replayed.increment(1);
             }
-            self.actions.push_back(Action::Send(Frame::Publish(Publish {
-                channel: self.name.clone(),
-                seq: entry.seq,
-                payload: entry.payload.clone(),
-            })));
+            let (seq, payload) = (entry.seq, entry.payload.clone());
+            let add = v2::payload_len(&payload);
+            if let Some((open, bytes)) = &mut run {
+                if fits_run(open, *bytes, add, seq) {
+                    open.payloads.push(payload);
+                    *bytes += add;
+                    continue;
+                }
+            }
+            if let Some((done, _)) = run.take() {
+                self.actions.push_back(Action::SendPublishes(done));
+            }
+            let mut payloads = Vec::with_capacity(self.outbox.sendable().min(MAX_RUN_LEN) + 1);
+            payloads.push(payload);
+            run = Some((
+                PublishRun {
+                    channel: self.name.clone(),
+                    first_seq: seq,
+                    payloads,
+                },
+                header + add,
+            ));
+        }
+        if let Some((done, _)) = run {
+            self.actions.push_back(Action::SendPublishes(done));
         }
     }
 
@@ -1236,9 +1336,12 @@ mod tests {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Send(Frame::Publish(p)) => Some(p.seq),
+                Action::SendPublishes(r) => {
+                    Some(r.first_seq..r.first_seq + r.payloads.len() as u64)
+                }
                 _ => None,
             })
+            .flatten()
             .collect()
     }
 
@@ -1847,5 +1950,159 @@ mod tests {
         let actions = h.step(Event::ConnectionUp);
         assert!(attach_frame(&actions).is_none());
         assert!(matches!(&actions[..], [Action::Synced]));
+    }
+
+    /// The runs sent by `actions`, as (first seq, count).
+    fn runs(actions: &[Action<u64>]) -> Vec<(u64, usize)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::SendPublishes(r) => Some((r.first_seq, r.payloads.len())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn with_limits(limits: BufferLimits) -> Harness {
+        Harness::new(ChannelOptions {
+            limits,
+            ..ChannelOptions::default()
+        })
+    }
+
+    #[test]
+    fn deferred_publishes_leave_as_one_run_on_flush() {
+        let mut h = Harness::subscriber();
+        h.core.defer_publishes(true);
+        h.attached(0);
+        for _ in 0..5 {
+            let actions = h.publish();
+            assert!(runs(&actions).is_empty(), "a deferred publish waits");
+            assert!(h.core.has_unflushed());
+        }
+        let actions = h.step(Event::Flush);
+        assert_eq!(runs(&actions), [(1, 5)]);
+        let Some(Action::SendPublishes(run)) = actions.first() else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(run.channel, "c");
+        assert_eq!(run.payloads, (1..=5).map(p).collect::<Vec<_>>());
+        assert!(!h.core.has_unflushed());
+        assert!(runs(&h.step(Event::Flush)).is_empty(), "nothing twice");
+    }
+
+    #[test]
+    fn any_other_event_sends_the_deferred_publishes_before_its_own_frames() {
+        let mut h = Harness::subscriber();
+        h.core.defer_publishes(true);
+        h.attached(0);
+        h.publish();
+        h.publish();
+        let actions = h.step(Event::Detach);
+        let sent: Vec<&str> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::SendPublishes(_) => Some("publishes"),
+                Action::Send(f) => Some(f.kind()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, ["publishes", "detach"]);
+        assert_eq!(runs(&actions), [(1, 2)]);
+    }
+
+    #[test]
+    fn turning_deferral_off_sends_what_waits() {
+        let mut h = Harness::subscriber();
+        h.core.defer_publishes(true);
+        h.attached(0);
+        h.publish();
+        h.core.defer_publishes(false);
+        assert_eq!(runs(&h.core.drain_actions().collect::<Vec<_>>()), [(1, 1)]);
+        // Undeferred, each publish is a run of one at once.
+        assert_eq!(runs(&h.publish()), [(2, 1)]);
+    }
+
+    #[test]
+    fn runs_end_at_the_in_flight_window_and_the_next_goes_after_acks() {
+        let mut h = with_limits(BufferLimits {
+            max_in_flight: 4,
+            ..BufferLimits::default()
+        });
+        h.core.defer_publishes(true);
+        h.attached(0);
+        for _ in 0..10 {
+            h.publish();
+        }
+        assert_eq!(runs(&h.step(Event::Flush)), [(1, 4)]);
+        let actions = h.step(Event::AckRange {
+            first_seq: 1,
+            count: 3,
+            first_offset: Some(Offset(1)),
+            epoch: Some(e("a")),
+            duplicate: false,
+        });
+        assert_eq!(runs(&actions), [(5, 3)]);
+        assert_eq!(answers(actions).len(), 3);
+    }
+
+    #[test]
+    fn runs_are_cut_at_the_byte_limit_and_the_length_limit() {
+        let mut h = with_limits(BufferLimits {
+            max_messages: 2 * MAX_RUN_LEN + 10,
+            max_in_flight: 2 * MAX_RUN_LEN + 10,
+            ..BufferLimits::default()
+        });
+        h.core.defer_publishes(true);
+        h.attached(0);
+        for _ in 0..2 * MAX_RUN_LEN + 10 {
+            h.publish();
+        }
+        let actions = h.step(Event::Flush);
+        let cut = runs(&actions);
+        assert_eq!(
+            cut,
+            [
+                (1, MAX_RUN_LEN),
+                (MAX_RUN_LEN as u64 + 1, MAX_RUN_LEN),
+                (2 * MAX_RUN_LEN as u64 + 1, 10)
+            ]
+        );
+
+        // Payloads of 20 KiB: three fit in 64 KiB with the header, the fourth starts a run.
+        let mut h = Harness::subscriber();
+        h.core.defer_publishes(true);
+        h.attached(0);
+        let big = Payload::from_json(&format!("\"{}\"", "x".repeat(20 * 1024 - 2))).unwrap();
+        for n in 0..7 {
+            h.step(Event::Publish {
+                payload: big.clone(),
+                responder: n,
+            });
+        }
+        let actions = h.step(Event::Flush);
+        assert_eq!(runs(&actions), [(1, 3), (4, 3), (7, 1)]);
+        for action in &actions {
+            if let Action::SendPublishes(r) = action {
+                let len = v2::Record::Publish(r.clone()).encoded_len();
+                assert!(len <= MAX_RUN_BYTES, "a run of {len} bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn a_replay_after_a_reconnect_goes_as_runs_before_anything_new() {
+        let mut h = Harness::subscriber();
+        h.core.defer_publishes(true);
+        h.attached(0);
+        h.publish();
+        h.publish();
+        assert_eq!(runs(&h.step(Event::Flush)), [(1, 2)]);
+        h.step(Event::ConnectionDown(lost()));
+        h.publish();
+        assert!(runs(&h.step(Event::Flush)).is_empty(), "nothing while down");
+        h.step(Event::ConnectionUp);
+        let actions = h.step(Event::Attached(attached("a", 0, 0, None)));
+        assert_eq!(runs(&actions), [(1, 3)]);
     }
 }

@@ -284,6 +284,15 @@ impl<R> OutgoingBuffer<R> {
         Some(&self.queue[self.first_unsent - 1])
     }
 
+    /// At most how many entries [`OutgoingBuffer::next_to_send`] would hand out now (the
+    /// in-flight window's room among the unsent; a durable buffer may hand out fewer).
+    pub fn sendable(&self) -> usize {
+        self.queue
+            .len()
+            .min(self.limits.max_in_flight)
+            .saturating_sub(self.first_unsent)
+    }
+
     /// The hub acknowledged `seq`: removes and returns it (`None` for an unknown or repeated ack).
     pub fn ack(&mut self, seq: u64) -> Option<Pending<R>> {
         self.remove(seq)

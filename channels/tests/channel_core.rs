@@ -15,8 +15,8 @@ use tether_channels::{
     PublishAck,
 };
 use tether_transport::protocol::{
-    Ack, Attached, Detached, Epoch, ErrorCode, ErrorFrame, Frame, Gap, Message, Offset, Payload,
-    Position,
+    v2, Ack, Attached, Detached, Epoch, ErrorCode, ErrorFrame, Frame, Gap, Message, Offset,
+    Payload, Position,
 };
 use tether_transport::{ErrorCategory, ReconnectPolicy, TransportError};
 
@@ -59,11 +59,14 @@ enum Op {
     TransportFails,
     /// The application detaches (ends the run).
     Detach,
+    /// The shell's mailbox is drained: deferred publishes go out.
+    Flush,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         12 => Just(Op::Publish),
+        4 => Just(Op::Flush),
         20 => Just(Op::HubStep),
         24 => Just(Op::ClientStep),
         2 => Just(Op::DuplicateAck),
@@ -349,6 +352,14 @@ impl World {
 
     fn perform(&mut self, action: Action<u64>) {
         match action {
+            Action::SendPublishes(run) => {
+                assert!(!run.payloads.is_empty(), "an empty run");
+                assert_eq!(run.channel, "c");
+                // A run stands for its publishes, in seq order: each is checked as one.
+                for frame in v2::Record::Publish(run).into_frames() {
+                    self.perform(Action::Send(frame));
+                }
+            }
             Action::Send(frame) => {
                 assert!(self.connected, "sent {frame:?} with no connection");
                 if let Frame::Publish(publish) = &frame {
@@ -585,6 +596,7 @@ impl World {
                 self.feed(Event::TransportFailed(lost()));
             }
             Op::Detach => self.feed(Event::Detach),
+            Op::Flush => self.feed(Event::Flush),
         }
     }
 
@@ -592,6 +604,7 @@ impl World {
     /// everything, time passing as the core asks — until nothing is left to do.
     fn heal(&mut self) {
         self.hub.refuse_next_attach = false;
+        self.apply(Op::Flush);
         self.apply(Op::Reconnect);
         for _ in 0..100_000 {
             if self.stopped {
@@ -624,6 +637,7 @@ proptest! {
         max_in_flight in 1usize..8,
         evict in any::<bool>(),
         capacity in 3usize..9,
+        defer in any::<bool>(),
     ) {
         let limits = BufferLimits {
             max_messages,
@@ -632,6 +646,7 @@ proptest! {
             overflow: if evict { OverflowPolicy::EvictOldestUnsent } else { OverflowPolicy::RejectNew },
         };
         let mut world = World::new(limits, capacity);
+        world.core.defer_publishes(defer);
         for op in ops {
             world.apply(op);
             if world.stopped {

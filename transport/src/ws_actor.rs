@@ -68,6 +68,28 @@ pub struct SendFrame(pub Frame);
 #[rtype(result = "Result<(), TransportError>")]
 pub struct SendFrames(pub Vec<Frame>);
 
+/// Sends a run of consecutive publishes of one channel (one mailbox message, the channel named
+/// once): on v2 it becomes (or joins) a publish-run record; on v1 one JSON `publish` frame per
+/// payload, in order. Fails when the connection is not established.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), TransportError>")]
+pub struct SendPublishes(pub v2::PublishRun);
+
+/// One thing to put on the connection: a frame, or a run of publishes.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A frame.
+    Frame(Frame),
+    /// Consecutive publishes of one channel (see [`SendPublishes`]).
+    Publishes(v2::PublishRun),
+}
+
+/// Sends several [`Outgoing`]s on the connection, in order (one mailbox message). Fails when
+/// the connection is not established.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), TransportError>")]
+pub struct SendOutgoing(pub Vec<Outgoing>);
+
 /// Writes the v2 records gathered since the last write (sent by the actor to itself, so that
 /// every frame already in its mailbox joins the batch).
 #[derive(Debug, Message)]
@@ -121,9 +143,10 @@ pub struct WebSocketActor {
     established: bool,
     /// The protocol version of the connection, from the welcome.
     version: u16,
-    /// v2 records waiting for the next [`Flush`], and their encoded size.
-    batch: Vec<v2::Record>,
-    batch_bytes: usize,
+    /// v2 records waiting for the next [`Flush`].
+    batch: v2::Batch,
+    /// Frames the batch completed, waiting to be written (kept to reuse its allocation).
+    ready: Vec<Bytes>,
     flush_scheduled: bool,
 }
 
@@ -144,6 +167,7 @@ impl WebSocketActor {
             settings.idle_timeout,
             Instant::now(),
         );
+        let batch = v2::Batch::new(MAX_BATCH_BYTES, settings.max_frame_size);
         WebSocketActor {
             conn_id,
             endpoint,
@@ -159,8 +183,8 @@ impl WebSocketActor {
             ending: None,
             established: false,
             version: 1,
-            batch: Vec::new(),
-            batch_bytes: 0,
+            batch,
+            ready: Vec::new(),
             flush_scheduled: false,
         }
     }
@@ -502,10 +526,7 @@ impl Handler<SendFrame> for WebSocketActor {
 
     fn handle(&mut self, SendFrame(frame): SendFrame, ctx: &mut Context<Self>) -> Self::Result {
         if self.phase != Phase::Open {
-            return Err(TransportError::ConnectionClosed {
-                code: None,
-                reason: "connection not established".into(),
-            });
+            return Err(Self::not_open());
         }
         if self.version < 2 {
             return self.write_text(frame.encode().into());
@@ -525,83 +546,132 @@ impl Handler<SendFrames> for WebSocketActor {
     }
 }
 
+impl Handler<SendPublishes> for WebSocketActor {
+    type Result = Result<(), TransportError>;
+
+    fn handle(
+        &mut self,
+        SendPublishes(run): SendPublishes,
+        ctx: &mut Context<Self>,
+    ) -> Self::Result {
+        self.send_publishes(ctx, run)
+    }
+}
+
+impl Handler<SendOutgoing> for WebSocketActor {
+    type Result = Result<(), TransportError>;
+
+    fn handle(
+        &mut self,
+        SendOutgoing(items): SendOutgoing,
+        ctx: &mut Context<Self>,
+    ) -> Self::Result {
+        for item in items {
+            match item {
+                Outgoing::Frame(frame) => {
+                    <Self as Handler<SendFrame>>::handle(self, SendFrame(frame), ctx)?
+                }
+                Outgoing::Publishes(run) => self.send_publishes(ctx, run)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 impl WebSocketActor {
+    fn not_open() -> TransportError {
+        TransportError::ConnectionClosed {
+            code: None,
+            reason: "connection not established".into(),
+        }
+    }
+
+    /// A run of publishes: one record on v2, a JSON frame per payload on v1.
+    fn send_publishes(
+        &mut self,
+        ctx: &mut Context<Self>,
+        run: v2::PublishRun,
+    ) -> Result<(), TransportError> {
+        if self.phase != Phase::Open {
+            return Err(Self::not_open());
+        }
+        if self.version >= 2 {
+            let result = self.batch.push_publishes(run, &mut self.ready);
+            return self.after_gather(ctx, result);
+        }
+        // v1: one frame per publish; the channel name is lent to each frame in turn.
+        let mut publish = crate::protocol::Publish {
+            channel: run.channel,
+            seq: run.first_seq,
+            payload: crate::protocol::Payload::from_unchecked(Bytes::new()),
+        };
+        for (seq, payload) in (run.first_seq..).zip(run.payloads) {
+            publish.seq = seq;
+            publish.payload = payload;
+            let frame = Frame::Publish(publish);
+            let text = frame.encode();
+            let Frame::Publish(back) = frame else {
+                unreachable!("built as a publish")
+            };
+            publish = back;
+            self.write_text(text.into())?;
+        }
+        Ok(())
+    }
+
     /// Adds `frame` to the v2 batch: a publish following the last one of its channel joins
     /// its run. The batch goes out at the next [`Flush`] (after whatever else is already in
     /// the mailbox: no wait when idle), or at once when it reaches [`MAX_BATCH_BYTES`].
     fn gather(&mut self, ctx: &mut Context<Self>, frame: Frame) -> Result<(), TransportError> {
-        let (record, added) = match frame {
-            Frame::Publish(p) => {
-                if let Some(v2::Record::Publish(run)) = self.batch.last_mut() {
-                    if run.channel == p.channel
-                        && run.first_seq + run.payloads.len() as u64 == p.seq
-                    {
-                        self.batch_bytes += 4 + p.payload.len();
-                        run.payloads.push(p.payload);
-                        return self.after_gather(ctx);
-                    }
-                }
-                let record = v2::Record::Publish(v2::PublishRun {
-                    channel: p.channel,
-                    first_seq: p.seq,
-                    payloads: vec![p.payload],
-                });
-                let len = record.encoded_len();
-                (record, len)
-            }
-            other => {
-                let record = v2::Record::Control(other);
-                let len = record.encoded_len();
-                (record, len)
-            }
-        };
-        if added > self.settings.max_frame_size {
-            return Err(TransportError::FrameTooLarge {
-                size: added,
-                max: self.settings.max_frame_size,
-            });
-        }
-        if self.batch_bytes + added > MAX_BATCH_BYTES.min(self.settings.max_frame_size) {
-            self.flush()?;
-        }
-        self.batch.push(record);
-        self.batch_bytes += added;
-        self.after_gather(ctx)
+        let result = self.batch.push_frame(frame, &mut self.ready);
+        self.after_gather(ctx, result)
     }
 
-    fn after_gather(&mut self, ctx: &mut Context<Self>) -> Result<(), TransportError> {
-        if self.batch_bytes >= MAX_BATCH_BYTES.min(self.settings.max_frame_size) {
-            return self.flush();
-        }
-        if !self.flush_scheduled {
+    /// Writes the frames the batch completed, and schedules the [`Flush`] of the rest.
+    fn after_gather(
+        &mut self,
+        ctx: &mut Context<Self>,
+        result: Result<(), TransportError>,
+    ) -> Result<(), TransportError> {
+        let written = self.write_ready();
+        result?;
+        written?;
+        if !self.batch.is_empty() && !self.flush_scheduled {
             self.flush_scheduled = true;
             ctx.notify(Flush);
         }
         Ok(())
     }
 
+    /// Writes the frames the batch completed, in order.
+    fn write_ready(&mut self) -> Result<(), TransportError> {
+        let mut result = Ok(());
+        for frame in self.ready.drain(..) {
+            if result.is_err() {
+                continue;
+            }
+            result = match self.sink.as_mut() {
+                Some(sink) => sink.write(ws::Message::Binary(frame)).map_err(|_| {
+                    TransportError::ConnectionClosed {
+                        code: None,
+                        reason: "sink closed".into(),
+                    }
+                }),
+                None => Err(TransportError::ConnectionClosed {
+                    code: None,
+                    reason: "not connected".into(),
+                }),
+            };
+        }
+        result
+    }
+
     /// Writes the gathered records as one binary frame.
     fn flush(&mut self) -> Result<(), TransportError> {
-        if self.batch.is_empty() {
-            return Ok(());
+        if let Some(frame) = self.batch.finish() {
+            self.ready.push(frame);
         }
-        let mut buf = bytes::BytesMut::with_capacity(self.batch_bytes);
-        for record in self.batch.drain(..) {
-            v2::encode(&record, &mut buf);
-        }
-        self.batch_bytes = 0;
-        match self.sink.as_mut() {
-            Some(sink) => sink.write(ws::Message::Binary(buf.freeze())).map_err(|_| {
-                TransportError::ConnectionClosed {
-                    code: None,
-                    reason: "sink closed".into(),
-                }
-            }),
-            None => Err(TransportError::ConnectionClosed {
-                code: None,
-                reason: "not connected".into(),
-            }),
-        }
+        self.write_ready()
     }
 }
 

@@ -256,6 +256,181 @@ pub fn encode_messages<'a>(
     }
 }
 
+/// Bytes a publish run's header takes on the wire (kind, channel, first seq, count).
+pub fn publish_header_len(channel: &str) -> usize {
+    1 + 2 + channel.len() + 8 + 4
+}
+
+/// Bytes one payload takes inside a run (its length prefix and its bytes).
+pub fn payload_len(payload: &Payload) -> usize {
+    4 + payload.len()
+}
+
+/// The records gathered for the next binary WebSocket frame of a connection, with the
+/// buffer they are encoded into (kept across frames: no allocation per frame once warm).
+///
+/// Pure: the socket actor feeds it frames and publish runs, writes every frame it hands back
+/// (a batch that reached its byte limit), and calls [`Batch::finish`] when its mailbox is
+/// drained. A publish run following the last record's run of the same channel with the next
+/// seq joins it; a run is split where the byte limit falls (a single payload larger than the
+/// limit goes alone in its own frame; one larger than the frame limit is refused).
+#[derive(Debug)]
+pub struct Batch {
+    records: Vec<Record>,
+    bytes: usize,
+    limit: usize,
+    max_frame: usize,
+    buf: BytesMut,
+}
+
+impl Batch {
+    /// An empty batch of at most `limit` bytes per frame (beyond which a frame is cut), where
+    /// no frame may exceed `max_frame` bytes.
+    pub fn new(limit: usize, max_frame: usize) -> Self {
+        Batch {
+            records: Vec::new(),
+            bytes: 0,
+            limit: limit.min(max_frame),
+            max_frame,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Whether nothing is gathered.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Encoded bytes gathered so far.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The records gathered so far, oldest first.
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
+
+    /// Adds a frame; a publish becomes (or joins) a publish run. Frames completed on the way
+    /// are appended to `out`, in order.
+    pub fn push_frame(&mut self, frame: Frame, out: &mut Vec<Bytes>) -> Result<(), TransportError> {
+        let frame = match frame {
+            Frame::Publish(p) => {
+                return self.push_publishes(
+                    PublishRun {
+                        channel: p.channel,
+                        first_seq: p.seq,
+                        payloads: vec![p.payload],
+                    },
+                    out,
+                )
+            }
+            other => other,
+        };
+        let record = Record::Control(frame);
+        let added = record.encoded_len();
+        if added > self.max_frame {
+            return Err(TransportError::FrameTooLarge {
+                size: added,
+                max: self.max_frame,
+            });
+        }
+        if self.bytes + added > self.limit {
+            out.extend(self.finish());
+        }
+        self.records.push(record);
+        self.bytes += added;
+        self.cut_if_full(out);
+        Ok(())
+    }
+
+    /// Adds a run of publishes. Frames completed on the way are appended to `out`, in order.
+    /// On an error (a payload too large for any frame) nothing of the run from that payload
+    /// on is gathered.
+    pub fn push_publishes(
+        &mut self,
+        run: PublishRun,
+        out: &mut Vec<Bytes>,
+    ) -> Result<(), TransportError> {
+        if run.payloads.is_empty() {
+            return Ok(());
+        }
+        let header = publish_header_len(&run.channel);
+        // The common case: a run that neither continues the last one nor overflows goes in
+        // as it is (no allocation).
+        if !self.continues(&run.channel, run.first_seq) {
+            let len = header + run.payloads.iter().map(payload_len).sum::<usize>();
+            if self.bytes + len <= self.limit {
+                self.records.push(Record::Publish(run));
+                self.bytes += len;
+                self.cut_if_full(out);
+                return Ok(());
+            }
+        }
+        // The slow path, payload by payload: the name is cloned once per record made.
+        let PublishRun {
+            channel,
+            first_seq,
+            payloads,
+        } = run;
+        let count = payloads.len();
+        for (i, (seq, payload)) in (first_seq..).zip(payloads).enumerate() {
+            let add = payload_len(&payload);
+            if self.continues(&channel, seq) && self.bytes + add <= self.limit {
+                if let Some(Record::Publish(last)) = self.records.last_mut() {
+                    last.payloads.push(payload);
+                }
+                self.bytes += add;
+            } else {
+                if header + add > self.max_frame {
+                    return Err(TransportError::FrameTooLarge {
+                        size: header + add,
+                        max: self.max_frame,
+                    });
+                }
+                if self.bytes + header + add > self.limit {
+                    out.extend(self.finish());
+                }
+                let mut payloads = Vec::with_capacity(count - i);
+                payloads.push(payload);
+                self.records.push(Record::Publish(PublishRun {
+                    channel: channel.clone(),
+                    first_seq: seq,
+                    payloads,
+                }));
+                self.bytes += header + add;
+            }
+            self.cut_if_full(out);
+        }
+        Ok(())
+    }
+
+    /// Encodes what is gathered as one frame, leaving the batch empty (`None` when it was).
+    pub fn finish(&mut self) -> Option<Bytes> {
+        if self.records.is_empty() {
+            return None;
+        }
+        self.buf.reserve(self.bytes);
+        for record in self.records.drain(..) {
+            encode(&record, &mut self.buf);
+        }
+        self.bytes = 0;
+        Some(self.buf.split().freeze())
+    }
+
+    fn cut_if_full(&mut self, out: &mut Vec<Bytes>) {
+        if self.bytes >= self.limit {
+            out.extend(self.finish());
+        }
+    }
+
+    /// Whether a publish of `channel` with `seq` continues the last record.
+    fn continues(&self, channel: &str, seq: u64) -> bool {
+        matches!(self.records.last(), Some(Record::Publish(last))
+            if last.channel == channel && last.first_seq + last.payloads.len() as u64 == seq)
+    }
+}
+
 fn malformed(reason: impl Into<String>) -> TransportError {
     TransportError::MalformedFrame {
         reason: reason.into(),
@@ -639,5 +814,147 @@ mod tests {
             hex.join(" "),
             expected.split_whitespace().collect::<Vec<_>>().join(" ")
         );
+    }
+
+    fn run(channel: &str, first_seq: u64, payloads: &[&str]) -> PublishRun {
+        PublishRun {
+            channel: channel.into(),
+            first_seq,
+            payloads: payloads.iter().map(|t| p(t)).collect(),
+        }
+    }
+
+    /// Every record of `frames`, decoded.
+    fn records_of(frames: &[Bytes]) -> Vec<Record> {
+        frames
+            .iter()
+            .flat_map(|f| decode(f, 1 << 20).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_merges_consecutive_runs_of_a_channel_and_splits_at_a_switch() {
+        let mut batch = Batch::new(1 << 16, 1 << 20);
+        let mut out = Vec::new();
+        batch
+            .push_publishes(run("a", 1, &["1", "2"]), &mut out)
+            .unwrap();
+        batch.push_publishes(run("a", 3, &["3"]), &mut out).unwrap();
+        // A gap in the seqs, another channel, then a control frame: three more records.
+        batch.push_publishes(run("a", 5, &["5"]), &mut out).unwrap();
+        batch.push_publishes(run("b", 6, &["6"]), &mut out).unwrap();
+        batch
+            .push_frame(
+                Frame::Detach(super::super::Detach {
+                    channel: "a".into(),
+                }),
+                &mut out,
+            )
+            .unwrap();
+        // A single publish frame continues its run too.
+        batch
+            .push_frame(
+                Frame::Publish(Publish {
+                    channel: "b".into(),
+                    seq: 7,
+                    payload: p("7"),
+                }),
+                &mut out,
+            )
+            .unwrap();
+        assert!(out.is_empty(), "nothing is full yet");
+        let expected_bytes: usize = batch.records().iter().map(Record::encoded_len).sum();
+        assert_eq!(batch.bytes(), expected_bytes);
+        let frame = batch.finish().unwrap();
+        assert!(batch.is_empty() && batch.bytes() == 0 && batch.finish().is_none());
+        assert_eq!(frame.len(), expected_bytes);
+        assert_eq!(
+            decode(&frame, 1 << 20).unwrap(),
+            vec![
+                Record::Publish(run("a", 1, &["1", "2", "3"])),
+                Record::Publish(run("a", 5, &["5"])),
+                Record::Publish(run("b", 6, &["6"])),
+                Record::Control(Frame::Detach(super::super::Detach {
+                    channel: "a".into()
+                })),
+                Record::Publish(run("b", 7, &["7"])),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_cuts_frames_at_its_byte_limit_and_keeps_the_order() {
+        // Header 1+2+1+8+4 = 16 bytes, each payload "1234" 8: a 40-byte limit holds 3.
+        let limit = 40;
+        let mut batch = Batch::new(limit, 1 << 20);
+        let mut out = Vec::new();
+        let payloads = ["1234"; 10];
+        batch
+            .push_publishes(run("a", 1, &payloads), &mut out)
+            .unwrap();
+        batch
+            .push_publishes(run("a", 11, &["1234"]), &mut out)
+            .unwrap();
+        out.extend(batch.finish());
+        assert!(
+            out.iter().all(|f| f.len() <= limit),
+            "{:?}",
+            out.iter().map(|f| f.len()).collect::<Vec<_>>()
+        );
+        let records = records_of(&out);
+        let seqs: Vec<u64> = records
+            .iter()
+            .flat_map(|r| match r {
+                Record::Publish(r) => r.first_seq..r.first_seq + r.payloads.len() as u64,
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(seqs, (1..=11).collect::<Vec<_>>());
+        // One record per frame here, each as full as the limit allows (3 + 3 + 3 + 2).
+        assert_eq!(out.len(), 4);
+    }
+
+    #[test]
+    fn a_payload_over_the_batch_limit_goes_alone_and_one_over_the_frame_limit_is_refused() {
+        let mut batch = Batch::new(32, 64);
+        let mut out = Vec::new();
+        batch.push_publishes(run("a", 1, &["1"]), &mut out).unwrap();
+        let big = format!("\"{}\"", "x".repeat(28)); // 16 + 34 = 50 bytes: over the batch limit, within the frame's
+        batch
+            .push_publishes(run("a", 2, &[&big, "3"]), &mut out)
+            .unwrap();
+        out.extend(batch.finish());
+        let lens: Vec<usize> = out.iter().map(|f| f.len()).collect();
+        assert_eq!(lens, [16 + 5, 50, 16 + 5]);
+        assert_eq!(
+            records_of(&out),
+            vec![
+                Record::Publish(run("a", 1, &["1"])),
+                Record::Publish(run("a", 2, &[&big])),
+                Record::Publish(run("a", 3, &["3"])),
+            ]
+        );
+        let huge = format!("\"{}\"", "x".repeat(58));
+        assert!(matches!(
+            batch.push_publishes(run("a", 4, &[&huge]), &mut out),
+            Err(TransportError::FrameTooLarge { size: 80, max: 64 })
+        ));
+    }
+
+    #[test]
+    fn a_batch_reuses_its_encoding_buffer_across_frames() {
+        let mut batch = Batch::new(1 << 16, 1 << 20);
+        let mut out = Vec::new();
+        batch
+            .push_publishes(run("a", 1, &["1"; 100]), &mut out)
+            .unwrap();
+        let first = batch.finish().unwrap();
+        let ptr = first.as_ptr();
+        drop(first);
+        batch
+            .push_publishes(run("a", 101, &["1"; 100]), &mut out)
+            .unwrap();
+        let second = batch.finish().unwrap();
+        assert_eq!(second.as_ptr(), ptr, "the frame's buffer was reclaimed");
     }
 }
