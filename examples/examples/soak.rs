@@ -31,7 +31,8 @@
 //! Exit status: 0 when nothing was silently lost, duplicated or reordered (and, where history
 //! is durable, no discontinuity was reported) and every `--slo` objective was met; 1 when
 //! something was lost, duplicated or reordered or the run did not finish its work; 3 when the
-//! run was correct but missed an objective; 2 when the run could not be set up.
+//! run was correct but missed an objective; 2 when the run could not be set up; 4 when the
+//! hub refused the clients' credentials (a wrong or missing `--token`): the run stops at once.
 //!
 //! Hubs: by default one hub embedded in this process, which keeps its channel history across
 //! `restart` faults (the server stops and starts; the channel service lives on). With
@@ -222,6 +223,29 @@ impl Sink {
     }
 }
 
+/// The hub refused a client's credentials (`auth_rejected` / `auth_required`): the soak stops
+/// at once with exit status 4 instead of measuring an outage nothing can end.
+#[derive(Debug)]
+struct AuthRefused(String);
+
+impl std::fmt::Display for AuthRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the hub refused the clients' credentials ({}): check --token (and --ca-file)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for AuthRefused {}
+
+/// The control line a client process sends before it exits on [`AuthRefused`].
+const AUTH_REFUSED: &str = "auth-refused";
+
+/// Exit status of a run whose clients the hub refused.
+const EXIT_AUTH_REFUSED: u8 = 4;
+
 /// How clients connect.
 struct ClientSettings {
     urls: Vec<String>,
@@ -282,7 +306,11 @@ async fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("soak client process {}: {e}", args.first);
-                ExitCode::from(2)
+                ExitCode::from(if e.is::<AuthRefused>() {
+                    EXIT_AUTH_REFUSED
+                } else {
+                    2
+                })
             }
         };
     }
@@ -290,6 +318,10 @@ async fn main() -> ExitCode {
         Ok(report) if !report.passed() => ExitCode::from(1),
         Ok(report) if !report.slo_met() => ExitCode::from(3),
         Ok(_) => ExitCode::SUCCESS,
+        Err(e) if e.is::<AuthRefused>() => {
+            eprintln!("soak: {e}");
+            ExitCode::from(EXIT_AUTH_REFUSED)
+        }
         Err(e) => {
             eprintln!("soak: {e}");
             ExitCode::from(2)
@@ -461,8 +493,15 @@ async fn client_role(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     });
     let clients = start_clients(args.first, args.count, &settings, &sink).await?;
-    wait_attached(&clients, Duration::from_secs(120)).await?;
-    sink.control("ready");
+    match wait_attached(&clients, Duration::from_secs(120)).await {
+        Ok(()) => sink.control("ready"),
+        Err(e) => {
+            if let Some(AuthRefused(why)) = e.downcast_ref::<AuthRefused>() {
+                sink.control(&format!("{AUTH_REFUSED} {why}"));
+            }
+            return Err(e);
+        }
+    }
     let mut commands = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = commands.next_line().await? {
         let mut words = line.split_whitespace();
@@ -547,19 +586,28 @@ impl ClientProc {
             .map_err(|e| format!("{}: {e}", self.name))
     }
 
-    /// Waits up to `within` for the control line `word`.
-    async fn expect(&mut self, word: &str, within: Duration) -> Result<(), String> {
+    /// Waits up to `within` for the control line `word`; [`AuthRefused`] when the process
+    /// says the hub refused its clients.
+    async fn expect(
+        &mut self,
+        word: &str,
+        within: Duration,
+    ) -> Result<(), Box<dyn std::error::Error>> {
         match tokio::time::timeout(within, self.controls.recv()).await {
             Ok(Some(line)) if line == word => Ok(()),
-            Ok(Some(line)) => Err(format!("{}: expected {word:?}, got {line:?}", self.name)),
+            Ok(Some(line)) if line.starts_with(AUTH_REFUSED) => Err(Box::new(AuthRefused(
+                line[AUTH_REFUSED.len()..].trim().to_owned(),
+            ))),
+            Ok(Some(line)) => Err(format!("{}: expected {word:?}, got {line:?}", self.name).into()),
             Ok(None) => {
                 let status = self.child.wait().await.ok();
                 Err(format!(
                     "{} exited before saying {word:?} (status {status:?})",
                     self.name
-                ))
+                )
+                .into())
             }
-            Err(_) => Err(format!("{}: no {word:?} within {within:?}", self.name)),
+            Err(_) => Err(format!("{}: no {word:?} within {within:?}", self.name).into()),
         }
     }
 }
@@ -599,7 +647,9 @@ impl Fleet {
                     p.send("close").await?;
                 }
                 for p in procs.iter_mut() {
-                    p.expect("closed", Duration::from_secs(60)).await?;
+                    p.expect("closed", Duration::from_secs(60))
+                        .await
+                        .map_err(|e| e.to_string())?;
                     let _ = p.child.wait().await;
                 }
             }
@@ -1331,8 +1381,13 @@ impl Hubs {
     }
 }
 
-/// Waits until every client's channel is attached.
-async fn wait_attached(clients: &[Rc<Client>], within: Duration) -> Result<(), String> {
+/// Waits until every client's channel is attached. A transport that failed permanently ends
+/// the wait at once: [`AuthRefused`] when the hub refused its credentials, an error naming the
+/// failure otherwise (retrying cannot help either way).
+async fn wait_attached(
+    clients: &[Rc<Client>],
+    within: Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
     let deadline = tokio::time::Instant::now() + within;
     for (i, c) in clients.iter().enumerate() {
         loop {
@@ -1340,10 +1395,23 @@ async fn wait_attached(clients: &[Rc<Client>], within: Duration) -> Result<(), S
             if state == "attached" {
                 break;
             }
-            if tokio::time::Instant::now() >= deadline {
+            let status = c.transport.status().await?;
+            if status.state == tether_transport::ConnectionState::Failed {
+                let (category, message) = status
+                    .last_error
+                    .map(|e| (e.category, e.message))
+                    .unwrap_or((tether_transport::ErrorCategory::Service, "unknown".into()));
+                if category == tether_transport::ErrorCategory::Auth {
+                    return Err(Box::new(AuthRefused(format!("client {}: {message}", c.id))));
+                }
                 return Err(format!(
-                    "client {i}: channel still {state} after {within:?}"
-                ));
+                    "client {}: the transport failed permanently: {message}",
+                    c.id
+                )
+                .into());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("client {i}: channel still {state} after {within:?}").into());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -241,3 +241,59 @@ async fn a_deployment_over_tls_with_a_token_and_its_metrics() {
     hub.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[actix_rt::test]
+async fn a_deployment_that_refuses_the_token_fails_fast_with_its_own_exit_status() {
+    let service = ChannelService::builder()
+        .retention(Retention::default())
+        .build()
+        .unwrap();
+    let addr = free_addr();
+    let hub = Hub::start(
+        test_hub_config(addr)
+            .authenticator(StaticTokens::new(["soak-secret"]))
+            .handler(Arc::new(service))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let url = format!("ws://127.0.0.1:{}/ws", addr.port());
+    for procs in ["0", "2"] {
+        let started = std::time::Instant::now();
+        let out = soak(&[
+            "--hub-url",
+            url.as_str(),
+            "--token",
+            "not-the-secret",
+            "--duration",
+            "30",
+            "--clients",
+            "4",
+            "--channels",
+            "2",
+            "--client-procs",
+            procs,
+        ])
+        .await;
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "a refused token exits 4 (client processes: {procs})"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("the hub refused the clients' credentials")
+                && stderr.contains("authentication rejected"),
+            "{stderr}"
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!stdout.contains("uptime"), "no report of a run: {stdout}");
+        // Fails at the first refusal, long before the 30 s run or any attach deadline.
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    hub.stop().await;
+}

@@ -267,3 +267,122 @@ async fn a_full_durable_outbox_refuses_publishes_while_a_healthy_client_keeps_wo
     stranger.close().await;
     hub.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_durable_client_closed_gracefully_is_continued_by_a_new_instance_exactly_once() {
+    const N: u64 = 200;
+    init_tracing();
+    let hub_addr = free_addr();
+    let hub = start_channel_hub(
+        hub_addr,
+        Retention {
+            max_messages: 100_000,
+            ..Retention::default()
+        },
+    );
+    let proxy = FaultProxy::start(hub_addr).expect("proxy starts");
+    let subscriber = Transport::start(fast_client(ws_url(hub_addr)).build().unwrap());
+    let (reader, mut events, _) = open_attached(&subscriber, CHANNEL, ChannelOptions::default(), T)
+        .await
+        .expect("subscriber attached");
+    let store_path = temp_store("graceful.redb");
+    let url = ws_url(proxy.local_addr());
+    let config = |store: &DurableStore| {
+        store
+            .transport_config(url.clone())
+            .backoff(Duration::from_millis(50), Duration::from_millis(400), 2.0)
+            .build()
+            .unwrap()
+    };
+
+    // First instance: N accepted publishes, the path stalled half way so that the close finds
+    // some of them unacknowledged; then a normal shutdown.
+    let left = {
+        let store = DurableStore::open(&store_path).expect("store opens");
+        let transport = Transport::start(config(&store));
+        let (channel, _events, recovered) =
+            Channel::open_durable(&transport, CHANNEL, ChannelOptions::publish_only(), &store)
+                .await
+                .expect("durable channel opens");
+        assert_eq!((recovered.last_seq, recovered.pending.len()), (0, 0));
+        let mut publishes = Vec::new();
+        for n in 1..=N {
+            if n == N / 2 {
+                // Let the first half be acknowledged, then stall the path.
+                for publish in publishes.drain(..) {
+                    tokio::time::timeout(T, publish)
+                        .await
+                        .expect("ack within the timeout")
+                        .expect("acknowledged");
+                }
+                assert!(proxy.stall_all() >= 1, "the publisher's path was stalled");
+            }
+            let mut publish = channel.publish(&serde_json::json!({ "n": n }));
+            assert_eq!(publish.accepted().await.expect("accepted"), n);
+            publishes.push(publish);
+        }
+        transport.close().await;
+        // Every publish left unacknowledged by the close is answered `Persisted`.
+        let mut persisted = 0;
+        for publish in publishes {
+            match tokio::time::timeout(T, publish).await.expect("answered") {
+                Ok(_) => {}
+                Err(ChannelError::Persisted { .. }) => persisted += 1,
+                Err(e) => panic!("unexpected answer at close: {e}"),
+            }
+        }
+        assert!(persisted > 0, "the close left unacknowledged publishes");
+        drop(channel);
+        drop(store);
+        persisted
+    };
+    proxy.cut_stalled();
+
+    // A new instance with the same configuration and store: it re-sends what was left.
+    let store = DurableStore::open(&store_path).expect("the closed instance released the store");
+    assert_eq!(store.last_seq(CHANNEL).unwrap(), N);
+    let queued = store.queued(CHANNEL).unwrap();
+    assert!(queued >= left, "{queued} stored, {left} persisted at close");
+    let transport = Transport::start(config(&store));
+    let (_channel, _events, recovered) =
+        Channel::open_durable(&transport, CHANNEL, ChannelOptions::publish_only(), &store)
+            .await
+            .expect("durable channel reopens");
+    assert_eq!(recovered.last_seq, N);
+    assert_eq!(recovered.pending.len(), queued);
+    for publish in recovered.pending {
+        tokio::time::timeout(T, publish)
+            .await
+            .expect("re-sent publish acknowledged within the timeout")
+            .expect("re-sent publish acknowledged");
+    }
+
+    // Everything before the marker, exactly once and in order.
+    reader
+        .publish(&serde_json::json!({ "marker": true }))
+        .await
+        .expect("marker acknowledged");
+    let mut numbers = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(event) = events.recv().await {
+            match event {
+                ChannelEvent::Message(m) => {
+                    let value: serde_json::Value = serde_json::from_str(m.payload.json()).unwrap();
+                    if value.get("marker").is_some() {
+                        return;
+                    }
+                    numbers.push(value["n"].as_u64().expect("numbered message"));
+                }
+                ChannelEvent::Discontinuity(d) => panic!("discontinuity {d:?}"),
+            }
+        }
+        panic!("subscriber stream ended");
+    })
+    .await
+    .expect("marker delivered");
+    let expected: Vec<u64> = (1..=N).collect();
+    assert_eq!(numbers, expected, "every message exactly once, in order");
+    transport.close().await;
+    subscriber.close().await;
+    hub.stop().await;
+}
