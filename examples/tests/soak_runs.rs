@@ -47,7 +47,12 @@ fn scratch(name: &str) -> PathBuf {
 
 /// Runs the soak with `args` (at most two minutes).
 async fn soak(args: &[&str]) -> Output {
-    let run = tokio::process::Command::new(soak_program())
+    run_soak(&soak_program(), args).await
+}
+
+/// Runs the soak program at `program` with `args` (for timing a run without its build).
+async fn run_soak(program: &std::path::Path, args: &[&str]) -> Output {
+    let run = tokio::process::Command::new(program)
         .args(args)
         .kill_on_drop(true)
         .output();
@@ -258,22 +263,26 @@ async fn a_deployment_that_refuses_the_token_fails_fast_with_its_own_exit_status
     )
     .unwrap();
     let url = format!("ws://127.0.0.1:{}/ws", addr.port());
+    let program = soak_program();
     for procs in ["0", "2"] {
         let started = std::time::Instant::now();
-        let out = soak(&[
-            "--hub-url",
-            url.as_str(),
-            "--token",
-            "not-the-secret",
-            "--duration",
-            "30",
-            "--clients",
-            "4",
-            "--channels",
-            "2",
-            "--client-procs",
-            procs,
-        ])
+        let out = run_soak(
+            &program,
+            &[
+                "--hub-url",
+                url.as_str(),
+                "--token",
+                "not-the-secret",
+                "--duration",
+                "30",
+                "--clients",
+                "4",
+                "--channels",
+                "2",
+                "--client-procs",
+                procs,
+            ],
+        )
         .await;
         assert_eq!(
             out.status.code(),

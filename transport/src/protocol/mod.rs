@@ -502,9 +502,15 @@ impl ErrorFrame {
 
     /// The local error this frame stands for, with auth rejections mapped to their own variant.
     pub fn into_error(self) -> TransportError {
+        const AUTH_REJECTED_PREFIX: &str = "authentication rejected: ";
         match self.code {
+            // A hub sends its error's text, which already says what it is: the local error
+            // says it once.
             ErrorCode::AuthRejected | ErrorCode::AuthRequired => TransportError::AuthRejected {
-                message: self.message,
+                message: match self.message.strip_prefix(AUTH_REJECTED_PREFIX) {
+                    Some(rest) => rest.to_owned(),
+                    None => self.message,
+                },
             },
             _ => TransportError::Remote {
                 code: self.code,
@@ -1211,5 +1217,6 @@ mod tests {
         .into_error();
         assert!(matches!(err, TransportError::AuthRejected { .. }));
         assert!(err.is_permanent());
+        assert_eq!(err.to_string(), "authentication rejected: bad token");
     }
 }
