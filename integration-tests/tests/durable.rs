@@ -305,7 +305,7 @@ async fn a_durable_client_closed_gracefully_is_continued_by_a_new_instance_exact
                 .await
                 .expect("durable channel opens");
         assert_eq!((recovered.last_seq, recovered.pending.len()), (0, 0));
-        let mut publishes = Vec::new();
+        let mut publishes: Vec<tether_channels::PublishFuture> = Vec::new();
         for n in 1..=N {
             if n == N / 2 {
                 // Let the first half be acknowledged, then stall the path.
