@@ -110,6 +110,10 @@ struct Args {
     /// one).
     #[arg(long)]
     token: Option<String>,
+    /// The hub's admin token, for the `drop` fault against --hub-url (the deployment's
+    /// `TETHER_HUB_ADMIN_TOKEN`); the embedded hub gets one of its own.
+    #[arg(long)]
+    admin_token: Option<String>,
     /// A PEM file of CA certificates to trust for wss:// besides the built-in roots.
     #[arg(long)]
     ca_file: Option<PathBuf>,
@@ -167,6 +171,9 @@ struct Args {
     /// Internal: the endpoints a client process connects to.
     #[arg(long = "url", hide = true)]
     urls: Vec<String>,
+    /// Internal: the run's id, part of every client id (`soak-{run}-{i}`).
+    #[arg(long, hide = true, default_value = "")]
+    run_id: String,
 }
 
 /// The soak payload: publisher, sequence, the publisher's monotonic clock at the publish call
@@ -256,6 +263,13 @@ struct ClientSettings {
     token: Option<String>,
     ca_file: Option<PathBuf>,
     cert: Option<TestCert>,
+    /// The run's id: client `i` is `soak-{run}-{i}` (what the `drop` fault names).
+    run: String,
+}
+
+/// The client id of client `i` of run `run`.
+fn client_id(run: &str, i: u32) -> String {
+    format!("soak-{run}-{i}")
 }
 
 impl ClientSettings {
@@ -267,7 +281,7 @@ impl ClientSettings {
         for k in 1..self.urls.len() {
             builder = builder.endpoint(self.urls[(first + k) % self.urls.len()].clone());
         }
-        builder = self.trust(builder);
+        builder = self.trust(builder).client_id(client_id(&self.run, i));
         if let Some(token) = &self.token {
             builder = builder.token(token.clone());
         }
@@ -474,6 +488,7 @@ async fn client_role(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         token: args.token.clone(),
         ca_file: args.ca_file.clone(),
         cert: None,
+        run: args.run_id.clone(),
     };
     if settings.urls.is_empty() {
         return Err("a client process needs --url".into());
@@ -659,8 +674,15 @@ impl Fleet {
 }
 
 /// Why `--hub-url` and these faults cannot go together, if they cannot.
-fn faults_for_external_hub(faults: &[FaultSpec]) -> Result<(), String> {
-    match faults.first() {
+fn faults_for_external_hub(faults: &[FaultSpec], admin: bool) -> Result<(), String> {
+    if let Some(drop) = faults.iter().find(|f| f.kind == FaultKind::Drop) {
+        if !admin {
+            return Err(format!(
+                "{drop} drops clients through the hub's admin API: give --admin-token"
+            ));
+        }
+    }
+    match faults.iter().find(|f| f.kind != FaultKind::Drop) {
         None => Ok(()),
         Some(first) => Err(format!(
             "--hub-url runs without the local fault proxy and hubs, so {} cannot be injected \
@@ -717,8 +739,15 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
         );
     }
     if args.hub_url.is_some() {
-        faults_for_external_hub(&faults)?;
+        faults_for_external_hub(&faults, args.admin_token.is_some())?;
     }
+    // Client ids carry the run's id: two runs against one deployment never share sessions.
+    let run_id = format!(
+        "{:x}",
+        monotonic_nanos() ^ (u64::from(std::process::id()) << 40)
+    );
+    // The embedded hub's admin API (the `drop` fault uses it).
+    let embedded_admin_token = format!("soak-admin-{run_id}-{:x}", monotonic_nanos());
     // One certificate for the run, for every hub (the clients trust it).
     let tls = args.tls.then(SoakTls::new).transpose()?;
     let (hubs, urls, proxies) = match &args.hub_url {
@@ -733,7 +762,7 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
                     None => HubConfig::builder(),
                 };
                 let config = hub_config(
-                    base,
+                    base.admin_token(embedded_admin_token.clone()),
                     free_addr(),
                     idle,
                     channel_service(&store)?,
@@ -784,6 +813,7 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
         token: args.token.clone(),
         ca_file: args.ca_file.clone(),
         cert: tls.as_ref().map(|t| t.cert.clone()),
+        run: run_id.clone(),
     };
 
     // What the deployment's counters say before the run (--hub-url).
@@ -831,6 +861,7 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
                 format!("--payload={}", args.payload),
                 format!("--seed={}", args.seed),
                 format!("--idle-timeout-ms={}", args.idle_timeout_ms),
+                format!("--run-id={run_id}"),
             ];
             child_args.extend(urls.iter().map(|u| format!("--url={u}")));
             if let Some(token) = &args.token {
@@ -873,10 +904,36 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut fault_tasks = Vec::new();
     let restart_failures = Rc::new(Cell::new(0u64));
+    let admin = match (hubs.as_ref(), &args.hub_url) {
+        (Hubs::Embedded { config, .. }, _) => Some(Rc::new(AdminHook {
+            base: format!(
+                "{}://{}",
+                if tls.is_some() { "https" } else { "http" },
+                config.bind
+            ),
+            token: embedded_admin_token.clone(),
+            tls: settings.config(0)?.tls.rustls_config().cloned(),
+            run: run_id.clone(),
+            clients: args.clients,
+        })),
+        (Hubs::External, Some(url)) => args.admin_token.as_ref().map(|token| {
+            Rc::new(AdminHook {
+                base: metrics::http_base(url).unwrap_or_default(),
+                token: token.clone(),
+                tls: scrape_target.as_ref().and_then(|(_, tls)| tls.clone()),
+                run: run_id.clone(),
+                clients: args.clients,
+            })
+        }),
+        _ => None,
+    };
     for spec in faults.iter().copied() {
         let runs = match (spec.kind, hubs.as_ref()) {
             (FaultKind::KillNode, Hubs::Embedded { .. }) => {
                 Err("kill-node needs hub processes (--hub-nodes N)")
+            }
+            (FaultKind::Drop, _) if admin.is_none() => {
+                Err("drop needs the hub's admin API (the embedded hub, or --hub-url with --admin-token)")
             }
             _ => Ok(()),
         };
@@ -893,6 +950,7 @@ async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error>> {
             idle,
             restart_down,
             restart_failures.clone(),
+            admin.clone(),
         )));
     }
     match &mut fleet {
@@ -1419,6 +1477,46 @@ async fn wait_attached(
     Ok(())
 }
 
+/// What the `drop` fault needs: the hub's admin API and the clients' ids.
+struct AdminHook {
+    /// `http(s)://host:port` of the hub (not through the proxy).
+    base: String,
+    token: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    run: String,
+    clients: u32,
+}
+
+impl AdminHook {
+    /// Drops the `round`-th tenth of the clients (clients `i` with `i ≡ round (mod 10)`, at
+    /// least one); returns how many could not be asked.
+    async fn drop_tenth(&self, round: u32) -> usize {
+        let client = metrics::http_client(self.tls.clone());
+        let picked: Vec<u32> = match self.clients {
+            0..=9 => vec![round % self.clients.max(1)],
+            n => (0..n).filter(|i| i % 10 == round % 10).collect(),
+        };
+        let asks = picked.iter().map(|&i| {
+            let id = client_id(&self.run, i);
+            let client = &client;
+            async move { metrics::admin_drop(client, &self.base, &self.token, &id).await }
+        });
+        let failed: Vec<String> = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
+        if let Some(first) = failed.first() {
+            eprintln!(
+                "soak: drop: {} of {} not dropped ({first})",
+                failed.len(),
+                picked.len()
+            );
+        }
+        failed.len()
+    }
+}
+
 /// Fires one fault kind every `spec.every` until `stop`, recording when it was injected and
 /// when its path was available again.
 #[allow(clippy::too_many_arguments)]
@@ -1431,8 +1529,10 @@ async fn inject(
     idle: Duration,
     restart_down: Duration,
     restart_failures: Rc<Cell<u64>>,
+    admin: Option<Rc<AdminHook>>,
 ) {
     let now = |c: &Rc<RefCell<Collector>>| c.borrow().since_start(monotonic_nanos());
+    let mut round = 0u32;
     let mut tick = tokio::time::interval(spec.every);
     tick.tick().await;
     loop {
@@ -1485,6 +1585,14 @@ async fn inject(
                     proxy.set_latency(Duration::ZERO);
                 }
                 ended(now(&collector));
+            }
+            FaultKind::Drop => {
+                if let Some(admin) = &admin {
+                    admin.drop_tenth(round).await;
+                    round = round.wrapping_add(1);
+                }
+                // Nothing stands in the way of coming back.
+                ended(at);
             }
             FaultKind::Restart | FaultKind::KillNode => {
                 if hubs

@@ -306,3 +306,77 @@ async fn a_deployment_that_refuses_the_token_fails_fast_with_its_own_exit_status
     }
     hub.stop().await;
 }
+
+#[actix_rt::test]
+async fn drop_faults_go_through_a_deployments_admin_api_and_lose_nothing() {
+    const ADMIN: &str = "soak-test-admin-token-0123456789";
+    let service = ChannelService::builder()
+        .retention(Retention::default())
+        .build()
+        .unwrap();
+    let addr = free_addr();
+    let hub = Hub::start(
+        test_hub_config(addr)
+            .admin_token(ADMIN)
+            .heartbeat(Duration::from_millis(500), Duration::from_secs(2))
+            .handler(Arc::new(service))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let url = format!("ws://127.0.0.1:{}/ws", addr.port());
+    let program = soak_program();
+
+    // Without the admin token the drop fault is refused before anything runs.
+    let out = run_soak(
+        &program,
+        &[
+            "--hub-url",
+            url.as_str(),
+            "--faults",
+            "drop@1s",
+            "--duration",
+            "2",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--admin-token"));
+
+    let dir = scratch("drop");
+    let report = dir.join("soak.json");
+    let report_arg = report.display().to_string();
+    let out = run_soak(
+        &program,
+        &[
+            "--hub-url",
+            url.as_str(),
+            "--admin-token",
+            ADMIN,
+            "--faults",
+            "drop@1s",
+            "--duration",
+            "5",
+            "--clients",
+            "20",
+            "--channels",
+            "2",
+            "--rate",
+            "60",
+            "--client-procs",
+            "2",
+            "--json",
+            &report_arg,
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "a correct run");
+    let r = json(&report);
+    assert_eq!(r["lost"], 0);
+    assert_eq!(r["delivered"], r["expected_deliveries"]);
+    // Each drop takes two of the 20 clients down (a tenth), in both client processes.
+    let drop = &r["recovery_by_fault"]["drop"];
+    assert!(drop["outages"].as_u64().unwrap() >= 6, "{drop}");
+    assert!(drop["lost_to_recovered_ms"]["p99"].as_f64().unwrap() > 0.0);
+    hub.stop().await;
+}

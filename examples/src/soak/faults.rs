@@ -1,4 +1,4 @@
-//! Fault schedules: `--faults cut@5s,stall@17s,restart@31s,refuse:2s@23s,latency:100ms@11s`.
+//! Fault schedules: `--faults cut@5s,stall@17s,restart@31s,refuse:2s@23s,latency:100ms@11s,drop@7s`.
 
 use std::fmt;
 use std::time::Duration;
@@ -20,6 +20,10 @@ pub enum FaultKind {
     Refuse(Duration),
     /// Add one-way latency on every connection for a while.
     Latency(Duration),
+    /// Drop about a tenth of the clients (at least one) through the hub's session admin API
+    /// (`POST /sessions/{client_id}/disconnect?mode=reset`): the hook that also works against a
+    /// real deployment (`--hub-url` with `--admin-token`).
+    Drop,
 }
 
 impl FaultKind {
@@ -32,6 +36,7 @@ impl FaultKind {
             FaultKind::KillNode => "kill-node",
             FaultKind::Refuse(_) => "refuse",
             FaultKind::Latency(_) => "latency",
+            FaultKind::Drop => "drop",
         }
     }
 
@@ -112,6 +117,7 @@ pub fn parse_faults(spec: &str) -> Result<Vec<FaultSpec>, String> {
                 ("stall", None) => FaultKind::Stall,
                 ("restart", None) => FaultKind::Restart,
                 ("kill-node", None) => FaultKind::KillNode,
+                ("drop", None) => FaultKind::Drop,
                 ("refuse", Some(d)) => FaultKind::Refuse(d),
                 ("latency", Some(d)) => FaultKind::Latency(d),
                 ("refuse" | "latency", None) => {
@@ -121,7 +127,7 @@ pub fn parse_faults(spec: &str) -> Result<Vec<FaultSpec>, String> {
                 }
                 _ => {
                     return Err(format!(
-                    "{item:?}: unknown fault (cut, stall, restart, kill-node, refuse:D, latency:D)"
+                    "{item:?}: unknown fault (cut, stall, restart, kill-node, drop, refuse:D, latency:D)"
                 ))
                 }
             };
@@ -137,7 +143,7 @@ mod tests {
     #[test]
     fn parses_every_kind() {
         let specs = parse_faults(
-            "cut@5s, stall@17s,restart@31s,refuse:2s@23s,latency:100ms@1.5s,kill-node@9s",
+            "cut@5s, stall@17s,restart@31s,refuse:2s@23s,latency:100ms@1.5s,kill-node@9s,drop@4s",
         )
         .unwrap();
         assert_eq!(
@@ -166,6 +172,10 @@ mod tests {
                 FaultSpec {
                     kind: FaultKind::KillNode,
                     every: Duration::from_secs(9)
+                },
+                FaultSpec {
+                    kind: FaultKind::Drop,
+                    every: Duration::from_secs(4)
                 },
             ]
         );

@@ -77,6 +77,11 @@ pub struct HubMetrics {
 
 /// `http(s)://host[:port]/metrics` for a hub at `ws(s)://host[:port]/…`.
 pub fn metrics_url(hub_url: &str) -> Result<String, String> {
+    Ok(format!("{}/metrics", http_base(hub_url)?))
+}
+
+/// The hub's HTTP side of a hub URL: `ws://h:p/ws` → `http://h:p`, `wss://…` → `https://…`.
+pub fn http_base(hub_url: &str) -> Result<String, String> {
     let (scheme, rest) = if let Some(rest) = hub_url.strip_prefix("wss://") {
         ("https", rest)
     } else if let Some(rest) = hub_url.strip_prefix("ws://") {
@@ -90,7 +95,43 @@ pub fn metrics_url(hub_url: &str) -> Result<String, String> {
     if authority.is_empty() {
         return Err(format!("{hub_url:?}: no host"));
     }
-    Ok(format!("{scheme}://{authority}/metrics"))
+    Ok(format!("{scheme}://{authority}"))
+}
+
+/// An HTTP/1.1 client for the hub's HTTP side, trusting what `tls` trusts.
+pub fn http_client(tls: Option<std::sync::Arc<rustls::ClientConfig>>) -> awc::Client {
+    let mut connector = awc::Connector::new().timeout(std::time::Duration::from_secs(10));
+    if let Some(config) = tls {
+        let mut config = (*config).clone();
+        // A plain HTTP/1.1 request.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        connector = connector.rustls_0_23(std::sync::Arc::new(config));
+    }
+    awc::Client::builder()
+        .connector(connector)
+        .timeout(std::time::Duration::from_secs(10))
+        .finish()
+}
+
+/// Drops the connections of `client_id` through the admin API at `base` (a TCP reset).
+pub async fn admin_drop(
+    client: &awc::Client,
+    base: &str,
+    token: &str,
+    client_id: &str,
+) -> Result<(), String> {
+    let url = format!("{base}/sessions/{client_id}/disconnect?mode=reset");
+    let response = client
+        .post(&url)
+        .insert_header(("Authorization", format!("Bearer {token}")))
+        .send()
+        .await
+        .map_err(|e| format!("POST {url}: {e}"))?;
+    match response.status().as_u16() {
+        // 404: not connected at that moment (already reconnecting): nothing to drop.
+        200 | 404 => Ok(()),
+        status => Err(format!("POST {url}: {status}")),
+    }
 }
 
 /// Reads `url` (`http://` or `https://`, trusting what `tls` trusts) and parses its counters.
@@ -98,17 +139,7 @@ pub async fn scrape(
     url: &str,
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 ) -> Result<Counters, String> {
-    let mut connector = awc::Connector::new().timeout(std::time::Duration::from_secs(10));
-    if let Some(config) = tls {
-        let mut config = (*config).clone();
-        // A plain HTTP/1.1 GET.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        connector = connector.rustls_0_23(std::sync::Arc::new(config));
-    }
-    let client = awc::Client::builder()
-        .connector(connector)
-        .timeout(std::time::Duration::from_secs(10))
-        .finish();
+    let client = http_client(tls);
     let mut response = client
         .get(url)
         .send()

@@ -786,6 +786,7 @@ pub(crate) mod tests {
             FaultKind::Stall,
             FaultKind::Restart,
             FaultKind::KillNode,
+            FaultKind::Drop,
         ];
         kinds
             .iter()
