@@ -62,7 +62,17 @@ use crate::reconnect::{NextStep, ReconnectManager, Stability};
 use crate::state::{ConnectionFsm, ConnectionState, ConnectionStateChanged, TransitionReason};
 use crate::status::{ErrorSummary, TransportStatus};
 use crate::telemetry;
-use crate::transport_actor::ReconnectOutcome;
+
+/// What `reconnect_now()` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReconnectOutcome {
+    /// An attempt started now.
+    Started,
+    /// An attempt was already under way; nothing changed.
+    AlreadyConnecting,
+    /// The connection is up; nothing changed.
+    AlreadyConnected,
+}
 
 /// Which wait a deadline is (see [`ConnectionCore::deadline`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::config::TransportConfig;
+pub use crate::core::ReconnectOutcome;
 use crate::core::{Action, ConnectionCore, Event, Link, Timer};
 use crate::error::TransportError;
 use crate::events::{event_channel, EventReceiver, DEFAULT_EVENT_CAPACITY};
@@ -122,17 +123,6 @@ pub struct ChannelSynced {
     pub name: String,
     /// The generation of the [`ChannelLink::Up`] this answers (stale answers are ignored).
     pub generation: u64,
-}
-
-/// What `reconnect_now()` did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReconnectOutcome {
-    /// An attempt started now.
-    Started,
-    /// An attempt was already under way; nothing changed.
-    AlreadyConnecting,
-    /// The connection is up; nothing changed.
-    AlreadyConnected,
 }
 
 /// The actor behind a [`Transport`]: a [`ConnectionCore`] and the I/O it asks for. Use the
