@@ -25,8 +25,9 @@
 //!   [`TransportError::TlsCertificate`], permanent.
 //!
 //! The rules live in plain structs tested without sockets: [`state`] (the transition table),
-//! [`reconnect`], [`breaker`], [`heartbeat`], [`protocol`]. The actors only translate messages
-//! and timers into calls on them.
+//! [`reconnect`], [`breaker`], [`heartbeat`], [`protocol`]; the connection lifecycle that
+//! composes them is [`core::ConnectionCore`] (events in, actions out, no I/O). The actors only
+//! translate messages and timers into calls on them.
 //!
 //! ```no_run
 //! use tether_transport::{hub::{Hub, HubConfig}, Transport, TransportConfig};
@@ -57,6 +58,7 @@
 
 pub mod breaker;
 pub mod config;
+pub mod core;
 pub mod error;
 pub mod events;
 pub mod heartbeat;

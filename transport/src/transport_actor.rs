@@ -1,15 +1,21 @@
-//! The TransportActor: one logical connection that survives many physical ones.
+//! The TransportActor: one logical connection that survives many physical ones — the shell
+//! around a [`ConnectionCore`].
 //!
-//! It supervises one [`WebSocketActor`] at a time. When that actor ends, the typed reason goes to
-//! the [`ReconnectManager`], whose [`NextStep`] decides the next state and timer. Every state
-//! change goes through the [`ConnectionFsm`] table and is published as a
-//! [`ConnectionStateChanged`] to every subscriber. Every timer's `SpawnHandle` is kept and
-//! cancelled on state change and on stop, so a closed transport has nothing left that can fire.
+//! The core makes every lifecycle decision: when an attempt goes out and where, what a failed
+//! attempt or a lost connection leads to (through the
+//! [`ReconnectManager`](crate::ReconnectManager)), the stability window, manual reconnects, the
+//! channels' resync, closing; every state change goes through the
+//! [`ConnectionFsm`](crate::state::ConnectionFsm) table. The actor only translates: the
+//! [`WebSocketActor`]'s reports, application messages and its two timers become [`Event`]s; the
+//! [`Action`]s that come back start or close a [`WebSocketActor`], tell the channels, and
+//! publish each [`ConnectionStateChanged`] to every subscriber. Each timer's `SpawnHandle` is
+//! kept on the core's deadline and cancelled when it changes, so a closed transport has nothing
+//! left that can fire.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use actix::prelude::*;
 use tokio::sync::watch;
@@ -17,13 +23,13 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::config::TransportConfig;
+pub use crate::core::ReconnectOutcome;
+use crate::core::{Action, ConnectionCore, Event, Link, Timer};
 use crate::error::TransportError;
 use crate::events::{event_channel, EventReceiver, DEFAULT_EVENT_CAPACITY};
-use crate::protocol::{ErrorCode, Frame, Hello, InstanceId, SessionId, CLOSE_SESSION_TAKEN_OVER};
-use crate::reconnect::{NextStep, ReconnectManager, Stability};
-use crate::state::{ConnectionFsm, ConnectionState, ConnectionStateChanged, TransitionReason};
-use crate::status::{unix_ms, ChannelSummary, ErrorSummary, TransportStatus};
-use crate::telemetry;
+use crate::protocol::{Frame, Hello, InstanceId, SessionId};
+use crate::state::{ConnectionState, ConnectionStateChanged};
+use crate::status::{unix_ms, ChannelSummary, TransportStatus};
 use crate::ws_actor::{CloseConnection, WebSocketActor, WsEvent, WsSettings};
 
 /// Subscribes a recipient to every [`ConnectionStateChanged`] from now on.
@@ -119,55 +125,25 @@ pub struct ChannelSynced {
     pub generation: u64,
 }
 
-/// What `reconnect_now()` did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReconnectOutcome {
-    /// An attempt started now.
-    Started,
-    /// An attempt was already under way; nothing changed.
-    AlreadyConnecting,
-    /// The connection is up; nothing changed.
-    AlreadyConnected,
-}
-
-struct Connection {
-    id: u64,
-    endpoint: String,
-    addr: Option<Addr<WebSocketActor>>,
-}
-
-/// The actor behind a [`Transport`]. Use the handle; the messages are public for applications
-/// that prefer to talk to the actor directly.
+/// The actor behind a [`Transport`]: a [`ConnectionCore`] and the I/O it asks for. Use the
+/// handle; the messages are public for applications that prefer to talk to the actor directly.
 pub struct TransportActor {
+    core: ConnectionCore,
     config: TransportConfig,
-    fsm: ConnectionFsm,
-    manager: ReconnectManager,
     subscribers: Vec<Recipient<ConnectionStateChanged>>,
     /// The current state, for readers that must not wait ([`Transport::state`]).
     state_tx: watch::Sender<ConnectionState>,
     client: Option<awc::Client>,
-    conn: Option<Connection>,
-    next_conn_id: u64,
-    endpoint_index: usize,
-    /// Endpoints not yet tried in the current outage (each gets one attempt without a backoff
-    /// step before the sequence applies).
-    failover_left: usize,
-    session: Option<SessionId>,
-    retry_timer: Option<SpawnHandle>,
-    retry_at: Option<(Instant, SystemTime)>,
-    stability_timer: Option<SpawnHandle>,
-    reconnect_count: u64,
-    ever_connected: bool,
-    last_error: Option<TransportError>,
-    /// The hub said it is stopping, with when to come back.
-    hub_stopping: Option<crate::protocol::RetryWindow>,
-    connected_since: Option<SystemTime>,
-    lost_at: Option<Instant>,
-    instance: InstanceId,
+    /// The socket actor of the core's current connection, by connection id.
+    conn: Option<(u64, Addr<WebSocketActor>)>,
     channels: ChannelRoutes,
     channel_status: HashMap<String, Recipient<QueryChannel>>,
-    syncing: HashSet<String>,
-    sync_generation: u64,
+    /// The core's retry deadline as scheduled, with its wall-clock time (for the status).
+    retry_timer: Option<(std::time::Instant, SystemTime, SpawnHandle)>,
+    /// The core's stability deadline as scheduled.
+    stability_timer: Option<(std::time::Instant, SpawnHandle)>,
+    /// The core's `connected_at` and its wall-clock time (for the status).
+    connected_since: Option<(std::time::Instant, SystemTime)>,
     span: tracing::Span,
 }
 
@@ -179,37 +155,17 @@ impl TransportActor {
         subscribers: Vec<Recipient<ConnectionStateChanged>>,
     ) -> Self {
         let span = tracing::info_span!("transport", client_id = %config.client_id);
-        let manager = ReconnectManager::new(config.reconnect.clone(), config.seed);
-        metrics::gauge!(telemetry::CONNECTION_STATE, "state" => ConnectionState::Initialized.as_str())
-            .increment(1.0);
         TransportActor {
-            fsm: ConnectionFsm::new(Instant::now()),
-            manager,
+            core: ConnectionCore::new(&config, Instant::now().into_std()),
             subscribers,
             state_tx: watch::Sender::new(ConnectionState::Initialized),
             client: None,
             conn: None,
-            next_conn_id: 0,
-            endpoint_index: 0,
-            failover_left: config.endpoints.len().saturating_sub(1),
-            session: None,
-            retry_timer: None,
-            retry_at: None,
-            stability_timer: None,
-            reconnect_count: 0,
-            ever_connected: false,
-            last_error: None,
-            hub_stopping: None,
-            connected_since: None,
-            lost_at: None,
-            instance: config
-                .instance_id
-                .clone()
-                .unwrap_or_else(InstanceId::random),
             channels: ChannelRoutes::default(),
             channel_status: HashMap::new(),
-            syncing: HashSet::new(),
-            sync_generation: 0,
+            retry_timer: None,
+            stability_timer: None,
+            connected_since: None,
             span,
             config,
         }
@@ -222,92 +178,101 @@ impl TransportActor {
         self.state_tx.subscribe()
     }
 
-    /// Applies a transition through the table and publishes it. Refused transitions are logged
-    /// and change nothing.
-    fn transition(
-        &mut self,
-        to: ConnectionState,
-        reason: TransitionReason,
-        attempt: u32,
-        retry_in: Option<Duration>,
-    ) -> bool {
-        let _enter = self.span.enter();
-        match self
-            .fsm
-            .transition(to, reason, attempt, retry_in, Instant::now())
-        {
-            Ok(event) => {
-                tracing::info!(from = %event.from, to = %event.to, attempt, retry_in_ms = retry_in.map(|d| d.as_millis() as u64), reason = %event.reason, "connection state changed");
-                metrics::gauge!(telemetry::CONNECTION_STATE, "state" => event.from.as_str())
-                    .decrement(1.0);
-                metrics::gauge!(telemetry::CONNECTION_STATE, "state" => event.to.as_str())
-                    .increment(1.0);
-                metrics::counter!(telemetry::STATE_TRANSITIONS, "from" => event.from.as_str(), "to" => event.to.as_str())
-                    .increment(1);
+    /// Feeds `event` to the core, carries out what it decides, and keeps the timers on the
+    /// core's deadlines.
+    fn run(&mut self, ctx: &mut Context<Self>, event: Event) {
+        let now = Instant::now().into_std();
+        self.span.in_scope(|| self.core.handle(now, event));
+        self.perform_all(ctx, now);
+    }
+
+    /// Carries out every action the core has decided, then brings the timers and the
+    /// wall-clock stamps in step with it.
+    fn perform_all(&mut self, ctx: &mut Context<Self>, now: std::time::Instant) {
+        while let Some(action) = self.core.poll_action() {
+            self.perform(ctx, action);
+        }
+        if self.conn.as_ref().map(|(id, _)| *id) != self.core.conn_id() {
+            self.conn = None;
+        }
+        self.sync_timers(ctx, now);
+        let connected_at = self.core.connected_at();
+        if connected_at != self.connected_since.map(|(at, _)| at) {
+            self.connected_since = connected_at.map(|at| (at, SystemTime::now()));
+        }
+    }
+
+    fn perform(&mut self, ctx: &mut Context<Self>, action: Action) {
+        match action {
+            Action::Connect {
+                conn_id,
+                endpoint,
+                hello,
+                attempt,
+            } => self.connect(ctx, conn_id, endpoint, hello, attempt),
+            Action::CloseConnection => {
+                if let Some((_, addr)) = self.conn.take() {
+                    addr.do_send(CloseConnection);
+                }
+            }
+            Action::LinkAll(Link::Closed) => {
+                for (_, link) in self.channels.borrow_mut().drain() {
+                    link.do_send(ChannelLink::Closed);
+                }
+            }
+            Action::LinkAll(link) => {
+                if let Some(link) = self.channel_link(link) {
+                    for to in self.channels.borrow().values() {
+                        to.do_send(link.clone());
+                    }
+                }
+            }
+            Action::LinkOne { name, link } => {
+                let to = self.channels.borrow().get(&name).cloned();
+                if let (Some(to), Some(link)) = (to, self.channel_link(link)) {
+                    to.do_send(link);
+                }
+            }
+            Action::StateChanged(event) => {
                 self.state_tx.send_replace(event.to);
                 self.subscribers.retain(|s| s.connected());
-                if event.from == ConnectionState::Failed {
-                    for link in self.channels.borrow().values() {
-                        link.do_send(ChannelLink::Retrying);
-                    }
-                }
-                if event.to == ConnectionState::Failed {
-                    let error = event
-                        .reason
-                        .error()
-                        .cloned()
-                        .or_else(|| self.last_error.clone())
-                        .unwrap_or(TransportError::Closed);
-                    for link in self.channels.borrow().values() {
-                        link.do_send(ChannelLink::Failed(error.clone()));
-                    }
-                }
                 for s in &self.subscribers {
                     s.do_send(event.clone());
                 }
-                true
             }
-            Err(invalid) => {
-                tracing::error!(%invalid, "refused invalid state transition");
-                false
-            }
+            Action::Stop => ctx.stop(),
         }
     }
 
-    fn cancel_retry(&mut self, ctx: &mut Context<Self>) {
-        if let Some(handle) = self.retry_timer.take() {
-            ctx.cancel_future(handle);
-        }
-        self.retry_at = None;
+    /// The link message for `link` (`Up` only while there is a connection to hand out).
+    fn channel_link(&self, link: Link) -> Option<ChannelLink> {
+        Some(match link {
+            Link::Up {
+                session,
+                resumed,
+                generation,
+            } => ChannelLink::Up {
+                conn: self.conn.as_ref()?.1.clone(),
+                session,
+                resumed,
+                generation,
+            },
+            Link::Down(error) => ChannelLink::Down(error),
+            Link::Failed(error) => ChannelLink::Failed(error),
+            Link::Retrying => ChannelLink::Retrying,
+            Link::Closed => ChannelLink::Closed,
+        })
     }
 
-    fn cancel_stability(&mut self, ctx: &mut Context<Self>) {
-        if let Some(handle) = self.stability_timer.take() {
-            ctx.cancel_future(handle);
-        }
-    }
-
-    fn current_endpoint(&self) -> String {
-        self.config.endpoints[self.endpoint_index % self.config.endpoints.len()].clone()
-    }
-
-    /// Moves to `Connecting` for `reason` and opens a new physical connection.
-    fn start_attempt(&mut self, ctx: &mut Context<Self>, reason: TransitionReason) {
-        self.cancel_retry(ctx);
-        let attempt = self.manager.begin_attempt(Instant::now());
-        if !self.transition(ConnectionState::Connecting, reason, attempt, None) {
-            return;
-        }
-        metrics::counter!(telemetry::RECONNECT_ATTEMPTS).increment(1);
-        self.next_conn_id += 1;
-        let endpoint = self.current_endpoint();
-        let hello = Hello {
-            v: self.config.protocol_version,
-            client_id: self.config.client_id.clone(),
-            token: self.config.token.clone(),
-            resume: self.session.clone(),
-            instance: Some(self.instance.clone()),
-        };
+    /// Opens physical connection `id`: a new [`WebSocketActor`] on this arbiter.
+    fn connect(
+        &mut self,
+        ctx: &mut Context<Self>,
+        id: u64,
+        endpoint: String,
+        hello: Hello,
+        attempt: u32,
+    ) {
         let settings = WsSettings {
             heartbeat_interval: self.config.heartbeat_interval,
             idle_timeout: self.config.idle_timeout,
@@ -320,11 +285,10 @@ impl TransportActor {
             .client
             .get_or_insert_with(|| websocket_client(tls, local))
             .clone();
-        let id = self.next_conn_id;
         tracing::debug!(parent: &self.span, conn_id = id, attempt, %endpoint, "opening connection");
         let ws = WebSocketActor::new(
             id,
-            endpoint.clone(),
+            endpoint,
             hello,
             settings,
             client,
@@ -337,239 +301,64 @@ impl TransportActor {
             let _enter = span.enter();
             ws.start()
         };
-        self.conn = Some(Connection {
-            id,
-            endpoint,
-            addr: Some(addr),
-        });
+        self.conn = Some((id, addr));
     }
 
-    /// Carries out the ReconnectManager's decision after a failure or loss.
-    fn apply_step(&mut self, ctx: &mut Context<Self>, step: NextStep, reason: TransitionReason) {
-        match step {
-            NextStep::Retry { delay, attempt } => {
-                if self.transition(ConnectionState::Disconnected, reason, attempt, Some(delay)) {
-                    self.schedule(ctx, delay, TransitionReason::RetryDue);
-                }
+    /// Keeps one timer on each of the core's deadlines.
+    fn sync_timers(&mut self, ctx: &mut Context<Self>, now: std::time::Instant) {
+        let wanted = self.core.deadline(Timer::Retry);
+        if wanted != self.retry_timer.as_ref().map(|(at, _, _)| *at) {
+            if let Some((_, _, handle)) = self.retry_timer.take() {
+                ctx.cancel_future(handle);
             }
-            NextStep::Suspend { probe_in, failures } => {
-                let attempt = self.manager.attempt();
-                tracing::warn!(parent: &self.span, failures, "circuit breaker open; suspending");
-                let reason = TransitionReason::BreakerOpened {
-                    failures,
-                    last_error: reason.error().cloned(),
-                };
-                if self.transition(ConnectionState::Suspended, reason, attempt, Some(probe_in)) {
-                    self.schedule(ctx, probe_in, TransitionReason::ProbeDue);
-                }
+            if let Some(at) = wanted {
+                let delay = at.saturating_duration_since(now);
+                let handle = ctx.run_later(delay, |act, ctx| {
+                    act.retry_timer = None;
+                    act.run(ctx, Event::Timeout(Timer::Retry));
+                });
+                self.retry_timer = Some((at, SystemTime::now() + delay, handle));
             }
-            NextStep::WaitForManual => {
-                let attempt = self.manager.attempt();
-                self.transition(ConnectionState::Disconnected, reason, attempt, None);
+        }
+        let wanted = self.core.deadline(Timer::Stability);
+        if wanted != self.stability_timer.as_ref().map(|(at, _)| *at) {
+            if let Some((_, handle)) = self.stability_timer.take() {
+                ctx.cancel_future(handle);
             }
-            NextStep::GiveUp { attempts } => {
-                self.transition(
-                    ConnectionState::Failed,
-                    TransitionReason::GaveUp { attempts },
-                    attempts,
-                    None,
-                );
+            if let Some(at) = wanted {
+                let handle = ctx.run_later(at.saturating_duration_since(now), |act, ctx| {
+                    act.stability_timer = None;
+                    act.run(ctx, Event::Timeout(Timer::Stability));
+                });
+                self.stability_timer = Some((at, handle));
             }
         }
     }
 
-    fn schedule(&mut self, ctx: &mut Context<Self>, delay: Duration, reason: TransitionReason) {
-        self.cancel_retry(ctx);
-        self.retry_at = Some((Instant::now() + delay, SystemTime::now() + delay));
-        self.retry_timer = Some(ctx.run_later(delay, move |act, ctx| {
-            act.retry_timer = None;
-            act.retry_at = None;
-            // A timer that fires after its wait was cut short (a manual reconnect in the same
-            // turn of the event loop) must not start a second attempt.
-            if matches!(
-                act.fsm.state(),
-                ConnectionState::Disconnected | ConnectionState::Suspended
-            ) {
-                act.start_attempt(ctx, reason);
-            }
-        }));
-    }
-
-    fn on_established(
-        &mut self,
-        ctx: &mut Context<Self>,
-        endpoint: String,
-        session: SessionId,
-        resumed: bool,
-    ) {
-        let attempt = self.manager.attempt();
-        self.session = Some(session.clone());
-        let reason = TransitionReason::HandshakeCompleted {
-            endpoint,
-            session,
-            resumed,
-        };
-        if !self.transition(ConnectionState::Connected, reason, attempt, None) {
-            return;
-        }
-        if self.ever_connected {
-            self.reconnect_count += 1;
-            metrics::counter!(telemetry::RECONNECTS).increment(1);
-        }
-        self.ever_connected = true;
-        self.connected_since = Some(SystemTime::now());
-        let window = self.manager.on_connected(Instant::now());
-        self.arm_stability(ctx, window);
-        self.resync_channels(attempt, resumed);
-    }
-
-    /// After a (re)connect: every registered channel re-attaches and replays; the connection is
-    /// `Syncing` until all of them report back.
-    fn resync_channels(&mut self, attempt: u32, resumed: bool) {
-        let conn = self.conn.as_ref().and_then(|c| c.addr.clone());
-        let (Some(conn), Some(session)) = (conn, self.session.clone()) else {
-            return;
-        };
-        // A channel whose actor is gone cannot answer: forget it rather than wait forever.
-        self.channels
-            .borrow_mut()
-            .retain(|_, link| link.connected());
-        self.channel_status
-            .retain(|name, _| self.channels.borrow().contains_key(name));
-        if self.channels.borrow().is_empty() {
-            self.finish_recovery();
-            return;
-        }
-        self.sync_generation += 1;
-        self.syncing = self.channels.borrow().keys().cloned().collect();
-        let reason = TransitionReason::Resyncing {
-            channels: self.syncing.len(),
-        };
-        if !self.transition(ConnectionState::Syncing, reason, attempt, None) {
-            return;
-        }
-        for link in self.channels.borrow().values() {
-            link.do_send(ChannelLink::Up {
-                conn: conn.clone(),
-                session: session.clone(),
-                resumed,
-                generation: self.sync_generation,
+    /// Takes channels whose actor is gone out of the registry: they cannot answer a resync.
+    fn prune_channels(&mut self) {
+        let gone: Vec<String> = self
+            .channels
+            .borrow()
+            .iter()
+            .filter(|(_, link)| !link.connected())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            self.channels.borrow_mut().remove(&name);
+            self.channel_status.remove(&name);
+            self.span.in_scope(|| {
+                self.core
+                    .handle(Instant::now().into_std(), Event::ChannelUnregistered(name))
             });
         }
     }
 
-    fn finish_recovery(&mut self) {
-        if let Some(lost) = self.lost_at.take() {
-            metrics::histogram!(telemetry::RECOVERY_SECONDS).record(lost.elapsed().as_secs_f64());
-        }
-    }
-
-    fn arm_stability(&mut self, ctx: &mut Context<Self>, after: Duration) {
-        self.cancel_stability(ctx);
-        self.stability_timer = Some(ctx.run_later(after, |act, ctx| {
-            act.stability_timer = None;
-            if let Stability::CheckAgainIn(after) = act.manager.on_stable(Instant::now()) {
-                act.arm_stability(ctx, after);
-            }
-        }));
-    }
-
-    fn on_ended(&mut self, ctx: &mut Context<Self>, error: TransportError, established: bool) {
-        self.conn = None;
-        if matches!(
-            error,
-            TransportError::ConnectionClosed {
-                code: Some(CLOSE_SESSION_TAKEN_OVER),
-                ..
-            }
-        ) {
-            // Another connection resumed this session (another process with this client id):
-            // resuming it again would take it back, and the two would take turns forever.
-            tracing::warn!(parent: &self.span, "session taken over by another connection; the next connection starts a new one");
-            self.session = None;
-        }
-        self.syncing.clear();
-        if established {
-            for link in self.channels.borrow().values() {
-                link.do_send(ChannelLink::Down(error.clone()));
-            }
-        }
-        self.cancel_stability(ctx);
-        self.connected_since = None;
-        let state = self.fsm.state();
-        if state == ConnectionState::Closed {
-            return;
-        }
-        metrics::counter!(telemetry::CONNECTION_FAILURES, "category" => error.category().as_str())
-            .increment(1);
-        self.last_error = Some(error.clone());
-        let now = Instant::now();
-        if established && self.lost_at.is_none() {
-            self.lost_at = Some(now);
-        }
-        if error.is_permanent() {
-            let attempt = self.manager.attempt();
-            self.transition(
-                ConnectionState::Failed,
-                TransitionReason::PermanentError(error),
-                attempt,
-                None,
-            );
-            return;
-        }
-        let stopping = self.hub_stopping.take();
-        let (step, reason) = if let (true, Some(window)) = (established, stopping) {
-            // A graceful stop: come back when the hub said, not all at once.
-            self.failover_left = self.config.endpoints.len().saturating_sub(1);
-            tracing::info!(parent: &self.span, ?window, "hub stopping; reconnecting within its window");
-            (
-                self.manager.on_hub_shutdown(now, window),
-                TransitionReason::ConnectionLost(error),
-            )
-        } else if established {
-            self.failover_left = self.config.endpoints.len().saturating_sub(1);
-            (
-                self.manager.on_connection_lost(now),
-                TransitionReason::ConnectionLost(error),
-            )
-        } else {
-            // A failed attempt moves on to the next endpoint — at once while some endpoint
-            // has not been tried in this outage (failover), after a backoff step otherwise.
-            self.endpoint_index = self.endpoint_index.wrapping_add(1);
-            let step = if self.failover_left > 0 {
-                self.failover_left -= 1;
-                self.manager.on_attempt_failed_with_alternative(now)
-            } else {
-                self.manager.on_attempt_failed(now)
-            };
-            (step, TransitionReason::AttemptFailed(error))
-        };
-        self.apply_step(ctx, step, reason);
-    }
-
     fn status(&self) -> TransportStatus {
-        let now = Instant::now();
-        TransportStatus {
-            client_id: self.config.client_id.clone(),
-            state: self.fsm.state(),
-            attempt: self.manager.attempt(),
-            next_retry_in_ms: self
-                .retry_at
-                .map(|(at, _)| at.saturating_duration_since(now).as_millis() as u64),
-            next_retry_at_unix_ms: self.retry_at.map(|(_, wall)| unix_ms(wall)),
-            reconnect_count: self.reconnect_count,
-            last_error: self.last_error.as_ref().map(ErrorSummary::from),
-            connected_since_unix_ms: self.connected_since.map(unix_ms),
-            endpoint: Some(
-                self.conn
-                    .as_ref()
-                    .map(|c| c.endpoint.clone())
-                    .unwrap_or_else(|| self.current_endpoint()),
-            ),
-            session: self.session.clone(),
-            breaker: self.manager.breaker_state(),
-            channels: Vec::new(),
-        }
+        let mut status = self.core.status(Instant::now().into_std());
+        status.next_retry_at_unix_ms = self.retry_timer.as_ref().map(|(_, wall, _)| unix_ms(*wall));
+        status.connected_since_unix_ms = self.connected_since.map(|(_, wall)| unix_ms(wall));
+        status
     }
 }
 
@@ -615,16 +404,16 @@ impl Actor for TransportActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.start_attempt(ctx, TransitionReason::Started);
+        self.run(ctx, Event::Started);
     }
 
-    fn stopped(&mut self, _ctx: &mut Context<Self>) {
-        // Stopped without `close()` (system shutdown): still leave nothing behind.
-        if let Some(addr) = self.conn.take().and_then(|c| c.addr) {
-            addr.do_send(CloseConnection);
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
+        // Whatever stopped us, nothing is left open (no timers to keep in step any more).
+        let now = Instant::now().into_std();
+        self.span.in_scope(|| self.core.handle(now, Event::Stopped));
+        while let Some(action) = self.core.poll_action() {
+            self.perform(ctx, action);
         }
-        metrics::gauge!(telemetry::CONNECTION_STATE, "state" => self.fsm.state().as_str())
-            .decrement(1.0);
     }
 }
 
@@ -632,18 +421,25 @@ impl Handler<WsEvent> for TransportActor {
     type Result = ();
 
     fn handle(&mut self, event: WsEvent, ctx: &mut Context<Self>) {
-        let current = self.conn.as_ref().map(|c| c.id);
+        let current = self.core.conn_id();
         match event {
             WsEvent::Established {
                 conn_id,
                 endpoint,
                 welcome,
                 addr,
-            } if Some(conn_id) == current => {
-                if let Some(conn) = self.conn.as_mut() {
-                    conn.addr = Some(addr);
+            } => {
+                if Some(conn_id) == current {
+                    self.conn = Some((conn_id, addr));
+                    self.prune_channels();
                 }
-                self.on_established(ctx, endpoint, welcome.session, welcome.resumed);
+                let event = Event::Established {
+                    conn_id,
+                    endpoint,
+                    session: welcome.session,
+                    resumed: welcome.resumed,
+                };
+                self.run(ctx, event);
             }
             WsEvent::Inbound { conn_id, frame } if Some(conn_id) == current => match frame {
                 frame if frame.channel().is_some() => {
@@ -655,24 +451,26 @@ impl Handler<WsEvent> for TransportActor {
                         }
                     }
                 }
-                Frame::Error(err) => {
-                    tracing::warn!(parent: &self.span, conn_id, code = %err.code, message = %err.message, "hub reported an error");
-                    if err.code == ErrorCode::ShuttingDown {
-                        self.hub_stopping = err.retry_after_ms;
-                    }
-                    self.last_error = Some(err.into_error());
-                }
+                Frame::Error(error) => self.run(ctx, Event::HubError { conn_id, error }),
                 other => {
                     tracing::debug!(parent: &self.span, conn_id, kind = other.kind(), "frame with no handler");
                 }
             },
+            WsEvent::Inbound { .. } => {
+                tracing::trace!(parent: &self.span, ?event, "stale connection event")
+            }
             WsEvent::Ended {
                 conn_id,
                 error,
                 established,
-            } if Some(conn_id) == current => self.on_ended(ctx, error, established),
-            // Events from a connection that was already replaced or closed.
-            stale => tracing::trace!(parent: &self.span, ?stale, "stale connection event"),
+            } => self.run(
+                ctx,
+                Event::Ended {
+                    conn_id,
+                    error,
+                    established,
+                },
+            ),
         }
     }
 }
@@ -700,27 +498,10 @@ impl Handler<ReconnectNow> for TransportActor {
     type Result = Result<ReconnectOutcome, TransportError>;
 
     fn handle(&mut self, _: ReconnectNow, ctx: &mut Context<Self>) -> Self::Result {
-        match self.fsm.state() {
-            ConnectionState::Closed => Err(TransportError::Closed),
-            ConnectionState::Connected | ConnectionState::Syncing => {
-                Ok(ReconnectOutcome::AlreadyConnected)
-            }
-            ConnectionState::Connecting | ConnectionState::Initialized => {
-                Ok(ReconnectOutcome::AlreadyConnecting)
-            }
-            state @ (ConnectionState::Disconnected
-            | ConnectionState::Suspended
-            | ConnectionState::Failed) => {
-                self.manager
-                    .on_manual_reconnect(Instant::now())
-                    .map_err(|retry_after| TransportError::RateLimited { retry_after })?;
-                if state == ConnectionState::Failed {
-                    self.manager.reset();
-                }
-                self.start_attempt(ctx, TransitionReason::ManualReconnect);
-                Ok(ReconnectOutcome::Started)
-            }
-        }
+        let now = Instant::now().into_std();
+        let outcome = self.span.in_scope(|| self.core.reconnect_now(now));
+        self.perform_all(ctx, now);
+        outcome
     }
 }
 
@@ -728,61 +509,27 @@ impl Handler<Close> for TransportActor {
     type Result = ();
 
     fn handle(&mut self, _: Close, ctx: &mut Context<Self>) {
-        self.cancel_retry(ctx);
-        self.cancel_stability(ctx);
-        if let Some(addr) = self.conn.take().and_then(|c| c.addr) {
-            addr.do_send(CloseConnection);
-        }
-        for (_, link) in self.channels.borrow_mut().drain() {
-            link.do_send(ChannelLink::Closed);
-        }
-        let attempt = self.manager.attempt();
-        self.transition(
-            ConnectionState::Closed,
-            TransitionReason::ClosedByApplication,
-            attempt,
-            None,
-        );
-        ctx.stop();
+        self.run(ctx, Event::Close);
     }
 }
 
 impl Handler<RegisterChannel> for TransportActor {
     type Result = Result<(), TransportError>;
 
-    fn handle(&mut self, msg: RegisterChannel, _ctx: &mut Context<Self>) -> Self::Result {
-        if self.fsm.state() == ConnectionState::Closed {
-            return Err(TransportError::Closed);
-        }
-        if self
+    fn handle(&mut self, msg: RegisterChannel, ctx: &mut Context<Self>) -> Self::Result {
+        let held = self
             .channels
             .borrow()
             .get(&msg.name)
-            .is_some_and(|l| l.connected())
-        {
-            return Err(TransportError::ChannelInUse { channel: msg.name });
-        }
-        // Failed already: the new channel must not queue publishes nobody will send.
-        if self.fsm.state() == ConnectionState::Failed {
-            let error = self.last_error.clone().unwrap_or(TransportError::Closed);
-            msg.link.do_send(ChannelLink::Failed(error));
-        }
-        // Already connected: the new channel attaches at once (it is not part of a resync).
-        if self.fsm.state().is_up() {
-            if let (Some(conn), Some(session)) = (
-                self.conn.as_ref().and_then(|c| c.addr.clone()),
-                self.session.clone(),
-            ) {
-                msg.link.do_send(ChannelLink::Up {
-                    conn,
-                    session,
-                    resumed: false,
-                    generation: self.sync_generation,
-                });
-            }
-        }
+            .is_some_and(|l| l.connected());
+        let result = self
+            .span
+            .in_scope(|| self.core.register_channel(&msg.name, held));
+        result?;
+        // The route goes in first: what the core says to the new channel goes there.
         self.channel_status.insert(msg.name.clone(), msg.status);
         self.channels.borrow_mut().insert(msg.name, msg.link);
+        self.perform_all(ctx, Instant::now().into_std());
         Ok(())
     }
 }
@@ -790,39 +537,24 @@ impl Handler<RegisterChannel> for TransportActor {
 impl Handler<UnregisterChannel> for TransportActor {
     type Result = ();
 
-    fn handle(&mut self, msg: UnregisterChannel, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: UnregisterChannel, ctx: &mut Context<Self>) {
         self.channels.borrow_mut().remove(&msg.name);
         self.channel_status.remove(&msg.name);
-        self.channel_synced(&msg.name);
+        self.run(ctx, Event::ChannelUnregistered(msg.name));
     }
 }
 
 impl Handler<ChannelSynced> for TransportActor {
     type Result = ();
 
-    fn handle(&mut self, msg: ChannelSynced, _ctx: &mut Context<Self>) {
-        if msg.generation == self.sync_generation {
-            self.channel_synced(&msg.name);
-        }
-    }
-}
-
-impl TransportActor {
-    fn channel_synced(&mut self, name: &str) {
-        if !self.syncing.remove(name) || !self.syncing.is_empty() {
-            return;
-        }
-        if self.fsm.state() == ConnectionState::Syncing {
-            let attempt = self.manager.attempt();
-            if self.transition(
-                ConnectionState::Connected,
-                TransitionReason::Resynced,
-                attempt,
-                None,
-            ) {
-                self.finish_recovery();
-            }
-        }
+    fn handle(&mut self, msg: ChannelSynced, ctx: &mut Context<Self>) {
+        self.run(
+            ctx,
+            Event::ChannelSynced {
+                name: msg.name,
+                generation: msg.generation,
+            },
+        );
     }
 }
 
