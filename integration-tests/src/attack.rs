@@ -9,7 +9,7 @@ use actix_codec::{Decoder as _, Encoder as _};
 use actix_http::ws::{Codec, Frame, Message};
 use bytes::BytesMut;
 use tether_channels::{Channel, ChannelEvent, ChannelEvents, ChannelOptions};
-use tether_transport::{ConnectionState, Transport};
+use tether_transport::Transport;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -273,14 +273,8 @@ pub async fn assert_received_in_order(messages: &mut ChannelEvents, n: u64) {
 
 /// A client of `url`, connected.
 pub async fn connected(url: &str) -> (Transport, EventLog) {
-    let (transport, rx) =
-        Transport::start_with_events(fast_client(url.to_owned()).build().expect("config"));
-    let mut events = EventLog::new(rx);
-    events
-        .until_state(ConnectionState::Connected, ATTACK_TIMEOUT)
-        .await
-        .expect("connected");
-    (transport, events)
+    let config = fast_client(url.to_owned()).build().expect("config");
+    crate::harness::connected_with(config, ATTACK_TIMEOUT).await
 }
 
 /// The process's peak resident memory, in bytes, since the last [`reset_peak_rss`] (Linux).

@@ -86,6 +86,18 @@ pub fn fast_client(url: impl Into<String>) -> TransportConfigBuilder {
         .seed(42)
 }
 
+/// Starts a transport with `config` and waits up to `timeout` until it is connected; the
+/// transport and its transitions so far.
+pub async fn connected_with(config: TransportConfig, timeout: Duration) -> (Transport, EventLog) {
+    let (transport, rx) = Transport::start_with_events(config);
+    let mut events = EventLog::new(rx);
+    events
+        .until_state(ConnectionState::Connected, timeout)
+        .await
+        .expect("connected");
+    (transport, events)
+}
+
 /// Every event a transport (or channel) published, and a way to wait for the next ones.
 ///
 /// Tests check complete paths, so a lag notice (the receiver fell behind its capacity) is an

@@ -10,8 +10,8 @@ use tether_channels::hub::{ChannelService, Retention};
 use tether_channels::{ChannelEvents, ChannelOptions};
 use tether_integration_tests::attack::assert_received_in_order;
 use tether_integration_tests::harness::{
-    fast_client, free_addr, init_tracing, open_attached, redis_channel_service, test_hub_config,
-    ws_url, EventLog,
+    connected_with, fast_client, free_addr, init_tracing, open_attached, redis_channel_service,
+    test_hub_config, ws_url, EventLog,
 };
 use tether_integration_tests::{RedisServer, TestCert};
 use tether_transport::hub::{Hub, HubHandle};
@@ -88,13 +88,7 @@ async fn client(url: &str, client_id: &str) -> (Transport, EventLog) {
         .max_attempts(None)
         .build()
         .expect("config");
-    let (transport, rx) = Transport::start_with_events(config);
-    let mut events = EventLog::new(rx);
-    events
-        .until_state(ConnectionState::Connected, T)
-        .await
-        .expect("connected");
-    (transport, events)
+    connected_with(config, T).await
 }
 
 async fn subscribed(transport: &Transport, name: &str) -> ChannelEvents {
@@ -518,11 +512,7 @@ async fn tls_nodes_ask_each_other_over_https_trusting_the_peer_ca() {
         .client_id("on-b")
         .build()
         .unwrap();
-    let (on_b, rx) = Transport::start_with_events(config);
-    EventLog::new(rx)
-        .until_state(ConnectionState::Connected, T)
-        .await
-        .expect("connected over wss");
+    let (on_b, _) = connected_with(config, T).await;
 
     let trust = cert
         .trust(TransportConfig::builder(a.ws_url()))
@@ -579,11 +569,7 @@ async fn a_client_bound_to_a_local_address_connects_from_it() {
         .local_address([127, 0, 0, 2].into())
         .build()
         .unwrap();
-    let (sourced, rx) = Transport::start_with_events(config);
-    EventLog::new(rx)
-        .until_state(ConnectionState::Connected, T)
-        .await
-        .expect("connected from 127.0.0.2");
+    let (sourced, _) = connected_with(config, T).await;
     let (status, detail) = get(hub.local_addr(), "/sessions/sourced").await;
     assert_eq!(status, 200, "{detail}");
     let peer = detail["sessions"][0]["connection"]["peer_addr"]

@@ -10,7 +10,8 @@ use std::time::Duration;
 use tether_channels::durable::DurableStore;
 use tether_channels::hub::Retention;
 use tether_channels::{
-    BufferLimits, Channel, ChannelError, ChannelEvent, ChannelOptions, DurableFailure,
+    BufferLimits, Channel, ChannelError, ChannelEvent, ChannelEvents, ChannelOptions,
+    DurableFailure,
 };
 use tether_integration_tests::harness::{
     collect_messages, fast_client, free_addr, init_tracing, open_attached, start_channel_hub,
@@ -149,28 +150,7 @@ async fn a_durable_publisher_killed_mid_stream_delivers_every_accepted_message_e
 
     // A marker published after the last run's last ack: whatever the hub stored before it
     // (duplicates included) reaches the subscriber before it.
-    reader
-        .publish(&serde_json::json!({ "marker": true }))
-        .await
-        .expect("marker acknowledged");
-    let mut numbers = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(event) = events.recv().await {
-            match event {
-                ChannelEvent::Message(m) => {
-                    let value: serde_json::Value = serde_json::from_str(m.payload.json()).unwrap();
-                    if value.get("marker").is_some() {
-                        return;
-                    }
-                    numbers.push(value["n"].as_u64().expect("numbered message"));
-                }
-                ChannelEvent::Discontinuity(d) => panic!("discontinuity {d:?}"),
-            }
-        }
-        panic!("subscriber stream ended");
-    })
-    .await
-    .expect("marker delivered");
+    let numbers = numbers_until_marker(&reader, &mut events).await;
     let expected: Vec<u64> = (1..=COUNT).collect();
     assert_eq!(numbers.len(), expected.len(), "messages received");
     assert_eq!(numbers, expected, "every message exactly once, in order");
@@ -358,6 +338,17 @@ async fn a_durable_client_closed_gracefully_is_continued_by_a_new_instance_exact
     }
 
     // Everything before the marker, exactly once and in order.
+    let numbers = numbers_until_marker(&reader, &mut events).await;
+    let expected: Vec<u64> = (1..=N).collect();
+    assert_eq!(numbers, expected, "every message exactly once, in order");
+    transport.close().await;
+    subscriber.close().await;
+    hub.stop().await;
+}
+
+/// Publishes a marker on `reader`'s channel and returns the `n` of every message `events`
+/// brings before it (whatever the hub stored before the marker, duplicates included).
+async fn numbers_until_marker(reader: &Channel, events: &mut ChannelEvents) -> Vec<u64> {
     reader
         .publish(&serde_json::json!({ "marker": true }))
         .await
@@ -380,9 +371,5 @@ async fn a_durable_client_closed_gracefully_is_continued_by_a_new_instance_exact
     })
     .await
     .expect("marker delivered");
-    let expected: Vec<u64> = (1..=N).collect();
-    assert_eq!(numbers, expected, "every message exactly once, in order");
-    transport.close().await;
-    subscriber.close().await;
-    hub.stop().await;
+    numbers
 }

@@ -14,7 +14,7 @@ use tether_integration_tests::harness::{
     EventLog,
 };
 use tether_transport::protocol::{v2, Attach, ErrorCode, Frame, Offset, Payload};
-use tether_transport::{ConnectionState, Transport};
+use tether_transport::Transport;
 
 const T: Duration = Duration::from_secs(10);
 
@@ -23,13 +23,7 @@ async fn client(url: &str, version: u16) -> (Transport, EventLog) {
         .protocol_version(version)
         .build()
         .expect("config");
-    let (transport, rx) = Transport::start_with_events(config);
-    let mut events = EventLog::new(rx);
-    events
-        .until_state(ConnectionState::Connected, T)
-        .await
-        .expect("connected");
-    (transport, events)
+    tether_integration_tests::harness::connected_with(config, T).await
 }
 
 /// `(offset, value)` of every message in `events`.
