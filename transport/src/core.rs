@@ -703,6 +703,8 @@ impl ConnectionCore {
 
     fn on_ended(&mut self, now: Instant, error: TransportError, established: bool) {
         self.conn = None;
+        // The hub's stop window was for this connection only, whatever ended it.
+        let stopping = self.hub_stopping.take();
         if matches!(
             error,
             TransportError::ConnectionClosed {
@@ -745,7 +747,6 @@ impl ConnectionCore {
             return;
         }
         let at = tokio_instant(now);
-        let stopping = self.hub_stopping.take();
         let (step, reason) = if let (true, Some(window)) = (established, stopping) {
             // A graceful stop: come back when the hub said, not all at once.
             self.failover_left = self.endpoints.len().saturating_sub(1);
@@ -778,6 +779,7 @@ impl ConnectionCore {
     fn on_close(&mut self, now: Instant) {
         self.retry = None;
         self.stability = None;
+        self.connected_at = None;
         if self.conn.take().is_some() {
             self.actions.push_back(Action::CloseConnection);
         }
@@ -1324,6 +1326,17 @@ mod tests {
     }
 
     #[test]
+    fn close_while_connected_leaves_no_connected_since() {
+        let mut h = Harness::new(&config(|b| b));
+        h.feed(Event::Started);
+        h.establish("s1");
+        assert_eq!(h.core.connected_at(), Some(h.now));
+        h.feed(Event::Close);
+        assert_eq!(h.core.state(), ConnectionState::Closed);
+        assert_eq!(h.core.connected_at(), None, "not up any more");
+    }
+
+    #[test]
     fn close_while_waiting_cancels_the_retry() {
         let mut h = Harness::new(&config(|b| b));
         h.feed(Event::Started);
@@ -1398,6 +1411,36 @@ mod tests {
         h.fire_retry();
         h.establish("s2");
         h.fire_stability();
+        assert!(retry_in(&h.lose(lost())) <= crate::reconnect::DEFAULT_FAST_RETRY_SPREAD);
+    }
+
+    #[test]
+    fn a_stop_window_does_not_outlive_a_connection_that_ends_permanently() {
+        let mut h = Harness::new(&config(|b| b));
+        h.feed(Event::Started);
+        h.establish("s1");
+        let conn_id = h.core.conn_id().unwrap();
+        let mut frame = ErrorFrame::from_error(&TransportError::ConnectionClosed {
+            code: None,
+            reason: "stopping".into(),
+        });
+        frame.code = ErrorCode::ShuttingDown;
+        frame.retry_after_ms = Some(RetryWindow::new(
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+        ));
+        h.feed(Event::HubError {
+            conn_id,
+            error: frame,
+        });
+        h.lose(TransportError::AuthRejected {
+            message: "revoked".into(),
+        });
+        assert_eq!(h.core.state(), ConnectionState::Failed);
+        assert_eq!(h.core.reconnect_now(h.now), Ok(ReconnectOutcome::Started));
+        h.establish("s2");
+        h.fire_stability();
+        // The next connection's loss is an ordinary one: the fast retry, not the old window.
         assert!(retry_in(&h.lose(lost())) <= crate::reconnect::DEFAULT_FAST_RETRY_SPREAD);
     }
 
