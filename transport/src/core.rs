@@ -777,6 +777,10 @@ impl ConnectionCore {
     }
 
     fn on_close(&mut self, now: Instant) {
+        if self.state() == ConnectionState::Closed {
+            // Closing twice is closing once: nothing more to tell anybody.
+            return;
+        }
         self.retry = None;
         self.stability = None;
         self.connected_at = None;
@@ -1334,6 +1338,16 @@ mod tests {
         h.feed(Event::Close);
         assert_eq!(h.core.state(), ConnectionState::Closed);
         assert_eq!(h.core.connected_at(), None, "not up any more");
+    }
+
+    #[test]
+    fn a_second_close_changes_nothing_and_says_nothing() {
+        let mut h = Harness::new(&config(|b| b));
+        h.feed(Event::Started);
+        h.establish("s1");
+        assert!(!h.feed(Event::Close).is_empty());
+        assert!(h.feed(Event::Close).is_empty(), "no second transition");
+        assert_eq!(h.core.state(), ConnectionState::Closed);
     }
 
     #[test]
