@@ -431,11 +431,56 @@ async fn every_node_of_a_redis_cluster_answers_for_all_of_them() {
         serde_json::json!(["node-a", "node-b"])
     );
 
+    // Whoever can write to Redis cannot collect admin tokens by announcing a node: an entry
+    // without this cluster's proof is named and never asked.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 60_000;
+    let forged = format!(
+        "HSET tether:admin:nodes evil \"{expires} 00 http://{}\"",
+        trap.local_addr().unwrap()
+    );
+    redis
+        .command(&forged)
+        .expect("a forged announcement written");
+    let (status, page) = get(a.local_addr(), "/sessions").await;
+    assert_eq!(status, 200, "{page}");
+    let evil = page["unreachable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["node"] == "evil")
+        .unwrap_or_else(|| panic!("the forged node is named: {page}"));
+    assert!(
+        evil["error"].as_str().unwrap().contains("not signed"),
+        "{evil}"
+    );
+    assert!(
+        matches!(trap.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the forged node's address was never contacted"
+    );
+    assert_eq!(
+        page["nodes"],
+        serde_json::json!(["node-a", "node-b"]),
+        "{page}"
+    );
+
     // A node that crashed is named, not silently left out, until its entry expires.
     b.kill().await;
     let (status, page) = get(a.local_addr(), "/sessions").await;
     assert_eq!(status, 200);
-    assert_eq!(page["unreachable"][0]["node"], "node-b", "{page}");
+    assert!(
+        page["unreachable"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["node"] == "node-b"),
+        "{page}"
+    );
     assert_eq!(page["nodes"], serde_json::json!(["node-a"]));
     drop(publisher);
     a.stop().await;

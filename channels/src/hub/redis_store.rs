@@ -12,7 +12,7 @@
 //! | `{prefix}:{len}:{channel}:p:{producer}` | hash | dedupe state of one producer: `h` (highest seq), `e` (epoch), and `{seq}` → offset for the last `window` seqs; expires after the producer TTL. `{producer}` is the identity, client id, instance and handle, each as `{byte length}:{bytes}` (e.g. `5:alice3:c-12:i10:`), so no identity or id can forge another producer's key |
 //! | `{prefix}:{len}:{channel}:f:{token}` | string | the last append number of one writer's pipelined appends ([`Fence`]); expires after 10 minutes |
 //! | `{prefix}:n:{channel}` | pub/sub channel | `{epoch} {head}` after every append that stored something |
-//! | `{prefix}:admin:nodes` | hash | the hub nodes using this store, for the admin API: node id → `"{expires, Unix ms} {admin URL}"`, renewed every 5 s |
+//! | `{prefix}:admin:nodes` | hash | the hub nodes using this store, for the admin API: node id → `"{expires, Unix ms} {proof} {admin URL}"` (an HMAC under the admin token), renewed every 5 s |
 //!
 //! **Nothing is kept for ever.** The stream, index and meta keys of a channel expire together,
 //! the key TTL after the channel was last appended to or read (attaches, resumes, catch-ups and
@@ -798,8 +798,8 @@ async fn invoke(
 }
 
 /// The hub nodes sharing one Redis, for the admin API: one hash, `{prefix}:admin:nodes`,
-/// node id → `"{expires, Unix ms} {admin URL}"`. Entries past their expiry are ignored, and
-/// removed a minute after it.
+/// node id → `"{expires, Unix ms} {proof} {admin URL}"` (the proof: see `PeerNode::proof`).
+/// Entries past their expiry are ignored, and removed a minute after it.
 struct RedisPeers {
     manager: ConnectionManager,
     handle: tokio::runtime::Handle,
@@ -844,7 +844,7 @@ impl tether_transport::hub::AdminPeers for RedisPeers {
         let mut cmd = redis::cmd("HSET");
         cmd.arg(&self.key)
             .arg(&node.node_id)
-            .arg(format!("{expires} {}", node.url));
+            .arg(format!("{expires} {} {}", node.proof, node.url));
         let done = self.run::<i64>(cmd);
         Box::pin(async move { done.await.map(drop) })
     }
@@ -859,17 +859,20 @@ impl tether_transport::hub::AdminPeers for RedisPeers {
             let mut live = Vec::new();
             let mut stale = Vec::new();
             for (node_id, value) in all.await? {
-                let parsed = value
-                    .split_once(' ')
-                    .and_then(|(at, url)| Some((at.parse::<u64>().ok()?, url)));
+                let parsed = value.splitn(3, ' ').collect::<Vec<_>>();
+                let parsed = match parsed[..] {
+                    [at, proof, url] => at.parse::<u64>().ok().map(|at| (at, proof, url)),
+                    _ => None,
+                };
                 match parsed {
-                    Some((expires, url)) if expires > now => {
+                    Some((expires, proof, url)) if expires > now => {
                         live.push(tether_transport::hub::PeerNode {
                             node_id,
                             url: url.to_owned(),
+                            proof: proof.to_owned(),
                         })
                     }
-                    Some((expires, _))
+                    Some((expires, _, _))
                         if now.saturating_sub(expires) < PEER_SWEEP_AFTER.as_millis() as u64 => {}
                     _ => stale.push(node_id),
                 }

@@ -82,6 +82,31 @@ impl AdminToken {
         })
     }
 
+    /// The proof of a peer announcement of `node_id` at `url` (see [`PeerNode::proof`]).
+    pub fn sign(&self, node_id: &str, url: &str) -> String {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.digest);
+        let tag = ring::hmac::sign(&key, Self::announcement(node_id, url).as_bytes());
+        hex(tag.as_ref())
+    }
+
+    /// Whether `node`'s proof was made with this token.
+    pub fn verifies(&self, node: &PeerNode) -> bool {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.digest);
+        match unhex(&node.proof) {
+            Some(tag) => ring::hmac::verify(
+                &key,
+                Self::announcement(&node.node_id, &node.url).as_bytes(),
+                &tag,
+            )
+            .is_ok(),
+            None => false,
+        }
+    }
+
+    fn announcement(node_id: &str, url: &str) -> String {
+        format!("tether-admin-peer\n{node_id}\n{url}")
+    }
+
     /// Whether `presented` is the token (constant time in its content).
     pub fn matches(&self, presented: &str) -> bool {
         use subtle::ConstantTimeEq as _;
@@ -103,6 +128,12 @@ pub struct PeerNode {
     pub node_id: String,
     /// Where its admin API answers (`http://host:port` or `https://…`, no path).
     pub url: String,
+    /// HMAC-SHA256 (hex) of the node id and URL under the cluster's admin token
+    /// ([`AdminToken::sign`]): a node sends its caller's token only to peers whose
+    /// announcement verifies, so whoever can write to the store cannot collect tokens by
+    /// announcing a node of their own.
+    #[serde(default)]
+    pub proof: String,
 }
 
 /// Where the hub nodes that share a store find each other (implemented by the Redis store).
@@ -581,6 +612,19 @@ async fn gather<T: DeserializeOwned>(
             Vec::new()
         }
     };
+    // Only peers whose announcement carries this cluster's proof are sent the token.
+    let (peers, forged): (Vec<PeerNode>, Vec<PeerNode>) = match &state.config.admin_token {
+        Some(token) => peers.into_iter().partition(|p| token.verifies(p)),
+        None => (Vec::new(), peers),
+    };
+    for node in forged {
+        metrics::counter!(telemetry::HUB_ADMIN_PEER_ERRORS).increment(1);
+        tracing::warn!(peer = %node.node_id, url = %node.url, "admin peer announcement not signed with this cluster's admin token; not asked");
+        unreachable.push(Unreachable {
+            node: node.node_id,
+            error: "its announcement is not signed with this node's admin token (a different token, or not a node of this cluster): not asked".into(),
+        });
+    }
     if peers.is_empty() {
         return (parts, nodes, unreachable);
     }
@@ -1034,6 +1078,27 @@ mod tests {
         assert!(!token.matches("0123456789abcde"));
         assert!(!token.matches(""));
         assert_eq!(format!("{token:?}"), "AdminToken(..)");
+    }
+
+    #[test]
+    fn peer_announcements_verify_only_under_the_same_token() {
+        let token = AdminToken::new("0123456789abcdef").unwrap();
+        let other = AdminToken::new("0123456789abcdeF").unwrap();
+        let node = |url: &str, proof: String| PeerNode {
+            node_id: "a".into(),
+            url: url.into(),
+            proof,
+        };
+        let signed = node(
+            "http://10.0.0.1:8080",
+            token.sign("a", "http://10.0.0.1:8080"),
+        );
+        assert!(token.verifies(&signed));
+        assert!(!other.verifies(&signed));
+        // The same proof for another URL (an attacker's) does not verify.
+        assert!(!token.verifies(&node("http://evil.test", signed.proof.clone())));
+        assert!(!token.verifies(&node("http://10.0.0.1:8080", String::new())));
+        assert!(!token.verifies(&node("http://10.0.0.1:8080", "zz".into())));
     }
 
     #[test]

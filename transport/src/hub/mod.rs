@@ -648,9 +648,15 @@ impl Hub {
                     .advertise_url
                     .clone()
                     .unwrap_or_else(|| format!("{scheme}://{addr}"));
+                let proof = config
+                    .admin_token
+                    .as_ref()
+                    .map(|t| t.sign(&config.node_id, &url))
+                    .unwrap_or_default();
                 let node = admin::PeerNode {
                     node_id: config.node_id.clone(),
                     url,
+                    proof,
                 };
                 Some((admin::announce(directory.clone(), node), directory))
             }
