@@ -863,23 +863,23 @@ mod tests {
             self.now += by;
         }
 
-        /// Moves the clock to the retry deadline and fires it.
-        fn fire_retry(&mut self) -> Vec<Action> {
+        /// Moves the clock to `timer`'s deadline and fires it.
+        fn fire(&mut self, timer: Timer) -> Vec<Action> {
             let at = self
                 .core
-                .deadline(Timer::Retry)
-                .expect("a retry is scheduled");
+                .deadline(timer)
+                .unwrap_or_else(|| panic!("{timer:?} is scheduled"));
             self.now = self.now.max(at);
-            self.feed(Event::Timeout(Timer::Retry))
+            self.feed(Event::Timeout(timer))
+        }
+
+        /// Moves the clock to the retry deadline and fires it.
+        fn fire_retry(&mut self) -> Vec<Action> {
+            self.fire(Timer::Retry)
         }
 
         fn fire_stability(&mut self) -> Vec<Action> {
-            let at = self
-                .core
-                .deadline(Timer::Stability)
-                .expect("a stability check is scheduled");
-            self.now = self.now.max(at);
-            self.feed(Event::Timeout(Timer::Stability))
+            self.fire(Timer::Stability)
         }
 
         fn fail(&mut self) -> Vec<Action> {
