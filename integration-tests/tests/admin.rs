@@ -11,7 +11,7 @@ use tether_channels::{ChannelEvents, ChannelOptions};
 use tether_integration_tests::attack::assert_received_in_order;
 use tether_integration_tests::harness::{
     connected_with, fast_client, free_addr, init_tracing, open_attached, redis_channel_service,
-    test_hub_config, ws_url, EventLog,
+    test_hub_config, wait_for_connections, ws_url, EventLog,
 };
 use tether_integration_tests::{RedisServer, TestCert};
 use tether_transport::hub::{Hub, HubHandle};
@@ -217,11 +217,13 @@ async fn sessions_are_paged_and_described_with_their_channels() {
 
     // A client that left is disconnected, resumable, and says since when.
     let leaving = clients.remove(0); // c-3
+    let before = hub.connection_count();
     leaving.close().await;
-    let detached = wait_for(addr, "/sessions/c-3", |d| {
-        d["sessions"][0]["state"] == "disconnected"
-    })
-    .await;
+    // The session is detached before the hub counts its connection closed.
+    wait_for_connections(&hub, before - 1, T).await.unwrap();
+    let (status, detached) = get(addr, "/sessions/c-3").await;
+    assert_eq!(status, 200, "{detached}");
+    assert_eq!(detached["sessions"][0]["state"], "disconnected");
     assert!(
         detached["sessions"][0]["disconnected_since_unix_ms"]
             .as_u64()
@@ -232,19 +234,14 @@ async fn sessions_are_paged_and_described_with_their_channels() {
     hub.stop().await;
 }
 
-/// Asks `path` until `done` holds for the answer (within [`T`]); the answer.
-async fn wait_for(addr: SocketAddr, path: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let (status, body) = get(addr, path).await;
-        if status == 200 && done(&body) {
-            return body;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{path} never got there: {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// Waits until every one of `hubs` has announced itself to its peers (within [`T`]).
+async fn announced(hubs: &[&HubHandle]) {
+    for hub in hubs {
+        let mut watch = hub.watch_admin_announced();
+        tokio::time::timeout(T, watch.wait_for(|done| *done))
+            .await
+            .expect("announced within the timeout")
+            .expect("the hub is running");
     }
 }
 
@@ -283,10 +280,11 @@ async fn a_disconnected_client_comes_back_and_loses_nothing() {
     publishing.await.unwrap();
     assert_received_in_order(&mut feed, 300).await;
 
-    let detail = wait_for(addr, "/sessions/sub", |d| {
-        d["sessions"][0]["state"] == "connected" && d["sessions"][0]["reconnects"] == 2
-    })
-    .await;
+    // The session was resumed (and counted) before its welcome reached the client.
+    let (status, detail) = get(addr, "/sessions/sub").await;
+    assert_eq!(status, 200, "{detail}");
+    assert_eq!(detail["sessions"][0]["state"], "connected");
+    assert_eq!(detail["sessions"][0]["reconnects"], 2);
     assert_eq!(
         detail["sessions"].as_array().unwrap().len(),
         1,
@@ -377,11 +375,11 @@ async fn every_node_of_a_redis_cluster_answers_for_all_of_them() {
     let mut feed_b = subscribed(&on_b, "shared").await;
 
     // Each node finds the other through Redis.
+    announced(&[&a, &b]).await;
     for node in [a.local_addr(), b.local_addr()] {
-        let page = wait_for(node, "/sessions", |p| {
-            p["nodes"].as_array().unwrap().len() == 2
-        })
-        .await;
+        let (status, page) = get(node, "/sessions").await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["nodes"], serde_json::json!(["node-a", "node-b"]));
         assert_eq!(names(&page, "sessions", "client_id"), ["on-a", "on-b"]);
         assert_eq!(names(&page, "sessions", "node"), ["node-a", "node-b"]);
         assert_eq!(page["unreachable"], serde_json::json!([]));
@@ -416,16 +414,14 @@ async fn every_node_of_a_redis_cluster_answers_for_all_of_them() {
     assert_received_in_order(&mut feed_a, 5).await;
     assert_received_in_order(&mut feed_b, 5).await;
 
-    let channel = wait_for(b.local_addr(), "/channels/shared", |c| {
-        c["subscribers"].as_array().unwrap().len() == 2
-    })
-    .await;
+    // Both feeds had every message: both subscribers are attached on their nodes.
+    let (status, channel) = get(b.local_addr(), "/channels/shared").await;
+    assert_eq!(status, 200, "{channel}");
+    assert_eq!(channel["subscribers"].as_array().unwrap().len(), 2);
     assert_eq!(channel["head"], 5);
     assert_eq!(names(&channel, "subscribers", "node"), ["node-a", "node-b"]);
-    let list = wait_for(b.local_addr(), "/channels", |l| {
-        l["channels"][0]["subscribers"] == 2
-    })
-    .await;
+    let (_, list) = get(b.local_addr(), "/channels").await;
+    assert_eq!(list["channels"][0]["subscribers"], 2, "{list}");
     assert_eq!(
         list["channels"][0]["nodes"],
         serde_json::json!(["node-a", "node-b"])
@@ -572,33 +568,19 @@ async fn tls_nodes_ask_each_other_over_https_trusting_the_peer_ca() {
         .timeout(T)
         .finish();
     let ask = |hub: &HubHandle, path: &str| format!("https://{}{path}", hub.local_addr());
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let (status, _, page) = request(&https, ask(&a, "/sessions"), false, Some(TOKEN)).await;
-        assert_eq!(status, 200, "{page}");
-        if page["nodes"].as_array().unwrap().len() == 2 {
-            assert_eq!(names(&page, "sessions", "client_id"), ["on-b"]);
-            assert_eq!(page["unreachable"], serde_json::json!([]));
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{page}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    announced(&[&a, &b]).await;
+    let (status, _, page) = request(&https, ask(&a, "/sessions"), false, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["nodes"], serde_json::json!(["tls-a", "tls-b"]));
+    assert_eq!(names(&page, "sessions", "client_id"), ["on-b"]);
+    assert_eq!(page["unreachable"], serde_json::json!([]));
 
     // A node that does not trust its peers' CA says so rather than answering for itself only.
     let c = tls_node("tls-c", false);
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let (status, _, page) = request(&https, ask(&c, "/sessions"), false, Some(TOKEN)).await;
-        assert_eq!(status, 200, "{page}");
-        let unreachable = page["unreachable"].as_array().unwrap().len();
-        if unreachable == 2 {
-            assert_eq!(page["nodes"], serde_json::json!(["tls-c"]));
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{page}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (status, _, page) = request(&https, ask(&c, "/sessions"), false, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["unreachable"].as_array().unwrap().len(), 2, "{page}");
+    assert_eq!(page["nodes"], serde_json::json!(["tls-c"]));
     drop(on_b);
     for hub in [a, b, c] {
         hub.stop().await;

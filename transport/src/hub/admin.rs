@@ -1039,15 +1039,18 @@ async fn channel_route(
 }
 
 /// Announces this node to its peers every [`ANNOUNCE_INTERVAL`] until dropped.
+/// `announced` turns `true` once an announcement was stored.
 pub(crate) fn announce(
     directory: Arc<dyn AdminPeers>,
     node: PeerNode,
+    announced: tokio::sync::watch::Sender<bool>,
 ) -> actix_rt::task::JoinHandle<()> {
     actix_rt::spawn(async move {
         let mut failing = false;
         loop {
             match directory.announce(node.clone(), PEER_TTL).await {
                 Ok(()) => {
+                    announced.send_replace(true);
                     if std::mem::take(&mut failing) {
                         tracing::info!(node = %node.node_id, "announcing to the admin peers again");
                     }

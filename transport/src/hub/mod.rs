@@ -522,6 +522,9 @@ pub struct HubState {
     pub sessions: Mutex<SessionTable<actix::Addr<HubSession>>>,
     /// Every open connection's session actor, to tell them the hub is stopping.
     live: Mutex<HashMap<u64, Recipient<ShutDown>>>,
+    /// Whether this node's admin announcement reached its peer directory (see
+    /// [`HubHandle::watch_admin_announced`]).
+    admin_announced: tokio::sync::watch::Sender<bool>,
     prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
@@ -530,6 +533,7 @@ impl HubState {
         HubState {
             sessions: Mutex::new(SessionTable::new(config.session_ttl)),
             live: Mutex::new(HashMap::new()),
+            admin_announced: tokio::sync::watch::Sender::new(false),
             config,
             started_at: Instant::now(),
             connections: AtomicUsize::new(0),
@@ -658,7 +662,11 @@ impl Hub {
                     url,
                     proof,
                 };
-                Some((admin::announce(directory.clone(), node), directory))
+                let announced = state.admin_announced.clone();
+                Some((
+                    admin::announce(directory.clone(), node, announced),
+                    directory,
+                ))
             }
             _ => None,
         };
@@ -855,6 +863,14 @@ impl HubHandle {
     /// a count instead of polling).
     pub fn watch_connections(&self) -> tokio::sync::watch::Receiver<usize> {
         self.state.connections_watch.subscribe()
+    }
+
+    /// Watches whether this node's admin API has announced itself to the nodes sharing its
+    /// store (`true` once the first announcement was stored; stays `false` without an admin
+    /// token or a peer directory). For tests and readiness checks that wait for a cluster to
+    /// see a node instead of polling.
+    pub fn watch_admin_announced(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.state.admin_announced.subscribe()
     }
 
     /// The shared state (sessions, counters).
