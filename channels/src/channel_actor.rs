@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use serde::Serialize;
-use tether_transport::protocol::{v2, Frame, Offset, Payload};
+use tether_transport::protocol::{v2, Frame, Payload};
 use tether_transport::status::ChannelSummary;
 use tether_transport::transport_actor::{ChannelLink, QueryChannel};
 use tether_transport::ws_actor::{
@@ -423,18 +423,14 @@ impl Handler<ChannelLink> for ChannelActor {
             },
             ChannelLink::InboundRun(record) => {
                 match record {
-                    v2::Record::Message(run) => {
-                        let (channel, epoch) = (run.channel, run.epoch);
-                        for (offset, payload) in (run.first_offset.0..).zip(run.payloads) {
-                            let message = tether_transport::protocol::Message {
-                                channel: channel.clone(),
-                                epoch: epoch.clone(),
-                                offset: Offset(offset),
-                                payload,
-                            };
-                            self.run(ctx, Event::Message(message));
-                        }
-                    }
+                    v2::Record::Message(run) => self.run(
+                        ctx,
+                        Event::Messages {
+                            epoch: run.epoch,
+                            first_offset: run.first_offset,
+                            payloads: run.payloads,
+                        },
+                    ),
                     v2::Record::Ack(run) => {
                         let (epoch, first_offset) =
                             run.stored.map_or((None, None), |(e, o)| (Some(e), Some(o)));

@@ -63,6 +63,7 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tether_transport::protocol::v2::{self, PublishRun};
@@ -94,8 +95,8 @@ pub const MAX_RUN_LEN: usize = 4096;
 /// One message delivered to a subscriber.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChannelMessage {
-    /// The channel.
-    pub channel: String,
+    /// The channel (shared by all of its messages).
+    pub channel: Arc<str>,
     /// The channel epoch it belongs to.
     pub epoch: Epoch,
     /// Its offset in that epoch.
@@ -206,6 +207,16 @@ pub enum Event<R> {
     Attached(Attached),
     /// A `message` frame.
     Message(Message),
+    /// A run of consecutive messages (a v2 message run), taken as one event: each is handled
+    /// as its own `message` frame would be, in offset order.
+    Messages {
+        /// Their epoch.
+        epoch: Epoch,
+        /// The first one's offset; the others follow it by one.
+        first_offset: Offset,
+        /// The payloads, in offset order.
+        payloads: Vec<Payload>,
+    },
     /// The hub acknowledged one publish.
     Ack(PublishAck),
     /// The hub acknowledged `count` consecutive publishes from `first_seq`, stored at
@@ -339,6 +350,8 @@ enum Link {
 #[derive(Debug)]
 pub struct ChannelCore<R> {
     name: String,
+    /// The name again, shared by every delivered message.
+    shared_name: Arc<str>,
     producer: String,
     /// Publishes go through a store first ([`Action::Persist`]).
     durable: bool,
@@ -382,8 +395,10 @@ impl<R> ChannelCore<R> {
         producer: impl Into<String>,
         options: &ChannelOptions,
     ) -> Self {
+        let name: String = name.into();
         ChannelCore {
-            name: name.into(),
+            shared_name: name.as_str().into(),
+            name,
             producer: producer.into(),
             durable: false,
             subscribe: options.subscribe,
@@ -554,7 +569,18 @@ impl<R> ChannelCore<R> {
             Event::TransportRetrying => self.transport_failure = None,
             Event::TransportClosed => self.on_closed(),
             Event::Attached(attached) => self.on_attached(attached),
-            Event::Message(message) => self.on_message(message),
+            Event::Message(message) => {
+                self.on_message(&message.epoch, message.offset, message.payload)
+            }
+            Event::Messages {
+                epoch,
+                first_offset,
+                payloads,
+            } => {
+                for (offset, payload) in (first_offset.0..).zip(payloads) {
+                    self.on_message(&epoch, Offset(offset), payload);
+                }
+            }
             Event::Ack(ack) => {
                 self.ack(now, ack);
                 self.flush();
@@ -965,7 +991,7 @@ impl<R> ChannelCore<R> {
         }
     }
 
-    fn on_message(&mut self, message: Message) {
+    fn on_message(&mut self, epoch: &Epoch, offset: Offset, payload: Payload) {
         if self.state != ChannelState::Attached || !self.subscribe {
             return;
         }
@@ -974,8 +1000,7 @@ impl<R> ChannelCore<R> {
             replay.remaining -= 1;
             // Fewer replay frames may come than announced (history was trimmed while they were
             // read; the jump is reported as a gap): a message past the end ends the replay.
-            let past_the_end =
-                message.epoch != replay.end.epoch || message.offset >= replay.end.offset;
+            let past_the_end = *epoch != replay.end.epoch || offset >= replay.end.offset;
             if replay.remaining == 0 || past_the_end {
                 self.replay = None;
             }
@@ -983,19 +1008,19 @@ impl<R> ChannelCore<R> {
         if self.lagging {
             metrics::counter!(telemetry::LAG_SKIPPED).increment(1);
         } else {
-            self.deliver(message);
+            self.deliver(epoch, offset, payload);
         }
         if during_replay && self.replay.is_none() {
             self.synced();
         }
     }
 
-    fn deliver(&mut self, message: Message) {
+    fn deliver(&mut self, epoch: &Epoch, offset: Offset, payload: Payload) {
         match self.room {
             SubscriberRoom::Gone => {
                 // Nobody listens any more; keep the cursor moving so a resume does not replay
                 // what nobody wanted.
-                self.cursor.accept(&message.epoch, message.offset);
+                self.cursor.accept(epoch, offset);
                 return;
             }
             // The subscriber is behind: stop delivering (the cursor stays put) and catch up
@@ -1011,7 +1036,7 @@ impl<R> ChannelCore<R> {
         }
         // A pending gap goes out first.
         self.flush_gap();
-        match self.cursor.accept(&message.epoch, message.offset) {
+        match self.cursor.accept(epoch, offset) {
             Verdict::Duplicate => {
                 metrics::counter!(telemetry::DUPLICATES_DROPPED, "side" => "client").increment(1);
                 return;
@@ -1021,10 +1046,10 @@ impl<R> ChannelCore<R> {
         }
         self.meters.delivered.increment(1);
         self.emit(ChannelEvent::Message(ChannelMessage {
-            channel: message.channel,
-            epoch: message.epoch,
-            offset: message.offset,
-            payload: message.payload,
+            channel: self.shared_name.clone(),
+            epoch: epoch.clone(),
+            offset,
+            payload,
         }));
     }
 

@@ -80,17 +80,15 @@ impl ResumeCursor {
 
     /// Judges a message at `(epoch, offset)`, advancing the cursor when it is delivered.
     pub fn accept(&mut self, epoch: &Epoch, offset: Offset) -> Verdict {
-        let here = Position {
-            epoch: epoch.clone(),
-            offset,
-        };
-        let verdict = match &self.position {
+        let verdict = match &mut self.position {
             None => Verdict::Deliver,
             Some(mine) if mine.epoch == *epoch => {
                 if offset <= mine.offset {
                     return Verdict::Duplicate;
                 } else if offset == mine.offset.next() {
-                    Verdict::Deliver
+                    // The common case: the next message of the same epoch.
+                    mine.offset = offset;
+                    return Verdict::Deliver;
                 } else {
                     Verdict::GapThenDeliver(Gap {
                         from: Position {
@@ -115,7 +113,10 @@ impl ResumeCursor {
                 },
             }),
         };
-        self.position = Some(here);
+        self.position = Some(Position {
+            epoch: epoch.clone(),
+            offset,
+        });
         verdict
     }
 }

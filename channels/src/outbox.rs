@@ -544,7 +544,7 @@ mod tests {
                     match fates.next().unwrap_or(Fate::Delivered) {
                         Fate::LostBeforeHub => { cut = true; break; }
                         fate => {
-                            let request = AppendRequest { producer: producer.clone(), seq, payload };
+                            let request = AppendRequest { producer: producer.clone().into(), seq, payload };
                             let appended = hub.append_now("c", vec![request], now);
                             if let AppendOutcome::Stored(offset) = appended.outcomes[0] {
                                 prop_assert_eq!(offset.0, seq, "stored out of order");

@@ -61,6 +61,9 @@ enum Op {
     Detach,
     /// The shell's mailbox is drained: deferred publishes go out.
     Flush,
+    /// The client takes up to `n` consecutive messages of one epoch at the head of what the
+    /// hub sent as one run (as a v2 message run arrives).
+    ClientRun(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -69,6 +72,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => Just(Op::Flush),
         20 => Just(Op::HubStep),
         24 => Just(Op::ClientStep),
+        6 => (2usize..8).prop_map(Op::ClientRun),
         2 => Just(Op::DuplicateAck),
         2 => Just(Op::SwapAcks),
         3 => Just(Op::Cut),
@@ -87,7 +91,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn epoch(n: u32) -> Epoch {
-    Epoch(format!("e{n}"))
+    Epoch(format!("e{n}").into())
 }
 
 fn position(epoch: &Epoch, offset: u64) -> Position {
@@ -522,6 +526,36 @@ impl World {
                         other => panic!("the hub sent {other:?}"),
                     };
                     self.feed(event);
+                }
+            }
+            Op::ClientRun(n) => {
+                let mut run: Option<(Epoch, Offset, Vec<Payload>)> = None;
+                while let Some(Frame::Message(m)) = self.hub.to_client.front() {
+                    let follows = match &run {
+                        None => true,
+                        Some((epoch, first, payloads)) => {
+                            payloads.len() < n
+                                && m.epoch == *epoch
+                                && m.offset.0 == first.0 + payloads.len() as u64
+                        }
+                    };
+                    if !follows {
+                        break;
+                    }
+                    let Some(Frame::Message(m)) = self.hub.to_client.pop_front() else {
+                        unreachable!("the front was a message");
+                    };
+                    run.get_or_insert_with(|| (m.epoch.clone(), m.offset, Vec::new()))
+                        .2
+                        .push(m.payload);
+                }
+                match run {
+                    Some((epoch, first_offset, payloads)) => self.feed(Event::Messages {
+                        epoch,
+                        first_offset,
+                        payloads,
+                    }),
+                    None => self.apply(Op::ClientStep),
                 }
             }
             Op::DuplicateAck => {

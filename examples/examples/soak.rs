@@ -389,7 +389,7 @@ async fn start_clients(
                             subscriber: i,
                             publisher: body.p,
                             seq: body.s,
-                            epoch: m.epoch.0.clone(),
+                            epoch: m.epoch.to_string(),
                             mono: monotonic_nanos(),
                             latency_us: since(body.t).as_micros() as u64,
                         }),
@@ -399,8 +399,8 @@ async fn start_clients(
                         tracing::warn!(from = %d.from, to = %d.to, "discontinuity");
                         events_sink.emit(Record::Discontinuity {
                             subscriber: i,
-                            from: (d.from.epoch.0.clone(), d.from.offset.0),
-                            to: (d.to.epoch.0.clone(), d.to.offset.0),
+                            from: (d.from.epoch.to_string(), d.from.offset.0),
+                            to: (d.to.epoch.to_string(), d.to.offset.0),
                         });
                     }
                 }
@@ -458,7 +458,7 @@ async fn publish(
                     Ok(ack) => sink.emit(Record::Acked {
                         publisher,
                         seq,
-                        at: ack.offset.zip(ack.epoch).map(|(o, e)| (e.0, o.0)),
+                        at: ack.offset.zip(ack.epoch).map(|(o, e)| (e.to_string(), o.0)),
                         mono: monotonic_nanos(),
                         latency_us: since(sent).as_micros() as u64,
                     }),

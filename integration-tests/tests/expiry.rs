@@ -358,7 +358,8 @@ fn publish(seq: u64) -> AppendRequest {
             client: ClientId("c".into()),
             instance: InstanceId("i".into()),
             producer: String::new(),
-        },
+        }
+        .into(),
         seq,
         payload: Payload::from_value(&seq).unwrap(),
     }
@@ -366,7 +367,7 @@ fn publish(seq: u64) -> AppendRequest {
 
 fn fence() -> Fence {
     Fence {
-        token: Epoch::random().0,
+        token: Epoch::random().to_string(),
         number: 1,
         after: 0,
     }

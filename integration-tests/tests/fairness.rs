@@ -346,7 +346,7 @@ async fn redis_pages_across_batches_of_every_size_return_every_message_once() {
             .map(|_| {
                 seq += 1;
                 AppendRequest {
-                    producer: producer.clone(),
+                    producer: producer.clone().into(),
                     seq,
                     // Sizes vary too: 10 to ~1,000 bytes.
                     payload: Payload::from_value(&"x".repeat((seq as usize * 37) % 1000)).unwrap(),
@@ -354,7 +354,7 @@ async fn redis_pages_across_batches_of_every_size_return_every_message_once() {
             })
             .collect();
         let fence = Fence {
-            token: Epoch::random().0,
+            token: Epoch::random().to_string(),
             number: 1,
             after: 0,
         };

@@ -38,7 +38,7 @@ fn producer(name: &str) -> ProducerKey {
 
 fn req(name: &str, seq: u64) -> AppendRequest {
     AppendRequest {
-        producer: producer(name),
+        producer: producer(name).into(),
         seq,
         payload: Payload::from_json(&format!("{{\"from\":\"{name}\",\"seq\":\"{seq:04}\"}}"))
             .unwrap(),
@@ -55,7 +55,7 @@ fn fresh() -> Fence {
 }
 
 fn uuid_like() -> String {
-    tether_transport::protocol::Epoch::random().0
+    tether_transport::protocol::Epoch::random().to_string()
 }
 
 fn all() -> PageLimit {
@@ -209,7 +209,8 @@ fn req_of(identity: &str, client: &str, instance: &str, seq: u64) -> AppendReque
             client: ClientId(client.into()),
             instance: InstanceId(instance.into()),
             producer: "handle".into(),
-        },
+        }
+        .into(),
         seq,
         payload: Payload::from_json(&format!("\"{identity} {seq}\"")).unwrap(),
     }

@@ -66,8 +66,8 @@ pub struct StoredMessage {
 /// One publish to append: who sent it, its sequence number, and the payload.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AppendRequest {
-    /// The publishing handle.
-    pub producer: ProducerKey,
+    /// The publishing handle (shared by all of its publishes).
+    pub producer: Arc<ProducerKey>,
     /// Its sequence number (only grows per producer).
     pub seq: u64,
     /// The message.
@@ -470,7 +470,7 @@ mod tests {
 
     fn req(name: &str, seq: u64) -> AppendRequest {
         AppendRequest {
-            producer: producer(name),
+            producer: producer(name).into(),
             seq,
             payload: Payload::from_json(&format!("\"message {seq:02}\"")).unwrap(),
         }

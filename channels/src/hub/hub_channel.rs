@@ -95,8 +95,8 @@ pub struct Unsubscribe {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct PublishCommand {
-    /// Who publishes.
-    pub producer: ProducerKey,
+    /// Who publishes (shared by all of its publishes).
+    pub producer: Arc<ProducerKey>,
     /// The publish's sequence number.
     pub seq: u64,
     /// The message.
@@ -110,8 +110,8 @@ pub struct PublishCommand {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct PublishRunCommand {
-    /// Who publishes.
-    pub producer: ProducerKey,
+    /// Who publishes (shared by all of its publishes).
+    pub producer: Arc<ProducerKey>,
     /// The first publish's sequence number; the others follow it by one.
     pub first_seq: u64,
     /// The messages, in seq order.
@@ -261,7 +261,7 @@ impl HubChannel {
             read_again: false,
             pumping: false,
             in_flight: VecDeque::new(),
-            fence_token: Epoch::random().0,
+            fence_token: Epoch::random().to_string(),
             fence_number: 0,
             draining: false,
             subscribers: HashMap::new(),
@@ -1196,7 +1196,7 @@ impl HubChannel {
         // timed-out append may have), and their own results say which — a failure refuses
         // their publishers in turn. New batches wait for them, under a new fence token.
         self.draining = true;
-        self.fence_token = Epoch::random().0;
+        self.fence_token = Epoch::random().to_string();
         self.fence_number = 0;
         let refusal = Self::unavailable(error);
         let mut kicked = HashSet::new();
@@ -1358,7 +1358,7 @@ impl Handler<Summarize> for HubChannel {
     fn handle(&mut self, _: Summarize, _: &mut Context<Self>) -> Self::Result {
         MessageResult(ChannelSummary {
             name: self.name.clone(),
-            epoch: self.epoch.as_ref().map(|e| e.0.clone()),
+            epoch: self.epoch.as_ref().map(|e| e.to_string()),
             head: self.head().0,
             subscribers: self.subscribers.len(),
             nodes: Vec::new(),
@@ -1395,7 +1395,7 @@ impl Handler<Describe> for HubChannel {
         subscribers.sort_by(|a, b| (&a.client_id, &a.session).cmp(&(&b.client_id, &b.session)));
         let detail = ChannelDetail {
             name: self.name.clone(),
-            epoch: self.epoch.as_ref().map(|e| e.0.clone()),
+            epoch: self.epoch.as_ref().map(|e| e.to_string()),
             head: head.0,
             first_retained: None,
             store_error: None,
@@ -1416,7 +1416,7 @@ impl Handler<Describe> for HubChannel {
             let mut detail = detail;
             match result {
                 Ok(page) => {
-                    detail.epoch = Some(page.epoch.0);
+                    detail.epoch = Some(page.epoch.to_string());
                     detail.head = detail.head.max(page.head.0);
                     detail.first_retained = Some(page.first.0);
                 }
@@ -1432,7 +1432,7 @@ impl Handler<DescribeMember> for HubChannel {
 
     fn handle(&mut self, msg: DescribeMember, _: &mut Context<Self>) -> Self::Result {
         let head = self.head();
-        let epoch = self.epoch.as_ref().map(|e| e.0.clone());
+        let epoch = self.epoch.as_ref().map(|e| e.to_string());
         let facts = match self.subscribers.get(&msg.conn_id) {
             Some(sub) => {
                 let offset = self.offset_of(sub);

@@ -677,7 +677,7 @@ fn producer_suffix(p: &ProducerKey) -> String {
 
 fn seen_args(seen: &Option<Position>) -> (String, u64) {
     match seen {
-        Some(p) => (p.epoch.0.clone(), p.offset.0),
+        Some(p) => (p.epoch.to_string(), p.offset.0),
         None => (String::new(), 0),
     }
 }
@@ -747,7 +747,7 @@ fn parse_appended(v: &Value) -> Result<Appended, ChannelError> {
         })
         .collect::<Result<_, _>>()?;
     Ok(Appended {
-        epoch: Epoch(as_string(epoch)?),
+        epoch: Epoch(as_string(epoch)?.into()),
         head: as_offset(head)?,
         outcomes,
     })
@@ -772,7 +772,7 @@ fn parse_page(v: &Value) -> Result<Page, ChannelError> {
         })
         .collect::<Result<_, _>>()?;
     Ok(Page {
-        epoch: Epoch(as_string(epoch)?),
+        epoch: Epoch(as_string(epoch)?.into()),
         head: as_offset(head)?,
         first: as_offset(first)?,
         messages,
@@ -918,7 +918,7 @@ impl HistoryStore for RedisStore {
         let (seen_epoch, seen_head) = seen_args(&seen);
         let [max_messages, max_age, max_bytes] = self.retention_args();
         let mut args: Vec<Vec<u8>> = Vec::with_capacity(11 + 2 * batch.len());
-        args.push(Epoch::random().0.into_bytes());
+        args.push(Epoch::random().to_string().into_bytes());
         args.push(seen_epoch.into_bytes());
         for n in [
             seen_head,
@@ -968,7 +968,10 @@ impl HistoryStore for RedisStore {
         ];
         let (seen_epoch, seen_head) = seen_args(&seen);
         let [max_messages, max_age, max_bytes] = self.retention_args();
-        let mut args: Vec<Vec<u8>> = vec![Epoch::random().0.into_bytes(), seen_epoch.into_bytes()];
+        let mut args: Vec<Vec<u8>> = vec![
+            Epoch::random().to_string().into_bytes(),
+            seen_epoch.into_bytes(),
+        ];
         for n in [
             seen_head,
             max_messages,
@@ -1152,7 +1155,7 @@ impl Follower {
                                 continue;
                             };
                             let notice = StoreNotice::Advanced {
-                                epoch: Epoch(epoch.to_owned()),
+                                epoch: Epoch(epoch.into()),
                                 head: Offset(head),
                             };
                             self.notify(name, notice);

@@ -686,7 +686,7 @@ struct ConnHandler {
     inner: Arc<Inner>,
     /// Attached channels, with the producer identity publishes on them carry (none when the
     /// hello had no instance id: such a connection may subscribe but not publish).
-    attached: HashMap<String, (Addr<HubChannel>, Option<ProducerKey>)>,
+    attached: HashMap<String, (Addr<HubChannel>, Option<Arc<ProducerKey>>)>,
 }
 
 impl ConnHandler {
@@ -727,7 +727,7 @@ impl ConnHandler {
         seq: u64,
         count: usize,
         len: impl Fn(usize) -> usize,
-    ) -> Result<(Addr<HubChannel>, ProducerKey), FrameRejection> {
+    ) -> Result<(Addr<HubChannel>, Arc<ProducerKey>), FrameRejection> {
         let Some((channel, producer)) = self.attached.get(name) else {
             let error = refusal(
                 ErrorCode::NotAttached,
@@ -850,11 +850,13 @@ impl ConnectionHandler for ConnHandler {
                         })?;
                 // Scoped by the identity: another identity presenting the same ids is another
                 // producer (its publishes are never taken for replays of these).
-                let producer = self.conn.instance.clone().map(|instance| ProducerKey {
-                    identity: self.conn.identity.clone(),
-                    client: self.conn.client_id.clone(),
-                    instance,
-                    producer: attach.producer.unwrap_or_default(),
+                let producer = self.conn.instance.clone().map(|instance| {
+                    Arc::new(ProducerKey {
+                        identity: self.conn.identity.clone(),
+                        client: self.conn.client_id.clone(),
+                        instance,
+                        producer: attach.producer.unwrap_or_default(),
+                    })
                 });
                 self.attached.insert(name, (channel, producer));
                 Ok(())
@@ -1293,7 +1295,8 @@ mod tests {
                     client: ClientId("c".into()),
                     instance: InstanceId("i".into()),
                     producer: String::new(),
-                },
+                }
+                .into(),
                 seq: 1,
                 payload: Payload::from_value(&1).unwrap(),
             }],

@@ -141,16 +141,23 @@ struct InFlight {
 /// The sending side of one connection. Frames go straight into the connection's outbound
 /// queue (no hop through the session actor): from a channel thread, a frame crosses one
 /// thread boundary to reach the socket.
+///
+/// Cloning one is a reference count: a channel keeps one per publish awaiting its ack.
 #[derive(Clone)]
 pub struct SessionOutbox {
+    shared: Arc<OutboxShared>,
+    /// Whose connection it is (client id and session), for the admin API.
+    owner: Option<Arc<(ClientId, SessionId)>>,
+}
+
+/// What every clone of a [`SessionOutbox`] shares.
+struct OutboxShared {
     conn_id: u64,
     version: u16,
     pipe: OutboundPipe,
     kick: Recipient<Kick>,
     budget: Arc<OutboundBudget>,
-    in_flight: Arc<InFlight>,
-    /// Whose connection it is (client id and session), for the admin API.
-    owner: Option<Arc<(ClientId, SessionId)>>,
+    in_flight: InFlight,
 }
 
 /// The connection's outbound budget (or mailbox) is full: it is not reading fast enough.
@@ -207,16 +214,18 @@ impl SessionOutbox {
         gate: InboundGate,
     ) -> Self {
         SessionOutbox {
-            conn_id,
-            version,
-            pipe,
-            kick,
-            budget,
-            in_flight: Arc::new(InFlight {
-                publishes: AtomicUsize::new(0),
-                bytes: AtomicUsize::new(0),
-                max_bytes: AtomicUsize::new(usize::MAX),
-                gate,
+            shared: Arc::new(OutboxShared {
+                conn_id,
+                version,
+                pipe,
+                kick,
+                budget,
+                in_flight: InFlight {
+                    publishes: AtomicUsize::new(0),
+                    bytes: AtomicUsize::new(0),
+                    max_bytes: AtomicUsize::new(usize::MAX),
+                    gate,
+                },
             }),
             owner: None,
         }
@@ -237,17 +246,17 @@ impl SessionOutbox {
 
     /// The connection this outbox writes to.
     pub fn conn_id(&self) -> u64 {
-        self.conn_id
+        self.shared.conn_id
     }
 
     /// The protocol version the connection speaks (1: JSON text, 2: binary records).
     pub fn version(&self) -> u16 {
-        self.version
+        self.shared.version
     }
 
     /// `frame` encoded for this connection.
     pub fn encode(&self, frame: &Frame) -> Wire {
-        Wire::encode(frame, self.version)
+        Wire::encode(frame, self.shared.version)
     }
 
     /// Queues a frame. `Err(OutboxFull)` when it does not fit the connection's outbound budget;
@@ -259,17 +268,17 @@ impl SessionOutbox {
             self.publishes_done(done);
         }
         let bytes = out.wire.len();
-        if !self.budget.try_charge(bytes) {
+        if !self.shared.budget.try_charge(bytes) {
             return Err(OutboxFull);
         }
-        self.pipe.push_item(out.wire.into_outgoing(), bytes);
+        self.shared.pipe.push_item(out.wire.into_outgoing(), bytes);
         Ok(())
     }
 
     /// Queues several frames (one budget charge).
     pub fn send_batch(&self, frames: Vec<Wire>) -> Result<(), OutboxFull> {
         let bytes: usize = frames.iter().map(Wire::len).sum();
-        if !self.budget.try_charge(bytes) {
+        if !self.shared.budget.try_charge(bytes) {
             return Err(OutboxFull);
         }
         self.push_charged(frames);
@@ -279,7 +288,7 @@ impl SessionOutbox {
     fn push_charged(&self, frames: Vec<Wire>) {
         for wire in frames {
             let bytes = wire.len();
-            self.pipe.push_item(wire.into_outgoing(), bytes);
+            self.shared.pipe.push_item(wire.into_outgoing(), bytes);
         }
     }
 
@@ -289,9 +298,9 @@ impl SessionOutbox {
     /// tries again. A page larger than the share goes alone on an otherwise idle connection.
     pub fn reserve_replay(&self, bytes: usize, waker: DrainWaker) -> Option<ReplayReservation> {
         let bytes = bytes.max(1);
-        if self.budget.try_reserve_replay(bytes, waker) {
+        if self.shared.budget.try_reserve_replay(bytes, waker) {
             Some(ReplayReservation {
-                budget: self.budget.clone(),
+                budget: self.shared.budget.clone(),
                 bytes,
             })
         } else {
@@ -301,7 +310,7 @@ impl SessionOutbox {
 
     /// The largest page worth reserving: the connection's replay share.
     pub fn replay_share(&self) -> usize {
-        self.budget.replay_limit()
+        self.shared.budget.replay_limit()
     }
 
     /// Queues a replay page paid for by `reservation` (what the page's frames add beyond it is
@@ -319,31 +328,38 @@ impl SessionOutbox {
 
     /// Bytes queued for this connection and not yet written to its socket.
     pub fn pending_bytes(&self) -> usize {
-        self.budget.pending()
+        self.shared.budget.pending()
     }
 
     /// Closes the connection with `error` (sent as an error frame first).
     pub fn kick(&self, error: TransportError) {
-        self.kick.do_send(Kick(error));
+        self.shared.kick.do_send(Kick(error));
     }
 
     /// Whether the connection is still open.
     pub fn is_open(&self) -> bool {
-        self.kick.connected() && !self.budget.is_closed()
+        self.shared.kick.connected() && !self.shared.budget.is_closed()
     }
 
     /// The most payload bytes of publishes awaiting acks before the connection's socket stops
     /// being read (TCP backpressure on the client). Default: no limit.
     pub fn limit_in_flight(&self, max_bytes: usize) {
-        self.in_flight.max_bytes.store(max_bytes, Ordering::SeqCst);
+        self.shared
+            .in_flight
+            .max_bytes
+            .store(max_bytes, Ordering::SeqCst);
     }
 
     /// Publishes of `bytes` payload bytes went to a channel and await their acks.
     pub fn publishes_started(&self, publishes: usize, bytes: usize) {
-        self.in_flight
+        self.shared
+            .in_flight
             .publishes
             .fetch_add(publishes, Ordering::SeqCst);
-        self.in_flight.bytes.fetch_add(bytes, Ordering::SeqCst);
+        self.shared
+            .in_flight
+            .bytes
+            .fetch_add(bytes, Ordering::SeqCst);
     }
 
     fn publishes_done(&self, done: Completes) {
@@ -352,35 +368,35 @@ impl SessionOutbox {
                 Some(v.saturating_sub(n))
             });
         };
-        sub(&self.in_flight.publishes, done.publishes);
-        sub(&self.in_flight.bytes, done.bytes);
-        if self.in_flight_bytes() < self.in_flight.max_bytes.load(Ordering::SeqCst)
-            && self.in_flight.gate.is_paused()
+        sub(&self.shared.in_flight.publishes, done.publishes);
+        sub(&self.shared.in_flight.bytes, done.bytes);
+        if self.in_flight_bytes() < self.shared.in_flight.max_bytes.load(Ordering::SeqCst)
+            && self.shared.in_flight.gate.is_paused()
         {
-            self.in_flight.gate.resume();
+            self.shared.in_flight.gate.resume();
         }
     }
 
     /// Publishes awaiting their acks.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.publishes.load(Ordering::SeqCst)
+        self.shared.in_flight.publishes.load(Ordering::SeqCst)
     }
 
     /// Payload bytes of the publishes awaiting their acks.
     pub fn in_flight_bytes(&self) -> usize {
-        self.in_flight.bytes.load(Ordering::SeqCst)
+        self.shared.in_flight.bytes.load(Ordering::SeqCst)
     }
 
     /// Whether the connection's in-flight publish bytes are under the limit.
     pub fn wants_input(&self) -> bool {
-        self.in_flight_bytes() < self.in_flight.max_bytes.load(Ordering::SeqCst)
+        self.in_flight_bytes() < self.shared.in_flight.max_bytes.load(Ordering::SeqCst)
     }
 }
 
 impl std::fmt::Debug for SessionOutbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionOutbox")
-            .field("conn_id", &self.conn_id)
+            .field("conn_id", &self.shared.conn_id)
             .finish_non_exhaustive()
     }
 }

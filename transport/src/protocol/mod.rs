@@ -135,14 +135,22 @@ impl std::fmt::Display for Offset {
 
 /// Identifies one incarnation of a channel's log. A hub that loses its memory (restart with an
 /// in-memory store) starts a new epoch, so offsets from the old one mean nothing there.
+///
+/// Shared, not copied: every message and ack of an epoch carries the same reference-counted
+/// string, so cloning one costs a reference count, not an allocation.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct Epoch(pub String);
+pub struct Epoch(pub std::sync::Arc<str>);
 
 impl Epoch {
     /// A fresh random epoch.
     pub fn random() -> Self {
-        Epoch(format!("{:016x}", rand::random::<u64>()))
+        Epoch(format!("{:016x}", rand::random::<u64>()).into())
+    }
+
+    /// The epoch as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 

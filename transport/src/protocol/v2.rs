@@ -587,7 +587,7 @@ pub fn decode(frame: &Bytes, max_size: usize) -> Result<Vec<Record>, TransportEr
                     return Err(malformed(format!("unknown v2 ack flags {flags:#04x}")));
                 }
                 let stored = if flags & ACK_HAS_OFFSET != 0 {
-                    let epoch = Epoch(r.str("ack epoch")?);
+                    let epoch = Epoch(r.str("ack epoch")?.into());
                     Some((epoch, Offset(r.u64("ack offset")?)))
                 } else {
                     None
@@ -602,7 +602,7 @@ pub fn decode(frame: &Bytes, max_size: usize) -> Result<Vec<Record>, TransportEr
             }
             KIND_MESSAGE => {
                 let channel = r.str("message channel")?;
-                let epoch = Epoch(r.str("message epoch")?);
+                let epoch = Epoch(r.str("message epoch")?.into());
                 let first_offset = Offset(r.u64("message offset")?);
                 let payloads = r.payloads("message")?;
                 Record::Message(MessageRun {
