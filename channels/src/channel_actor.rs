@@ -34,6 +34,7 @@ use crate::durable::{DurableChannel, DurableStore, Recovery};
 use crate::error::DurableFailure;
 use crate::error::{validate_name, ChannelError};
 use crate::outbox::BufferLimits;
+use crate::publish::{Inbox, PublishSlot, PushRefused, Responder};
 use crate::state::{ChannelState, ChannelStateChanged};
 
 /// Default capacity of a subscriber's event stream: 65,536 events. A subscriber that falls this
@@ -96,13 +97,6 @@ impl Message for ChannelEvent {
     type Result = ();
 }
 
-/// Answers one publisher: when it is accepted, then how it ended.
-#[derive(Debug)]
-struct Responder {
-    ack: oneshot::Sender<Result<PublishAck, ChannelError>>,
-    accepted: Option<oneshot::Sender<u64>>,
-}
-
 /// A durable channel's writes waiting for the store, and whether a commit is under way: while
 /// one is, new writes gather for the next (group commit).
 struct DurableWrites {
@@ -112,13 +106,10 @@ struct DurableWrites {
     committing: bool,
 }
 
-/// Publishes one message (see [`Channel::publish`]).
+/// The channel's [`Inbox`] has publishes (sent by a handle that found it empty).
 #[derive(Message)]
 #[rtype(result = "()")]
-struct PublishCommand {
-    payload: Payload,
-    responder: Responder,
-}
+struct DrainPublishes;
 
 /// Detaches the channel.
 #[derive(Message)]
@@ -133,6 +124,10 @@ struct SubscribeState(Recipient<ChannelStateChanged>);
 /// The actor behind a [`Channel`]: a [`ChannelCore`] and the I/O it asks for.
 pub struct ChannelActor {
     core: ChannelCore<Responder>,
+    /// Publishes the handles made, not yet taken.
+    inbox: Arc<Inbox>,
+    /// The Vec the inbox is taken into (its capacity kept from one drain to the next).
+    taken: Vec<(Payload, Responder)>,
     transport: Transport,
     /// The core's state, for readers that must not wait ([`Channel::state`]).
     state_tx: watch::Sender<ChannelState>,
@@ -175,8 +170,23 @@ impl ChannelActor {
     }
 
     fn feed(&mut self, ctx: &mut Context<Self>, now: std::time::Instant, event: Event<Responder>) {
+        self.feed_all(ctx, now, std::iter::once(event));
+    }
+
+    /// Feeds `events` to the core in order, then carries out everything they decided (what
+    /// they send goes to the socket actor together).
+    fn feed_all(
+        &mut self,
+        ctx: &mut Context<Self>,
+        now: std::time::Instant,
+        events: impl Iterator<Item = Event<Responder>>,
+    ) {
         self.core.set_subscriber_room(self.room());
-        self.span.in_scope(|| self.core.handle(now, event));
+        self.span.in_scope(|| {
+            for event in events {
+                self.core.handle(now, event);
+            }
+        });
         // What an event sends goes to the socket actor together (one mailbox message; a Vec
         // only when there is more than one item).
         let mut first: Option<Outgoing> = None;
@@ -296,13 +306,10 @@ impl ChannelActor {
                     }
                 }
             }
-            Action::Answer { responder, result } => {
-                let _ = responder.ack.send(result);
-            }
+            Action::Answer { responder, result } => responder.answer(result),
             Action::Accepted { seq } => {
-                if let Some(accepted) = self.core.responder_mut(seq).and_then(|r| r.accepted.take())
-                {
-                    let _ = accepted.send(seq);
+                if let Some(responder) = self.core.responder_mut(seq) {
+                    responder.accept(seq);
                 }
             }
             Action::Persist { seq, payload } => {
@@ -389,7 +396,9 @@ impl Actor for ChannelActor {
     type Context = Context<Self>;
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
-        // Whatever stopped us, nobody waits forever.
+        // Whatever stopped us, nobody waits forever: publishes not taken yet are answered as
+        // the inbox closes, the others by the core.
+        self.inbox.close();
         self.feed(ctx, Instant::now().into_std(), Event::Stopped);
     }
 }
@@ -481,17 +490,24 @@ impl Handler<FlushPublishes> for ChannelActor {
     }
 }
 
-impl Handler<PublishCommand> for ChannelActor {
+impl Handler<DrainPublishes> for ChannelActor {
     type Result = ();
 
-    fn handle(&mut self, cmd: PublishCommand, ctx: &mut Context<Self>) {
-        self.run(
-            ctx,
-            Event::Publish {
-                payload: cmd.payload,
-                responder: cmd.responder,
-            },
-        );
+    fn handle(&mut self, _: DrainPublishes, ctx: &mut Context<Self>) {
+        let mut taken = std::mem::take(&mut self.taken);
+        self.inbox.take_into(&mut taken);
+        if !taken.is_empty() {
+            let now = Instant::now().into_std();
+            self.feed_all(
+                ctx,
+                now,
+                taken
+                    .drain(..)
+                    .map(|(payload, responder)| Event::Publish { payload, responder }),
+            );
+            self.sync_timer(ctx, now);
+        }
+        self.taken = taken;
     }
 }
 
@@ -517,6 +533,7 @@ impl Handler<SubscribeState> for ChannelActor {
 pub struct Channel {
     name: String,
     addr: Addr<ChannelActor>,
+    inbox: Arc<Inbox>,
     state: watch::Receiver<ChannelState>,
 }
 
@@ -628,18 +645,10 @@ impl Channel {
                 recovered.last_seq = recovery.last_seq;
                 let mut restored = Vec::with_capacity(recovery.entries.len());
                 for (seq, payload) in recovery.entries {
-                    let (ack, rx) = oneshot::channel();
-                    restored.push((
-                        seq,
-                        payload,
-                        Responder {
-                            ack,
-                            accepted: None,
-                        },
-                    ));
+                    let slot = PublishSlot::accepted(seq);
+                    restored.push((seq, payload, Responder::new(slot.clone())));
                     recovered.pending.push(PublishFuture {
-                        ack: Some(rx),
-                        accepted: None,
+                        slot: Some(slot),
                         seq: Some(seq),
                         outcome: None,
                     });
@@ -668,8 +677,11 @@ impl Channel {
                 (core, Some(writes))
             }
         };
+        let inbox = Arc::new(Inbox::new(mailbox));
         let mut actor = ChannelActor {
             core,
+            inbox: inbox.clone(),
+            taken: Vec::new(),
             transport: transport.clone(),
             state_tx,
             conn: None,
@@ -699,7 +711,12 @@ impl Channel {
             return Err(e.into());
         }
         Ok((
-            Channel { name, addr, state },
+            Channel {
+                name,
+                addr,
+                inbox,
+                state,
+            },
             ChannelEvents { rx },
             recovered,
         ))
@@ -723,27 +740,26 @@ impl Channel {
 
     /// Publishes an already-encoded payload.
     pub fn publish_payload(&self, payload: Payload) -> PublishFuture {
-        let (ack, ack_rx) = oneshot::channel();
-        let (accepted, accepted_rx) = oneshot::channel();
-        match self.addr.try_send(PublishCommand {
-            payload,
-            responder: Responder {
-                ack,
-                accepted: Some(accepted),
-            },
-        }) {
-            Ok(()) => PublishFuture {
-                ack: Some(ack_rx),
-                accepted: Some(accepted_rx),
-                seq: None,
-                outcome: None,
-            },
-            Err(SendError::Full(_)) => PublishFuture::failed(ChannelError::QueueFull {
+        let slot = Arc::new(PublishSlot::default());
+        match self.inbox.push(payload, Responder::new(slot.clone())) {
+            Ok(was_empty) => {
+                if was_empty {
+                    // One wake per non-empty inbox (never refused for a full mailbox: only
+                    // one is ever on its way); the actor takes everything queued by then.
+                    self.addr.do_send(DrainPublishes);
+                }
+                PublishFuture {
+                    slot: Some(slot),
+                    seq: None,
+                    outcome: None,
+                }
+            }
+            Err(PushRefused::Full) => PublishFuture::failed(ChannelError::QueueFull {
                 channel: self.name.clone(),
                 messages: 0,
                 bytes: 0,
             }),
-            Err(SendError::Closed(_)) => PublishFuture::failed(ChannelError::TransportClosed),
+            Err(PushRefused::Closed) => PublishFuture::failed(ChannelError::TransportClosed),
         }
     }
 
@@ -789,8 +805,8 @@ impl Channel {
 /// tells the earlier moment the channel took it on (on a durable channel: committed to disk).
 #[derive(Debug)]
 pub struct PublishFuture {
-    ack: Option<oneshot::Receiver<Result<PublishAck, ChannelError>>>,
-    accepted: Option<oneshot::Receiver<u64>>,
+    /// Where the channel answers (none for a publish refused at once).
+    slot: Option<Arc<PublishSlot>>,
     /// Its sequence number, once known.
     seq: Option<u64>,
     /// The outcome, when it is known before the future is polled.
@@ -800,8 +816,7 @@ pub struct PublishFuture {
 impl PublishFuture {
     fn failed(error: ChannelError) -> Self {
         PublishFuture {
-            ack: None,
-            accepted: None,
+            slot: None,
             seq: None,
             outcome: Some(Err(error)),
         }
@@ -816,10 +831,13 @@ impl PublishFuture {
         if let Some(seq) = self.seq {
             return Ok(seq);
         }
-        if let Some(rx) = self.accepted.take() {
-            if let Ok(seq) = rx.await {
-                self.seq = Some(seq);
-                return Ok(seq);
+        if let (None, Some(slot)) = (&self.outcome, &self.slot) {
+            match std::future::poll_fn(|cx| slot.poll_accepted(cx)).await {
+                Ok(seq) => {
+                    self.seq = Some(seq);
+                    return Ok(seq);
+                }
+                Err(outcome) => self.outcome = Some(outcome),
             }
         }
         // Never accepted (or answered before the acceptance was told): the outcome says why.
@@ -841,10 +859,8 @@ impl Future for PublishFuture {
         if let Some(outcome) = self.outcome.take() {
             return Poll::Ready(outcome);
         }
-        match &mut self.ack {
-            Some(rx) => Pin::new(rx)
-                .poll(cx)
-                .map(|r| r.unwrap_or(Err(ChannelError::TransportClosed))),
+        match &self.slot {
+            Some(slot) => slot.poll_outcome(cx),
             None => Poll::Ready(Err(ChannelError::TransportClosed)),
         }
     }

@@ -58,6 +58,7 @@ pub mod durable;
 pub mod error;
 pub mod hub;
 pub mod outbox;
+mod publish;
 pub mod state;
 pub mod telemetry;
 
