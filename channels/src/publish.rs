@@ -60,13 +60,22 @@ impl PublishSlot {
 
     /// The outcome, once there is one; otherwise `cx` is woken when it (or the acceptance)
     /// comes.
+    ///
+    /// Takes part in tokio's cooperative budget as tokio's own channels do: a task collecting
+    /// many answers that are all ready yields now and then, so the channel's actor and socket
+    /// run in between (the publisher's next publishes then go out as the earlier ones are
+    /// answered, instead of in one large batch after a long stall).
     pub(crate) fn poll_outcome(
         &self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<PublishAck, ChannelError>> {
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
         let mut state = self.lock();
         match state.outcome.take() {
-            Some(outcome) => Poll::Ready(outcome),
+            Some(outcome) => {
+                coop.made_progress();
+                Poll::Ready(outcome)
+            }
             None => {
                 state.waker = Some(cx.waker().clone());
                 Poll::Pending
