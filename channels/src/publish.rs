@@ -29,8 +29,10 @@ pub(crate) struct PublishSlot {
 struct SlotState {
     accepted: Option<u64>,
     outcome: Option<Result<PublishAck, ChannelError>>,
-    /// Who waits (the publisher's task), woken by either answer.
+    /// Who waits (the publisher's task): woken by the outcome, and by the acceptance only
+    /// when it waits for that ([`PublishSlot::poll_accepted`]).
     waker: Option<Waker>,
+    waits_for_acceptance: bool,
 }
 
 impl PublishSlot {
@@ -47,11 +49,15 @@ impl PublishSlot {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn update(&self, f: impl FnOnce(&mut SlotState)) {
+    /// Changes the state and wakes the waiting task, if `f` says it waits for the change.
+    fn update(&self, f: impl FnOnce(&mut SlotState) -> bool) {
         let waker = {
             let mut state = self.lock();
-            f(&mut state);
-            state.waker.take()
+            if f(&mut state) {
+                state.waker.take()
+            } else {
+                None
+            }
         };
         if let Some(waker) = waker {
             waker.wake();
@@ -91,12 +97,17 @@ impl PublishSlot {
     ) -> Poll<Result<u64, Result<PublishAck, ChannelError>>> {
         let mut state = self.lock();
         if let Some(seq) = state.accepted {
+            state.waits_for_acceptance = false;
             return Poll::Ready(Ok(seq));
         }
         match state.outcome.take() {
-            Some(outcome) => Poll::Ready(Err(outcome)),
+            Some(outcome) => {
+                state.waits_for_acceptance = false;
+                Poll::Ready(Err(outcome))
+            }
             None => {
                 state.waker = Some(cx.waker().clone());
+                state.waits_for_acceptance = true;
                 Poll::Pending
             }
         }
@@ -121,13 +132,20 @@ impl Responder {
 
     /// The publish was accepted under `seq`.
     pub(crate) fn accept(&self, seq: u64) {
-        self.slot.update(|state| state.accepted = Some(seq));
+        // A publisher that only awaits the ack is not woken for this (one wake per publish).
+        self.slot.update(|state| {
+            state.accepted = Some(seq);
+            state.waits_for_acceptance
+        });
     }
 
     /// The publish ended with `result`.
     pub(crate) fn answer(mut self, result: Result<PublishAck, ChannelError>) {
         self.answered = true;
-        self.slot.update(|state| state.outcome = Some(result));
+        self.slot.update(|state| {
+            state.outcome = Some(result);
+            true
+        });
     }
 }
 
@@ -135,8 +153,10 @@ impl Drop for Responder {
     fn drop(&mut self) {
         if !self.answered {
             // The actor went away without answering: nobody waits forever.
-            self.slot
-                .update(|state| state.outcome = Some(Err(ChannelError::TransportClosed)));
+            self.slot.update(|state| {
+                state.outcome = Some(Err(ChannelError::TransportClosed));
+                true
+            });
         }
     }
 }
@@ -237,6 +257,41 @@ mod tests {
         assert!(slot.poll_outcome(&mut cx).is_pending());
         responder.answer(Ok(ack(7)));
         assert_eq!(slot.poll_outcome(&mut cx), Poll::Ready(Ok(ack(7))));
+    }
+
+    /// Counts its wakes.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_acceptance_wakes_only_a_task_waiting_for_it() {
+        let count = Arc::new(CountingWaker(Default::default()));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let wakes = || count.0.load(std::sync::atomic::Ordering::SeqCst);
+        let slot = Arc::new(PublishSlot::default());
+        let responder = Responder::new(slot.clone());
+        assert!(slot.poll_outcome(&mut cx).is_pending());
+        responder.accept(1);
+        assert_eq!(
+            wakes(),
+            0,
+            "awaiting the ack only: not woken by the acceptance"
+        );
+        responder.answer(Ok(ack(1)));
+        assert_eq!(wakes(), 1, "woken by the outcome");
+
+        let slot = Arc::new(PublishSlot::default());
+        let responder = Responder::new(slot.clone());
+        assert!(slot.poll_accepted(&mut cx).is_pending());
+        responder.accept(2);
+        assert_eq!(wakes(), 2, "awaiting the acceptance: woken by it");
+        assert_eq!(slot.poll_accepted(&mut cx), Poll::Ready(Ok(2)));
     }
 
     #[test]
