@@ -161,6 +161,11 @@ pub fn record_seeds() -> Vec<Vec<u8>> {
             tether_transport::hub::Wire::Records(b) | tether_transport::hub::Wire::Text(b) => {
                 b.to_vec()
             }
+            tether_transport::hub::Wire::Run(run) => {
+                let mut buf = BytesMut::new();
+                run.write_to(&mut buf);
+                buf.to_vec()
+            }
         })
         .collect();
     seeds.push(seeds.concat());

@@ -403,15 +403,14 @@ impl HubChannel {
         for end in 1..=messages.len() {
             if end == messages.len() || messages[end].offset.0 != messages[end - 1].offset.0 + 1 {
                 let run = &messages[start..end];
-                let mut buf = BytesMut::new();
-                v2::encode_messages(
-                    &mut buf,
+                // Kept as parts: each subscriber's writer copies the payloads straight into
+                // its socket buffer (no encoded copy of the whole run first).
+                out.push(Wire::Run(v2::SharedMessageRun::new(
                     &self.name,
                     epoch,
                     run[0].offset,
-                    run.iter().map(|m| &m.payload),
-                );
-                out.push(Wire::Records(buf.freeze()));
+                    run.iter().map(|m| m.payload.clone()).collect(),
+                )));
                 start = end;
             }
         }

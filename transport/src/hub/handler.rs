@@ -49,6 +49,10 @@ pub enum Wire {
     /// One or more v2 records (written together with the records queued beside them, in one
     /// binary WebSocket frame).
     Records(Bytes),
+    /// A v2 message run as its parts, shared by every subscriber it goes to: its payloads are
+    /// copied once, into each socket's write buffer (it rides in a binary frame as
+    /// [`Wire::Records`] do).
+    Run(v2::SharedMessageRun),
 }
 
 impl Wire {
@@ -88,6 +92,7 @@ impl Wire {
     pub fn len(&self) -> usize {
         match self {
             Wire::Text(b) | Wire::Records(b) => b.len(),
+            Wire::Run(run) => run.len(),
         }
     }
 
@@ -100,6 +105,7 @@ impl Wire {
         match self {
             Wire::Text(b) => Outgoing::Text(b),
             Wire::Records(b) => Outgoing::Records(b),
+            Wire::Run(run) => Outgoing::Run(run),
         }
     }
 }

@@ -29,6 +29,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
+use crate::protocol::v2::SharedMessageRun;
 use actix_codec::{Decoder, Encoder};
 use actix_http::ws::{Codec, Frame, Message, ProtocolError};
 use bytes::{Buf, Bytes, BytesMut};
@@ -316,11 +317,32 @@ pub enum Outgoing {
     /// One or more v2 records. Records queued next to each other go out in one binary frame
     /// (up to [`MAX_BATCH`] bytes): whatever is ready when the writer can take it.
     Records(Bytes),
+    /// A v2 message run as its parts (see [`SharedMessageRun`]); it shares a binary frame with
+    /// the records beside it as [`Outgoing::Records`] do.
+    Run(SharedMessageRun),
 }
 
 impl Outgoing {
     fn is_close(&self) -> bool {
         matches!(self, Outgoing::Message(Message::Close(_)))
+    }
+
+    /// The encoded size of a record item (`None` for a text frame or a WebSocket message).
+    fn record_len(&self) -> Option<usize> {
+        match self {
+            Outgoing::Records(r) => Some(r.len()),
+            Outgoing::Run(run) => Some(run.len()),
+            Outgoing::Message(_) | Outgoing::Text(_) => None,
+        }
+    }
+
+    /// Appends a record item's bytes.
+    fn write_record(&self, buf: &mut BytesMut) {
+        match self {
+            Outgoing::Records(r) => buf.extend_from_slice(r),
+            Outgoing::Run(run) => run.write_to(buf),
+            Outgoing::Message(_) | Outgoing::Text(_) => {}
+        }
     }
 }
 
@@ -560,14 +582,14 @@ impl PipeBody {
                     put_header(buf, OP_TEXT, text.len());
                     buf.extend_from_slice(&text);
                 }
-                Outgoing::Records(first) => {
+                first @ (Outgoing::Records(_) | Outgoing::Run(_)) => {
                     // Records queued next to each other share one binary frame.
-                    let mut len = first.len();
+                    let mut len = first.record_len().unwrap_or(0);
                     let mut count = 1;
                     for (next, _) in state.frames.iter() {
-                        match next {
-                            Outgoing::Records(r) if len + r.len() <= MAX_BATCH => {
-                                len += r.len();
+                        match next.record_len() {
+                            Some(n) if len + n <= MAX_BATCH => {
+                                len += n;
                                 count += 1;
                             }
                             _ => break,
@@ -575,11 +597,11 @@ impl PipeBody {
                     }
                     buf.reserve(10 + len);
                     put_header(buf, OP_BINARY, len);
-                    buf.extend_from_slice(&first);
+                    first.write_record(buf);
                     for _ in 1..count {
-                        if let Some((Outgoing::Records(r), charged)) = state.frames.pop_front() {
+                        if let Some((next, charged)) = state.frames.pop_front() {
                             released += charged;
-                            buf.extend_from_slice(&r);
+                            next.write_record(buf);
                         }
                     }
                 }
@@ -705,16 +727,18 @@ impl<W: AsyncWrite + Unpin> std::future::Future for Writer<W> {
                     Poll::Ready(Ok(n)) => {
                         this.unflushed = true;
                         this.buf.advance(n);
-                        let done = this.buf.is_empty();
-                        if done {
-                            // Idle again: the buffer goes.
-                            this.buf = BytesMut::new();
-                        }
-                        this.body.wrote(done);
+                        // Emptied, the buffer is kept while more is queued (its memory is
+                        // reused for the next frames instead of allocated afresh) and goes
+                        // once the connection is idle.
+                        this.body.wrote(this.buf.is_empty());
                         continue;
                     }
                     Poll::Pending => return Poll::Pending,
                 }
+            }
+            if this.buf.is_empty() && this.buf.capacity() > 0 && (waiting || this.ending) {
+                // Everything written and nothing queued: an idle connection holds no buffer.
+                this.buf = BytesMut::new();
             }
             if this.unflushed {
                 match Pin::new(&mut this.io).poll_flush(cx) {

@@ -256,6 +256,61 @@ pub fn encode_messages<'a>(
     }
 }
 
+/// A message run kept as its parts: the record's header, encoded, and the payloads, shared.
+/// A hub fanning one run out to many subscribers copies each payload once per subscriber,
+/// straight into that socket's write buffer ([`SharedMessageRun::write_to`]), instead of first
+/// into an encoded record (a large fresh buffer per fan-out) and then again into each socket's
+/// buffer. Cloning one is a reference count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedMessageRun {
+    head: Bytes,
+    payloads: std::sync::Arc<[Payload]>,
+    len: usize,
+}
+
+impl SharedMessageRun {
+    /// The run of `payloads` (at least one) of `channel` in `epoch` from `first_offset`.
+    pub fn new(
+        channel: &str,
+        epoch: &Epoch,
+        first_offset: Offset,
+        payloads: std::sync::Arc<[Payload]>,
+    ) -> Self {
+        let mut head = BytesMut::with_capacity(1 + 2 + channel.len() + 2 + epoch.0.len() + 12);
+        head.put_u8(KIND_MESSAGE);
+        put_str(&mut head, channel);
+        put_str(&mut head, &epoch.0);
+        head.put_u64_le(first_offset.0);
+        head.put_u32_le(payloads.len() as u32);
+        let len = head.len() + payloads.iter().map(payload_len).sum::<usize>();
+        SharedMessageRun {
+            head: head.freeze(),
+            payloads,
+            len,
+        }
+    }
+
+    /// Its encoded size: what [`SharedMessageRun::write_to`] appends.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it is empty (never: a run holds at least one message).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends the record, exactly as [`encode_messages`] encodes it.
+    pub fn write_to(&self, buf: &mut BytesMut) {
+        buf.reserve(self.len);
+        buf.put_slice(&self.head);
+        for p in self.payloads.iter() {
+            buf.put_u32_le(p.len() as u32);
+            buf.put_slice(p.as_bytes());
+        }
+    }
+}
+
 /// Bytes a publish run's header takes on the wire (kind, channel, first seq, count).
 pub fn publish_header_len(channel: &str) -> usize {
     1 + 2 + channel.len() + 8 + 4
@@ -622,6 +677,25 @@ pub fn decode(frame: &Bytes, max_size: usize) -> Result<Vec<Record>, TransportEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_message_run_writes_what_encode_messages_encodes() {
+        let payloads: std::sync::Arc<[Payload]> = vec![
+            Payload::from_value(&1).unwrap(),
+            Payload::from_json("{\"a\":[true,null]}").unwrap(),
+            Payload::from_unchecked(Bytes::from_static(b"")),
+        ]
+        .into();
+        let epoch = Epoch("e7".into());
+        let mut expected = BytesMut::new();
+        encode_messages(&mut expected, "room/1", &epoch, Offset(41), payloads.iter());
+        let run = SharedMessageRun::new("room/1", &epoch, Offset(41), payloads);
+        let mut written = BytesMut::from(&b"before"[..]);
+        run.write_to(&mut written);
+        assert_eq!(&written[..6], b"before");
+        assert_eq!(&written[6..], &expected[..]);
+        assert_eq!(run.len(), expected.len());
+    }
     use crate::protocol::{Attach, ErrorCode, ErrorFrame};
 
     fn p(json: &str) -> Payload {
