@@ -132,10 +132,11 @@ pub async fn publish_windowed(
     window: usize,
     clock: Clock,
 ) -> Result<(), BoxError> {
-    publish_paced(channel, n, size, window, clock, None).await
+    publish_paced(channel, n, size, window, clock, None, false).await
 }
 
-/// [`publish_windowed`], each publish also waiting for its turn from `pacer` when there is one.
+/// [`publish_windowed`], each publish also waiting for its turn from `pacer` when there is one;
+/// `opaque` publishes the payloads as opaque bytes ([`Payload::from_bytes`], no JSON check).
 pub async fn publish_paced(
     channel: &Channel,
     n: usize,
@@ -143,6 +144,7 @@ pub async fn publish_paced(
     window: usize,
     clock: Clock,
     pacer: Option<&Pacer>,
+    opaque: bool,
 ) -> Result<(), BoxError> {
     let mut outstanding = FuturesUnordered::new();
     for _ in 0..n {
@@ -163,7 +165,11 @@ pub async fn publish_paced(
             }
         }
         let text = make_payload(size, clock.micros());
-        let payload = Payload::from_json_bytes(text.into())?;
+        let payload = if opaque {
+            Payload::from_bytes(text)
+        } else {
+            Payload::from_json_bytes(text.into())?
+        };
         outstanding.push(channel.publish_payload(payload));
     }
     while let Some(ack) = outstanding.next().await {

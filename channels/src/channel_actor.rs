@@ -59,7 +59,9 @@ pub struct ChannelOptions {
     pub event_capacity: usize,
     /// Time the hub has to confirm an attach. Default [`DEFAULT_ATTACH_TIMEOUT`].
     pub attach_timeout: Duration,
-    /// Largest payload accepted by `publish`. Default [`DEFAULT_MAX_MESSAGE_SIZE`].
+    /// Largest payload accepted by `publish`, in bytes (opaque payloads,
+    /// [`Payload::from_bytes`], count as their base64 length: 4/3). Default
+    /// [`DEFAULT_MAX_MESSAGE_SIZE`].
     pub max_message_size: usize,
     /// Backoff for re-attaching after a retryable attach failure (the connection itself has
     /// its own). Default: 1 s ×2 up to 30 s, ±25 %, never giving up.

@@ -698,8 +698,10 @@ impl<R> ChannelCore<R> {
             });
             return;
         }
-        if payload.len() > self.max_message_size {
-            let (size, max) = (payload.len(), self.max_message_size);
+        // Opaque bytes count as their base64 length: a v1 connection carries them so, and a
+        // frame over the transport's bound would be refused on every reconnect.
+        if payload.v1_len() > self.max_message_size {
+            let (size, max) = (payload.v1_len(), self.max_message_size);
             self.push(Action::Answer {
                 responder,
                 result: Err(ChannelError::PayloadTooLarge {
@@ -1880,6 +1882,43 @@ mod tests {
                 })
             )]
         ));
+    }
+
+    #[test]
+    fn opaque_payloads_count_their_base64_length_against_the_size_limit() {
+        let mut h = Harness::new(ChannelOptions {
+            max_message_size: 8,
+            ..ChannelOptions::default()
+        });
+        // 7 bytes of JSON fit; 7 opaque bytes take 12 in a v1 frame, and are refused at once.
+        let json = h.step(Event::Publish {
+            payload: Payload::from_json("1234567").unwrap(),
+            responder: 1,
+        });
+        assert!(answers(json).is_empty(), "accepted, waiting for its ack");
+        let opaque = h.step(Event::Publish {
+            payload: Payload::from_bytes(vec![0u8; 7]),
+            responder: 2,
+        });
+        assert!(matches!(
+            &answers(opaque)[..],
+            [(
+                2,
+                Err(ChannelError::PayloadTooLarge {
+                    size: 12,
+                    max: 8,
+                    ..
+                })
+            )]
+        ));
+        let small = h.step(Event::Publish {
+            payload: Payload::from_bytes(vec![0u8; 6]),
+            responder: 3,
+        });
+        assert!(
+            answers(small).is_empty(),
+            "6 bytes are 8 in base64: accepted"
+        );
     }
 
     #[test]

@@ -11,8 +11,9 @@ use tether_channels::{ChannelEvent, ChannelOptions};
 use tether_integration_tests::attack::{HealthyPair, HostilePeer, Read};
 use tether_integration_tests::harness::{
     collect_messages, fast_client, free_addr, init_tracing, open_attached, start_channel_hub,
-    EventLog,
+    ws_url, EventLog,
 };
+use tether_integration_tests::proxy::FaultProxy;
 use tether_transport::protocol::{v2, Attach, ErrorCode, Frame, Offset, Payload};
 use tether_transport::Transport;
 
@@ -162,7 +163,7 @@ async fn a_burst_reaches_a_v2_subscriber_in_fewer_frames_than_messages() {
 }
 
 #[actix_rt::test]
-async fn payloads_that_are_not_json_reach_v2_as_bytes_and_v1_as_null_and_break_nobody() {
+async fn payloads_that_are_not_json_reach_v2_as_bytes_and_v1_as_base64_and_break_nobody() {
     init_tracing();
     let hub = start_channel_hub(free_addr(), Retention::default());
     let url = hub.ws_url();
@@ -194,7 +195,11 @@ async fn payloads_that_are_not_json_reach_v2_as_bytes_and_v1_as_null_and_break_n
     let v2_got = collect_messages(&mut got_v2, 2, T).await.unwrap();
     match (&v1[0], &v2_got[0]) {
         (ChannelEvent::Message(a), ChannelEvent::Message(b)) => {
-            assert_eq!(a.payload.json(), "null", "v1 frames must hold JSON");
+            assert_eq!(
+                a.payload.as_bytes(),
+                raw,
+                "v1 gets them back from payload_b64"
+            );
             assert_eq!(b.payload.as_bytes(), raw, "v2 gets the bytes as sent");
             assert!(b.payload.decode::<serde_json::Value>().is_err());
             assert_eq!(a.offset, b.offset);
@@ -218,6 +223,89 @@ async fn payloads_that_are_not_json_reach_v2_as_bytes_and_v1_as_null_and_break_n
     }
     pair.publish_acked(1, 20).await;
     pair.assert_received_in_order(20).await;
+}
+
+/// Opaque payloads, published through the client API by a v1 and a v2 client, reach v1 and v2
+/// subscribers as the same bytes, live and replayed from history after an outage.
+#[actix_rt::test]
+async fn opaque_payloads_cross_both_protocol_versions_as_the_same_bytes() {
+    init_tracing();
+    let hub = start_channel_hub(free_addr(), Retention::default());
+    let url = hub.ws_url();
+    // The subscribers go through a proxy, to be cut off for the replay half.
+    let proxy = FaultProxy::start(hub.local_addr()).unwrap();
+    let proxied = ws_url(proxy.local_addr());
+    let (sub_v1, _) = client(&proxied, 1).await;
+    let (sub_v2, _) = client(&proxied, 2).await;
+    let (pub_v1, _) = client(&url, 1).await;
+    let (pub_v2, _) = client(&url, 2).await;
+    let (_, mut got_v1, _) = open_attached(&sub_v1, "blobs", ChannelOptions::default(), T)
+        .await
+        .unwrap();
+    let (_, mut got_v2, _) = open_attached(&sub_v2, "blobs", ChannelOptions::default(), T)
+        .await
+        .unwrap();
+    let (from_v1, _, _) = open_attached(&pub_v1, "blobs", ChannelOptions::publish_only(), T)
+        .await
+        .unwrap();
+    let (from_v2, _, _) = open_attached(&pub_v2, "blobs", ChannelOptions::publish_only(), T)
+        .await
+        .unwrap();
+    // Every byte value, an empty payload, bytes that are JSON, and a larger blob.
+    let blob = |i: u8| -> Vec<u8> {
+        match i % 4 {
+            0 => (0..=255u8).rev().collect(),
+            1 => Vec::new(),
+            2 => b"[1,2]".to_vec(),
+            _ => (0..10_000u32)
+                .map(|n| (n * 7 + u32::from(i)) as u8)
+                .collect(),
+        }
+    };
+    let publish = |range: std::ops::Range<u8>| {
+        let (from_v1, from_v2) = (from_v1.clone(), from_v2.clone());
+        async move {
+            for i in range {
+                let from = if i % 2 == 0 { &from_v1 } else { &from_v2 };
+                from.publish_payload(Payload::from_bytes(blob(i)))
+                    .await
+                    .expect("acknowledged");
+            }
+        }
+    };
+    let bytes_of = |events: Vec<ChannelEvent>| -> Vec<Vec<u8>> {
+        events
+            .into_iter()
+            .map(|ev| match ev {
+                ChannelEvent::Message(m) => m.payload.as_bytes().to_vec(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    let sent = |range: std::ops::Range<u8>| range.map(blob).collect::<Vec<_>>();
+    publish(0..20).await;
+    assert_eq!(
+        bytes_of(collect_messages(&mut got_v1, 20, T).await.unwrap()),
+        sent(0..20)
+    );
+    assert_eq!(
+        bytes_of(collect_messages(&mut got_v2, 20, T).await.unwrap()),
+        sent(0..20)
+    );
+    // Cut off, the subscribers miss the next 20; on their return they resume, and the hub
+    // replays them from history in each one's version.
+    proxy.refuse_for(Duration::from_secs(60));
+    assert!(proxy.cut_all() >= 2);
+    publish(20..40).await;
+    proxy.stop_refusing();
+    assert_eq!(
+        bytes_of(collect_messages(&mut got_v1, 20, T).await.unwrap()),
+        sent(20..40)
+    );
+    assert_eq!(
+        bytes_of(collect_messages(&mut got_v2, 20, T).await.unwrap()),
+        sent(20..40)
+    );
 }
 
 #[actix_rt::test]

@@ -82,6 +82,10 @@ struct Args {
     /// Latency phase: messages published at the paced rate, per system and payload size.
     #[arg(long, default_value_t = 20_000)]
     paced_messages: usize,
+    /// Tether publishes the payloads as opaque bytes (`Payload::from_bytes`: no JSON check)
+    /// instead of checked JSON text. The raw relay carries the same bytes either way.
+    #[arg(long)]
+    opaque: bool,
 }
 
 /// Target throughput ratio (tether ÷ raw) for a payload size, from issue 9: ≥ 0.5× at 64 B,
@@ -387,7 +391,8 @@ async fn measure_payload(args: &Args, size: usize, clock: Clock) -> Result<Measu
         0
     };
     let retained = args.warmup + args.rounds * args.messages + paced_messages;
-    let mut tether = TetherPair::start(retained, size, args.window, args.settle()).await?;
+    let mut tether =
+        TetherPair::start(retained, size, args.window, args.settle(), args.opaque).await?;
     let mut raw = match RawPair::start(!args.raw_nagle, args.settle()).await {
         Ok(raw) => raw,
         Err(e) => {
@@ -499,6 +504,7 @@ struct TetherPair {
     _subscription: Channel,
     events: Option<ChannelEvents>,
     settle: Duration,
+    opaque: bool,
 }
 
 impl TetherPair {
@@ -507,6 +513,7 @@ impl TetherPair {
         size: usize,
         window: usize,
         settle: Duration,
+        opaque: bool,
     ) -> Result<Self, BoxError> {
         let hub = tether_side::start_hub(retained, size)?;
         let url = hub.ws_url();
@@ -535,6 +542,7 @@ impl TetherPair {
                 _subscription: subscription,
                 events: Some(events),
                 settle,
+                opaque,
             }),
             Err(e) => {
                 subscriber.close().await;
@@ -561,7 +569,8 @@ impl TetherPair {
         let events = self.events.take().ok_or("the subscriber failed earlier")?;
         let receiver = actix_rt::spawn(tether_receive(events, n, clock));
         let start = Instant::now();
-        tether_side::publish_paced(&self.channel, n, size, window, clock, pacer).await?;
+        tether_side::publish_paced(&self.channel, n, size, window, clock, pacer, self.opaque)
+            .await?;
         let (events, latencies, end) = receiver.await??;
         self.events = Some(events);
         Ok(Round {

@@ -222,8 +222,31 @@ impl Payload {
         }
     }
 
+    /// Opaque bytes — protobuf, MessagePack, an image, anything — published as they are: no
+    /// JSON check. On protocol v2 they travel as they are, both ways; in a v1 frame (a v1
+    /// connection, or a v1 subscriber) they go base64-encoded in `payload_b64` instead of
+    /// `payload` (4/3 of their size; bytes that happen to be JSON text go as `payload`), and
+    /// come back out as the same bytes. [`Payload::decode`] reads them only if they are JSON;
+    /// [`Payload::as_bytes`] always. See PROTOCOL.md §1.
+    ///
+    /// ```
+    /// use tether_transport::protocol::Payload;
+    ///
+    /// // Counted against a channel's maximum message size as their base64 length (4/3):
+    /// // the connection may carry them in a v1 frame.
+    /// let p = Payload::from_bytes(vec![0xff, 0x00, 0x80]);
+    /// assert_eq!(p.v1_len(), 4);
+    /// assert_eq!(p.as_bytes(), &[0xff, 0x00, 0x80]);
+    /// assert!(p.checked_json().is_none());
+    /// ```
+    pub fn from_bytes(bytes: impl Into<bytes::Bytes>) -> Self {
+        Self::from_unchecked(bytes.into())
+    }
+
     /// Bytes taken as they are: what a hub forwards from a v2 publisher, or reads back from
-    /// its store. They are checked (once) only where they must be JSON: in a v1 frame.
+    /// its store (the same as [`Payload::from_bytes`]). They are checked (once) only where
+    /// they must be JSON: in a v1 frame, which carries them as `payload` when they are JSON
+    /// and in `payload_b64` otherwise.
     pub fn from_unchecked(bytes: bytes::Bytes) -> Self {
         Payload {
             bytes,
@@ -268,13 +291,58 @@ impl Payload {
         self.bytes.len()
     }
 
+    /// The most bytes the payload can take in a v1 frame: its length when it is known to be
+    /// JSON, the length of its base64 text otherwise (`payload_b64`; bytes that turn out to be
+    /// JSON go as they are, shorter). What a client checks against its frame-size bound, since
+    /// its connection may speak v1.
+    pub fn v1_len(&self) -> usize {
+        if self.checked {
+            self.bytes.len()
+        } else {
+            self.bytes.len().div_ceil(3) * 4
+        }
+    }
+
     /// Whether the payload is empty (never, for a valid JSON payload).
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
 }
 
+/// A member that is present, whatever its value (`null` included): serde reads a present
+/// `null` into `None` otherwise, and `null` is a payload like any other.
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'de serde_json::value::RawValue>, D::Error> {
+    <&serde_json::value::RawValue>::deserialize(deserializer).map(Some)
+}
+
 impl Payload {
+    /// The payload of a v1 frame: exactly one of `payload` (JSON) and `payload_b64` (opaque
+    /// bytes, base64).
+    fn of_frame(
+        raw: Option<&serde_json::value::RawValue>,
+        b64: Option<&str>,
+        frame: Option<&bytes::Bytes>,
+    ) -> Result<Payload, TransportError> {
+        use base64::Engine as _;
+        match (raw, b64) {
+            (Some(raw), None) => Ok(Payload::of_raw(raw, frame)),
+            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map(Payload::from_bytes)
+                .map_err(|e| TransportError::MalformedFrame {
+                    reason: format!("payload_b64 is not base64: {e}"),
+                }),
+            (Some(_), Some(_)) => Err(TransportError::MalformedFrame {
+                reason: "a frame carries payload or payload_b64, not both".into(),
+            }),
+            (None, None) => Err(TransportError::MalformedFrame {
+                reason: "missing field `payload`".into(),
+            }),
+        }
+    }
+
     /// A payload decoded from a v1 frame: a slice of the frame's bytes when they are shared.
     fn of_raw(raw: &serde_json::value::RawValue, frame: Option<&bytes::Bytes>) -> Payload {
         let text = raw.get().as_bytes();
@@ -703,8 +771,7 @@ impl Frame {
     ///
     /// Messages and publishes (the frames with payloads) are written by hand around the payload
     /// bytes, which go in as they are; the other frames through serde. A payload that is not
-    /// JSON (only an unchecked one, from a v2 peer, can be) goes out as `null`, with
-    /// `"payload_invalid":true`.
+    /// JSON (opaque bytes, [`Payload::from_bytes`]) goes out base64-encoded in `payload_b64`.
     pub fn encode(&self) -> String {
         use std::fmt::Write as _;
         match self {
@@ -819,14 +886,16 @@ impl Frame {
                 struct In<'a> {
                     channel: String,
                     seq: u64,
-                    #[serde(borrow)]
-                    payload: &'a serde_json::value::RawValue,
+                    #[serde(borrow, default, deserialize_with = "present")]
+                    payload: Option<&'a serde_json::value::RawValue>,
+                    #[serde(borrow, default)]
+                    payload_b64: Option<std::borrow::Cow<'a, str>>,
                 }
                 let f: In<'_> = body(text)?;
                 Frame::Publish(Publish {
                     channel: f.channel,
                     seq: f.seq,
-                    payload: Payload::of_raw(f.payload, shared),
+                    payload: Payload::of_frame(f.payload, f.payload_b64.as_deref(), shared)?,
                 })
             }
             "ack" => Frame::Ack(body(text)?),
@@ -836,15 +905,17 @@ impl Frame {
                     channel: String,
                     epoch: Epoch,
                     offset: Offset,
-                    #[serde(borrow)]
-                    payload: &'a serde_json::value::RawValue,
+                    #[serde(borrow, default, deserialize_with = "present")]
+                    payload: Option<&'a serde_json::value::RawValue>,
+                    #[serde(borrow, default)]
+                    payload_b64: Option<std::borrow::Cow<'a, str>>,
                 }
                 let f: In<'_> = body(text)?;
                 Frame::Message(Message {
                     channel: f.channel,
                     epoch: f.epoch,
                     offset: f.offset,
-                    payload: Payload::of_raw(f.payload, shared),
+                    payload: Payload::of_frame(f.payload, f.payload_b64.as_deref(), shared)?,
                 })
             }
             other => {
@@ -881,14 +952,20 @@ fn push_json_string(out: &mut String, s: &str) {
     }
 }
 
-/// Appends `,"payload":…` with the payload's JSON as it is.
+/// Appends `,"payload":…` with the payload's JSON as it is, or `,"payload_b64":"…"` with
+/// opaque bytes base64-encoded.
 fn push_payload(out: &mut String, payload: &Payload) {
     match payload.checked_json() {
         Some(json) => {
             out.push_str(r#","payload":"#);
             out.push_str(json);
         }
-        None => out.push_str(r#","payload":null,"payload_invalid":true"#),
+        None => {
+            use base64::Engine as _;
+            out.push_str(r#","payload_b64":""#);
+            base64::engine::general_purpose::STANDARD.encode_string(payload.as_bytes(), out);
+            out.push('"');
+        }
     }
 }
 
@@ -1142,20 +1219,70 @@ mod tests {
     }
 
     #[test]
-    fn an_unchecked_payload_that_is_not_json_goes_to_v1_as_null() {
-        let frame = Frame::Message(Message {
-            channel: "r\"q".into(),
-            epoch: Epoch("e".into()),
-            offset: Offset(1),
-            payload: Payload::from_unchecked(bytes::Bytes::from_static(b"{not json")),
-        });
-        let text = frame.encode();
-        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(value["payload"], serde_json::Value::Null);
-        assert_eq!(value["payload_invalid"], true);
-        assert_eq!(value["channel"], "r\"q");
-        let ok = Payload::from_unchecked(bytes::Bytes::from_static(b"[1]"));
+    fn opaque_payloads_cross_v1_frames_as_base64_and_come_back_the_same_bytes() {
+        let bytes: &[u8] = b"{not json\xff\x00\x80";
+        for frame in [
+            Frame::Message(Message {
+                channel: "r\"q".into(),
+                epoch: Epoch("e".into()),
+                offset: Offset(1),
+                payload: Payload::from_bytes(bytes.to_vec()),
+            }),
+            Frame::Publish(Publish {
+                channel: "r\"q".into(),
+                seq: 3,
+                payload: Payload::from_bytes(bytes.to_vec()),
+            }),
+        ] {
+            let text = frame.encode();
+            let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert!(value.get("payload").is_none(), "{text}");
+            assert_eq!(value["payload_b64"], "e25vdCBqc29u/wCA");
+            assert_eq!(value["channel"], "r\"q");
+            let back = Frame::decode(&text, 1 << 20).unwrap();
+            let payload = match &back {
+                Frame::Message(m) => &m.payload,
+                Frame::Publish(p) => &p.payload,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(payload.as_bytes(), bytes);
+            assert!(payload.checked_json().is_none());
+        }
+        // Opaque bytes that happen to be JSON go as JSON.
+        let ok = Payload::from_bytes(&b"[1]"[..]);
         assert_eq!(ok.checked_json(), Some("[1]"));
+        let text = Frame::Publish(Publish {
+            channel: "c".into(),
+            seq: 1,
+            payload: ok,
+        })
+        .encode();
+        assert_eq!(
+            text,
+            r#"{"type":"publish","channel":"c","seq":1,"payload":[1]}"#
+        );
+    }
+
+    #[test]
+    fn a_v1_frame_needs_exactly_one_well_formed_payload() {
+        let decode = |t: &str| Frame::decode(t, 1 << 20);
+        // A null payload is a payload.
+        match decode(r#"{"type":"publish","channel":"c","seq":1,"payload":null}"#) {
+            Ok(Frame::Publish(p)) => assert_eq!(p.payload.json(), "null"),
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            r#"{"type":"publish","channel":"c","seq":1}"#,
+            r#"{"type":"publish","channel":"c","seq":1,"payload":1,"payload_b64":"AA=="}"#,
+            r#"{"type":"publish","channel":"c","seq":1,"payload_b64":"not base64!"}"#,
+            r#"{"type":"message","channel":"c","epoch":"e","offset":1,"payload_b64":7}"#,
+        ] {
+            assert!(
+                matches!(decode(bad), Err(TransportError::MalformedFrame { .. })),
+                "{bad}: {:?}",
+                decode(bad)
+            );
+        }
     }
 
     #[test]
