@@ -267,7 +267,10 @@ pub fn check_ws_stream(stream: &[u8], cuts: &[usize], pristine: bool) -> Result<
     let items: Vec<Result<Bytes, std::io::Error>> = chunks(stream, cuts)
         .map(|c| Ok(Bytes::copy_from_slice(c)))
         .collect();
-    let inbound = Inbound::new(futures::stream::iter(items), WS_MAX);
+    let inbound = Inbound::new(
+        tether_transport::hub::wire::Chunks(futures::stream::iter(items)),
+        WS_MAX,
+    );
     let frames: Vec<Result<WsFrame, InboundError>> =
         futures::executor::block_on(futures::StreamExt::collect(inbound));
     if pristine {

@@ -25,7 +25,9 @@ use super::admin::ConnectionFacts;
 use super::auth::{AuthRejection, Identity};
 use super::budget::OutboundBudget;
 use super::handler::{ConnInfo, ConnectionHandler, FrameRejection, Kick, SessionOutbox, Wire};
-use super::wire::{ConnSocket, Inbound, InboundError, InboundGate, OutboundPipe, PipeBody};
+use super::wire::{
+    ConnSocket, Inbound, InboundError, InboundGate, InboundSource, OutboundPipe, PipeBody,
+};
 use super::HubState;
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
@@ -202,15 +204,14 @@ pub fn excerpt(text: &str) -> std::borrow::Cow<'_, str> {
 /// Serves an upgraded WebSocket connection with a new [`HubSession`]: `incoming` is what the
 /// socket reads (frames are decoded from it by an [`Inbound`]); the returned [`PipeBody`] is
 /// what the connection's [`super::wire::Writer`] sends.
-pub(crate) fn start<S, E>(
+pub(crate) fn start<S>(
     state: Arc<HubState>,
     peer: Option<std::net::SocketAddr>,
     socket: Option<ConnSocket>,
     incoming: S,
 ) -> PipeBody
 where
-    S: futures::Stream<Item = Result<Bytes, E>> + Unpin + 'static,
-    E: std::fmt::Display + 'static,
+    S: InboundSource + 'static,
 {
     let max = state.config.max_frame_size;
     let budget = Arc::new(OutboundBudget::new(state.config.outbound_budget));

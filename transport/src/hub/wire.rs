@@ -9,9 +9,9 @@
 //!   whose declared length exceeds the limit before its payload is buffered (actix-http's codec
 //!   checks only once the whole frame is in memory). A connection sending one costs at most the
 //!   frame limit plus one read.
-//! * [`SocketReader`] reads the socket into a buffer on the stack, and [`Inbound`] turns those
-//!   bytes into frames through the guard and the codec; neither keeps a buffer while the
-//!   connection is idle.
+//! * [`SocketReader`] reads the socket into a buffer on the stack between frames, and straight
+//!   into the frame's buffer while one is under way; [`Inbound`] turns those bytes into frames
+//!   through the guard and the codec. Neither keeps a buffer while the connection is idle.
 //! * [`OutboundPipe`] is a queue of frames charged to the connection's [`OutboundBudget`] until
 //!   the [`Writer`] takes them (framing them then, into a buffer that exists only while there is
 //!   something to write), with a record of when the writer last made progress.
@@ -213,6 +213,48 @@ impl InboundGate {
     }
 }
 
+/// Where an [`Inbound`] reads a connection's bytes.
+pub trait InboundSource: Unpin {
+    /// What a failed read says.
+    type Error: std::fmt::Display;
+
+    /// Appends the next bytes to `buf`: `Ok(n)` for `n` bytes appended, `Ok(0)` at the end of
+    /// the stream.
+    fn poll_append(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<Result<usize, Self::Error>>;
+}
+
+/// A stream of byte chunks as an [`InboundSource`] (each chunk copied in): for sources that
+/// hand out buffers of their own, tests and fuzzing.
+pub struct Chunks<S>(pub S);
+
+impl<S, E> InboundSource for Chunks<S>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    type Error = E;
+
+    fn poll_append(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<Result<usize, E>> {
+        loop {
+            return match Pin::new(&mut self.0).poll_next(cx) {
+                // An empty chunk is not the end.
+                Poll::Ready(Some(Ok(chunk))) if chunk.is_empty() => continue,
+                Poll::Ready(Some(Ok(chunk))) => {
+                    buf.extend_from_slice(&chunk);
+                    Poll::Ready(Ok(chunk.len()))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Err(e)),
+                Poll::Ready(None) => Poll::Ready(Ok(0)),
+                Poll::Pending => Poll::Pending,
+            };
+        }
+    }
+}
+
 /// The connection's frames, in order: the request payload through a [`FrameGuard`] and
 /// actix-http's codec. Buffers at most one frame (within the limit) plus one read.
 pub struct Inbound<S> {
@@ -246,11 +288,7 @@ impl<S> Inbound<S> {
     }
 }
 
-impl<S, E> Stream for Inbound<S>
-where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-    E: std::fmt::Display,
-{
+impl<S: InboundSource> Stream for Inbound<S> {
     type Item = Result<Frame, InboundError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -285,19 +323,16 @@ where
                 // frames handed out hold their own bytes).
                 this.buf = BytesMut::new();
             }
-            match Pin::new(&mut this.payload).poll_next(cx) {
-                Poll::Ready(Some(Ok(bytes))) => {
-                    if let Err(over) = this.guard.feed(&bytes) {
+            match this.payload.poll_append(cx, &mut this.buf) {
+                Poll::Ready(Ok(0)) => this.done = true,
+                Poll::Ready(Ok(n)) => {
+                    let start = this.buf.len() - n;
+                    if let Err(over) = this.guard.feed(&this.buf[start..]) {
                         // Frames complete before the header are served; then the error.
                         this.done = true;
                         this.oversize = Some(over.declared);
-                        this.buf.extend_from_slice(&bytes[..over.before]);
+                        this.buf.truncate(start + over.before);
                         continue;
-                    }
-                    if this.buf.is_empty() {
-                        this.buf = BytesMut::from(bytes);
-                    } else {
-                        this.buf.extend_from_slice(&bytes);
                     }
                     // The rest of a large frame is coming: make room for it ahead, by at most
                     // twice what has arrived and never beyond the frame. (The codec makes room
@@ -310,12 +345,11 @@ where
                         this.buf.reserve(rest.min(2 * this.buf.len()));
                     }
                 }
-                Poll::Ready(Some(Err(e))) => {
+                Poll::Ready(Err(e)) => {
                     this.done = true;
                     this.buf.clear();
                     return Poll::Ready(Some(Err(InboundError::Io(e.to_string()))));
                 }
-                Poll::Ready(None) => this.done = true,
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -772,8 +806,9 @@ impl<W: AsyncWrite + Unpin> std::future::Future for Writer<W> {
     }
 }
 
-/// The bytes of a connection's socket as a stream, read [`READ_CHUNK`] at a time into a buffer
-/// on the stack and copied out at their size: an idle connection holds no read buffer. Bytes
+/// The bytes of a connection's socket, for an [`Inbound`]: between frames read [`READ_CHUNK`]
+/// at a time into a buffer on the stack and copied out at their size (an idle connection holds
+/// no read buffer); while a frame is under way read straight into that frame's buffer. Bytes
 /// that arrived with the HTTP upgrade request come first.
 pub struct SocketReader<R> {
     io: R,
@@ -790,20 +825,38 @@ impl<R> SocketReader<R> {
     }
 }
 
-impl<R: AsyncRead + Unpin> Stream for SocketReader<R> {
-    type Item = std::io::Result<Bytes>;
+impl<R: AsyncRead + Unpin> InboundSource for SocketReader<R> {
+    type Error = std::io::Error;
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        if let Some(early) = this.early.take() {
-            return Poll::Ready(Some(Ok(early)));
+    fn poll_append(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(early) = self.early.take() {
+            let n = early.len();
+            if buf.is_empty() {
+                *buf = BytesMut::from(early);
+            } else {
+                buf.extend_from_slice(&early);
+            }
+            return Poll::Ready(Ok(n));
         }
+        if !buf.is_empty() {
+            // A frame is under way: read straight into its buffer (one copy fewer).
+            buf.reserve(READ_CHUNK);
+            return tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, buf);
+        }
+        // Between frames: read on the stack, so that an idle connection holds no buffer, and
+        // copy what came at its size.
         let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
         let mut read = ReadBuf::uninit(&mut stack);
-        match Pin::new(&mut this.io).poll_read(cx, &mut read) {
-            Poll::Ready(Ok(())) if read.filled().is_empty() => Poll::Ready(None),
-            Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(Bytes::copy_from_slice(read.filled())))),
-            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+        match Pin::new(&mut self.io).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                buf.extend_from_slice(read.filled());
+                Poll::Ready(Ok(read.filled().len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -1016,7 +1069,7 @@ mod tests {
             .chunks(3000)
             .map(|c| Ok(Bytes::copy_from_slice(c)))
             .collect();
-        let mut inbound = Inbound::new(futures::stream::iter(chunks), 4096);
+        let mut inbound = Inbound::new(Chunks(futures::stream::iter(chunks)), 4096);
         match inbound.next().await {
             Some(Ok(Frame::Text(t))) => assert_eq!(&t[..], b"hello"),
             other => panic!("{other:?}"),
@@ -1041,7 +1094,7 @@ mod tests {
             let arrived = start.len();
             let chunks = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(start))])
                 .chain(futures::stream::pending());
-            let mut inbound = Inbound::new(chunks, 100_000);
+            let mut inbound = Inbound::new(Chunks(chunks), 100_000);
             let waker = futures::task::noop_waker();
             assert!(Pin::new(&mut inbound)
                 .poll_next(&mut Context::from_waker(&waker))
@@ -1065,7 +1118,7 @@ mod tests {
             .chunks(READ_CHUNK)
             .map(|c| Ok(Bytes::copy_from_slice(c)))
             .collect();
-        let mut inbound = Inbound::new(futures::stream::iter(chunks), 100_000);
+        let mut inbound = Inbound::new(Chunks(futures::stream::iter(chunks)), 100_000);
         match inbound.next().await {
             Some(Ok(Frame::Binary(b))) => assert_eq!(&b[..], &payload[..]),
             other => panic!("{other:?}"),
@@ -1202,14 +1255,28 @@ mod tests {
 
     #[tokio::test]
     async fn the_reader_serves_early_bytes_first_and_ends_at_eof() {
-        use futures::StreamExt;
         use tokio::io::AsyncWriteExt;
         let (near, mut far) = tokio::io::duplex(64);
         let mut reader = SocketReader::new(near, Bytes::from_static(b"early"));
         far.write_all(b"later").await.unwrap();
         drop(far);
-        assert_eq!(&reader.next().await.unwrap().unwrap()[..], b"early");
-        assert_eq!(&reader.next().await.unwrap().unwrap()[..], b"later");
-        assert!(reader.next().await.is_none());
+        let mut buf = BytesMut::new();
+        let mut append = |buf: &mut BytesMut| {
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            match reader.poll_append(&mut cx, buf) {
+                Poll::Ready(r) => r.unwrap(),
+                Poll::Pending => panic!("the duplex has the bytes"),
+            }
+        };
+        assert_eq!(append(&mut buf), 5);
+        assert_eq!(&buf[..], b"early");
+        // A frame under way: the next bytes are read into the same buffer.
+        assert_eq!(append(&mut buf), 5);
+        assert_eq!(&buf[..], b"earlylater");
+        assert_eq!(append(&mut buf), 0, "the end");
+        // Between frames (an empty buffer), too.
+        buf.clear();
+        assert_eq!(append(&mut buf), 0);
+        assert!(buf.is_empty());
     }
 }
