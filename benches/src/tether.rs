@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tether_channels::hub::{ChannelService, HistoryStore, Retention};
 use tether_channels::{Channel, ChannelEvents, ChannelOptions, ChannelState};
-use tether_transport::hub::{Hub, HubConfig, HubHandle};
+use tether_transport::hub::{Hub, HubConfig, HubConfigBuilder, HubHandle};
 use tether_transport::{event_channel, Transport, TransportConfig};
 
 use futures::stream::FuturesUnordered;
@@ -52,6 +52,16 @@ pub fn start_hub_on(
     payload_size: usize,
     store: Option<Arc<dyn HistoryStore>>,
 ) -> Result<HubHandle, BoxError> {
+    start_hub_configured(messages, payload_size, store, |config| config)
+}
+
+/// [`start_hub_on`] with the hub's configuration adjusted by `configure` before it is built.
+pub fn start_hub_configured(
+    messages: usize,
+    payload_size: usize,
+    store: Option<Arc<dyn HistoryStore>>,
+    configure: impl FnOnce(HubConfigBuilder) -> HubConfigBuilder,
+) -> Result<HubHandle, BoxError> {
     let retention = retention_for(messages, payload_size);
     let mut builder = ChannelService::builder().retention(retention);
     if let Some(store) = store {
@@ -59,11 +69,13 @@ pub fn start_hub_on(
     }
     let service = builder.build()?;
     let bind: SocketAddr = "127.0.0.1:0".parse()?;
-    let config = HubConfig::builder()
-        .bind(bind)
-        .workers(1)
-        .handler(Arc::new(service))
-        .build()?;
+    let config = configure(
+        HubConfig::builder()
+            .bind(bind)
+            .workers(1)
+            .handler(Arc::new(service)),
+    )
+    .build()?;
     Ok(Hub::start(config)?)
 }
 
