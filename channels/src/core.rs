@@ -349,9 +349,8 @@ enum Link {
 /// All the state and rules of one client channel (see the [module docs](self)).
 #[derive(Debug)]
 pub struct ChannelCore<R> {
-    name: String,
-    /// The name again, shared by every delivered message.
-    shared_name: Arc<str>,
+    /// The channel's name (shared by every delivered message).
+    name: Arc<str>,
     producer: String,
     /// Publishes go through a store first ([`Action::Persist`]).
     durable: bool,
@@ -397,8 +396,7 @@ impl<R> ChannelCore<R> {
     ) -> Self {
         let name: String = name.into();
         ChannelCore {
-            shared_name: name.as_str().into(),
-            name,
+            name: name.into(),
             producer: producer.into(),
             durable: false,
             subscribe: options.subscribe,
@@ -561,7 +559,7 @@ impl<R> ChannelCore<R> {
                 let channel = self.name.clone();
                 let cause = error.clone();
                 self.answer_all(|| ChannelError::Failed {
-                    channel: channel.clone(),
+                    channel: channel.to_string(),
                     cause: cause.clone(),
                 });
                 self.transport_failure = Some(error);
@@ -658,7 +656,7 @@ impl<R> ChannelCore<R> {
         self.state = to;
         tracing::info!(%from, %to, %reason, resumed, "channel state changed");
         self.push(Action::StateChanged(ChannelStateChanged {
-            channel: self.name.clone(),
+            channel: self.name.to_string(),
             from,
             to,
             reason,
@@ -683,7 +681,7 @@ impl<R> ChannelCore<R> {
             self.push(Action::Answer {
                 responder,
                 result: Err(ChannelError::Failed {
-                    channel: self.name.clone(),
+                    channel: self.name.to_string(),
                     cause,
                 }),
             });
@@ -693,7 +691,7 @@ impl<R> ChannelCore<R> {
             self.push(Action::Answer {
                 responder,
                 result: Err(ChannelError::Detached {
-                    channel: self.name.clone(),
+                    channel: self.name.to_string(),
                 }),
             });
             return;
@@ -705,7 +703,7 @@ impl<R> ChannelCore<R> {
             self.push(Action::Answer {
                 responder,
                 result: Err(ChannelError::PayloadTooLarge {
-                    channel: self.name.clone(),
+                    channel: self.name.to_string(),
                     size,
                     max,
                 }),
@@ -734,7 +732,7 @@ impl<R> ChannelCore<R> {
                     self.push(Action::Answer {
                         responder: old.responder,
                         result: Err(ChannelError::Evicted {
-                            channel: self.name.clone(),
+                            channel: self.name.to_string(),
                             seq: old.seq,
                         }),
                     });
@@ -748,7 +746,7 @@ impl<R> ChannelCore<R> {
             Err(refused) => self.push(Action::Answer {
                 responder: refused.responder,
                 result: Err(ChannelError::QueueFull {
-                    channel: self.name.clone(),
+                    channel: self.name.to_string(),
                     messages: refused.messages,
                     bytes: refused.bytes,
                 }),
@@ -786,7 +784,7 @@ impl<R> ChannelCore<R> {
             payloads.push(payload);
             run = Some((
                 PublishRun {
-                    channel: self.name.clone(),
+                    channel: self.name.to_string(),
                     first_seq: seq,
                     payloads,
                 },
@@ -829,12 +827,12 @@ impl<R> ChannelCore<R> {
         for p in pending {
             let answer = if self.durable && self.outbox.is_committed(p.seq) {
                 ChannelError::Persisted {
-                    channel: self.name.clone(),
+                    channel: self.name.to_string(),
                     seq: p.seq,
                 }
             } else if p.sends > 0 || self.durable {
                 ChannelError::Unconfirmed {
-                    channel: self.name.clone(),
+                    channel: self.name.to_string(),
                     seq: p.seq,
                     cause: Box::new(error()),
                 }
@@ -911,7 +909,7 @@ impl<R> ChannelCore<R> {
         self.lagging = false;
         self.replay = None;
         self.push(Action::Send(Frame::Attach(Attach {
-            channel: self.name.clone(),
+            channel: self.name.to_string(),
             subscribe: self.subscribe,
             resume,
             producer: Some(self.producer.clone()),
@@ -955,7 +953,7 @@ impl<R> ChannelCore<R> {
         );
         self.failure = Some(error.clone());
         let cause = ChannelError::Failed {
-            channel: self.name.clone(),
+            channel: self.name.to_string(),
             cause: error,
         };
         self.answer_all(|| cause.clone());
@@ -1048,7 +1046,7 @@ impl<R> ChannelCore<R> {
         }
         self.meters.delivered.increment(1);
         self.emit(ChannelEvent::Message(ChannelMessage {
-            channel: self.shared_name.clone(),
+            channel: self.name.clone(),
             epoch: epoch.clone(),
             offset,
             payload,
@@ -1094,7 +1092,7 @@ impl<R> ChannelCore<R> {
             SubscriberRoom::Free(0) => false,
             SubscriberRoom::Free(_) => {
                 let event = ChannelEvent::Discontinuity(Discontinuity {
-                    channel: self.name.clone(),
+                    channel: self.name.to_string(),
                     from: gap.from.clone(),
                     to: gap.to.clone(),
                 });
@@ -1139,7 +1137,7 @@ impl<R> ChannelCore<R> {
                     self.push(Action::Answer {
                         responder: done.responder,
                         result: Err(ChannelError::Rejected {
-                            channel: self.name.clone(),
+                            channel: self.name.to_string(),
                             seq,
                             cause: error,
                         }),
@@ -1171,7 +1169,7 @@ impl<R> ChannelCore<R> {
         match self.state {
             ChannelState::Attaching | ChannelState::Attached if self.link != Link::Down => {
                 self.push(Action::Send(Frame::Detach(Detach {
-                    channel: self.name.clone(),
+                    channel: self.name.to_string(),
                 })));
                 self.transition(
                     ChannelState::Detaching,
@@ -1199,7 +1197,7 @@ impl<R> ChannelCore<R> {
     fn finish_detach(&mut self) {
         let channel = self.name.clone();
         self.answer_all(|| ChannelError::Detached {
-            channel: channel.clone(),
+            channel: channel.to_string(),
         });
         self.push(Action::Unregister);
         self.push(Action::Stop);

@@ -291,15 +291,10 @@ impl DurableStore {
             {
                 let (key, value) = entry.map_err(|e| fail(e.into()))?;
                 let seq = key.value().1;
-                let payload =
-                    Payload::from_json_bytes(bytes::Bytes::copy_from_slice(value.value()))
-                        .map_err(|e| {
-                            durable_error(
-                                path,
-                                DurableFailure::Corrupt,
-                                format!("publish {seq} of {channel:?} is not JSON: {e}"),
-                            )
-                        })?;
+                // Stored as published: JSON text, or opaque bytes (`Payload::from_bytes`).
+                let bytes = bytes::Bytes::copy_from_slice(value.value());
+                let payload = Payload::from_json_bytes(bytes.clone())
+                    .unwrap_or_else(|_| Payload::from_bytes(bytes));
                 entries.push((seq, payload));
             }
             if let Some((seq, _)) = entries.last() {
@@ -506,6 +501,24 @@ mod tests {
             .unwrap();
         assert_eq!(config.client_id, client);
         assert_eq!(config.instance_id, Some(instance));
+    }
+
+    #[test]
+    fn opaque_payloads_survive_a_reopen_as_the_same_bytes() {
+        let path = temp_path("opaque.redb");
+        let blob: Vec<u8> = (0..=255u8).rev().collect();
+        {
+            let store = DurableStore::open(&path).unwrap();
+            let (channel, _) = store.open_channel("blobs").unwrap();
+            channel
+                .commit(&[(1, Payload::from_bytes(blob.clone())), (2, p(2))], &[])
+                .unwrap();
+        }
+        let store = DurableStore::open(&path).unwrap();
+        let (_channel, recovery) = store.open_channel("blobs").unwrap();
+        assert_eq!(recovery.entries[0].1.as_bytes(), &blob[..]);
+        assert!(recovery.entries[0].1.checked_json().is_none());
+        assert_eq!(recovery.entries[1].1.json(), r#"{"n":2}"#);
     }
 
     #[test]

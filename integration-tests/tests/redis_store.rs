@@ -110,6 +110,28 @@ async fn read_when_back(s: &RedisStore, channel: &str) -> tether_channels::hub::
     }
 }
 
+/// Opaque payloads — not JSON, not even UTF-8 — are stored and read back as the same bytes
+/// (a page that held one used to fail to read, leaving its subscribers unable to catch up).
+#[tokio::test]
+async fn opaque_payloads_are_stored_and_read_back_as_the_same_bytes() {
+    let redis = RedisServer::start().expect("redis");
+    let s = store(&redis, Retention::default());
+    let blobs: Vec<Vec<u8>> = vec![(0..=255u8).rev().collect(), Vec::new(), b"[1]".to_vec()];
+    let requests = blobs
+        .iter()
+        .zip(1..)
+        .map(|(blob, seq)| AppendRequest {
+            producer: producer("a").into(),
+            seq,
+            payload: Payload::from_bytes(blob.clone()),
+        })
+        .collect();
+    s.append("blobs", None, fresh(), requests).await.unwrap();
+    let page = s.read("blobs", None, Offset(0), all()).await.unwrap();
+    let read: Vec<&[u8]> = page.messages.iter().map(|m| m.payload.as_bytes()).collect();
+    assert_eq!(read, blobs.iter().map(Vec::as_slice).collect::<Vec<_>>());
+}
+
 #[tokio::test]
 async fn appends_number_dedupe_and_page() {
     let redis = RedisServer::start().expect("redis");

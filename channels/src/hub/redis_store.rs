@@ -696,6 +696,15 @@ fn malformed(what: &str) -> ChannelError {
     }
 }
 
+fn as_bytes(v: &Value) -> Result<bytes::Bytes, ChannelError> {
+    match v {
+        Value::BulkString(b) => Ok(bytes::Bytes::copy_from_slice(b)),
+        Value::SimpleString(s) => Ok(bytes::Bytes::copy_from_slice(s.as_bytes())),
+        Value::VerbatimString { text, .. } => Ok(bytes::Bytes::copy_from_slice(text.as_bytes())),
+        _ => Err(malformed("expected a string")),
+    }
+}
+
 fn as_string(v: &Value) -> Result<String, ChannelError> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).map_err(|_| malformed("not UTF-8")),
@@ -763,8 +772,9 @@ fn parse_page(v: &Value) -> Result<Page, ChannelError> {
             let [offset, payload] = pair else {
                 return Err(malformed("read entry"));
             };
-            let payload = Payload::from_json(&as_string(payload)?)
-                .map_err(|_| malformed("stored payload is not JSON"))?;
+            // Stored as published: JSON text, or opaque bytes (`Payload::from_bytes`, or a v2
+            // publisher's payload), which need not even be UTF-8.
+            let payload = Payload::from_unchecked(as_bytes(payload)?);
             Ok(StoredMessage {
                 offset: as_offset(offset)?,
                 payload,

@@ -244,16 +244,32 @@ pub fn encode_messages<'a>(
     payloads: impl ExactSizeIterator<Item = &'a Payload> + Clone,
 ) {
     let len: usize = payloads.clone().map(|p| 4 + p.len()).sum();
-    buf.reserve(1 + 2 + channel.len() + 2 + epoch.0.len() + 8 + 4 + len);
-    buf.put_u8(KIND_MESSAGE);
-    put_str(buf, channel);
-    put_str(buf, &epoch.0);
-    buf.put_u64_le(first_offset.0);
-    buf.put_u32_le(payloads.len() as u32);
+    buf.reserve(message_head_len(channel, epoch) + len);
+    put_message_head(buf, channel, epoch, first_offset, payloads.len());
     for p in payloads {
         buf.put_u32_le(p.len() as u32);
         buf.put_slice(p.as_bytes());
     }
+}
+
+/// Bytes a message run's header takes (kind, channel, epoch, first offset, count).
+fn message_head_len(channel: &str, epoch: &Epoch) -> usize {
+    1 + 2 + channel.len() + 2 + epoch.0.len() + 8 + 4
+}
+
+/// Writes a message run's header: what precedes its `count` payloads.
+fn put_message_head(
+    buf: &mut BytesMut,
+    channel: &str,
+    epoch: &Epoch,
+    first_offset: Offset,
+    count: usize,
+) {
+    buf.put_u8(KIND_MESSAGE);
+    put_str(buf, channel);
+    put_str(buf, &epoch.0);
+    buf.put_u64_le(first_offset.0);
+    buf.put_u32_le(count as u32);
 }
 
 /// A message run kept as its parts: the record's header, encoded, and the payloads, shared.
@@ -276,12 +292,8 @@ impl SharedMessageRun {
         first_offset: Offset,
         payloads: std::sync::Arc<[Payload]>,
     ) -> Self {
-        let mut head = BytesMut::with_capacity(1 + 2 + channel.len() + 2 + epoch.0.len() + 12);
-        head.put_u8(KIND_MESSAGE);
-        put_str(&mut head, channel);
-        put_str(&mut head, &epoch.0);
-        head.put_u64_le(first_offset.0);
-        head.put_u32_le(payloads.len() as u32);
+        let mut head = BytesMut::with_capacity(message_head_len(channel, epoch));
+        put_message_head(&mut head, channel, epoch, first_offset, payloads.len());
         let len = head.len() + payloads.iter().map(payload_len).sum::<usize>();
         SharedMessageRun {
             head: head.freeze(),
