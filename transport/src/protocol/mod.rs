@@ -258,7 +258,7 @@ impl Payload {
     /// turns out not to be JSON.
     pub fn checked_json(&self) -> Option<&str> {
         if self.checked || is_json(&self.bytes).is_ok() {
-            // JSON text is UTF-8 (serde_json validates it).
+            // JSON text is UTF-8 (`is_json` validated it).
             std::str::from_utf8(&self.bytes).ok()
         } else {
             None
@@ -357,8 +357,14 @@ impl Payload {
 }
 
 /// Checks that `bytes` are one JSON value (without building it).
-fn is_json(bytes: &[u8]) -> Result<(), serde_json::Error> {
-    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map(|_| ())
+/// Whether `bytes` are one JSON text. UTF-8 is checked first and on its own: serde_json skips
+/// over the contents of strings it is told to ignore without validating them, so invalid
+/// UTF-8 inside a string would otherwise pass as JSON.
+fn is_json(bytes: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 impl PartialEq for Payload {
@@ -1261,6 +1267,30 @@ mod tests {
             text,
             r#"{"type":"publish","channel":"c","seq":1,"payload":[1]}"#
         );
+    }
+
+    #[test]
+    fn invalid_utf8_inside_a_json_string_is_not_json() {
+        // serde_json skips an ignored string's bytes unvalidated; the check must not.
+        let bad: &[u8] = b"{\"p\":\"\xff\xfe\"}";
+        let err = Payload::from_json_bytes(bytes::Bytes::from_static(bad)).unwrap_err();
+        assert!(
+            matches!(&err, TransportError::MalformedFrame { reason } if reason.contains("UTF-8")),
+            "{err:?}"
+        );
+        // Such bytes from a v2 publisher reach a v1 subscriber base64-encoded, never as text.
+        let unchecked = Payload::from_bytes(bad.to_vec());
+        assert!(unchecked.checked_json().is_none());
+        let text = Frame::Publish(Publish {
+            channel: "c".into(),
+            seq: 1,
+            payload: unchecked,
+        })
+        .encode();
+        assert!(text.contains(r#""payload_b64":"#), "{text}");
+        // Valid multi-byte UTF-8 is JSON as before.
+        let ok = Payload::from_json_bytes(bytes::Bytes::from("{\"p\":\"é✓\"}")).unwrap();
+        assert_eq!(ok.json(), "{\"p\":\"é✓\"}");
     }
 
     #[test]
