@@ -3,6 +3,7 @@
 //! Names live here, once, so that dashboards and code cannot drift apart.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -40,9 +41,16 @@ pub const HUB_READS_PAUSED: &str = "tether_hub_reads_paused_total";
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// How often the recorder installed by [`prometheus`] drains its histograms' new samples into
+/// their summaries. The recorder keeps every sample recorded since the last drain, and
+/// rendering `/metrics` is the only other drain: without this, a hub nobody scrapes would hold
+/// every histogram sample it ever recorded (one per acknowledged publish, among others).
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Installs the Prometheus recorder as the global `metrics` recorder, once per process, and
-/// returns its handle. `None` when the application had already installed a recorder of its own
-/// (then `/metrics` on the hub says so instead of rendering).
+/// returns its handle; a thread of its own (`tether-metrics-upkeep`) drains the histograms
+/// every [`UPKEEP_INTERVAL`]. `None` when the application had already installed a recorder of
+/// its own (then `/metrics` on the hub says so instead of rendering).
 pub fn prometheus() -> Option<PrometheusHandle> {
     PROMETHEUS
         .get_or_init(|| {
@@ -51,6 +59,14 @@ pub fn prometheus() -> Option<PrometheusHandle> {
             match metrics::set_global_recorder(recorder) {
                 Ok(()) => {
                     describe();
+                    let upkeep = handle.clone();
+                    if let Err(e) = spawn_upkeep(UPKEEP_INTERVAL, move || {
+                        upkeep.run_upkeep();
+                        true
+                    }) {
+                        // Rendering still drains; only an unscraped hub then keeps samples.
+                        tracing::warn!(error = %e, "metrics upkeep thread not started; histograms drain only when /metrics is rendered");
+                    }
                     Some(handle)
                 }
                 Err(e) => {
@@ -60,6 +76,22 @@ pub fn prometheus() -> Option<PrometheusHandle> {
             }
         })
         .clone()
+}
+
+/// Runs `upkeep` every `interval` on a thread of its own until it returns `false` (the global
+/// recorder's never does: it lives as long as the process).
+fn spawn_upkeep(
+    interval: Duration,
+    mut upkeep: impl FnMut() -> bool + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("tether-metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(interval);
+            if !upkeep() {
+                return;
+            }
+        })
 }
 
 fn describe() {
@@ -125,3 +157,26 @@ pub const HUB_ADMIN_REQUESTS: &str = "tether_hub_admin_requests_total";
 pub const HUB_ADMIN_DISCONNECTS: &str = "tether_hub_admin_disconnects_total";
 /// Counter: admin peers that did not answer for their part of an admin request.
 pub const HUB_ADMIN_PEER_ERRORS: &str = "tether_hub_admin_peer_errors_total";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upkeep_runs_again_and_again_on_its_own_thread() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = spawn_upkeep(Duration::from_millis(1), move || {
+            tx.send(std::thread::current().name().map(str::to_owned))
+                .is_ok()
+        })
+        .unwrap();
+        for _ in 0..3 {
+            let name = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("upkeep ran");
+            assert_eq!(name.as_deref(), Some("tether-metrics-upkeep"));
+        }
+        drop(rx);
+        thread.join().unwrap();
+    }
+}
