@@ -444,7 +444,7 @@ impl<R> ChannelCore<R> {
         core.durable = true;
         core.outbox = OutgoingBuffer::new_durable(options.limits, last_seq);
         if !restored.is_empty() {
-            core.meters.queue_depth.increment(restored.len() as f64);
+            core.meters.queued(restored.len());
         }
         for (seq, payload, responder) in restored {
             core.outbox
@@ -522,11 +522,17 @@ impl<R> ChannelCore<R> {
 
     /// The next action, oldest first.
     pub fn poll_action(&mut self) -> Option<Action<R>> {
-        self.actions.pop_front()
+        let action = self.actions.pop_front();
+        if action.is_none() {
+            // The run of work is done: its metrics go out together.
+            self.meters.report();
+        }
+        action
     }
 
     /// Every action not taken yet, oldest first.
     pub fn drain_actions(&mut self) -> std::collections::vec_deque::Drain<'_, Action<R>> {
+        self.meters.report();
         self.actions.drain(..)
     }
 
@@ -631,7 +637,7 @@ impl<R> ChannelCore<R> {
             } => {
                 let failed = self.outbox.remove_uncommitted(from, through);
                 if !failed.is_empty() {
-                    self.meters.queue_depth.decrement(failed.len() as f64);
+                    self.meters.dequeued(failed.len());
                 }
                 for p in failed {
                     self.push(Action::Answer {
@@ -714,9 +720,8 @@ impl<R> ChannelCore<R> {
         let to_store = self.durable.then(|| payload.clone());
         match self.outbox.push(payload, responder, tokio_instant(now)) {
             Ok(pushed) => {
-                self.meters
-                    .queue_depth
-                    .increment(1.0 - pushed.evicted.len() as f64);
+                self.meters.queued(1);
+                self.meters.dequeued(pushed.evicted.len());
                 // `to_store` is there exactly when the channel is durable.
                 self.push(match to_store {
                     Some(payload) => Action::Persist {
@@ -801,7 +806,7 @@ impl<R> ChannelCore<R> {
             if self.durable {
                 self.push(Action::Forget { seq: done.seq });
             }
-            self.meters.queue_depth.decrement(1.0);
+            self.meters.dequeued(1);
             self.meters.ack_seconds.record(
                 tokio_instant(now)
                     .saturating_duration_since(done.accepted_at)
@@ -822,7 +827,7 @@ impl<R> ChannelCore<R> {
     fn answer_all(&mut self, error: impl Fn() -> ChannelError) {
         let pending = self.outbox.drain();
         if !pending.is_empty() {
-            self.meters.queue_depth.decrement(pending.len() as f64);
+            self.meters.dequeued(pending.len());
         }
         for p in pending {
             let answer = if self.durable && self.outbox.is_committed(p.seq) {
@@ -1044,7 +1049,7 @@ impl<R> ChannelCore<R> {
             Verdict::GapThenDeliver(gap) => self.report_gap(gap),
             Verdict::Deliver => {}
         }
-        self.meters.delivered.increment(1);
+        self.meters.delivered_one();
         self.emit(ChannelEvent::Message(ChannelMessage {
             channel: self.name.clone(),
             epoch: epoch.clone(),
@@ -1130,7 +1135,7 @@ impl<R> ChannelCore<R> {
         match seq {
             Some(seq) if permanent => {
                 if let Some(done) = self.outbox.reject(seq) {
-                    self.meters.queue_depth.decrement(1.0);
+                    self.meters.dequeued(1);
                     if self.durable {
                         self.push(Action::Forget { seq });
                     }

@@ -53,13 +53,20 @@ pub const HUB_CHANNEL_YIELDS: &str = "tether_hub_channel_yields_total";
 /// The handles a client channel updates per message, registered once per channel: a
 /// `metrics::counter!(NAME)` call looks its key up in the recorder's registry every time, which
 /// on the publish and delivery paths cost more than the work it counts. They report to the
-/// recorder installed when the channel opened.
-#[derive(Debug, Clone)]
+/// recorder installed when the channel opened. The queue depth and the delivery count change
+/// per message but are reported per run of work ([`ChannelMeters::report`], when the core's
+/// actions have been taken, and on drop): one gauge and one counter update per run instead
+/// of three per message.
+#[derive(Debug)]
 pub(crate) struct ChannelMeters {
-    pub(crate) queue_depth: metrics::Gauge,
+    queue_depth: metrics::Gauge,
     pub(crate) ack_seconds: metrics::Histogram,
-    pub(crate) delivered: metrics::Counter,
+    delivered: metrics::Counter,
     pub(crate) replayed: metrics::Counter,
+    /// Change of the queue depth not reported yet.
+    depth_change: i64,
+    /// Messages delivered and not counted yet.
+    delivered_unreported: u64,
 }
 
 impl ChannelMeters {
@@ -69,6 +76,92 @@ impl ChannelMeters {
             ack_seconds: metrics::histogram!(PUBLISH_ACK_SECONDS),
             delivered: metrics::counter!(MESSAGES_DELIVERED),
             replayed: metrics::counter!(PUBLISH_REPLAYED),
+            depth_change: 0,
+            delivered_unreported: 0,
         }
+    }
+
+    /// `n` publishes joined the queue.
+    pub(crate) fn queued(&mut self, n: usize) {
+        self.depth_change = self.depth_change.saturating_add(n as i64);
+    }
+
+    /// `n` publishes left the queue (answered).
+    pub(crate) fn dequeued(&mut self, n: usize) {
+        self.depth_change = self.depth_change.saturating_sub(n as i64);
+    }
+
+    /// One message went to the application.
+    pub(crate) fn delivered_one(&mut self) {
+        self.delivered_unreported += 1;
+    }
+
+    /// Reports what changed since the last report.
+    pub(crate) fn report(&mut self) {
+        match std::mem::take(&mut self.depth_change) {
+            0 => {}
+            n if n > 0 => self.queue_depth.increment(n as f64),
+            n => self.queue_depth.decrement(n.unsigned_abs() as f64),
+        }
+        match std::mem::take(&mut self.delivered_unreported) {
+            0 => {}
+            n => self.delivered.increment(n),
+        }
+    }
+}
+
+impl Drop for ChannelMeters {
+    fn drop(&mut self) {
+        self.report();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    fn line<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(name))
+    }
+
+    #[test]
+    fn depth_and_deliveries_are_reported_per_run_and_on_drop() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let mut meters = metrics::with_local_recorder(&recorder, ChannelMeters::new);
+        meters.queued(3);
+        meters.dequeued(1);
+        meters.delivered_one();
+        meters.delivered_one();
+        // Nothing reported before the run is done.
+        let before = handle.render();
+        assert_eq!(
+            line(&before, PUBLISH_QUEUE_DEPTH),
+            Some("tether_publish_queue_depth 0")
+        );
+        meters.report();
+        let after = handle.render();
+        assert_eq!(
+            line(&after, PUBLISH_QUEUE_DEPTH),
+            Some("tether_publish_queue_depth 2")
+        );
+        assert_eq!(
+            line(&after, MESSAGES_DELIVERED),
+            Some("tether_messages_delivered_total 2")
+        );
+        // A drop below zero, then a drop of the meters, reports what was left.
+        meters.dequeued(2);
+        meters.delivered_one();
+        drop(meters);
+        let dropped = handle.render();
+        assert_eq!(
+            line(&dropped, PUBLISH_QUEUE_DEPTH),
+            Some("tether_publish_queue_depth 0")
+        );
+        assert_eq!(
+            line(&dropped, MESSAGES_DELIVERED),
+            Some("tether_messages_delivered_total 3")
+        );
     }
 }
