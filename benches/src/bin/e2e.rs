@@ -32,6 +32,7 @@ use tether_benches::report::{bytes_text, ratio_text, thousands, write_json, Tabl
 use tether_benches::stats::{per_second, ratio, Latencies, LatencySummary, RoundRates};
 use tether_benches::tether::{self as tether_side, CHANNEL};
 use tether_benches::{sys, within, BoxError};
+use tether_channels::hub::Retention;
 use tether_channels::{BufferLimits, Channel, ChannelEvent, ChannelEvents, ChannelOptions};
 use tether_transport::hub::HubHandle;
 use tether_transport::Transport;
@@ -86,6 +87,12 @@ struct Args {
     /// instead of checked JSON text. The raw relay carries the same bytes either way.
     #[arg(long)]
     opaque: bool,
+    /// Messages the hub's channel history keeps (default: the hub's own default, the last
+    /// 1,000). `0` keeps every message the run publishes, so the hub holds every frame it
+    /// received until the run ends: each new frame is then fresh memory, and the page faults
+    /// of touching it cost the hub's thread about 40 % at 1 KiB.
+    #[arg(long, default_value_t = Retention::default().max_messages)]
+    history: usize,
 }
 
 /// Target throughput ratio (tether ÷ raw) for a payload size, from issue 9: ≥ 0.5× at 64 B,
@@ -390,7 +397,10 @@ async fn measure_payload(args: &Args, size: usize, clock: Clock) -> Result<Measu
     } else {
         0
     };
-    let retained = args.warmup + args.rounds * args.messages + paced_messages;
+    let retained = match args.history {
+        0 => args.warmup + args.rounds * args.messages + paced_messages,
+        n => n,
+    };
     let mut tether =
         TetherPair::start(retained, size, args.window, args.settle(), args.opaque).await?;
     let mut raw = match RawPair::start(!args.raw_nagle, args.settle()).await {
