@@ -807,7 +807,7 @@ impl<R> ChannelCore<R> {
                 self.push(Action::Forget { seq: done.seq });
             }
             self.meters.dequeued(1);
-            self.meters.ack_seconds.record(
+            self.meters.acked_after(
                 tokio_instant(now)
                     .saturating_duration_since(done.accepted_at)
                     .as_secs_f64(),

@@ -337,7 +337,11 @@ impl<R> OutgoingBuffer<R> {
     }
 
     fn remove(&mut self, seq: u64) -> Option<Pending<R>> {
-        let index = self.queue.binary_search_by_key(&seq, |p| p.seq).ok()?;
+        // Acks come in order: the oldest entry is almost always the one.
+        let index = match self.queue.front() {
+            Some(oldest) if oldest.seq == seq => 0,
+            _ => self.queue.binary_search_by_key(&seq, |p| p.seq).ok()?,
+        };
         if index >= self.first_unsent {
             // Not on the wire on this connection: an ack from an earlier connection arriving
             // late is still a valid ack, so accept it.

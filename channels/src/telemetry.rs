@@ -56,17 +56,21 @@ pub const HUB_CHANNEL_YIELDS: &str = "tether_hub_channel_yields_total";
 /// recorder installed when the channel opened. The queue depth and the delivery count change
 /// per message but are reported per run of work ([`ChannelMeters::report`], when the core's
 /// actions have been taken, and on drop): one gauge and one counter update per run instead
-/// of three per message.
+/// of three per message. Ack latencies are recorded exactly, but equal ones in a row as one
+/// `record_many` (the publishes of one burst share their acceptance time, and the acks of one
+/// ack run their arrival time, so a run of acks is mostly a few distinct values).
 #[derive(Debug)]
 pub(crate) struct ChannelMeters {
     queue_depth: metrics::Gauge,
-    pub(crate) ack_seconds: metrics::Histogram,
+    ack_seconds: metrics::Histogram,
     delivered: metrics::Counter,
     pub(crate) replayed: metrics::Counter,
     /// Change of the queue depth not reported yet.
     depth_change: i64,
     /// Messages delivered and not counted yet.
     delivered_unreported: u64,
+    /// Ack latency not recorded yet, and how many acks in a row had it.
+    ack_unrecorded: Option<(f64, u64)>,
 }
 
 impl ChannelMeters {
@@ -78,6 +82,19 @@ impl ChannelMeters {
             replayed: metrics::counter!(PUBLISH_REPLAYED),
             depth_change: 0,
             delivered_unreported: 0,
+            ack_unrecorded: None,
+        }
+    }
+
+    /// A publish was acknowledged `seconds` after it was accepted.
+    pub(crate) fn acked_after(&mut self, seconds: f64) {
+        match &mut self.ack_unrecorded {
+            Some((value, count)) if *value == seconds => *count += 1,
+            pending => {
+                if let Some((value, count)) = pending.replace((seconds, 1)) {
+                    self.ack_seconds.record_many(value, count as usize);
+                }
+            }
         }
     }
 
@@ -107,6 +124,9 @@ impl ChannelMeters {
             0 => {}
             n => self.delivered.increment(n),
         }
+        if let Some((value, count)) = self.ack_unrecorded.take() {
+            self.ack_seconds.record_many(value, count as usize);
+        }
     }
 }
 
@@ -134,6 +154,9 @@ mod tests {
         meters.dequeued(1);
         meters.delivered_one();
         meters.delivered_one();
+        for seconds in [0.5, 0.5, 0.5, 0.25, 0.5] {
+            meters.acked_after(seconds);
+        }
         // Nothing reported before the run is done.
         let before = handle.render();
         assert_eq!(
@@ -150,6 +173,10 @@ mod tests {
             line(&after, MESSAGES_DELIVERED),
             Some("tether_messages_delivered_total 2")
         );
+        // Every ack latency is there, equal ones in a row included.
+        let acks = |suffix: &str| line(&after, &format!("{PUBLISH_ACK_SECONDS}_{suffix}"));
+        assert_eq!(acks("count"), Some("tether_publish_ack_seconds_count 5"));
+        assert_eq!(acks("sum"), Some("tether_publish_ack_seconds_sum 2.25"));
         // A drop below zero, then a drop of the meters, reports what was left.
         meters.dequeued(2);
         meters.delivered_one();
