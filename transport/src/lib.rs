@@ -57,6 +57,7 @@
 #![warn(missing_docs)]
 
 pub mod breaker;
+mod client_codec;
 pub mod config;
 pub mod core;
 pub mod error;

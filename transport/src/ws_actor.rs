@@ -12,17 +12,18 @@ use actix::prelude::*;
 use awc::error::WsProtocolError;
 use awc::ws;
 use awc::BoxedSocket;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::stream::{SplitSink, StreamExt as _};
 use tokio::time::Instant;
 
+use crate::client_codec::{ClientCodec, Outbound, FRAME_HEADROOM};
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
 use crate::protocol::{v2, Frame, Hello, Welcome, SUPPORTED_VERSIONS};
 use crate::tls::HandshakeFailure;
 use crate::transport_actor::{ChannelLink, ChannelRoutes};
 
-type WsSink = SplitSink<actix_codec::Framed<BoxedSocket, ws::Codec>, ws::Message>;
+type WsSink = SplitSink<actix_codec::Framed<BoxedSocket, ClientCodec>, Outbound>;
 
 /// What a WebSocketActor tells its supervisor.
 #[derive(Debug, Message)]
@@ -135,7 +136,7 @@ pub struct WebSocketActor {
     client: awc::Client,
     supervisor: Recipient<WsEvent>,
     routes: ChannelRoutes,
-    sink: Option<SinkWrite<ws::Message, WsSink>>,
+    sink: Option<SinkWrite<Outbound, WsSink>>,
     phase: Phase,
     heartbeat: Heartbeat,
     heartbeat_timer: Option<SpawnHandle>,
@@ -146,7 +147,7 @@ pub struct WebSocketActor {
     /// v2 records waiting for the next [`Flush`].
     batch: v2::Batch,
     /// Frames the batch completed, waiting to be written (kept to reuse its allocation).
-    ready: Vec<Bytes>,
+    ready: Vec<BytesMut>,
     flush_scheduled: bool,
 }
 
@@ -167,7 +168,8 @@ impl WebSocketActor {
             settings.idle_timeout,
             Instant::now(),
         );
-        let batch = v2::Batch::new(MAX_BATCH_BYTES, settings.max_frame_size);
+        let batch =
+            v2::Batch::new(MAX_BATCH_BYTES, settings.max_frame_size).with_headroom(FRAME_HEADROOM);
         WebSocketActor {
             conn_id,
             endpoint,
@@ -206,7 +208,7 @@ impl WebSocketActor {
         }
         if let (Some(code), Some(sink)) = (close, self.sink.as_mut()) {
             // Best effort: the peer may already be gone.
-            let _ = sink.write(ws::Message::Close(Some(code.into())));
+            let _ = sink.write(Outbound::Message(ws::Message::Close(Some(code.into()))));
         }
         self.phase = Phase::Closing;
         ctx.stop();
@@ -220,13 +222,12 @@ impl WebSocketActor {
             });
         }
         match self.sink.as_mut() {
-            Some(sink) => {
-                sink.write(ws::Message::Text(text))
-                    .map_err(|_| TransportError::ConnectionClosed {
-                        code: None,
-                        reason: "sink closed".into(),
-                    })
-            }
+            Some(sink) => sink
+                .write(Outbound::Message(ws::Message::Text(text)))
+                .map_err(|_| TransportError::ConnectionClosed {
+                    code: None,
+                    reason: "sink closed".into(),
+                }),
             None => Err(TransportError::ConnectionClosed {
                 code: None,
                 reason: "not connected".into(),
@@ -247,7 +248,7 @@ impl WebSocketActor {
             HeartbeatAction::Continue { ping, next_check } => {
                 if ping {
                     if let Some(sink) = self.sink.as_mut() {
-                        let _ = sink.write(ws::Message::Ping(Bytes::new()));
+                        let _ = sink.write(Outbound::Message(ws::Message::Ping(Bytes::new())));
                     }
                 }
                 self.schedule_heartbeat(ctx, next_check);
@@ -400,7 +401,7 @@ impl Actor for WebSocketActor {
             }
             match result {
                 Ok((_response, framed)) => {
-                    let (sink, stream) = framed.split();
+                    let (sink, stream) = framed.into_map_codec(ClientCodec::new).split();
                     ctx.add_stream(stream);
                     act.sink = Some(SinkWrite::new(sink, ctx));
                     act.phase = Phase::AwaitingWelcome;
@@ -475,7 +476,7 @@ impl StreamHandler<Result<ws::Frame, WsProtocolError>> for WebSocketActor {
             Ok(ws::Frame::Binary(bytes)) => self.on_binary(ctx, &bytes),
             Ok(ws::Frame::Ping(payload)) => {
                 if let Some(sink) = self.sink.as_mut() {
-                    let _ = sink.write(ws::Message::Pong(payload));
+                    let _ = sink.write(Outbound::Message(ws::Message::Pong(payload)));
                 }
             }
             Ok(ws::Frame::Pong(_)) => {}
@@ -651,7 +652,7 @@ impl WebSocketActor {
                 continue;
             }
             result = match self.sink.as_mut() {
-                Some(sink) => sink.write(ws::Message::Binary(frame)).map_err(|_| {
+                Some(sink) => sink.write(Outbound::Batch(frame)).map_err(|_| {
                     TransportError::ConnectionClosed {
                         code: None,
                         reason: "sink closed".into(),

@@ -347,6 +347,7 @@ pub struct Batch {
     bytes: usize,
     limit: usize,
     max_frame: usize,
+    headroom: usize,
     buf: BytesMut,
 }
 
@@ -359,8 +360,22 @@ impl Batch {
             bytes: 0,
             limit: limit.min(max_frame),
             max_frame,
+            headroom: 0,
             buf: BytesMut::new(),
         }
+    }
+
+    /// Starts every frame with `n` bytes left free in front of its records, for a header the
+    /// transport writes there (a WebSocket client's frame header: the frame then goes to the
+    /// socket's write buffer without being copied again). Default 0.
+    pub fn with_headroom(mut self, n: usize) -> Self {
+        self.headroom = n;
+        self
+    }
+
+    /// The bytes left free in front of every frame ([`Batch::with_headroom`]).
+    pub fn headroom(&self) -> usize {
+        self.headroom
     }
 
     /// Whether nothing is gathered.
@@ -380,7 +395,11 @@ impl Batch {
 
     /// Adds a frame; a publish becomes (or joins) a publish run. Frames completed on the way
     /// are appended to `out`, in order.
-    pub fn push_frame(&mut self, frame: Frame, out: &mut Vec<Bytes>) -> Result<(), TransportError> {
+    pub fn push_frame(
+        &mut self,
+        frame: Frame,
+        out: &mut Vec<BytesMut>,
+    ) -> Result<(), TransportError> {
         let frame = match frame {
             Frame::Publish(p) => {
                 return self.push_publishes(
@@ -417,7 +436,7 @@ impl Batch {
     pub fn push_publishes(
         &mut self,
         run: PublishRun,
-        out: &mut Vec<Bytes>,
+        out: &mut Vec<BytesMut>,
     ) -> Result<(), TransportError> {
         if run.payloads.is_empty() {
             return Ok(());
@@ -472,20 +491,22 @@ impl Batch {
         Ok(())
     }
 
-    /// Encodes what is gathered as one frame, leaving the batch empty (`None` when it was).
-    pub fn finish(&mut self) -> Option<Bytes> {
+    /// Encodes what is gathered as one frame, leaving the batch empty (`None` when it was):
+    /// [`Batch::headroom`] zero bytes, then the records.
+    pub fn finish(&mut self) -> Option<BytesMut> {
         if self.records.is_empty() {
             return None;
         }
-        self.buf.reserve(self.bytes);
+        self.buf.reserve(self.headroom + self.bytes);
+        self.buf.put_bytes(0, self.headroom);
         for record in self.records.drain(..) {
             encode(&record, &mut self.buf);
         }
         self.bytes = 0;
-        Some(self.buf.split().freeze())
+        Some(self.buf.split())
     }
 
-    fn cut_if_full(&mut self, out: &mut Vec<Bytes>) {
+    fn cut_if_full(&mut self, out: &mut Vec<BytesMut>) {
         if self.bytes >= self.limit {
             out.extend(self.finish());
         }
@@ -911,10 +932,10 @@ mod tests {
     }
 
     /// Every record of `frames`, decoded.
-    fn records_of(frames: &[Bytes]) -> Vec<Record> {
+    fn records_of(frames: &[BytesMut]) -> Vec<Record> {
         frames
             .iter()
-            .flat_map(|f| decode(f, 1 << 20).unwrap())
+            .flat_map(|f| decode(&f.clone().freeze(), 1 << 20).unwrap())
             .collect()
     }
 
@@ -951,7 +972,7 @@ mod tests {
         assert!(out.is_empty(), "nothing is full yet");
         let expected_bytes: usize = batch.records().iter().map(Record::encoded_len).sum();
         assert_eq!(batch.bytes(), expected_bytes);
-        let frame = batch.finish().unwrap();
+        let frame = batch.finish().unwrap().freeze();
         assert!(batch.is_empty() && batch.bytes() == 0 && batch.finish().is_none());
         assert_eq!(frame.len(), expected_bytes);
         assert_eq!(
