@@ -606,7 +606,7 @@ async fn tether_receive(
         match events.recv().await {
             Some(ChannelEvent::Message(m)) => {
                 let now = clock.micros();
-                let sent = sent_at(m.payload.json()).ok_or("payload without a timestamp")?;
+                let sent = sent_at(m.payload.as_bytes()).ok_or("payload without a timestamp")?;
                 latencies.record(now.saturating_sub(sent));
             }
             Some(ChannelEvent::Discontinuity(d)) => {

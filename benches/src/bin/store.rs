@@ -225,7 +225,8 @@ async fn receive(
             Some(ChannelEvent::Message(m)) => {
                 got += 1;
                 if measure {
-                    let sent = sent_at(m.payload.json()).ok_or("payload without a timestamp")?;
+                    let sent =
+                        sent_at(m.payload.as_bytes()).ok_or("payload without a timestamp")?;
                     latencies.record(clock.micros().saturating_sub(sent));
                 }
             }
