@@ -191,8 +191,20 @@ impl<R> OutgoingBuffer<R> {
 
     /// The responder of queued entry `seq`.
     pub fn responder_mut(&mut self, seq: u64) -> Option<&mut R> {
-        let index = self.queue.binary_search_by_key(&seq, |p| p.seq).ok()?;
+        let index = self.index_of(seq)?;
         Some(&mut self.queue[index].responder)
+    }
+
+    /// Where entry `seq` is. The queue is in seq order and usually without holes (entries
+    /// leave from the front, as their acks come in order), so `seq`'s distance from the
+    /// oldest is tried first, then a search.
+    fn index_of(&self, seq: u64) -> Option<usize> {
+        let oldest = self.queue.front()?.seq;
+        let guess = usize::try_from(seq.checked_sub(oldest)?).ok()?;
+        match self.queue.get(guess) {
+            Some(entry) if entry.seq == seq => Some(guess),
+            _ => self.queue.binary_search_by_key(&seq, |p| p.seq).ok(),
+        }
     }
 
     /// Queues a publish and returns its sequence number with whatever the overflow policy
@@ -337,11 +349,7 @@ impl<R> OutgoingBuffer<R> {
     }
 
     fn remove(&mut self, seq: u64) -> Option<Pending<R>> {
-        // Acks come in order: the oldest entry is almost always the one.
-        let index = match self.queue.front() {
-            Some(oldest) if oldest.seq == seq => 0,
-            _ => self.queue.binary_search_by_key(&seq, |p| p.seq).ok()?,
-        };
+        let index = self.index_of(seq)?;
         if index >= self.first_unsent {
             // Not on the wire on this connection: an ack from an earlier connection arriving
             // late is still a valid ack, so accept it.
@@ -388,6 +396,29 @@ mod tests {
         assert_eq!(b.ack(1).unwrap().responder, 1);
         assert!(b.ack(1).is_none());
         assert_eq!(b.len(), 2);
+    }
+
+    #[test]
+    fn entries_are_found_by_seq_with_holes_in_the_queue() {
+        let mut b = buffer(10, 10);
+        let now = Instant::now();
+        for i in 1..=6 {
+            b.push(p(i), i, now).unwrap();
+        }
+        send_all(&mut b);
+        // Out of order: holes at 3 and 1 (the oldest).
+        assert_eq!(b.ack(3).unwrap().responder, 3);
+        assert_eq!(b.ack(1).unwrap().responder, 1);
+        assert!(b.responder_mut(1).is_none() && b.responder_mut(3).is_none());
+        assert!(b.responder_mut(0).is_none() && b.responder_mut(7).is_none());
+        for seq in [2, 4, 5, 6] {
+            assert_eq!(b.responder_mut(seq).copied(), Some(seq));
+        }
+        assert_eq!(b.ack(6).unwrap().responder, 6);
+        assert_eq!(b.ack(4).unwrap().responder, 4);
+        assert_eq!(b.ack(2).unwrap().responder, 2);
+        assert_eq!(b.ack(5).unwrap().responder, 5);
+        assert_eq!(b.len(), 0);
     }
 
     #[test]
