@@ -330,23 +330,42 @@ impl MemoryHistory {
         let channel = self.channel(channel);
         let mut c = channel.lock().unwrap_or_else(|p| p.into_inner());
         let mut outcomes = Vec::with_capacity(batch.len());
-        for request in batch {
-            if let Some(offset) = c.dedupe.check(&request.producer, request.seq) {
-                outcomes.push(AppendOutcome::Duplicate(offset));
-                continue;
+        let MemoryChannel {
+            head,
+            messages,
+            bytes,
+            dedupe,
+            ..
+        } = &mut *c;
+        // One dedupe lookup per run of one producer's publishes (a publish run's are all one
+        // producer's, and share its key).
+        let mut requests = batch.into_iter().peekable();
+        let mut seqs = Vec::new();
+        let mut run = Vec::new();
+        while let Some(first) = requests.next() {
+            let producer = first.producer.clone();
+            run.push(first);
+            while let Some(next) = requests
+                .next_if(|r| Arc::ptr_eq(&r.producer, &producer) || r.producer == producer)
+            {
+                run.push(next);
             }
-            let offset = c.head.next();
-            c.head = offset;
-            c.bytes += request.payload.len();
-            c.messages.push_back((
-                now,
-                StoredMessage {
-                    offset,
-                    payload: request.payload,
-                },
-            ));
-            c.dedupe.record(&request.producer, request.seq, offset, now);
-            outcomes.push(AppendOutcome::Stored(offset));
+            seqs.clear();
+            seqs.extend(run.iter().map(|r| r.seq));
+            let mut payloads = run.drain(..).map(|r| r.payload);
+            dedupe.admit_run(&producer, &seqs, now, |_, duplicate| {
+                let payload = payloads.next()?;
+                if let Some(offset) = duplicate {
+                    outcomes.push(AppendOutcome::Duplicate(offset));
+                    return None;
+                }
+                let offset = head.next();
+                *head = offset;
+                *bytes += payload.len();
+                messages.push_back((now, StoredMessage { offset, payload }));
+                outcomes.push(AppendOutcome::Stored(offset));
+                Some(offset)
+            });
         }
         c.expire(&self.retention, now);
         Appended {
