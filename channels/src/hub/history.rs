@@ -345,8 +345,8 @@ impl MemoryHistory {
         while let Some(first) = requests.next() {
             let producer = first.producer.clone();
             run.push(first);
-            while let Some(next) = requests
-                .next_if(|r| Arc::ptr_eq(&r.producer, &producer) || r.producer == producer)
+            while let Some(next) =
+                requests.next_if(|r| Arc::ptr_eq(&r.producer, &producer) || r.producer == producer)
             {
                 run.push(next);
             }
