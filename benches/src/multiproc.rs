@@ -146,6 +146,14 @@ impl ChildProc {
         }
     }
 
+    /// The next stdout line, waiting up to `timeout` for it; `None` when the child closed its
+    /// stdout.
+    pub async fn next_line(&mut self, timeout: Duration) -> Result<Option<String>> {
+        tokio::time::timeout(timeout, self.lines.recv())
+            .await
+            .map_err(|_| format!("{} printed nothing within {timeout:?}", self.name).into())
+    }
+
     /// The next stdout line if one is already there.
     pub fn try_line(&mut self) -> Option<String> {
         self.lines.try_recv().ok()

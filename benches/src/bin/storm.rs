@@ -9,8 +9,15 @@
 //! cargo run --release -p tether-benches --bin storm -- --clients 1000,10000 --down-secs 3
 //! ```
 //!
-//! The clients live in this process (one actix system, one thread); the hub is this binary
-//! re-executed with `--role hub`. Every client uses the default reconnect policy and heartbeat.
+//! The clients live in this process (one actix system, one thread), or with `--client-procs K`
+//! in K processes of their own (this binary re-executed with `--role clients`, reporting every
+//! client's trace when asked); the hub is this binary re-executed with `--role hub`. Every
+//! client uses the default reconnect policy and heartbeat.
+//!
+//! Why spread them: clients in one process see a hub's crash one after another on its one
+//! thread — 10,000 take it about 0.6 s — so their reconnect schedules start late, and attempt
+//! #3 lands after the hub's return where, in processes of their own, a share of them would
+//! try while it is still down.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -23,7 +30,7 @@ use actix::{Actor, Context, Handler};
 use clap::Parser;
 use tether_benches::multiproc::{
     self, clock_ticks_per_sec, free_loopback_addr, hub_handshakes, pace, percentile, pid_cpu_ticks,
-    raise_nofile_limit, self_rusage_cpu, spawn_hub, Result,
+    raise_nofile_limit, self_rusage_cpu, spawn_hub, ChildProc, Result,
 };
 use tether_channels::{Channel, ChannelEvents, ChannelOptions, ChannelState, ChannelStateChanged};
 use tether_transport::{
@@ -54,9 +61,21 @@ struct Args {
     /// Print every connection transition after the kill, counted in 250 ms bins.
     #[arg(long)]
     timeline: bool,
-    /// Internal: the role of a helper process (`hub`).
+    /// Client processes to spread the clients over (1: all of them in this process).
+    #[arg(long, default_value_t = 1)]
+    client_procs: usize,
+    /// Internal: the role of a helper process (`hub`, `clients`).
     #[arg(long, hide = true)]
     role: Option<String>,
+    /// Internal (`--role clients`): the hub's WebSocket URL.
+    #[arg(long, hide = true)]
+    url: Option<String>,
+    /// Internal (`--role clients`): the index of this process' first client.
+    #[arg(long, hide = true, default_value_t = 0)]
+    first: usize,
+    /// Internal (`--role clients`): how many clients this process runs.
+    #[arg(long, hide = true, default_value_t = 0)]
+    count: usize,
     /// Internal: the hub child's listening address.
     #[arg(long, hide = true)]
     bind: Option<SocketAddr>,
@@ -67,7 +86,13 @@ fn main() -> ExitCode {
     let args = Args::parse();
     // The clients' sockets are all in this process (the hub's in its own): one file each, plus
     // the runtime's, the hub child's pipes and the /health and /metrics requests.
-    let most = args.clients.iter().copied().max().unwrap_or(0);
+    let most = args
+        .clients
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .div_ceil(args.client_procs.max(1));
     if args.role.is_none() && (limit as usize) < most + 256 {
         eprintln!(
             "storm: {most} clients need about {} open files in this process; its limit is {limit} \
@@ -78,6 +103,16 @@ fn main() -> ExitCode {
     }
     match (args.role.as_deref(), args.bind) {
         (Some("hub"), Some(bind)) => multiproc::run_hub_role(bind),
+        (Some("clients"), _) => {
+            let system = actix_rt::System::new();
+            return match system.block_on(run_clients_role(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("storm clients: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         (Some(role), _) => {
             eprintln!("storm: unknown role {role:?} (or --bind missing)");
             return ExitCode::FAILURE;
@@ -107,9 +142,12 @@ async fn run(args: Args) -> Result<()> {
     println!(
         "storm: hub process killed and restarted after {:.1} s on the same port; default reconnect \
          policy (1 s ×2 → 60 s, ±25 %, fast retry 0–250 ms after a stable drop) and heartbeat; \
-         clients in this process (pid {}), the hub in a child process; open-file limit {} per process",
+         clients in {}, the hub in a child process; open-file limit {} per process",
         args.down_secs,
-        std::process::id(),
+        match args.client_procs {
+            0 | 1 => format!("this process (pid {})", std::process::id()),
+            k => format!("{k} client processes"),
+        },
         rlimit::getrlimit(rlimit::Resource::NOFILE)
             .map(|(soft, _)| soft)
             .unwrap_or(0)
@@ -157,8 +195,9 @@ struct ClientTrace {
 struct Shared {
     clients: Vec<ClientTrace>,
     armed: bool,
-    /// After the kill: every connection transition, for `--timeline`.
-    log: Vec<(SystemTime, ConnectionState, ConnectionState)>,
+    /// After the kill: every connection transition, for `--timeline`: when, `from → to`, and
+    /// whether it was a loss (an up connection gone).
+    log: Vec<(SystemTime, String, bool)>,
 }
 
 impl Shared {
@@ -211,7 +250,10 @@ impl Handler<ConnectionStateChanged> for Recorder {
         let mut shared = self.shared.borrow_mut();
         let armed = shared.armed;
         if armed {
-            shared.log.push((now, ev.from, ev.to));
+            let loss = ev.from.is_up() && ev.to == ConnectionState::Disconnected;
+            shared
+                .log
+                .push((now, format!("{} → {}", ev.from, ev.to), loss));
         }
         let c = &mut shared.clients[self.index];
         c.state = Some(ev.to);
@@ -280,47 +322,347 @@ async fn wait_for(
     }
 }
 
+/// Clients started in this process: their transports, channels and recorded traces.
+struct Population {
+    shared: Rc<RefCell<Shared>>,
+    clients: Vec<Client>,
+}
+
+impl Population {
+    /// Starts `count` clients of `url` at `ramp_per_sec`; client `i` (counted from `first`
+    /// across all processes) attaches to `storm-{i % channels}`.
+    async fn start(
+        url: &str,
+        first: usize,
+        count: usize,
+        ramp_per_sec: usize,
+        channels: usize,
+    ) -> Result<Population> {
+        let shared = Rc::new(RefCell::new(Shared {
+            clients: vec![ClientTrace::default(); count],
+            armed: false,
+            log: Vec::new(),
+        }));
+        let mut clients = Vec::with_capacity(count);
+        let ramp = Instant::now();
+        for index in 0..count {
+            pace(ramp, index, ramp_per_sec).await;
+            let recorder = Recorder {
+                index,
+                shared: shared.clone(),
+            }
+            .start();
+            let config = TransportConfig::builder(url.to_owned()).build()?;
+            let transport =
+                Transport::start_with_subscribers(config, vec![recorder.clone().recipient()]);
+            let (channel, events) = Channel::open_with_state(
+                &transport,
+                format!("storm-{}", (first + index) % channels.max(1)),
+                ChannelOptions::default(),
+                vec![recorder.recipient()],
+            )
+            .await?;
+            clients.push(Client {
+                transport,
+                _channel: channel,
+                _events: events,
+            });
+        }
+        Ok(Population { shared, clients })
+    }
+
+    /// Closes every transport (giving up after 60 s).
+    async fn close(self) {
+        let closing = futures::future::join_all(self.clients.iter().map(|c| c.transport.close()));
+        if tokio::time::timeout(Duration::from_secs(60), closing)
+            .await
+            .is_err()
+        {
+            println!("  (closing the transports took over 60 s; going on)");
+        }
+    }
+}
+
+/// Where the clients run: here, or in client processes (`--client-procs`).
+enum Clients {
+    Here(Population),
+    Spread(Vec<ChildProc>),
+}
+
+impl Clients {
+    /// Starts `n` clients of `url` and waits until every one is connected with its channel
+    /// attached.
+    async fn start(n: usize, url: &str, args: &Args, timeout: Duration) -> Result<Clients> {
+        let procs = args.client_procs.max(1);
+        if procs == 1 {
+            let here = Population::start(url, 0, n, args.ramp_per_sec, args.channels).await?;
+            wait_for(&here.shared, timeout, "connected and attached", |s| {
+                s.ready() == n
+            })
+            .await?;
+            return Ok(Clients::Here(here));
+        }
+        let mut children = Vec::with_capacity(procs);
+        let mut first = 0;
+        for j in 0..procs {
+            let count = n / procs + usize::from(j < n % procs);
+            let role_args: Vec<String> = [
+                "--role",
+                "clients",
+                "--url",
+                url,
+                "--first",
+                &first.to_string(),
+                "--count",
+                &count.to_string(),
+                "--ramp-per-sec",
+                &(args.ramp_per_sec / procs).max(1).to_string(),
+                "--channels",
+                &args.channels.to_string(),
+                "--timeout-secs",
+                &args.timeout_secs.to_string(),
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+            children.push(ChildProc::spawn(&format!("clients {j}"), &role_args)?);
+            first += count;
+        }
+        for child in &mut children {
+            child.expect_line("READY", timeout).await?;
+        }
+        Ok(Clients::Spread(children))
+    }
+
+    /// From now on, transitions count (the kill comes next).
+    async fn arm(&mut self) -> Result<()> {
+        match self {
+            Clients::Here(here) => here.shared.borrow_mut().armed = true,
+            Clients::Spread(children) => {
+                for child in children.iter_mut() {
+                    child.send("ARM").await?;
+                }
+                for child in children.iter_mut() {
+                    child.expect_line("ARMED", Duration::from_secs(30)).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// CPU time the client process(es) used so far.
+    fn cpu(&self) -> Duration {
+        match self {
+            Clients::Here(_) => self_rusage_cpu(),
+            Clients::Spread(children) => {
+                let ticks: u64 = children
+                    .iter()
+                    .filter_map(|c| c.pid())
+                    .filter_map(|pid| pid_cpu_ticks(pid).ok())
+                    .sum();
+                Duration::from_secs_f64(ticks as f64 / clock_ticks_per_sec() as f64)
+            }
+        }
+    }
+
+    /// "es" when there are several client processes.
+    fn plural(&self) -> &'static str {
+        match self {
+            Clients::Here(_) => "",
+            Clients::Spread(_) => "es",
+        }
+    }
+
+    /// How many clients saw the loss so far (known only here).
+    fn lost(&self) -> Option<usize> {
+        match self {
+            Clients::Here(here) => Some(here.shared.borrow().lost()),
+            Clients::Spread(_) => None,
+        }
+    }
+
+    /// Waits until every client recovered (up to `timeout`) and returns their traces, with
+    /// how long the wait took or why it ended early.
+    async fn recover(&mut self, n: usize, timeout: Duration) -> Result<(Shared, Result<Duration>)> {
+        match self {
+            Clients::Here(here) => {
+                let waited =
+                    wait_for(&here.shared, timeout, "recovered", |s| s.recovered() == n).await;
+                let shared = here.shared.borrow();
+                Ok((
+                    Shared {
+                        clients: shared.clients.clone(),
+                        armed: true,
+                        log: shared.log.clone(),
+                    },
+                    waited,
+                ))
+            }
+            Clients::Spread(children) => {
+                let started = Instant::now();
+                for child in children.iter_mut() {
+                    child.send("REPORT").await?;
+                }
+                let mut shared = Shared {
+                    armed: true,
+                    ..Shared::default()
+                };
+                let mut short = Vec::new();
+                for (j, child) in children.iter_mut().enumerate() {
+                    loop {
+                        let line = child
+                            .next_line(timeout + Duration::from_secs(30))
+                            .await?
+                            .ok_or_else(|| format!("client process {j} exited before DONE"))?;
+                        if let Some(rest) = line.strip_prefix("TRACE ") {
+                            shared.clients.push(decode_trace(rest)?);
+                        } else if let Some(rest) = line.strip_prefix("LOG ") {
+                            shared.log.push(decode_log(rest)?);
+                        } else if let Some(rest) = line.strip_prefix("DONE ") {
+                            if !rest.trim().is_empty() {
+                                short.push(format!("process {j}: {}", rest.trim()));
+                            }
+                            break;
+                        } else {
+                            eprintln!("[clients {j}] {line}");
+                        }
+                    }
+                }
+                let waited = if short.is_empty() {
+                    Ok(started.elapsed())
+                } else {
+                    Err(short.join("; ").into())
+                };
+                Ok((shared, waited))
+            }
+        }
+    }
+
+    /// Closes the transports (here) or the client processes.
+    async fn close(self) {
+        match self {
+            Clients::Here(here) => here.close().await,
+            Clients::Spread(children) => {
+                for child in children {
+                    let _ = child.kill().await;
+                }
+            }
+        }
+    }
+}
+
+/// `--role clients`: runs `--count` clients of `--url`, prints `READY` once every one is
+/// attached; on `ARM` starts counting transitions (`ARMED`); on `REPORT` waits until every one
+/// recovered (up to `--timeout-secs`), then prints a `TRACE` line per client, a `LOG` line per
+/// transition and `DONE` (followed by why, when not all recovered). Ends when stdin closes.
+async fn run_clients_role(args: Args) -> Result<()> {
+    use tokio::io::AsyncBufReadExt as _;
+    let url = args.url.clone().ok_or("--url missing")?;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let count = args.count;
+    let here = Population::start(&url, args.first, count, args.ramp_per_sec, args.channels).await?;
+    wait_for(&here.shared, timeout, "connected and attached", |s| {
+        s.ready() == count
+    })
+    .await?;
+    println!("READY");
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        match line.trim() {
+            "ARM" => {
+                here.shared.borrow_mut().armed = true;
+                println!("ARMED");
+            }
+            "REPORT" => {
+                let waited = wait_for(&here.shared, timeout, "recovered", |s| {
+                    s.recovered() == count
+                })
+                .await;
+                let shared = here.shared.borrow();
+                for c in &shared.clients {
+                    println!("TRACE {}", encode_trace(c));
+                }
+                for (at, what, loss) in &shared.log {
+                    println!("LOG {} {} {what}", nanos_of(at), u8::from(*loss));
+                }
+                match waited {
+                    Ok(_) => println!("DONE "),
+                    Err(e) => println!("DONE {e}"),
+                }
+            }
+            _ => {}
+        }
+    }
+    here.close().await;
+    Ok(())
+}
+
+fn nanos_of(at: &SystemTime) -> u128 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// A trace as one line: `lost reattached recovered handshake attempt attempt_started`, times
+/// in Unix nanoseconds, `-` for none.
+fn encode_trace(c: &ClientTrace) -> String {
+    let time = |t: Option<SystemTime>| t.map_or("-".to_owned(), |t| nanos_of(&t).to_string());
+    format!(
+        "{} {} {} {} {} {}",
+        u8::from(c.lost),
+        u8::from(c.reattached),
+        time(c.recovered),
+        time(c.handshake.map(|(t, _)| t)),
+        c.handshake.map_or("-".to_owned(), |(_, a)| a.to_string()),
+        time(c.attempt_started)
+    )
+}
+
+fn decode_trace(line: &str) -> Result<ClientTrace> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.len() != 6 {
+        return Err(format!("bad TRACE line {line:?}").into());
+    }
+    let time = |v: &str| -> Result<Option<SystemTime>> {
+        Ok(match v {
+            "-" => None,
+            v => Some(multiproc::system_time_from_nanos(v.parse()?)),
+        })
+    };
+    let handshake = match (time(f[3])?, f[4]) {
+        (Some(t), a) if a != "-" => Some((t, a.parse()?)),
+        _ => None,
+    };
+    Ok(ClientTrace {
+        lost: f[0] == "1",
+        reattached: f[1] == "1",
+        recovered: time(f[2])?,
+        handshake,
+        attempt_started: time(f[5])?,
+        ..ClientTrace::default()
+    })
+}
+
+fn decode_log(line: &str) -> Result<(SystemTime, String, bool)> {
+    let mut f = line.splitn(3, ' ');
+    let (Some(at), Some(loss), Some(what)) = (f.next(), f.next(), f.next()) else {
+        return Err(format!("bad LOG line {line:?}").into());
+    };
+    Ok((
+        multiproc::system_time_from_nanos(at.parse()?),
+        what.to_owned(),
+        loss == "1",
+    ))
+}
+
 async fn run_one(n: usize, args: &Args) -> Result<Row> {
     let timeout = Duration::from_secs(args.timeout_secs);
     let bind = free_loopback_addr()?;
     let url = format!("ws://{bind}/ws");
     println!("\n== {n} clients, hub on {bind}");
     let (hub, _) = spawn_hub(bind).await?;
-
-    let shared = Rc::new(RefCell::new(Shared {
-        clients: vec![ClientTrace::default(); n],
-        armed: false,
-        log: Vec::new(),
-    }));
-    let mut clients = Vec::with_capacity(n);
     let ramp = Instant::now();
-    for index in 0..n {
-        pace(ramp, index, args.ramp_per_sec).await;
-        let recorder = Recorder {
-            index,
-            shared: shared.clone(),
-        }
-        .start();
-        let config = TransportConfig::builder(url.clone()).build()?;
-        let transport =
-            Transport::start_with_subscribers(config, vec![recorder.clone().recipient()]);
-        let (channel, events) = Channel::open_with_state(
-            &transport,
-            format!("storm-{}", index % args.channels.max(1)),
-            ChannelOptions::default(),
-            vec![recorder.recipient()],
-        )
-        .await?;
-        clients.push(Client {
-            transport,
-            _channel: channel,
-            _events: events,
-        });
-    }
-    wait_for(&shared, timeout, "connected and attached", |s| {
-        s.ready() == n
-    })
-    .await?;
+    let mut clients = Clients::start(n, &url, args, timeout).await?;
     println!(
         "  {n} connected with their channel attached ({:.1} s after the ramp began); holding {:.1} s",
         ramp.elapsed().as_secs_f64(),
@@ -329,34 +671,37 @@ async fn run_one(n: usize, args: &Args) -> Result<Row> {
     tokio::time::sleep(Duration::from_secs_f64(args.hold_secs)).await;
 
     // The crash: SIGKILL the hub process.
-    shared.borrow_mut().armed = true;
+    clients.arm().await?;
     let killed_at = Instant::now();
     let killed_wall = SystemTime::now();
-    let client_cpu_at_kill = self_rusage_cpu();
+    let client_cpu_at_kill = clients.cpu();
     hub.kill().await?;
     let down = Duration::from_secs_f64(args.down_secs);
     tokio::time::sleep(down.saturating_sub(killed_at.elapsed())).await;
-    let lost = shared.borrow().lost();
+    let lost = clients.lost();
     let (mut hub, back_at) = spawn_hub(bind).await?;
-    let (client_cpu_at_back, back_instant) = (self_rusage_cpu(), Instant::now());
+    let (client_cpu_at_back, back_instant) = (clients.cpu(), Instant::now());
     let hub_pid = hub.pid().ok_or("new hub already exited")?;
     let hub_ticks_at_back = pid_cpu_ticks(hub_pid)?;
     println!(
-        "  hub killed; {lost}/{n} clients saw the loss; new hub bound {:.2} s after the kill",
+        "  hub killed; {} clients saw the loss; new hub bound {:.2} s after the kill",
+        lost.map_or("(in their processes)".to_owned(), |l| format!("{l}/{n}")),
         killed_at.elapsed().as_secs_f64()
     );
 
-    let recovery = wait_for(&shared, timeout, "recovered", |s| s.recovered() == n).await;
-    let recovered = shared.borrow().recovered();
-    let (client_cpu_done, hub_ticks_done) = (self_rusage_cpu(), pid_cpu_ticks(hub_pid)?);
+    let (shared, recovery) = clients.recover(n, timeout).await?;
+    let recovered = shared.recovered();
+    let (client_cpu_done, hub_ticks_done) = (clients.cpu(), pid_cpu_ticks(hub_pid)?);
     let recovery_wall = back_instant.elapsed().as_secs_f64();
     let outage_wall = (back_instant - killed_at).as_secs_f64();
     let hub_cpu = (hub_ticks_done - hub_ticks_at_back) as f64 / clock_ticks_per_sec() as f64;
     println!(
-        "  CPU while the hub was down ({outage_wall:.1} s): client process {:.0} % of one core; \
-         while recovering ({recovery_wall:.1} s): client process {:.0} %, hub process {:.0} % \
+        "  CPU while the hub was down ({outage_wall:.1} s): client process{} {:.0} % of one core; \
+         while recovering ({recovery_wall:.1} s): client process{} {:.0} %, hub process {:.0} % \
          (2 cores in all)",
+        clients.plural(),
         100.0 * (client_cpu_at_back - client_cpu_at_kill).as_secs_f64() / outage_wall,
+        clients.plural(),
         100.0 * (client_cpu_done - client_cpu_at_back).as_secs_f64() / recovery_wall,
         100.0 * hub_cpu / recovery_wall
     );
@@ -364,7 +709,7 @@ async fn run_one(n: usize, args: &Args) -> Result<Row> {
         println!("  {recovered}/{n} recovered; {e}");
     }
 
-    report_timeline(&shared.borrow(), killed_wall, back_at, args.timeline);
+    report_timeline(&shared, killed_wall, back_at, args.timeline);
     hub.send("peak").await?;
     let peak_line = hub.expect_line("PEAK ", Duration::from_secs(10)).await?;
     let peak: Vec<f64> = peak_line
@@ -381,7 +726,7 @@ async fn run_one(n: usize, args: &Args) -> Result<Row> {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let (mut latencies, mut connect_ms, mut resync_ms, mut attempts) =
         (Vec::new(), Vec::new(), Vec::new(), BTreeMap::new());
-    for c in &shared.borrow().clients {
+    for c in &shared.clients {
         // A client that never recovered counts as infinitely late: percentiles are over all n.
         let Some(at) = c.recovered else {
             latencies.push(f64::INFINITY);
@@ -455,14 +800,7 @@ async fn run_one(n: usize, args: &Args) -> Result<Row> {
         }
     );
 
-    let closing = futures::future::join_all(clients.iter().map(|c| c.transport.close()));
-    if tokio::time::timeout(Duration::from_secs(60), closing)
-        .await
-        .is_err()
-    {
-        println!("  (closing the transports took over 60 s; killing the hub anyway)");
-    }
-    drop(clients);
+    clients.close().await;
     hub.kill().await?;
     Ok(row)
 }
@@ -478,7 +816,7 @@ fn report_timeline(shared: &Shared, killed: SystemTime, back: SystemTime, full: 
     let losses: Vec<i64> = shared
         .log
         .iter()
-        .filter(|(_, from, to)| from.is_up() && *to == ConnectionState::Disconnected)
+        .filter(|(_, _, loss)| *loss)
         .map(|(t, _, _)| since_kill(t))
         .collect();
     let span = |v: &[i64]| (v.iter().min().copied(), v.iter().max().copied());
@@ -494,12 +832,58 @@ fn report_timeline(shared: &Shared, killed: SystemTime, back: SystemTime, full: 
         return;
     }
     let mut bins: BTreeMap<(i64, String), usize> = BTreeMap::new();
-    for (t, from, to) in &shared.log {
+    for (t, what, _) in &shared.log {
         let bin = since_kill(t) / 250 * 250;
-        *bins.entry((bin, format!("{from} → {to}"))).or_default() += 1;
+        *bins.entry((bin, what.clone())).or_default() += 1;
     }
     println!("  timeline (ms after the kill, transition, clients):");
     for ((bin, what), count) in bins {
         println!("    +{bin:>6}  {what:<26} {count}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traces_and_log_lines_cross_the_process_boundary_unchanged() {
+        let at = |n: u64| multiproc::system_time_from_nanos(u128::from(n) * 1_000_000_007);
+        for trace in [
+            ClientTrace::default(),
+            ClientTrace {
+                lost: true,
+                reattached: true,
+                recovered: Some(at(3)),
+                handshake: Some((at(2), 4)),
+                attempt_started: Some(at(1)),
+                ..ClientTrace::default()
+            },
+        ] {
+            let back = decode_trace(&encode_trace(&trace)).unwrap();
+            assert_eq!(
+                (
+                    back.lost,
+                    back.reattached,
+                    back.recovered,
+                    back.handshake,
+                    back.attempt_started
+                ),
+                (
+                    trace.lost,
+                    trace.reattached,
+                    trace.recovered,
+                    trace.handshake,
+                    trace.attempt_started
+                )
+            );
+        }
+        let line = format!("{} 1 connected → disconnected", nanos_of(&at(5)));
+        assert_eq!(
+            decode_log(&line).unwrap(),
+            (at(5), "connected → disconnected".to_owned(), true)
+        );
+        assert!(decode_trace("1 2 3").is_err());
+        assert!(decode_log("nope").is_err());
     }
 }
