@@ -684,8 +684,11 @@ async fn run_one(n: usize, args: &Args) -> Result<Row> {
     let hub_pid = hub.pid().ok_or("new hub already exited")?;
     let hub_ticks_at_back = pid_cpu_ticks(hub_pid)?;
     println!(
-        "  hub killed; {} clients saw the loss; new hub bound {:.2} s after the kill",
-        lost.map_or("(in their processes)".to_owned(), |l| format!("{l}/{n}")),
+        "  hub killed; {}; new hub bound {:.2} s after the kill",
+        lost.map_or(
+            "the client processes count their losses".to_owned(),
+            |l| format!("{l}/{n} clients saw the loss")
+        ),
         killed_at.elapsed().as_secs_f64()
     );
 
