@@ -9,10 +9,11 @@
 //! cargo run --release -p tether-benches --bin storm -- --clients 1000,10000 --down-secs 3
 //! ```
 //!
-//! The clients live in this process (one actix system, one thread), or with `--client-procs K`
-//! in K processes of their own (this binary re-executed with `--role clients`, reporting every
-//! client's trace when asked); the hub is this binary re-executed with `--role hub`. Every
-//! client uses the default reconnect policy and heartbeat.
+//! The clients live in `--client-procs` processes of their own (default 4: this binary
+//! re-executed with `--role clients`, reporting every client's trace when asked), or with
+//! `--client-procs 1` all in this process (one actix system, one thread); the hub is this
+//! binary re-executed with `--role hub`. Every client uses the default reconnect policy and
+//! heartbeat.
 //!
 //! Why spread them: clients in one process see a hub's crash one after another on its one
 //! thread — 10,000 take it about 0.6 s — so their reconnect schedules start late, and attempt
@@ -61,8 +62,9 @@ struct Args {
     /// Print every connection transition after the kill, counted in 250 ms bins.
     #[arg(long)]
     timeline: bool,
-    /// Client processes to spread the clients over (1: all of them in this process).
-    #[arg(long, default_value_t = 1)]
+    /// Client processes to spread the clients over (1: all of them in this process, where
+    /// their schedules start late: see the crate docs above).
+    #[arg(long, default_value_t = 4)]
     client_procs: usize,
     /// Internal: the role of a helper process (`hub`, `clients`).
     #[arg(long, hide = true)]
