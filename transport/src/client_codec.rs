@@ -10,9 +10,17 @@
 //! out (copying it in behind what is still waiting otherwise): at 1 KiB per message that was
 //! one copy of every published byte.
 
+use std::cell::Cell;
+use std::rc::Rc;
+
 use actix_codec::{Decoder, Encoder};
 use actix_http::ws;
 use bytes::{Buf, BytesMut};
+
+/// Where [`ClientCodec`] leaves the write buffer a batch replaced (the previous batch's, its
+/// bytes all written), for the batch to build its next frame in: the same allocation goes
+/// round instead of a fresh one per frame.
+pub type Spare = Rc<Cell<Option<BytesMut>>>;
 
 /// Room a batch leaves in front of its records: the longest client frame header (2 bytes,
 /// an 8-byte extended length, a 4-byte masking key).
@@ -29,15 +37,22 @@ pub enum Outbound {
 
 /// [`ws::Codec`] in client mode for reading and for [`Outbound::Message`]; the batch frame of
 /// [`Outbound::Batch`] without a copy.
-#[derive(Debug)]
 pub struct ClientCodec {
     inner: ws::Codec,
+    spare: Spare,
 }
 
 impl ClientCodec {
-    /// Wraps `inner`, the codec of an established client connection (client mode: it masks).
-    pub fn new(inner: ws::Codec) -> Self {
-        ClientCodec { inner }
+    /// Wraps `inner`, the codec of an established client connection (client mode: it masks);
+    /// write buffers a batch replaces go to `spare`.
+    pub fn new(inner: ws::Codec, spare: Spare) -> Self {
+        ClientCodec { inner, spare }
+    }
+}
+
+impl std::fmt::Debug for ClientCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCodec").finish_non_exhaustive()
     }
 }
 
@@ -59,8 +74,9 @@ impl Encoder<Outbound> for ClientCodec {
             Outbound::Batch(frame) => {
                 let frame = masked_binary_frame(frame, rand::random());
                 if dst.is_empty() {
-                    // The previous write has gone out: this buffer becomes the write buffer.
-                    *dst = frame;
+                    // The previous write has gone out: this buffer becomes the write buffer,
+                    // and the old one (empty) is kept for the next batch.
+                    self.spare.set(Some(std::mem::replace(dst, frame)));
                 } else {
                     dst.extend_from_slice(&frame);
                 }
@@ -156,7 +172,7 @@ mod tests {
 
     #[test]
     fn a_batch_behind_a_waiting_write_is_appended_and_messages_still_encode() {
-        let mut codec = ClientCodec::new(ws::Codec::new().client_mode());
+        let mut codec = ClientCodec::new(ws::Codec::new().client_mode(), Spare::default());
         let mut dst = BytesMut::new();
         codec
             .encode(Outbound::Message(ws::Message::Text("hi".into())), &mut dst)
@@ -181,11 +197,15 @@ mod tests {
 
     #[test]
     fn into_an_empty_write_buffer_a_batch_goes_without_a_copy() {
-        let mut codec = ClientCodec::new(ws::Codec::new().client_mode());
+        let spare = Spare::default();
+        let mut codec = ClientCodec::new(ws::Codec::new().client_mode(), spare.clone());
         let batch = batch_of(&[7; 1000]);
         let payload_at = batch[FRAME_HEADROOM..].as_ptr();
         let mut dst = BytesMut::with_capacity(8 * 1024);
+        let old_at = dst.as_ptr();
         codec.encode(Outbound::Batch(batch), &mut dst).unwrap();
+        // The write buffer it replaced is left for the next batch.
+        assert_eq!(spare.take().map(|b| b.as_ptr()), Some(old_at));
         // 1000 bytes take a 4-byte header and the 4-byte key in front of the payload.
         assert_eq!(dst[8..].as_ptr(), payload_at);
         let (_, _, read) = server_reads(&mut dst);

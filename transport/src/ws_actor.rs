@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use futures::stream::{SplitSink, StreamExt as _};
 use tokio::time::Instant;
 
-use crate::client_codec::{ClientCodec, Outbound, FRAME_HEADROOM};
+use crate::client_codec::{ClientCodec, Outbound, Spare, FRAME_HEADROOM};
 use crate::error::TransportError;
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
 use crate::protocol::{v2, Frame, Hello, Welcome, SUPPORTED_VERSIONS};
@@ -148,6 +148,8 @@ pub struct WebSocketActor {
     batch: v2::Batch,
     /// Frames the batch completed, waiting to be written (kept to reuse its allocation).
     ready: Vec<BytesMut>,
+    /// The write buffer the last batch frame replaced, for the next one ([`Spare`]).
+    spare: Spare,
     flush_scheduled: bool,
 }
 
@@ -187,6 +189,7 @@ impl WebSocketActor {
             version: 1,
             batch,
             ready: Vec::new(),
+            spare: Spare::default(),
             flush_scheduled: false,
         }
     }
@@ -401,7 +404,10 @@ impl Actor for WebSocketActor {
             }
             match result {
                 Ok((_response, framed)) => {
-                    let (sink, stream) = framed.into_map_codec(ClientCodec::new).split();
+                    let spare = act.spare.clone();
+                    let (sink, stream) = framed
+                        .into_map_codec(move |codec| ClientCodec::new(codec, spare.clone()))
+                        .split();
                     ctx.add_stream(stream);
                     act.sink = Some(SinkWrite::new(sink, ctx));
                     act.phase = Phase::AwaitingWelcome;
@@ -597,6 +603,9 @@ impl WebSocketActor {
             return Err(Self::not_open());
         }
         if self.version >= 2 {
+            if let Some(buf) = self.spare.take() {
+                self.batch.recycle(buf);
+            }
             let result = self.batch.push_publishes(run, &mut self.ready);
             return self.after_gather(ctx, result);
         }
@@ -624,6 +633,9 @@ impl WebSocketActor {
     /// its run. The batch goes out at the next [`Flush`] (after whatever else is already in
     /// the mailbox: no wait when idle), or at once when it reaches [`MAX_BATCH_BYTES`].
     fn gather(&mut self, ctx: &mut Context<Self>, frame: Frame) -> Result<(), TransportError> {
+        if let Some(buf) = self.spare.take() {
+            self.batch.recycle(buf);
+        }
         let result = self.batch.push_frame(frame, &mut self.ready);
         self.after_gather(ctx, result)
     }

@@ -378,6 +378,16 @@ impl Batch {
         self.headroom
     }
 
+    /// Offers `buf`, a buffer a finished frame has been written out of, for the next frame:
+    /// taken when the batch holds nothing and has no room of its own (its last frame still
+    /// shares its buffer), so the next frame reuses that allocation instead of a fresh one.
+    pub fn recycle(&mut self, mut buf: BytesMut) {
+        if self.records.is_empty() && self.buf.capacity() == 0 {
+            buf.clear();
+            self.buf = buf;
+        }
+    }
+
     /// Whether nothing is gathered.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
@@ -1046,6 +1056,31 @@ mod tests {
             batch.push_publishes(run("a", 4, &[&huge]), &mut out),
             Err(TransportError::FrameTooLarge { size: 80, max: 64 })
         ));
+    }
+
+    #[test]
+    fn a_recycled_buffer_holds_the_next_frame() {
+        let mut batch = Batch::new(1 << 16, 1 << 20).with_headroom(14);
+        let mut out = Vec::new();
+        batch
+            .push_publishes(run("a", 1, &["1"; 100]), &mut out)
+            .unwrap();
+        let mut first = batch.finish().unwrap();
+        let at = first.as_ptr();
+        // Written out: the socket's buffer is empty but keeps the allocation.
+        first.advance(first.len());
+        batch.recycle(first);
+        batch
+            .push_publishes(run("a", 101, &["1"; 100]), &mut out)
+            .unwrap();
+        let mut second = batch.finish().unwrap();
+        assert_eq!(
+            second.as_ptr(),
+            at,
+            "the recycled allocation holds the next frame"
+        );
+        assert_eq!(&second[..14], &[0u8; 14][..]);
+        assert_eq!(records_of(&[second.split_off(14)]).len(), 1);
     }
 
     #[test]
