@@ -71,6 +71,12 @@ pub fn free_loopback_addr() -> Result<SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
+/// Part `j` of `n` spread evenly over `parts` (the first `n % parts` parts take one more).
+pub fn share(n: usize, parts: usize, j: usize) -> usize {
+    let parts = parts.max(1);
+    n / parts + usize::from(j < n % parts)
+}
+
 /// A helper process: this binary re-executed with a role. Its stdout is read line by line;
 /// stdin stays open as a command channel (children exit when it closes). Killed on drop.
 pub struct ChildProc {
@@ -472,6 +478,15 @@ pub async fn pace(start: Instant, index: usize, per_sec: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shares_add_up_and_differ_by_at_most_one() {
+        for (n, parts) in [(10_000, 4), (10_001, 4), (3, 8), (0, 3), (7, 1)] {
+            let shares: Vec<usize> = (0..parts).map(|j| share(n, parts, j)).collect();
+            assert_eq!(shares.iter().sum::<usize>(), n);
+            assert!(shares.iter().max().unwrap() - shares.iter().min().unwrap() <= 1);
+        }
+    }
 
     #[test]
     fn peak_rate_finds_the_busiest_window() {

@@ -153,7 +153,7 @@ pub async fn publish_windowed(
 /// usually complete by the time it is: awaiting them in order registers one waker at a time.
 /// (A `FuturesUnordered` gives each future a task of its own and a wake per completion —
 /// about a fifth of the benchmark's thread at 64 B, for work that is the benchmark's, not the
-/// path's.)
+/// path's; `FuturesOrdered` is built on one and costs the same.)
 #[derive(Debug)]
 pub struct InOrder<F> {
     queue: VecDeque<F>,

@@ -531,8 +531,7 @@ impl Side {
     ) -> Result<(), BoxError> {
         let procs = args.subscriber_procs.min(subscribers);
         for i in 0..procs {
-            // Spread evenly: the first `subscribers % procs` processes take one more.
-            let count = subscribers / procs + usize::from(i < subscribers % procs);
+            let count = tether_benches::multiproc::share(subscribers, procs, i);
             let child =
                 ChildProc::spawn(&format!("{role} {i}"), &args.helper(role, Some(url), count))?;
             self.subscribers.push(SubscriberProc {

@@ -646,7 +646,7 @@ async fn measure_spread(n: usize, args: &Args) -> Result<()> {
     let started = Instant::now();
     let mut offset = 0;
     for j in 0..clients_n {
-        let count = n / clients_n + usize::from(j < n % clients_n);
+        let count = multiproc::share(n, clients_n, j);
         let role_args: Vec<String> = [
             "--role",
             "spread-clients",

@@ -407,7 +407,7 @@ impl Clients {
         let mut children = Vec::with_capacity(procs);
         let mut first = 0;
         for j in 0..procs {
-            let count = n / procs + usize::from(j < n % procs);
+            let count = multiproc::share(n, procs, j);
             let role_args: Vec<String> = [
                 "--role",
                 "clients",
