@@ -443,9 +443,6 @@ impl<R> ChannelCore<R> {
         let mut core = Self::new(name, producer, options);
         core.durable = true;
         core.outbox = OutgoingBuffer::new_durable(options.limits, last_seq);
-        if !restored.is_empty() {
-            core.meters.queued(restored.len());
-        }
         for (seq, payload, responder) in restored {
             core.outbox
                 .restore(seq, payload, responder, tokio_instant(now));
@@ -525,14 +522,14 @@ impl<R> ChannelCore<R> {
         let action = self.actions.pop_front();
         if action.is_none() {
             // The run of work is done: its metrics go out together.
-            self.meters.report();
+            self.meters.report(self.outbox.len());
         }
         action
     }
 
     /// Every action not taken yet, oldest first.
     pub fn drain_actions(&mut self) -> std::collections::vec_deque::Drain<'_, Action<R>> {
-        self.meters.report();
+        self.meters.report(self.outbox.len());
         self.actions.drain(..)
     }
 
@@ -636,9 +633,6 @@ impl<R> ChannelCore<R> {
                 error,
             } => {
                 let failed = self.outbox.remove_uncommitted(from, through);
-                if !failed.is_empty() {
-                    self.meters.dequeued(failed.len());
-                }
                 for p in failed {
                     self.push(Action::Answer {
                         responder: p.responder,
@@ -720,8 +714,6 @@ impl<R> ChannelCore<R> {
         let to_store = self.durable.then(|| payload.clone());
         match self.outbox.push(payload, responder, tokio_instant(now)) {
             Ok(pushed) => {
-                self.meters.queued(1);
-                self.meters.dequeued(pushed.evicted.len());
                 // `to_store` is there exactly when the channel is durable.
                 self.push(match to_store {
                     Some(payload) => Action::Persist {
@@ -806,8 +798,7 @@ impl<R> ChannelCore<R> {
             if self.durable {
                 self.push(Action::Forget { seq: done.seq });
             }
-            self.meters.dequeued(1);
-            self.meters.acked_after(
+            self.meters.ack_seconds.record(
                 tokio_instant(now)
                     .saturating_duration_since(done.accepted_at)
                     .as_secs_f64(),
@@ -826,9 +817,6 @@ impl<R> ChannelCore<R> {
     /// may yet be stored, so it is `Unconfirmed`.
     fn answer_all(&mut self, error: impl Fn() -> ChannelError) {
         let pending = self.outbox.drain();
-        if !pending.is_empty() {
-            self.meters.dequeued(pending.len());
-        }
         for p in pending {
             let answer = if self.durable && self.outbox.is_committed(p.seq) {
                 ChannelError::Persisted {
@@ -1135,7 +1123,6 @@ impl<R> ChannelCore<R> {
         match seq {
             Some(seq) if permanent => {
                 if let Some(done) = self.outbox.reject(seq) {
-                    self.meters.dequeued(1);
                     if self.durable {
                         self.push(Action::Forget { seq });
                     }

@@ -53,24 +53,21 @@ pub const HUB_CHANNEL_YIELDS: &str = "tether_hub_channel_yields_total";
 /// The handles a client channel updates per message, registered once per channel: a
 /// `metrics::counter!(NAME)` call looks its key up in the recorder's registry every time, which
 /// on the publish and delivery paths cost more than the work it counts. They report to the
-/// recorder installed when the channel opened. The queue depth and the delivery count change
-/// per message but are reported per run of work ([`ChannelMeters::report`], when the core's
-/// actions have been taken, and on drop): one gauge and one counter update per run instead
-/// of three per message. Ack latencies are recorded exactly, but equal ones in a row as one
-/// `record_many` (the publishes of one burst share their acceptance time, and the acks of one
-/// ack run their arrival time, so a run of acks is mostly a few distinct values).
+/// recorder installed when the channel opened. The queue depth and the delivery count are
+/// reported per run of work ([`ChannelMeters::report`], when the core's actions have been
+/// taken): one gauge and one counter update per run instead of three per message. The depth
+/// is the outbox's own length, so no path that changes the outbox can make the gauge drift;
+/// a channel dropped takes its share of the gauge with it.
 #[derive(Debug)]
 pub(crate) struct ChannelMeters {
     queue_depth: metrics::Gauge,
-    ack_seconds: metrics::Histogram,
+    pub(crate) ack_seconds: metrics::Histogram,
     delivered: metrics::Counter,
     pub(crate) replayed: metrics::Counter,
-    /// Change of the queue depth not reported yet.
-    depth_change: i64,
+    /// The depth last added to the gauge.
+    reported_depth: usize,
     /// Messages delivered and not counted yet.
     delivered_unreported: u64,
-    /// Ack latency not recorded yet, and how many acks in a row had it.
-    ack_unrecorded: Option<(f64, u64)>,
 }
 
 impl ChannelMeters {
@@ -80,32 +77,9 @@ impl ChannelMeters {
             ack_seconds: metrics::histogram!(PUBLISH_ACK_SECONDS),
             delivered: metrics::counter!(MESSAGES_DELIVERED),
             replayed: metrics::counter!(PUBLISH_REPLAYED),
-            depth_change: 0,
+            reported_depth: 0,
             delivered_unreported: 0,
-            ack_unrecorded: None,
         }
-    }
-
-    /// A publish was acknowledged `seconds` after it was accepted.
-    pub(crate) fn acked_after(&mut self, seconds: f64) {
-        match &mut self.ack_unrecorded {
-            Some((value, count)) if *value == seconds => *count += 1,
-            pending => {
-                if let Some((value, count)) = pending.replace((seconds, 1)) {
-                    self.ack_seconds.record_many(value, count as usize);
-                }
-            }
-        }
-    }
-
-    /// `n` publishes joined the queue.
-    pub(crate) fn queued(&mut self, n: usize) {
-        self.depth_change = self.depth_change.saturating_add(n as i64);
-    }
-
-    /// `n` publishes left the queue (answered).
-    pub(crate) fn dequeued(&mut self, n: usize) {
-        self.depth_change = self.depth_change.saturating_sub(n as i64);
     }
 
     /// One message went to the application.
@@ -113,26 +87,25 @@ impl ChannelMeters {
         self.delivered_unreported += 1;
     }
 
-    /// Reports what changed since the last report.
-    pub(crate) fn report(&mut self) {
-        match std::mem::take(&mut self.depth_change) {
-            0 => {}
-            n if n > 0 => self.queue_depth.increment(n as f64),
-            n => self.queue_depth.decrement(n.unsigned_abs() as f64),
+    /// Reports what changed since the last report: the queue is `depth` long now.
+    pub(crate) fn report(&mut self, depth: usize) {
+        let before = std::mem::replace(&mut self.reported_depth, depth);
+        if depth > before {
+            self.queue_depth.increment((depth - before) as f64);
+        } else if depth < before {
+            self.queue_depth.decrement((before - depth) as f64);
         }
         match std::mem::take(&mut self.delivered_unreported) {
             0 => {}
             n => self.delivered.increment(n),
-        }
-        if let Some((value, count)) = self.ack_unrecorded.take() {
-            self.ack_seconds.record_many(value, count as usize);
         }
     }
 }
 
 impl Drop for ChannelMeters {
     fn drop(&mut self) {
-        self.report();
+        // The channel and its queue are gone.
+        self.report(0);
     }
 }
 
@@ -150,12 +123,10 @@ mod tests {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let mut meters = metrics::with_local_recorder(&recorder, ChannelMeters::new);
-        meters.queued(3);
-        meters.dequeued(1);
         meters.delivered_one();
         meters.delivered_one();
         for seconds in [0.5, 0.5, 0.5, 0.25, 0.5] {
-            meters.acked_after(seconds);
+            meters.ack_seconds.record(seconds);
         }
         // Nothing reported before the run is done.
         let before = handle.render();
@@ -163,7 +134,7 @@ mod tests {
             line(&before, PUBLISH_QUEUE_DEPTH),
             Some("tether_publish_queue_depth 0")
         );
-        meters.report();
+        meters.report(2);
         let after = handle.render();
         assert_eq!(
             line(&after, PUBLISH_QUEUE_DEPTH),
@@ -177,8 +148,7 @@ mod tests {
         let acks = |suffix: &str| line(&after, &format!("{PUBLISH_ACK_SECONDS}_{suffix}"));
         assert_eq!(acks("count"), Some("tether_publish_ack_seconds_count 5"));
         assert_eq!(acks("sum"), Some("tether_publish_ack_seconds_sum 2.25"));
-        // A drop below zero, then a drop of the meters, reports what was left.
-        meters.dequeued(2);
+        // A drop of the meters reports what was left, and takes its depth back.
         meters.delivered_one();
         drop(meters);
         let dropped = handle.render();

@@ -340,7 +340,6 @@ impl MemoryHistory {
         // One dedupe lookup per run of one producer's publishes (a publish run's are all one
         // producer's, and share its key).
         let mut requests = batch.into_iter().peekable();
-        let mut seqs = Vec::new();
         let mut run = Vec::new();
         while let Some(first) = requests.next() {
             let producer = first.producer.clone();
@@ -350,11 +349,8 @@ impl MemoryHistory {
             {
                 run.push(next);
             }
-            seqs.clear();
-            seqs.extend(run.iter().map(|r| r.seq));
-            let mut payloads = run.drain(..).map(|r| r.payload);
-            dedupe.admit_run(&producer, &seqs, now, |_, duplicate| {
-                let payload = payloads.next()?;
+            let items = run.drain(..).map(|r| (r.seq, r.payload));
+            dedupe.admit_run(&producer, items, now, |payload, duplicate| {
                 if let Some(offset) = duplicate {
                     outcomes.push(AppendOutcome::Duplicate(offset));
                     return None;

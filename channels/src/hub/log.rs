@@ -59,6 +59,36 @@ struct ProducerState {
     last_seen: Instant,
 }
 
+impl ProducerState {
+    fn new(now: Instant) -> Self {
+        ProducerState {
+            highest: 0,
+            recent: VecDeque::new(),
+            last_seen: now,
+        }
+    }
+
+    /// What [`DedupeTable::check`] says of `seq`.
+    fn duplicate(&self, seq: u64) -> Option<Option<Offset>> {
+        (seq <= self.highest).then(|| {
+            self.recent
+                .binary_search_by_key(&seq, |(s, _)| *s)
+                .ok()
+                .map(|i| self.recent[i].1)
+        })
+    }
+
+    /// Remembers `seq` stored at `offset`, seen `now`, keeping the last `window` of them.
+    fn note(&mut self, seq: u64, offset: Offset, now: Instant, window: usize) {
+        self.highest = self.highest.max(seq);
+        self.last_seen = now;
+        self.recent.push_back((seq, offset));
+        while self.recent.len() > window {
+            self.recent.pop_front();
+        }
+    }
+}
+
 /// Which `(producer, seq)` pairs a channel has already stored. Insert, lookup and eviction are
 /// O(1): producers are kept in least-recently-seen order, so the ones past their TTL and, when
 /// the table is full, the least recent one are found at one end. The table grows with the
@@ -87,37 +117,23 @@ impl DedupeTable {
     /// `Some(offset)` when `(producer, seq)` was already stored (`offset` is `None` when it is
     /// too old to remember where); `None` when it is new.
     pub fn check(&self, producer: &ProducerKey, seq: u64) -> Option<Option<Offset>> {
-        let state = self.producers.peek(producer)?;
-        if seq > state.highest {
-            return None;
-        }
-        let offset = state
-            .recent
-            .binary_search_by_key(&seq, |(s, _)| *s)
-            .ok()
-            .map(|i| state.recent[i].1);
-        Some(offset)
+        self.producers.peek(producer)?.duplicate(seq)
     }
 
     /// Records that `(producer, seq)` was stored at `offset`.
     pub fn record(&mut self, producer: &ProducerKey, seq: u64, offset: Offset, now: Instant) {
         self.expire(now);
         if let Some(state) = self.producers.get_mut(producer) {
-            state.highest = state.highest.max(seq);
-            state.last_seen = now;
-            state.recent.push_back((seq, offset));
-            while state.recent.len() > self.window {
-                state.recent.pop_front();
-            }
+            state.note(seq, offset, now, self.window);
             return;
         }
-        let mut recent = VecDeque::new();
-        recent.push_back((seq, offset));
-        let state = ProducerState {
-            highest: seq,
-            recent,
-            last_seen: now,
-        };
+        let mut state = ProducerState::new(now);
+        state.note(seq, offset, now, self.window);
+        self.insert(producer, state);
+    }
+
+    /// Adds a producer not in the table, forgetting the least recently seen one when full.
+    fn insert(&mut self, producer: &ProducerKey, state: ProducerState) {
         if self.producers.len() >= self.max_producers {
             // The table is full: the least recently seen producer is forgotten (its later
             // replays would be stored again). Counted, not logged: peers can cause it.
@@ -128,68 +144,60 @@ impl DedupeTable {
     }
 
     /// [`DedupeTable::check`] then, for the new ones, [`DedupeTable::record`], for a run of
-    /// `producer`'s publishes with sequence numbers `seqs`, in order — looking the producer up
-    /// once for the run instead of twice per publish. For each publish `i`, `admit(i, dup)` is
-    /// called in order: `dup` is what `check` says; for a new one (`None`) it stores the
+    /// `producer`'s publishes `(seq, item)`, in order — looking the producer up once for the
+    /// run instead of twice per publish, with the same outcome. For each, `admit(item, dup)`
+    /// is called in order: `dup` is what `check` says; for a new one (`None`) it stores the
     /// publish and returns `Some(offset)`, which is recorded (`None` records nothing).
-    pub fn admit_run(
+    pub fn admit_run<T>(
         &mut self,
         producer: &ProducerKey,
-        seqs: &[u64],
+        items: impl IntoIterator<Item = (u64, T)>,
         now: Instant,
-        mut admit: impl FnMut(usize, Option<Option<Offset>>) -> Option<Offset>,
+        mut admit: impl FnMut(T, Option<Option<Offset>>) -> Option<Offset>,
     ) {
-        self.expire(now);
-        let window = self.window;
-        let duplicate = |state: &ProducerState, seq: u64| {
-            (seq <= state.highest).then(|| {
-                state
-                    .recent
-                    .binary_search_by_key(&seq, |(s, _)| *s)
-                    .ok()
-                    .map(|i| state.recent[i].1)
-            })
-        };
-        let note = |state: &mut ProducerState, seq: u64, offset: Offset| {
-            state.highest = state.highest.max(seq);
-            state.last_seen = now;
-            state.recent.push_back((seq, offset));
-            while state.recent.len() > window {
-                state.recent.pop_front();
+        let expired =
+            |state: &ProducerState| now.saturating_duration_since(state.last_seen) >= self.ttl;
+        if self.producers.peek(producer).is_some_and(expired) {
+            // Remembered past its TTL: its replays are still caught until `record` forgets it
+            // (with every other expired producer) at its first new publish. One by one, as then.
+            for (seq, item) in items {
+                if let Some(offset) = admit(item, self.check(producer, seq)) {
+                    self.record(producer, seq, offset, now);
+                }
             }
-        };
+            return;
+        }
+        // Not expired, or not there: expiring the others first or after the run decides
+        // nothing about this producer, so the table expires once, after the run, and only
+        // when something was recorded (as `record` would).
+        let window = self.window;
         if let Some(state) = self.producers.peek_mut(producer) {
             let mut recorded = false;
-            for (i, &seq) in seqs.iter().enumerate() {
-                if let Some(offset) = admit(i, duplicate(state, seq)) {
-                    note(state, seq, offset);
+            for (seq, item) in items {
+                if let Some(offset) = admit(item, state.duplicate(seq)) {
+                    state.note(seq, offset, now, window);
                     recorded = true;
                 }
             }
             if recorded {
                 // Seen now: the most recent (as `record` leaves it).
                 self.producers.promote(producer);
+                self.expire(now);
             }
             return;
         }
         let mut fresh: Option<ProducerState> = None;
-        for (i, &seq) in seqs.iter().enumerate() {
-            let dup = fresh.as_ref().and_then(|state| duplicate(state, seq));
-            if let Some(offset) = admit(i, dup) {
-                let state = fresh.get_or_insert_with(|| ProducerState {
-                    highest: seq,
-                    recent: VecDeque::new(),
-                    last_seen: now,
-                });
-                note(state, seq, offset);
+        for (seq, item) in items {
+            let dup = fresh.as_ref().and_then(|state| state.duplicate(seq));
+            if let Some(offset) = admit(item, dup) {
+                fresh
+                    .get_or_insert_with(|| ProducerState::new(now))
+                    .note(seq, offset, now, window);
             }
         }
         if let Some(state) = fresh {
-            if self.producers.len() >= self.max_producers {
-                self.producers.pop_lru();
-                metrics::counter!(crate::telemetry::HUB_PRODUCERS_FORGOTTEN).increment(1);
-            }
-            self.producers.push(producer.clone(), state);
+            self.expire(now);
+            self.insert(producer, state);
         }
     }
 
@@ -299,41 +307,53 @@ mod tests {
         #[test]
         fn admitting_a_run_is_checking_and_recording_each(
             runs in proptest::collection::vec(
-                (0..3usize, 1..40u64, 1..6usize, 0..3u64),
+                (
+                    0..3usize,
+                    proptest::collection::vec((0..40u64, proptest::bool::weighted(0.1)), 1..6),
+                    0..4u64,
+                ),
                 1..40,
             ),
         ) {
             let names = ["a", "b", "c"];
             let start = Instant::now();
-            // A small window and table, so trimming and eviction happen too.
+            // A small window, table and TTL, so trimming, eviction and expiry happen too
+            // (time moves on by 0-3 s per run against a 5 s TTL); seqs come in any order, with
+            // replays, and now and then a new publish is not stored.
             let mut one_by_one = DedupeTable::new(4, 2, Duration::from_secs(5));
             let mut by_run = DedupeTable::new(4, 2, Duration::from_secs(5));
             let mut next_a = 0u64;
             let mut next_b = 0u64;
-            for (who, first, len, secs) in runs {
-                let now = start + Duration::from_secs(secs);
+            let mut elapsed = 0;
+            for (who, publishes, step) in runs {
+                elapsed += step;
+                let now = start + Duration::from_secs(elapsed);
                 let key = producer(names[who]);
-                let seqs: Vec<u64> = (first..first + len as u64).collect();
                 let mut expected = Vec::new();
-                for &seq in &seqs {
+                for &(seq, refuse) in &publishes {
                     match one_by_one.check(&key, seq) {
                         Some(dup) => expected.push(Err(dup)),
+                        None if refuse => expected.push(Ok(None)),
                         None => {
                             next_a += 1;
                             one_by_one.record(&key, seq, Offset(next_a), now);
-                            expected.push(Ok(Offset(next_a)));
+                            expected.push(Ok(Some(Offset(next_a))));
                         }
                     }
                 }
                 let mut got = Vec::new();
-                by_run.admit_run(&key, &seqs, now, |_, dup| match dup {
+                by_run.admit_run(&key, publishes.iter().copied(), now, |refuse, dup| match dup {
                     Some(dup) => {
                         got.push(Err(dup));
                         None
                     }
+                    None if refuse => {
+                        got.push(Ok(None));
+                        None
+                    }
                     None => {
                         next_b += 1;
-                        got.push(Ok(Offset(next_b)));
+                        got.push(Ok(Some(Offset(next_b))));
                         Some(Offset(next_b))
                     }
                 });
