@@ -404,9 +404,8 @@ impl Actor for WebSocketActor {
             }
             match result {
                 Ok((_response, framed)) => {
-                    let spare = act.spare.clone();
                     let (sink, stream) = framed
-                        .into_map_codec(move |codec| ClientCodec::new(codec, spare.clone()))
+                        .into_map_codec(|codec| ClientCodec::new(codec, act.spare.clone()))
                         .split();
                     ctx.add_stream(stream);
                     act.sink = Some(SinkWrite::new(sink, ctx));
@@ -603,9 +602,7 @@ impl WebSocketActor {
             return Err(Self::not_open());
         }
         if self.version >= 2 {
-            if let Some(buf) = self.spare.take() {
-                self.batch.recycle(buf);
-            }
+            self.recycle_spare();
             let result = self.batch.push_publishes(run, &mut self.ready);
             return self.after_gather(ctx, result);
         }
@@ -633,9 +630,7 @@ impl WebSocketActor {
     /// its run. The batch goes out at the next [`Flush`] (after whatever else is already in
     /// the mailbox: no wait when idle), or at once when it reaches [`MAX_BATCH_BYTES`].
     fn gather(&mut self, ctx: &mut Context<Self>, frame: Frame) -> Result<(), TransportError> {
-        if let Some(buf) = self.spare.take() {
-            self.batch.recycle(buf);
-        }
+        self.recycle_spare();
         let result = self.batch.push_frame(frame, &mut self.ready);
         self.after_gather(ctx, result)
     }
@@ -677,6 +672,14 @@ impl WebSocketActor {
             };
         }
         result
+    }
+
+    /// Gives the batch the write buffer the last batch frame replaced, if there is one: before
+    /// anything is gathered, since gathering may finish a frame.
+    fn recycle_spare(&mut self) {
+        if let Some(buf) = self.spare.take() {
+            self.batch.recycle(buf);
+        }
     }
 
     /// Writes the gathered records as one binary frame.

@@ -257,11 +257,11 @@ impl Payload {
     /// The payload as JSON text ready to embed in a v1 frame: `None` when it is unchecked and
     /// turns out not to be JSON.
     pub fn checked_json(&self) -> Option<&str> {
-        if self.checked || is_json(&self.bytes).is_ok() {
-            // JSON text is UTF-8 (`is_json` validated it).
+        if self.checked {
+            // Checked JSON text is UTF-8.
             std::str::from_utf8(&self.bytes).ok()
         } else {
-            None
+            json_text(&self.bytes)
         }
     }
 
@@ -356,15 +356,23 @@ impl Payload {
     }
 }
 
-/// Checks that `bytes` are one JSON value (without building it).
-/// Whether `bytes` are one JSON text. UTF-8 is checked first and on its own: serde_json skips
-/// over the contents of strings it is told to ignore without validating them, so invalid
-/// UTF-8 inside a string would otherwise pass as JSON.
+/// Whether `bytes` are one JSON text, and if not why. UTF-8 is checked first and on its own:
+/// serde_json skips over the contents of strings it is told to ignore without validating
+/// them, so invalid UTF-8 inside a string would otherwise pass as JSON.
 fn is_json(bytes: &[u8]) -> Result<(), String> {
     let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
     serde_json::from_str::<serde::de::IgnoredAny>(text)
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// `bytes` as JSON text when they are one JSON text ([`is_json`]'s check, without building an
+/// error when they are not: what a v1 encoding of opaque bytes asks every time).
+fn json_text(bytes: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .is_ok()
+        .then_some(text)
 }
 
 impl PartialEq for Payload {

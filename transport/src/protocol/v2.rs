@@ -373,17 +373,13 @@ impl Batch {
         self
     }
 
-    /// The bytes left free in front of every frame ([`Batch::with_headroom`]).
-    pub fn headroom(&self) -> usize {
-        self.headroom
-    }
-
     /// Offers `buf`, a buffer a finished frame has been written out of, for the next frame:
-    /// taken when the batch holds nothing and has no room of its own (its last frame still
-    /// shares its buffer), so the next frame reuses that allocation instead of a fresh one.
+    /// taken when it has more room than the batch's own (records are encoded into the buffer
+    /// only when a frame is finished, so it holds nothing), so the next frame reuses that
+    /// allocation instead of a fresh one.
     pub fn recycle(&mut self, mut buf: BytesMut) {
-        if self.records.is_empty() && self.buf.capacity() == 0 {
-            buf.clear();
+        buf.clear();
+        if buf.capacity() > self.buf.capacity() {
             self.buf = buf;
         }
     }
@@ -502,7 +498,7 @@ impl Batch {
     }
 
     /// Encodes what is gathered as one frame, leaving the batch empty (`None` when it was):
-    /// [`Batch::headroom`] zero bytes, then the records.
+    /// the headroom ([`Batch::with_headroom`]) as zero bytes, then the records.
     pub fn finish(&mut self) -> Option<BytesMut> {
         if self.records.is_empty() {
             return None;
@@ -513,7 +509,9 @@ impl Batch {
             encode(&record, &mut self.buf);
         }
         self.bytes = 0;
-        Some(self.buf.split())
+        // The whole buffer goes with the frame (not a split sharing it with what is left
+        // here): whoever writes it owns it alone and can hand it back ([`Batch::recycle`]).
+        Some(std::mem::take(&mut self.buf))
     }
 
     fn cut_if_full(&mut self, out: &mut Vec<BytesMut>) {
@@ -1092,7 +1090,8 @@ mod tests {
             .unwrap();
         let first = batch.finish().unwrap();
         let ptr = first.as_ptr();
-        drop(first);
+        // The frame owns its buffer alone; handed back once written, it is reclaimed.
+        batch.recycle(first);
         batch
             .push_publishes(run("a", 101, &["1"; 100]), &mut out)
             .unwrap();
