@@ -1,6 +1,7 @@
 //! Frame encoding/decoding cost, the per-message work of both ends.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use tether_benches::payload::make_payload;
 use tether_transport::protocol::{
     ClientId, Epoch, Frame, Hello, InstanceId, Message, Offset, Payload, SessionId,
 };
@@ -38,6 +39,11 @@ fn bench(c: &mut Criterion) {
             &format!("decode message {size} B (payload stays raw)"),
             |b| b.iter(|| Frame::decode(black_box(&text), 1 << 20).unwrap()),
         );
+        // What a client pays to publish JSON text it holds (the e2e benchmark's payloads).
+        let json = Payload::from_bytes(make_payload(size, 1_700_000_000)).bytes();
+        c.bench_function(&format!("check JSON payload {size} B"), |b| {
+            b.iter(|| Payload::from_json_bytes(black_box(&json).clone()).unwrap())
+        });
     }
     c.bench_function("reject malformed", |b| {
         b.iter(|| Frame::decode(black_box(r#"{"type":"nope","x":1}"#), 1 << 20).unwrap_err())
