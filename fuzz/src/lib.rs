@@ -24,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tether_transport::hub::wire::{FrameGuard, Inbound, InboundError};
-use tether_transport::protocol::{v2, Frame};
+use tether_transport::protocol::{v2, Frame, Payload};
 
 /// Valid frames of every type, the corpus mutations start from.
 pub const SEEDS: &[&str] = &[
@@ -129,8 +129,17 @@ impl Mutator {
     }
 }
 
-/// Checks one protocol-frame input: no panic; an accepted frame round-trips.
+/// Checks one protocol-frame input: no panic; an accepted frame round-trips; the payload JSON
+/// check ([`Payload::from_json_bytes`], taking the input as a payload) agrees with serde_json.
 pub fn check_frame(input: &[u8]) -> Result<(), String> {
+    let checked = Payload::from_json_bytes(Bytes::copy_from_slice(input)).is_ok();
+    let serde_json = std::str::from_utf8(input)
+        .is_ok_and(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok());
+    if checked != serde_json {
+        return Err(format!(
+            "the payload check says {checked}, serde_json says {serde_json}"
+        ));
+    }
     let text = String::from_utf8_lossy(input);
     if let Ok(frame) = Frame::decode(&text, 1024 * 1024) {
         let encoded = frame.encode();
