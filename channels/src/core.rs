@@ -761,10 +761,9 @@ impl<R> ChannelCore<R> {
         }
         let header = v2::publish_header_len(&self.name);
         let mut run: Option<(PublishRun, usize)> = None;
+        let mut replayed = 0;
         while let Some(entry) = self.outbox.next_to_send() {
-            if entry.sends > 1 {
-                self.meters.replayed.increment(1);
-            }
+            replayed += u64::from(entry.sends > 1);
             let (seq, payload) = (entry.seq, entry.payload.clone());
             let add = v2::payload_len(&payload);
             if let Some((open, bytes)) = &mut run {
@@ -790,6 +789,9 @@ impl<R> ChannelCore<R> {
         }
         if let Some((done, _)) = run {
             self.actions.push_back(Action::SendPublishes(done));
+        }
+        if replayed > 0 {
+            self.meters.replayed.increment(replayed);
         }
     }
 
@@ -2158,5 +2160,35 @@ mod tests {
         h.step(Event::ConnectionUp);
         let actions = h.step(Event::Attached(attached("a", 0, 0, None)));
         assert_eq!(runs(&actions), [(1, 3)]);
+    }
+
+    #[test]
+    fn what_goes_out_again_is_counted_as_replayed_once_per_send() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let mut h = metrics::with_local_recorder(&recorder, Harness::subscriber);
+        let replayed = || {
+            let text = handle.render();
+            text.lines()
+                .find(|l| l.starts_with(crate::telemetry::PUBLISH_REPLAYED))
+                .map(str::to_owned)
+        };
+        h.core.defer_publishes(true);
+        h.attached(0);
+        h.publish();
+        h.publish();
+        assert_eq!(runs(&h.step(Event::Flush)), [(1, 2)]);
+        assert_eq!(
+            replayed().as_deref(),
+            Some("tether_publish_replayed_total 0")
+        );
+        for round in 1..=2 {
+            h.step(Event::ConnectionDown(lost()));
+            h.step(Event::ConnectionUp);
+            let actions = h.step(Event::Attached(attached("a", 0, 0, None)));
+            assert_eq!(runs(&actions), [(1, 2)]);
+            let expected = format!("tether_publish_replayed_total {}", 2 * round);
+            assert_eq!(replayed(), Some(expected));
+        }
     }
 }
