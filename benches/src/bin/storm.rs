@@ -12,7 +12,8 @@
 //! The clients live in `--client-procs` processes of their own (default 4: this binary
 //! re-executed with `--role clients`, reporting every client's trace when asked), or with
 //! `--client-procs 1` all in this process (one actix system, one thread); the hub is this
-//! binary re-executed with `--role hub`. Every client uses the default reconnect policy and
+//! binary re-executed with `--role hub`. Every client uses the default reconnect policy (or the
+//! `TETHER_RECONNECT_*` settings of the environment, to try another) and
 //! heartbeat.
 //!
 //! Beside each measurement the tool reports the reconnect policy's recovery on its own for the
@@ -73,6 +74,12 @@ struct Args {
     /// their schedules start late: see the crate docs above).
     #[arg(long, default_value_t = 4)]
     client_procs: usize,
+    /// Only print the reconnect policy's recovery on its own (no hub, no sockets) after an
+    /// outage of each of these lengths in seconds, comma-separated, for the largest of
+    /// `--clients`, every client losing its connection at the kill — to weigh a policy
+    /// (`TETHER_RECONNECT_*`) before running the storm with it.
+    #[arg(long, value_delimiter = ',')]
+    policy_alone: Vec<f64>,
     /// Internal: the role of a helper process (`hub`, `clients`).
     #[arg(long, hide = true)]
     role: Option<String>,
@@ -93,6 +100,15 @@ struct Args {
 fn main() -> ExitCode {
     let limit = raise_nofile_limit();
     let args = Args::parse();
+    if !args.policy_alone.is_empty() {
+        return match print_policy_alone(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("storm: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // The clients' sockets are all in this process (the hub's in its own): one file each, plus
     // the runtime's, the hub child's pipes and the /health and /metrics requests.
     let most = args
@@ -149,12 +165,65 @@ struct Row {
     peak_per_sec: f64,
 }
 
+/// The clients' configuration: the defaults, and the `TETHER_*` settings of the environment
+/// (`TETHER_RECONNECT_MULTIPLIER`, …: a policy to try; the child processes inherit them).
+fn client_config(url: &str) -> Result<TransportConfig> {
+    Ok(TransportConfig::builder(url.to_owned())
+        .apply_env(|key| std::env::var(key).ok())?
+        .build()?)
+}
+
+/// The reconnect policy in a few words, and whether it is the default.
+fn describe_policy(policy: &ReconnectPolicy) -> String {
+    format!(
+        "{:?} {} ms ×{} → {} s, ±{:.0} %, fast retry 0–{} ms after a stable drop ({})",
+        policy.strategy,
+        policy.initial_delay.as_millis(),
+        policy.multiplier,
+        policy.max_delay.as_secs(),
+        policy.jitter * 100.0,
+        policy.fast_retry_spread.as_millis(),
+        if *policy == ReconnectPolicy::default() {
+            "the default"
+        } else {
+            "NOT the default: TETHER_RECONNECT_* in the environment"
+        }
+    )
+}
+
+/// `--policy-alone`: the policy's own recovery after outages of the given lengths.
+fn print_policy_alone(args: &Args) -> Result<()> {
+    let policy = client_config("ws://127.0.0.1:1/ws")?.reconnect;
+    let n = args.clients.iter().copied().max().unwrap_or(10_000);
+    println!("policy: {}", describe_policy(&policy));
+    println!(
+        "{n} clients losing their connection at the kill; recovery = the first attempt at or \
+         after the hub's return, attempts and handshakes taking no time"
+    );
+    println!(" hub down s | p50 ms | p99 ms | max ms | target (p99 ≤ 2 s after hub back)");
+    println!("------------|--------|--------|--------|----------------------------------");
+    let losses = vec![Some(Duration::ZERO); n];
+    for &down in &args.policy_alone {
+        let mut alone = policy_alone_ms(&policy, &losses, Duration::from_secs_f64(down), n as u64);
+        alone.sort_by(f64::total_cmp);
+        let p99 = percentile(&alone, 99.0);
+        println!(
+            "{down:>11.2} | {:>6.0} | {p99:>6.0} | {:>6.0} | {}",
+            percentile(&alone, 50.0),
+            alone.last().copied().unwrap_or(0.0),
+            if p99 <= 2000.0 { "met" } else { "MISSED" }
+        );
+    }
+    Ok(())
+}
+
 async fn run(args: Args) -> Result<()> {
     println!(
-        "storm: hub process killed and restarted after {:.1} s on the same port; default reconnect \
-         policy (1 s ×2 → 60 s, ±25 %, fast retry 0–250 ms after a stable drop) and heartbeat; \
-         clients in {}, the hub in a child process; open-file limit {} per process",
+        "storm: hub process killed and restarted after {:.1} s on the same port; reconnect policy \
+         {}; default heartbeat; clients in {}, the hub in a child process; open-file limit {} per \
+         process",
         args.down_secs,
+        describe_policy(&client_config("ws://127.0.0.1:1/ws")?.reconnect),
         match args.client_procs {
             0 | 1 => format!("this process (pid {})", std::process::id()),
             k => format!("{k} client processes"),
@@ -376,7 +445,7 @@ impl Population {
                 shared: shared.clone(),
             }
             .start();
-            let config = TransportConfig::builder(url.to_owned()).build()?;
+            let config = client_config(url)?;
             let transport =
                 Transport::start_with_subscribers(config, vec![recorder.clone().recipient()]);
             let (channel, events) = Channel::open_with_state(
@@ -771,7 +840,7 @@ async fn run_one(n: usize, args: &Args) -> Result<Row> {
     latencies.sort_by(f64::total_cmp);
     connect_ms.sort_by(f64::total_cmp);
     resync_ms.sort_by(f64::total_cmp);
-    let policy = TransportConfig::builder(url.clone()).build()?.reconnect;
+    let policy = client_config(&url)?.reconnect;
     let back_since_kill = back_at.duration_since(killed_wall).unwrap_or_default();
     let losses: Vec<Option<Duration>> = shared
         .clients
