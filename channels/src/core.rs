@@ -383,7 +383,26 @@ pub struct ChannelCore<R> {
     defer: bool,
     /// Publishes were accepted since the last flush.
     unflushed: bool,
+    /// Where accepted payloads of up to [`ARENA_MAX_PAYLOAD`] bytes are copied
+    /// ([`Payload::copied_into`]): the outbox keeps them until their ack, and a chunk (up to
+    /// [`ARENA_CHUNK`]) holds many — one allocation per chunk, where each publish used to keep
+    /// the caller's buffer (and the shared header its first clone allocates) alive until its
+    /// ack and free it then, in bursts as acks come. Acks come in order, so the chunks held
+    /// are those of the unacknowledged publishes and the one being filled; none once the
+    /// outbox is empty.
+    arena: bytes::BytesMut,
 }
+
+/// The largest chunk the outbox's payload copies are carved from: 64 KiB (a chunk is twice the
+/// payload bytes waiting for their ack, within [`ARENA_MIN_CHUNK`] and this).
+pub const ARENA_CHUNK: usize = 64 * 1024;
+
+/// The smallest chunk the outbox's payload copies are carved from: 4 KiB.
+pub const ARENA_MIN_CHUNK: usize = 4 * 1024;
+
+/// The largest payload copied into the outbox's chunks (4 KiB); a larger one keeps the buffer
+/// it came in, whose allocation is worth its size.
+pub const ARENA_MAX_PAYLOAD: usize = 4 * 1024;
 
 impl<R> ChannelCore<R> {
     /// A detached channel `name` that will attach on the next [`Event::ConnectionUp`], with
@@ -424,6 +443,7 @@ impl<R> ChannelCore<R> {
             meters: telemetry::ChannelMeters::new(),
             defer: false,
             unflushed: false,
+            arena: bytes::BytesMut::new(),
         }
     }
 
@@ -641,6 +661,10 @@ impl<R> ChannelCore<R> {
                 }
             }
         }
+        if self.outbox.is_empty() && self.arena.capacity() > 0 {
+            // Nothing waits for an ack: an idle channel holds no chunk.
+            self.arena = bytes::BytesMut::new();
+        }
     }
 
     fn push(&mut self, action: Action<R>) {
@@ -710,6 +734,17 @@ impl<R> ChannelCore<R> {
             });
             return;
         }
+        let payload = if payload.len() <= ARENA_MAX_PAYLOAD {
+            if self.arena.capacity() < payload.len() {
+                // Chunks grow with what is waiting: a channel that publishes now and then
+                // takes small ones.
+                let chunk = (2 * self.outbox.bytes()).clamp(ARENA_MIN_CHUNK, ARENA_CHUNK);
+                self.arena.reserve(chunk.max(payload.len()));
+            }
+            payload.copied_into(&mut self.arena)
+        } else {
+            payload
+        };
         // The store's copy shares the payload's bytes.
         let to_store = self.durable.then(|| payload.clone());
         match self.outbox.push(payload, responder, tokio_instant(now)) {
@@ -2160,6 +2195,51 @@ mod tests {
         h.step(Event::ConnectionUp);
         let actions = h.step(Event::Attached(attached("a", 0, 0, None)));
         assert_eq!(runs(&actions), [(1, 3)]);
+    }
+
+    #[test]
+    fn small_payloads_share_chunks_that_go_when_nothing_waits() {
+        let mut h = Harness::subscriber();
+        h.core.defer_publishes(true);
+        h.attached(0);
+        let big = Payload::from_bytes(vec![7u8; ARENA_MAX_PAYLOAD + 1]);
+        let big_at = big.as_bytes().as_ptr();
+        for n in 1..=3u64 {
+            h.step(Event::Publish {
+                payload: p(n),
+                responder: n,
+            });
+        }
+        h.step(Event::Publish {
+            payload: big.clone(),
+            responder: 4,
+        });
+        let actions = h.step(Event::Flush);
+        let Some(Action::SendPublishes(run)) = actions.first() else {
+            panic!("{actions:?}");
+        };
+        // The same bytes, the small ones side by side in one chunk; the large one its own.
+        assert_eq!(run.payloads[..3], [p(1), p(2), p(3)]);
+        for pair in run.payloads[..3].windows(2) {
+            let end = pair[0].as_bytes().as_ptr().wrapping_add(pair[0].len());
+            assert_eq!(pair[1].as_bytes().as_ptr(), end);
+        }
+        assert_eq!(run.payloads[3].as_bytes().as_ptr(), big_at);
+        assert_eq!(run.payloads[3], big);
+        assert!(h.core.arena.capacity() > 0);
+        // A chunk is twice what waits, within its bounds.
+        assert!(h.core.arena.capacity() < ARENA_CHUNK);
+        // Acked but for one: the chunk stays; all acked: the channel holds none.
+        h.step(Event::AckRange {
+            first_seq: 1,
+            count: 3,
+            first_offset: Some(Offset(1)),
+            epoch: Some(e("a")),
+            duplicate: false,
+        });
+        assert!(h.core.arena.capacity() > 0);
+        h.step(Event::Ack(ack(4, 4)));
+        assert_eq!(h.core.arena.capacity(), 0);
     }
 
     #[test]
