@@ -133,26 +133,64 @@ struct Round {
     latencies: Latencies,
 }
 
+/// The threads of Tether's embedded hub: actix-server's and the hub's own (its metrics upkeep).
+const TETHER_SERVER: &[&str] = &["actix-", "tether-"];
+
+/// The raw relay's thread.
+const RAW_SERVER: &[&str] = &["raw-pair-relay"];
+
+/// CPU time used so far by the clients (this process's main thread, where both systems'
+/// clients run) and by one system's server threads (named with one of its prefixes).
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    clients: Duration,
+    server: Duration,
+}
+
+impl Cpu {
+    fn now(server: &[&str]) -> Cpu {
+        Cpu {
+            clients: sys::threads_cpu(None),
+            server: server.iter().map(|p| sys::threads_cpu(Some(p))).sum(),
+        }
+    }
+
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            clients: self.clients.saturating_sub(before.clients),
+            server: self.server.saturating_sub(before.server),
+        }
+    }
+}
+
 /// Every measured round of one system for one payload size.
 #[derive(Default)]
 struct Rounds {
     rates: RoundRates,
     latencies: Latencies,
+    cpu: Cpu,
+    messages: u64,
 }
 
 impl Rounds {
-    fn add(&mut self, messages: usize, round: Round) {
+    fn add(&mut self, messages: usize, round: Round, cpu: Cpu) {
         self.rates.push(per_second(messages as u64, round.elapsed));
         self.latencies.extend(&round.latencies);
+        self.cpu.clients += cpu.clients;
+        self.cpu.server += cpu.server;
+        self.messages += messages as u64;
     }
 
     fn figures(&self) -> Figures {
+        let per_message = |d: Duration| d.as_secs_f64() * 1e6 / self.messages.max(1) as f64;
         Figures {
             msgs_per_sec: self.rates.median(),
             min_msgs_per_sec: self.rates.min(),
             max_msgs_per_sec: self.rates.max(),
             rounds: self.rates.rounds.clone(),
             latency: self.latencies.summary(),
+            client_cpu_us_per_msg: per_message(self.cpu.clients),
+            server_cpu_us_per_msg: per_message(self.cpu.server),
         }
     }
 }
@@ -168,6 +206,11 @@ struct Figures {
     rounds: Vec<f64>,
     /// Publish call → receipt, over every measured message.
     latency: LatencySummary,
+    /// CPU of the clients' thread (publisher and subscriber) per message, over every measured
+    /// round, in µs.
+    client_cpu_us_per_msg: f64,
+    /// CPU of the hub's (relay's) threads per message, over every measured round, in µs.
+    server_cpu_us_per_msg: f64,
 }
 
 /// One system's latency at a paced rate.
@@ -241,7 +284,8 @@ async fn run(args: &Args) -> Result<(), BoxError> {
         let (tether, raw) = (measured.tether, measured.raw);
         for (name, f) in [("tether", &tether), ("raw", &raw)] {
             println!(
-                "  {:>7}  {name:<6} {:>9} msgs/s (rounds {}–{})  p50 {} µs  p99 {} µs  max {} µs",
+                "  {:>7}  {name:<6} {:>9} msgs/s (rounds {}–{})  p50 {} µs  p99 {} µs  max {} µs  \
+                 CPU per message: clients {:.2} µs, {} {:.2} µs",
                 bytes_text(size),
                 thousands(f.msgs_per_sec),
                 thousands(f.min_msgs_per_sec),
@@ -249,6 +293,9 @@ async fn run(args: &Args) -> Result<(), BoxError> {
                 f.latency.p50_us,
                 f.latency.p99_us,
                 f.latency.max_us,
+                f.client_cpu_us_per_msg,
+                if name == "tether" { "hub" } else { "relay" },
+                f.server_cpu_us_per_msg,
             );
         }
         for (name, p) in [
@@ -286,6 +333,8 @@ async fn run(args: &Args) -> Result<(), BoxError> {
         "target",
         "tether p50/p99 µs",
         "raw p50/p99 µs",
+        "clients CPU µs/msg tether / raw",
+        "hub / relay CPU µs/msg",
     ]);
     for row in &rows {
         let target = match row.throughput_ratio_target {
@@ -303,11 +352,20 @@ async fn run(args: &Args) -> Result<(), BoxError> {
                 row.tether.latency.p50_us, row.tether.latency.p99_us
             ),
             format!("{} / {}", row.raw.latency.p50_us, row.raw.latency.p99_us),
+            format!(
+                "{:.2} / {:.2}",
+                row.tether.client_cpu_us_per_msg, row.raw.client_cpu_us_per_msg
+            ),
+            format!(
+                "{:.2} / {:.2}",
+                row.tether.server_cpu_us_per_msg, row.raw.server_cpu_us_per_msg
+            ),
         ]);
     }
     println!();
     println!("{table}");
     println!("msgs/s: median of the rounds; ratio = tether msgs/s ÷ raw msgs/s (1.00x = as fast as the raw relay); latency over every message of the flat-out rounds");
+    println!("CPU µs/msg: each thread's CPU clock over every flat-out round ÷ its messages; clients = the benchmark's thread, where both systems' publisher and subscriber run");
 
     if args.paced_fraction > 0.0 {
         let mut paced = Table::new([
@@ -428,44 +486,32 @@ async fn measure_payload(args: &Args, size: usize, clock: Clock) -> Result<Measu
         let (mut t, mut r) = (Rounds::default(), Rounds::default());
         for i in 0..args.rounds {
             let n = args.messages;
-            if i % 2 == 0 {
-                t.add(
-                    n,
-                    within(
-                        timeout,
-                        "tether round",
-                        tether.round(n, size, window, clock, None),
-                    )
-                    .await?,
-                );
-                r.add(
-                    n,
-                    within(
-                        timeout,
-                        "raw round",
-                        raw.round(n, size, window, clock, None),
-                    )
-                    .await?,
-                );
+            // Alternating which goes first, so neither always follows the other's leftovers.
+            let order = if i % 2 == 0 {
+                [true, false]
             } else {
-                r.add(
-                    n,
-                    within(
-                        timeout,
-                        "raw round",
-                        raw.round(n, size, window, clock, None),
-                    )
-                    .await?,
-                );
-                t.add(
-                    n,
-                    within(
+                [false, true]
+            };
+            for tether_turn in order {
+                if tether_turn {
+                    let before = Cpu::now(TETHER_SERVER);
+                    let round = within(
                         timeout,
                         "tether round",
                         tether.round(n, size, window, clock, None),
                     )
-                    .await?,
-                );
+                    .await?;
+                    t.add(n, round, Cpu::now(TETHER_SERVER).since(before));
+                } else {
+                    let before = Cpu::now(RAW_SERVER);
+                    let round = within(
+                        timeout,
+                        "raw round",
+                        raw.round(n, size, window, clock, None),
+                    )
+                    .await?;
+                    r.add(n, round, Cpu::now(RAW_SERVER).since(before));
+                }
             }
         }
         let (tether_figures, raw_figures) = (t.figures(), r.figures());
