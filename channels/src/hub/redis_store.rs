@@ -696,22 +696,24 @@ fn malformed(what: &str) -> ChannelError {
     }
 }
 
-fn as_bytes(v: &Value) -> Result<bytes::Bytes, ChannelError> {
+/// The bytes of a string reply, whichever of RESP's kinds of string it came as.
+fn string_bytes(v: &Value) -> Result<&[u8], ChannelError> {
     match v {
-        Value::BulkString(b) => Ok(bytes::Bytes::copy_from_slice(b)),
-        Value::SimpleString(s) => Ok(bytes::Bytes::copy_from_slice(s.as_bytes())),
-        Value::VerbatimString { text, .. } => Ok(bytes::Bytes::copy_from_slice(text.as_bytes())),
+        Value::BulkString(b) => Ok(b),
+        Value::SimpleString(s) => Ok(s.as_bytes()),
+        Value::VerbatimString { text, .. } => Ok(text.as_bytes()),
         _ => Err(malformed("expected a string")),
     }
 }
 
+fn as_bytes(v: &Value) -> Result<bytes::Bytes, ChannelError> {
+    string_bytes(v).map(bytes::Bytes::copy_from_slice)
+}
+
 fn as_string(v: &Value) -> Result<String, ChannelError> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).map_err(|_| malformed("not UTF-8")),
-        Value::SimpleString(s) => Ok(s.clone()),
-        Value::VerbatimString { text, .. } => Ok(text.clone()),
-        _ => Err(malformed("expected a string")),
-    }
+    std::str::from_utf8(string_bytes(v)?)
+        .map(str::to_owned)
+        .map_err(|_| malformed("not UTF-8"))
 }
 
 fn as_int(v: &Value) -> Result<i64, ChannelError> {
