@@ -389,8 +389,11 @@ pub struct ChannelCore<R> {
     /// the caller's buffer (and the shared header its first clone allocates) alive until its
     /// ack and free it then, in bursts as acks come. Acks come in order, so the chunks held
     /// are those of the unacknowledged publishes and the one being filled; none once the
-    /// outbox is empty.
+    /// outbox is empty. See [`Self::move_into_chunk`] for the bound when acks come out of order.
     arena: bytes::BytesMut,
+    /// The chunks that may still hold a queued payload, oldest first: the last seq put in
+    /// each, and its size.
+    chunks: VecDeque<(u64, usize)>,
 }
 
 /// The largest chunk the outbox's payload copies are carved from: 64 KiB (a chunk is twice the
@@ -444,6 +447,7 @@ impl<R> ChannelCore<R> {
             defer: false,
             unflushed: false,
             arena: bytes::BytesMut::new(),
+            chunks: VecDeque::new(),
         }
     }
 
@@ -661,10 +665,7 @@ impl<R> ChannelCore<R> {
                 }
             }
         }
-        if self.outbox.is_empty() && self.arena.capacity() > 0 {
-            // Nothing waits for an ack: an idle channel holds no chunk.
-            self.arena = bytes::BytesMut::new();
-        }
+        self.trim_chunks();
     }
 
     fn push(&mut self, action: Action<R>) {
@@ -734,21 +735,11 @@ impl<R> ChannelCore<R> {
             });
             return;
         }
-        let payload = if payload.len() <= ARENA_MAX_PAYLOAD {
-            if self.arena.capacity() < payload.len() {
-                // Chunks grow with what is waiting: a channel that publishes now and then
-                // takes small ones.
-                let chunk = (2 * self.outbox.bytes()).clamp(ARENA_MIN_CHUNK, ARENA_CHUNK);
-                self.arena.reserve(chunk.max(payload.len()));
-            }
-            payload.copied_into(&mut self.arena)
-        } else {
-            payload
-        };
         // The store's copy shares the payload's bytes.
         let to_store = self.durable.then(|| payload.clone());
         match self.outbox.push(payload, responder, tokio_instant(now)) {
             Ok(pushed) => {
+                self.move_into_chunk(pushed.seq);
                 // `to_store` is there exactly when the channel is durable.
                 self.push(match to_store {
                     Some(payload) => Action::Persist {
@@ -828,6 +819,62 @@ impl<R> ChannelCore<R> {
         if replayed > 0 {
             self.meters.replayed.increment(replayed);
         }
+    }
+
+    /// Moves the payload of queued publish `seq` into the current chunk of [`Self::arena`]
+    /// (a new chunk when it is full), if it is small enough and the chunks that may still
+    /// hold a queued payload stay within twice the outbox's bytes (past that a payload keeps
+    /// its own buffer; [`Self::trim_chunks`] bounds what acks out of order leave held).
+    fn move_into_chunk(&mut self, seq: u64) {
+        let oldest = self.outbox.oldest_seq().unwrap_or(seq);
+        while self.chunks.front().is_some_and(|&(last, _)| last < oldest) {
+            self.chunks.pop_front();
+        }
+        let queued = self.outbox.bytes();
+        let Some(payload) = self.outbox.payload_mut(seq) else {
+            return;
+        };
+        let len = payload.len();
+        if len > ARENA_MAX_PAYLOAD {
+            return;
+        }
+        if self.arena.capacity() < len {
+            let held: usize = self.chunks.iter().map(|&(_, size)| size).sum();
+            if held > 2 * queued {
+                return;
+            }
+            // Chunks grow with what is waiting: a channel that publishes now and then takes
+            // small ones.
+            let chunk = (2 * queued).clamp(ARENA_MIN_CHUNK, ARENA_CHUNK).max(len);
+            self.arena = bytes::BytesMut::with_capacity(chunk);
+            self.chunks.push_back((seq, chunk));
+        }
+        *payload = payload.copied_into(&mut self.arena);
+        if let Some(current) = self.chunks.back_mut() {
+            current.0 = seq;
+        }
+    }
+
+    /// Lets go of the chunks when nothing waits for an ack (an idle channel holds none), or
+    /// when they hold more than twice the queued bytes and two chunks besides — what acks out
+    /// of order leave, a few payloads keeping each chunk: then the queued payloads each move
+    /// to a buffer of their own (a copy of fewer bytes than the chunks they free) and the next
+    /// publish starts a new chunk.
+    fn trim_chunks(&mut self) {
+        if self.chunks.is_empty() {
+            return;
+        }
+        let held: usize = self.chunks.iter().map(|&(_, size)| size).sum();
+        if !self.outbox.is_empty() && held <= 2 * self.outbox.bytes() + 2 * ARENA_CHUNK {
+            return;
+        }
+        for payload in self.outbox.payloads_mut() {
+            if payload.len() <= ARENA_MAX_PAYLOAD {
+                *payload = payload.copied_into(&mut bytes::BytesMut::with_capacity(payload.len()));
+            }
+        }
+        self.arena = bytes::BytesMut::new();
+        self.chunks.clear();
     }
 
     fn ack(&mut self, now: Instant, ack: PublishAck) {
@@ -2240,6 +2287,72 @@ mod tests {
         assert!(h.core.arena.capacity() > 0);
         h.step(Event::Ack(ack(4, 4)));
         assert_eq!(h.core.arena.capacity(), 0);
+    }
+
+    #[test]
+    fn acks_out_of_order_cannot_make_the_chunks_outgrow_twice_the_queue() {
+        let mut h = with_limits(BufferLimits {
+            max_in_flight: 4096,
+            ..BufferLimits::default()
+        });
+        h.core.defer_publishes(true);
+        h.attached(0);
+        let held = |h: &Harness| h.core.chunks.iter().map(|&(_, size)| size).sum::<usize>();
+        let payload = || Payload::from_bytes(vec![b'x'; 1000]);
+        let mut next = 1u64;
+        for round in 0..4 {
+            for _ in 0..512 {
+                h.step(Event::Publish {
+                    payload: payload(),
+                    responder: next,
+                });
+                next += 1;
+                assert!(
+                    held(&h) <= 2 * h.core.outbox.bytes() + 2 * ARENA_CHUNK,
+                    "round {round}: {} held for {} queued",
+                    held(&h),
+                    h.core.outbox.bytes()
+                );
+            }
+            h.step(Event::Flush);
+            // The hub acks all but one publish in every 64: each of those holds a chunk.
+            let first = next - 512;
+            for start in (first..next).step_by(64) {
+                h.step(Event::AckRange {
+                    first_seq: start + 1,
+                    count: 63,
+                    first_offset: None,
+                    epoch: None,
+                    duplicate: false,
+                });
+            }
+            assert!(
+                held(&h) <= 2 * h.core.outbox.bytes() + 2 * ARENA_CHUNK,
+                "round {round}: {} held for {} queued",
+                held(&h),
+                h.core.outbox.bytes()
+            );
+            // What is left went to buffers of its own, and publishing takes chunks again.
+            assert!(h.core.chunks.is_empty(), "round {round}");
+        }
+        // Every payload is still there, in order, whichever buffer holds it.
+        let actions = h.step(Event::ConnectionDown(lost()));
+        drop(actions);
+        h.step(Event::ConnectionUp);
+        let replay = h.step(Event::Attached(attached("a", 0, 0, None)));
+        let replayed: Vec<u64> = replay
+            .iter()
+            .filter_map(|a| match a {
+                Action::SendPublishes(r) => Some(r),
+                _ => None,
+            })
+            .flat_map(|r| {
+                assert!(r.payloads.iter().all(|p| *p == payload()));
+                (r.first_seq..).take(r.payloads.len())
+            })
+            .collect();
+        let kept: Vec<u64> = (1..next).step_by(64).collect();
+        assert_eq!(replayed, kept);
     }
 
     #[test]

@@ -195,6 +195,22 @@ impl<R> OutgoingBuffer<R> {
         Some(&mut self.queue[index].responder)
     }
 
+    /// The payload of queued entry `seq` (to move its bytes: the same bytes, elsewhere).
+    pub fn payload_mut(&mut self, seq: u64) -> Option<&mut Payload> {
+        let index = self.index_of(seq)?;
+        Some(&mut self.queue[index].payload)
+    }
+
+    /// Every queued payload, oldest first (to move their bytes: the same bytes, elsewhere).
+    pub fn payloads_mut(&mut self) -> impl Iterator<Item = &mut Payload> {
+        self.queue.iter_mut().map(|p| &mut p.payload)
+    }
+
+    /// The oldest sequence number queued.
+    pub fn oldest_seq(&self) -> Option<u64> {
+        self.queue.front().map(|p| p.seq)
+    }
+
     /// Where entry `seq` is. The queue is in seq order and usually without holes (entries
     /// leave from the front, as their acks come in order), so `seq`'s distance from the
     /// oldest is tried first, then a search.
