@@ -2101,6 +2101,17 @@ mod tests {
             .collect()
     }
 
+    /// Attached, publishes deferred to the next flush, at most `max_in_flight` on the wire.
+    fn deferred_attached(max_in_flight: usize) -> Harness {
+        let mut h = with_limits(BufferLimits {
+            max_in_flight,
+            ..BufferLimits::default()
+        });
+        h.core.defer_publishes(true);
+        h.attached(0);
+        h
+    }
+
     fn with_limits(limits: BufferLimits) -> Harness {
         Harness::new(ChannelOptions {
             limits,
@@ -2163,12 +2174,7 @@ mod tests {
 
     #[test]
     fn runs_end_at_the_in_flight_window_and_the_next_goes_after_acks() {
-        let mut h = with_limits(BufferLimits {
-            max_in_flight: 4,
-            ..BufferLimits::default()
-        });
-        h.core.defer_publishes(true);
-        h.attached(0);
+        let mut h = deferred_attached(4);
         for _ in 0..10 {
             h.publish();
         }
@@ -2291,12 +2297,7 @@ mod tests {
 
     #[test]
     fn acks_out_of_order_cannot_make_the_chunks_outgrow_twice_the_queue() {
-        let mut h = with_limits(BufferLimits {
-            max_in_flight: 4096,
-            ..BufferLimits::default()
-        });
-        h.core.defer_publishes(true);
-        h.attached(0);
+        let mut h = deferred_attached(4096);
         let held = |h: &Harness| h.core.chunks.iter().map(|&(_, size)| size).sum::<usize>();
         let payload = || Payload::from_bytes(vec![b'x'; 1000]);
         let mut next = 1u64;
