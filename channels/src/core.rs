@@ -826,11 +826,8 @@ impl<R> ChannelCore<R> {
     /// hold a queued payload stay within twice the outbox's bytes (past that a payload keeps
     /// its own buffer; [`Self::trim_chunks`] bounds what acks out of order leave held).
     fn move_into_chunk(&mut self, seq: u64) {
-        let oldest = self.outbox.oldest_seq().unwrap_or(seq);
-        while self.chunks.front().is_some_and(|&(last, _)| last < oldest) {
-            self.chunks.pop_front();
-        }
-        let queued = self.outbox.bytes();
+        self.forget_released_chunks();
+        let (queued, held) = (self.outbox.bytes(), self.chunks_held());
         let Some(payload) = self.outbox.payload_mut(seq) else {
             return;
         };
@@ -839,7 +836,6 @@ impl<R> ChannelCore<R> {
             return;
         }
         if self.arena.capacity() < len {
-            let held: usize = self.chunks.iter().map(|&(_, size)| size).sum();
             if held > 2 * queued {
                 return;
             }
@@ -861,11 +857,15 @@ impl<R> ChannelCore<R> {
     /// to a buffer of their own (a copy of fewer bytes than the chunks they free) and the next
     /// publish starts a new chunk.
     fn trim_chunks(&mut self) {
-        if self.chunks.is_empty() {
+        self.forget_released_chunks();
+        if self.outbox.is_empty() {
+            // Every chunk is forgotten; the one being filled goes too.
+            if self.arena.capacity() > 0 {
+                self.arena = bytes::BytesMut::new();
+            }
             return;
         }
-        let held: usize = self.chunks.iter().map(|&(_, size)| size).sum();
-        if !self.outbox.is_empty() && held <= 2 * self.outbox.bytes() + 2 * ARENA_CHUNK {
+        if self.chunks_held() <= 2 * self.outbox.bytes() + 2 * ARENA_CHUNK {
             return;
         }
         for payload in self.outbox.payloads_mut() {
@@ -875,6 +875,20 @@ impl<R> ChannelCore<R> {
         }
         self.arena = bytes::BytesMut::new();
         self.chunks.clear();
+    }
+
+    /// Drops the chunks whose payloads are all acknowledged (their last seq is older than the
+    /// oldest queued): as acks come in order, what is left is what still holds a payload.
+    fn forget_released_chunks(&mut self) {
+        let oldest = self.outbox.oldest_seq().unwrap_or(u64::MAX);
+        while self.chunks.front().is_some_and(|&(last, _)| last < oldest) {
+            self.chunks.pop_front();
+        }
+    }
+
+    /// The bytes of the chunks that may still hold a queued payload.
+    fn chunks_held(&self) -> usize {
+        self.chunks.iter().map(|&(_, size)| size).sum()
     }
 
     fn ack(&mut self, now: Instant, ack: PublishAck) {
@@ -2293,6 +2307,39 @@ mod tests {
         assert!(h.core.arena.capacity() > 0);
         h.step(Event::Ack(ack(4, 4)));
         assert_eq!(h.core.arena.capacity(), 0);
+    }
+
+    #[test]
+    fn acks_in_order_release_chunks_and_move_no_payload() {
+        let mut h = deferred_attached(4096);
+        for n in 1..=1000u64 {
+            h.step(Event::Publish {
+                payload: Payload::from_bytes(vec![b'x'; 1000]),
+                responder: n,
+            });
+        }
+        h.step(Event::Flush);
+        for start in (1..=1000u64).step_by(100) {
+            h.step(Event::AckRange {
+                first_seq: start,
+                count: 100,
+                first_offset: None,
+                epoch: None,
+                duplicate: false,
+            });
+            if h.core.outbox.is_empty() {
+                break;
+            }
+            // The chunks left are those still holding a queued payload (the trim, which moves
+            // payloads to buffers of their own, never fires for acks in order).
+            let held: usize = h.core.chunks.iter().map(|&(_, size)| size).sum();
+            assert!(!h.core.chunks.is_empty(), "after {start}");
+            assert!(
+                held <= h.core.outbox.bytes() + 2 * ARENA_CHUNK,
+                "after {start}: {held}"
+            );
+        }
+        assert!(h.core.chunks.is_empty());
     }
 
     #[test]
