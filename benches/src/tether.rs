@@ -80,14 +80,18 @@ pub fn start_hub_configured(
     Ok(Hub::start(config)?)
 }
 
-/// A client configuration with Tether's documented defaults, for the hub at `url`.
+/// A client configuration for the hub at `url`: Tether's documented defaults, and the `TETHER_*`
+/// settings of the environment but the endpoints (the benchmark's hub is its own; child
+/// processes inherit them): `TETHER_PROTOCOL_VERSION=1` measures the JSON protocol,
+/// `TETHER_RECONNECT_*` another reconnect policy.
 pub fn client_config(url: &str) -> Result<TransportConfig, BoxError> {
-    // `TETHER_PROTOCOL_VERSION=1` measures the JSON protocol (child processes inherit it).
-    let mut builder = TransportConfig::builder(url);
-    if let Ok(v) = std::env::var("TETHER_PROTOCOL_VERSION") {
-        builder = builder.protocol_version(v.trim().parse()?);
-    }
-    Ok(builder.build()?)
+    Ok(TransportConfig::builder(url)
+        .apply_env(|key| {
+            (key != "TETHER_ENDPOINTS")
+                .then(|| std::env::var(key).ok())
+                .flatten()
+        })?
+        .build()?)
 }
 
 /// Opens `name` on `transport` and waits up to `timeout` until the hub confirmed the attach.

@@ -39,11 +39,12 @@ use tether_benches::multiproc::{
     self, clock_ticks_per_sec, free_loopback_addr, hub_handshakes, pace, percentile, pid_cpu_ticks,
     raise_nofile_limit, self_rusage_cpu, spawn_hub, ChildProc, Result,
 };
+use tether_benches::tether::client_config;
 use tether_channels::{Channel, ChannelEvents, ChannelOptions, ChannelState, ChannelStateChanged};
 use tether_transport::reconnect::NextStep;
 use tether_transport::{
     ConnectionState, ConnectionStateChanged, ReconnectManager, ReconnectPolicy, TransitionReason,
-    Transport, TransportConfig,
+    Transport,
 };
 
 /// Reconnect storm after a hub restart.
@@ -163,14 +164,6 @@ struct Row {
     policy_p99_ms: f64,
     max_ms: f64,
     peak_per_sec: f64,
-}
-
-/// The clients' configuration: the defaults, and the `TETHER_*` settings of the environment
-/// (`TETHER_RECONNECT_MULTIPLIER`, …: a policy to try; the child processes inherit them).
-fn client_config(url: &str) -> Result<TransportConfig> {
-    Ok(TransportConfig::builder(url.to_owned())
-        .apply_env(|key| std::env::var(key).ok())?
-        .build()?)
 }
 
 /// The reconnect policy in a few words, and whether it is the default.
